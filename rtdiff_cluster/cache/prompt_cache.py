@@ -1,0 +1,42 @@
+"""LRU of prompt embeddings: a live stream repeats its prompt every frame, so encode it once."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+
+class PromptCache:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._entries.values())
+
+    def get_many(self, prompts: list[str], encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+        """Embeddings [len(prompts), tokens, dim]; misses are encoded together in one call."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._entries))
+        self.hits += len(prompts) - sum(1 for p in prompts if p in missing)
+        self.misses += sum(1 for p in prompts if p in missing)
+        fresh = dict(zip(missing, encode(missing))) if missing else {}
+        out = []
+        for p in prompts:
+            emb = fresh.get(p)
+            if emb is None:
+                emb = self._entries[p]
+                self._entries.move_to_end(p)
+            out.append(emb)
+        for p, emb in fresh.items():
+            if self.capacity > 0:
+                self._entries[p] = emb
+                if len(self._entries) > self.capacity:
+                    self._entries.popitem(last=False)
+        return torch.stack(out)

@@ -1,0 +1,399 @@
+"""`rtdiff`: serve, generate, stream, models, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from rtdiff_cluster.config import ModelConfig, ServerConfig
+
+log = logging.getLogger("rtdiff")
+
+
+# ---- serve ----------------------------------------------------------------------------------
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the gateway and its engine replicas")
+    p.add_argument("--config", help="TOML file with a ServerConfig (flags override it)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
+    p.add_argument("--ray-address", help="'auto' or host:port of a Ray cluster; default: start a local Ray")
+    p.add_argument("--model", help="model source of the first served model (default synthetic:tiny)")
+    p.add_argument("--replicas", type=int, help="replicas of the first served model")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-queue-delay-ms", type=float)
+    p.add_argument("--max-queue-size", type=int)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--auth-token-file", help="accepted bearer tokens, one per line")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def config_from_args(args) -> ServerConfig:
+    cfg = ServerConfig.from_file(args.config) if args.config else ServerConfig()
+    top = {k: v for k, v in {
+        "host": args.host, "port": args.port, "metrics_port": args.metrics_port,
+        "ray_address": args.ray_address, "log_level": args.log_level}.items() if v is not None}
+    model = {k: v for k, v in {"source": args.model, "replicas": args.replicas, "device": args.device}.items() if v is not None}
+    batching = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
+                                  "max_queue_size": args.max_queue_size}.items() if v is not None}
+    tls = {k: v for k, v in {"cert_file": args.tls_cert, "key_file": args.tls_key,
+                             "client_ca_file": args.tls_client_ca}.items() if v is not None}
+    models = list(cfg.models)
+    if model:
+        models[0] = dataclasses.replace(models[0], **model)
+    return dataclasses.replace(
+        cfg, **top,
+        models=models,
+        batching=dataclasses.replace(cfg.batching, **batching),
+        tls=dataclasses.replace(cfg.tls, **tls),
+        auth=dataclasses.replace(cfg.auth, token_file=args.auth_token_file) if args.auth_token_file else cfg.auth,
+    )
+
+
+async def _serve(cfg: ServerConfig) -> None:
+    from rtdiff_cluster.engine.group import connect_ray
+    from rtdiff_cluster.gateway.server import Gateway
+
+    for m in cfg.models:
+        if m.source.startswith("synthetic:"):
+            log.warning("model %s has seeded random weights: its images are noise", m.served_name)
+    t0 = time.perf_counter()
+    connect_ray(cfg.ray_address, sum(m.num_cpus * m.replicas for m in cfg.models))
+    log.info("Ray %s in %.1f s", f"joined at {cfg.ray_address}" if cfg.ray_address else "started locally", time.perf_counter() - t0)
+    gateway = Gateway(cfg)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(gateway.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception():
+        await gateway.stop(grace_s=0)
+        raise starting.exception()
+    await stopping
+    log.info("signal received: draining")
+    await gateway.drain()
+    await gateway.stop()
+    starting.cancel()
+    import ray
+
+    ray.shutdown()
+    log.info("stopped")
+
+
+def cmd_serve(args) -> int:
+    from rtdiff_cluster.models.registry import check_source
+
+    try:
+        cfg = config_from_args(args)
+        for i, m in enumerate(cfg.models):
+            try:
+                check_source(m.source)
+            except ValueError as e:
+                raise ValueError(f"models[{i}].source: {str(e).split(': ', 1)[1]}") from None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(_serve(cfg))
+    except Exception as e:
+        log.error("server failed: %s: %s", type(e).__name__, e)
+        return 1
+    return 0
+
+
+# ---- client commands ------------------------------------------------------------------------
+
+def _client_args(p) -> None:
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the gateway")
+    p.add_argument("--tls", action="store_true", help="use TLS (implied by the other --tls-* flags)")
+    p.add_argument("--tls-ca", default="", help="CA bundle that signed the server's certificate")
+    p.add_argument("--tls-cert", default="", help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", default="", help="client key for mutual TLS")
+    p.add_argument("--tls-server-name", default="", help="name to check in the server's certificate")
+    p.add_argument("--token-file", default="", help="file whose first line is the bearer token")
+    p.add_argument("--timeout", type=float, default=None, help="per-call deadline in seconds")
+
+
+def _request_args(p) -> None:
+    p.add_argument("--model", default="")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--width", type=int, default=0)
+    p.add_argument("--height", type=int, default=0)
+    p.add_argument("--steps", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["png", "jpeg", "raw"], default="png")
+    p.add_argument("--input-image", help="PNG or JPEG file for image-to-image")
+    p.add_argument("--strength", type=float, default=0.0)
+
+
+def _client(args):
+    from rtdiff_cluster.client.client import ClientTLS, RtdiffClient
+
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    token = Path(args.token_file).read_text().splitlines()[0].strip() if args.token_file else ""
+    return RtdiffClient(args.server, tls=tls, token=token, timeout_s=args.timeout)
+
+
+def _input_image(path: str | None):
+    if not path:
+        return None
+    from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
+
+    data = Path(path).read_bytes()
+    fmt = pb.IMAGE_FORMAT_JPEG if data[:3] == b"\xff\xd8\xff" else pb.IMAGE_FORMAT_PNG
+    return pb.Image(format=fmt, data=data)
+
+
+def _rpc_error(e: grpc.RpcError) -> int:
+    print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+    return 1
+
+
+def cmd_generate(args) -> int:
+    from rtdiff_cluster.client.client import save_image
+
+    try:
+        with _client(args) as c:
+            resp = c.generate(args.prompt, model=args.model, width=args.width, height=args.height, steps=args.steps,
+                              guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num_images,
+                              output_format=args.format, negative_prompt=args.negative_prompt,
+                              input_image=_input_image(args.input_image), strength=args.strength)
+    except grpc.RpcError as e:
+        return _rpc_error(e)
+    out = Path(args.output)
+    for i, img in enumerate(resp.images):
+        path = out if len(resp.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        save_image(img, path)
+        print(f"wrote {path} ({img.width}x{img.height}, seed {img.seed})")
+    t = resp.timing
+    print(f"total {t.total_ms:.1f} ms (queue {t.queue_ms:.1f}, batch wait {t.batch_wait_ms:.1f}, text {t.text_encode_ms:.1f}, "
+          f"denoise {t.denoise_ms:.1f}, decode {t.decode_ms:.1f}, encode {t.encode_ms:.1f})")
+    if resp.synthetic:
+        print(f"note: {resp.model} has seeded random weights, so its images are noise")
+    return 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def run_stream(client, args, out_dir: Path | None, live: bool) -> dict:
+    """Streams args.frames frames, keeping args.window in flight; returns latency and FPS figures."""
+    from rtdiff_cluster.client.client import FrameWindow, save_image
+    from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
+    from rtdiff_cluster.client.client import FORMATS
+
+    image = _input_image(getattr(args, "input_image", None))
+
+    def frames():
+        for i in range(args.frames):
+            f = pb.FrameRequest(frame_id=i, prompt=args.prompt if i == 0 else "", model=args.model if i == 0 else "",
+                                negative_prompt=args.negative_prompt, width=args.width, height=args.height, steps=args.steps,
+                                guidance_scale=args.guidance_scale, seed=args.seed + i, output_format=FORMATS[args.format],
+                                strength=args.strength)
+            if image is not None:
+                f.input_image.CopyFrom(image)
+            yield f
+
+    window = FrameWindow(frames(), args.window)
+    latencies: list[float] = []
+    t_start = time.perf_counter()
+    first_at = None
+    replica = ""
+    try:
+        for resp in client.stream(window.requests()):
+            now = time.perf_counter()
+            latencies.append((now - window.done()) * 1000)
+            first_at = first_at or now
+            replica = resp.replica
+            if out_dir is not None:
+                save_image(resp.image, out_dir / f"frame-{resp.frame_id:05d}.png")
+            if live:
+                fps = len(latencies) / (now - t_start)
+                sys.stderr.write(f"\rframes {len(latencies)}/{args.frames}  {fps:6.1f} fps  p95 {percentile(latencies, 95):7.1f} ms ")
+                sys.stderr.flush()
+    finally:
+        window.stop()
+        if live:
+            sys.stderr.write("\n")
+    elapsed = time.perf_counter() - t_start
+    # Sustained FPS excludes the first frame's latency (pipeline fill).
+    steady = (len(latencies) - 1) / (time.perf_counter() - first_at) if first_at and len(latencies) > 1 else float("nan")
+    return {"frames": len(latencies), "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
+            "p99_ms": percentile(latencies, 99), "fps": steady, "elapsed_s": elapsed, "replica": replica}
+
+
+def _print_stream_summary(r: dict) -> None:
+    print(f"frames {r['frames']}  latency p50 {r['p50_ms']:.1f} ms  p95 {r['p95_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
+          f"sustained {r['fps']:.2f} fps  ({r['elapsed_s']:.2f} s, replica {r['replica']})")
+
+
+def cmd_stream(args) -> int:
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with _client(args) as c:
+            r = run_stream(c, args, out_dir, live=sys.stderr.isatty())
+    except grpc.RpcError as e:
+        return _rpc_error(e)
+    _print_stream_summary(r)
+    return 0
+
+
+def cmd_models(args) -> int:
+    try:
+        with _client(args) as c:
+            models = c.list_models()
+    except grpc.RpcError as e:
+        return _rpc_error(e)
+    for m in models:
+        note = "  (synthetic: seeded random weights, images are noise)" if m.synthetic else ""
+        print(f"{m.name}  family {m.family}  size {m.min_size}..{m.max_size} step {m.size_multiple} "
+              f"(default {m.default_width}x{m.default_height})  steps {m.min_steps}..{m.max_steps} (default {m.default_steps})  "
+              f"max images {m.max_images_per_request}  replicas {m.replicas_ready}/{m.replicas}{note}")
+    return 0
+
+
+# ---- demo -----------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(target: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    end = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < end:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode} while starting")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{target} was not SERVING after {timeout_s:.0f} s")
+
+
+def cmd_demo(args) -> int:
+    """Starts `rtdiff serve` (local Ray, embedded model), generates frames through the client, stops it."""
+    port, metrics_port = _free_port(), _free_port()
+    target = f"127.0.0.1:{port}"
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "rtdiff_cluster.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--metrics-port", str(metrics_port), "--model", args.model]
+    print(f"$ {' '.join(cmd[2:])}", flush=True)
+    server = subprocess.Popen(cmd)
+    try:
+        wait_serving(target, args.startup_timeout, server)
+        print(f"server SERVING on {target}; metrics on http://127.0.0.1:{metrics_port}/metrics", flush=True)
+        args.server, args.tls, args.tls_ca, args.tls_cert, args.tls_key = target, False, "", "", ""
+        args.tls_server_name, args.token_file, args.timeout = "", "", 120.0
+        with _client(args) as c:
+            models = c.list_models()
+            for m in models:
+                print(f"model {m.name} ({m.family}, {'synthetic: its images are noise' if m.synthetic else 'real weights'})")
+            resp = c.generate(args.prompt, width=args.width, height=args.height, steps=args.steps, seed=args.seed,
+                              num_images=4)
+            from rtdiff_cluster.client.client import save_image
+
+            for img in resp.images:
+                save_image(img, out_dir / f"generate-seed{img.seed}.png")
+            print(f"Generate: 4 images of {args.width}x{args.height} in {resp.timing.total_ms:.0f} ms -> {out_dir}/generate-*.png")
+            args.model, args.negative_prompt, args.guidance_scale, args.format, args.strength = "", "", 0.0, "png", 0.0
+            r = run_stream(c, args, out_dir, live=sys.stderr.isatty())
+        print(f"StreamGenerate -> {out_dir}/frame-*.png")
+        _print_stream_summary(r)
+    except (grpc.RpcError, RuntimeError, TimeoutError) as e:
+        print(f"error: {e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    return 0
+
+
+# ---- entry ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtdiff", description="Real-time diffusion serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+
+    p = sub.add_parser("generate", help="generate images with one request")
+    _client_args(p)
+    _request_args(p)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("-o", "--output", default="out.png", help="output path; several images get -0, -1, ... suffixes")
+
+    p = sub.add_parser("stream", help="run a continuous stream and report latency and FPS")
+    _client_args(p)
+    _request_args(p)
+    p.add_argument("--frames", type=int, default=100)
+    p.add_argument("--window", type=int, default=2, help="frames in flight")
+    p.add_argument("--out-dir", default="", help="write each frame here")
+
+    p = sub.add_parser("models", help="list the served models and their limits")
+    _client_args(p)
+
+    p = sub.add_parser("demo", help="start a local server on the embedded model, generate and stream frames, stop")
+    p.add_argument("--model", default="synthetic:tiny")
+    p.add_argument("--prompt", default="a lighthouse on a cliff at dusk")
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=30)
+    p.add_argument("--window", type=int, default=2)
+    p.add_argument("--out-dir", default="frames")
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"serve": cmd_serve, "generate": cmd_generate, "stream": cmd_stream, "models": cmd_models,
+               "demo": cmd_demo}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Typed configuration: one ServerConfig flows from the CLI or a TOML file to every component.
+
+Bounds are checked at construction; a bad value raises ValueError naming the field by its path
+(for example `models[0].replicas`). No module reads environment variables on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _check(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    source: str = "synthetic:tiny"
+    """What to serve: a synthetic preset (`synthetic:tiny`) or, from the next release, a local
+    diffusers directory."""
+    name: str = ""
+    """The name clients use; empty means the source."""
+    replicas: int = 1
+    """Engine replicas (Ray actors) of this model; the gateway routes across them."""
+    device: str = "auto"
+    """`auto` (CUDA when the replica has a GPU), `cpu` or `cuda`."""
+    dtype: str = "auto"
+    """`auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `float16` or `bfloat16`."""
+    num_cpus: float = 1.0
+    """Ray CPUs reserved per replica."""
+    num_gpus: float = -1.0
+    """Ray GPUs per replica; -1: one when the Ray cluster has GPUs and device is not `cpu`."""
+    torch_threads: int = 0
+    """Intra-op threads per replica on CPU; 0: the node's cores divided among the replicas."""
+    prompt_cache_size: int = 256
+    """Prompt embeddings kept per replica (LRU)."""
+    max_images_per_request: int = 8
+    """Upper bound of GenerateRequest.num_images."""
+    max_prompt_chars: int = 1000
+    """Longest prompt accepted, in characters."""
+    weights_seed: int = 0
+    """Seed of a synthetic preset's random weights."""
+    max_restarts: int = -1
+    """How often Ray restarts a dead replica; -1: always."""
+    warmup: bool = True
+    """Run one frame at the default size before reporting ready."""
+
+    @property
+    def served_name(self) -> str:
+        return self.name or self.source
+
+    def validate(self, path: str) -> None:
+        _check(bool(self.source.strip()), f"{path}.source", "must not be empty")
+        _check(1 <= self.replicas <= 1024, f"{path}.replicas", f"must be in 1..1024, got {self.replicas}")
+        _check(self.device in ("auto", "cpu", "cuda"), f"{path}.device", f"must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.dtype in ("auto", "float32", "float16", "bfloat16"), f"{path}.dtype",
+               f"must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        _check(0 <= self.num_cpus <= 1024, f"{path}.num_cpus", f"must be in 0..1024, got {self.num_cpus}")
+        _check(self.num_gpus == -1 or 0 <= self.num_gpus <= 64, f"{path}.num_gpus",
+               f"must be -1 (auto) or in 0..64, got {self.num_gpus}")
+        _check(self.num_gpus <= 0 or self.device != "cpu", f"{path}.num_gpus",
+               "must be 0 or -1 when device is cpu")
+        _check(0 <= self.torch_threads <= 1024, f"{path}.torch_threads", f"must be in 0..1024, got {self.torch_threads}")
+        _check(0 <= self.prompt_cache_size <= 1_000_000, f"{path}.prompt_cache_size",
+               f"must be in 0..1000000, got {self.prompt_cache_size}")
+        _check(1 <= self.max_images_per_request <= 256, f"{path}.max_images_per_request",
+               f"must be in 1..256, got {self.max_images_per_request}")
+        _check(1 <= self.max_prompt_chars <= 100_000, f"{path}.max_prompt_chars",
+               f"must be in 1..100000, got {self.max_prompt_chars}")
+        _check(0 <= self.weights_seed < 2**63, f"{path}.weights_seed", "must be in 0..2^63-1")
+        _check(self.max_restarts >= -1, f"{path}.max_restarts", f"must be -1 or more, got {self.max_restarts}")
+
+
+@dataclass
+class BatchingConfig:
+    max_batch_size: int = 8
+    """Frames in one batch sent to a replica."""
+    max_queue_delay_ms: float = 5.0
+    """How long the oldest queued frame may wait for a batch to fill."""
+    max_queue_size: int = 64
+    """Frames queued per model; beyond it requests get RESOURCE_EXHAUSTED at once."""
+    max_queue_time_s: float = 60.0
+    """A frame queued longer than this is answered DEADLINE_EXCEEDED, even without a client deadline."""
+    max_inflight_batches_per_replica: int = 2
+    """Batches a replica holds at once: 2 lets one encode on CPU while the next computes."""
+    stream_max_inflight: int = 4
+    """Frames of one stream in flight; beyond it the server stops reading the stream (flow control)."""
+
+    def validate(self, path: str) -> None:
+        _check(1 <= self.max_batch_size <= 256, f"{path}.max_batch_size", f"must be in 1..256, got {self.max_batch_size}")
+        _check(0 <= self.max_queue_delay_ms <= 10_000, f"{path}.max_queue_delay_ms",
+               f"must be in 0..10000, got {self.max_queue_delay_ms}")
+        _check(1 <= self.max_queue_size <= 100_000, f"{path}.max_queue_size",
+               f"must be in 1..100000, got {self.max_queue_size}")
+        _check(0 < self.max_queue_time_s <= 3600, f"{path}.max_queue_time_s",
+               f"must be in (0, 3600], got {self.max_queue_time_s}")
+        _check(1 <= self.max_inflight_batches_per_replica <= 64, f"{path}.max_inflight_batches_per_replica",
+               f"must be in 1..64, got {self.max_inflight_batches_per_replica}")
+        _check(1 <= self.stream_max_inflight <= 256, f"{path}.stream_max_inflight",
+               f"must be in 1..256, got {self.stream_max_inflight}")
+
+
+@dataclass
+class TLSConfig:
+    cert_file: str = ""
+    """PEM server certificate; with key_file enables TLS."""
+    key_file: str = ""
+    """PEM private key of cert_file."""
+    client_ca_file: str = ""
+    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    def validate(self, path: str) -> None:
+        _check(bool(self.cert_file) == bool(self.key_file), f"{path}.key_file" if self.cert_file else f"{path}.cert_file",
+               "cert_file and key_file must be given together")
+        _check(not self.client_ca_file or self.enabled, f"{path}.client_ca_file", "mutual TLS needs cert_file and key_file")
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            value = getattr(self, name)
+            _check(not value or Path(value).is_file(), f"{path}.{name}", f"no such file: {value}")
+
+
+@dataclass
+class AuthConfig:
+    token_file: str = ""
+    """File of accepted bearer tokens, one per line; when set every call but health needs one."""
+
+    def validate(self, path: str) -> None:
+        if self.token_file:
+            p = Path(self.token_file)
+            _check(p.is_file(), f"{path}.token_file", f"no such file: {self.token_file}")
+            _check(any(line.strip() for line in p.read_text().splitlines()), f"{path}.token_file",
+                   f"{self.token_file} holds no token")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    """Address the gRPC server binds."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one."""
+    metrics_port: int = 9400
+    """Prometheus /metrics port; 0 picks a free one, -1 disables."""
+    ray_address: str = ""
+    """Empty: start a local Ray in-process; `auto` or `host:port`: join that cluster."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM, how long queued and running work may take before it is answered UNAVAILABLE."""
+    stats_interval_s: float = 1.0
+    """How often the gateway polls replicas for GPU power, energy and cache statistics."""
+    fps_window_s: float = 10.0
+    """Sliding window of the frames-per-second gauge."""
+    log_level: str = "INFO"
+    models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig()])
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check(bool(self.host), "host", "must not be empty")
+        _check(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
+        _check(-1 <= self.metrics_port <= 65535, "metrics_port", f"must be -1 or in 0..65535, got {self.metrics_port}")
+        _check(self.port == 0 or self.port != self.metrics_port, "metrics_port", "must differ from port")
+        _check(0 <= self.drain_timeout_s <= 3600, "drain_timeout_s", f"must be in 0..3600, got {self.drain_timeout_s}")
+        _check(0.05 <= self.stats_interval_s <= 600, "stats_interval_s", f"must be in 0.05..600, got {self.stats_interval_s}")
+        _check(1 <= self.fps_window_s <= 3600, "fps_window_s", f"must be in 1..3600, got {self.fps_window_s}")
+        _check(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+               f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        _check(len(self.models) >= 1, "models", "at least one model must be served")
+        names = [m.served_name for m in self.models]
+        for i, m in enumerate(self.models):
+            m.validate(f"models[{i}]")
+            _check(names.count(m.served_name) == 1, f"models[{i}].name", f"duplicate model name {m.served_name!r}")
+        self.batching.validate("batching")
+        self.tls.validate("tls")
+        self.auth.validate("auth")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ServerConfig":
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ServerConfig":
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"config: no such file: {p}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config: {p} is not valid TOML: {e}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "ServerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Builds dataclass `cls` from plain data, type-checking every field and naming unknown keys."""
+    where = path or "config"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path + '.' if path else ''}{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
+    if cls is ServerConfig:
+        return cls(**kwargs)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ValueError(f"{path}: expected a list, got {type(value).__name__}")
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{path}: expected a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported config type {hint}")

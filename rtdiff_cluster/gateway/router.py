@@ -1,0 +1,157 @@
+"""The replicas of one model as the gateway sees them: up or down, and how much work each holds.
+
+Routing picks the replica with the least outstanding work (frames x steps x pixels in flight). A
+replica whose call fails because its actor died is marked down; Ray restarts the actor, and a
+recovery task waits for it to load and warm up before routing to it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from rtdiff_cluster.engine.replica import ReplicaInfo
+from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
+
+log = logging.getLogger("rtdiff.router")
+
+# How long one attempt to reach a restarting replica may take before we try again.
+RECOVERY_PROBE_TIMEOUT_S = 30.0
+
+
+def is_actor_gone(exc: BaseException) -> bool:
+    """True when a Ray call failed because the actor process is gone or restarting."""
+    import ray.exceptions as rex
+
+    gone = [rex.RayActorError]
+    for name in ("ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError"):
+        if hasattr(rex, name):
+            gone.append(getattr(rex, name))
+    return isinstance(exc, tuple(gone))
+
+
+class ReplicaHandle:
+    def __init__(self, model: str, index: int, actor):
+        self.model = model
+        self.index = index
+        self.name = f"{model}/{index}"
+        self.actor = actor
+        self.up = False
+        self.generation = 0  # bumps each time the replica goes down: pinned streams notice
+        self.inflight_batches = 0
+        self.outstanding_work = 0.0
+        self.info: ReplicaInfo | None = None
+
+    def begin(self, work: float) -> None:
+        self.inflight_batches += 1
+        self.outstanding_work += work
+
+    def end(self, work: float) -> None:
+        self.inflight_batches -= 1
+        self.outstanding_work = max(0.0, self.outstanding_work - work)
+
+
+class ReplicaSet:
+    def __init__(self, model: str, actors: list, metrics: GatewayMetrics, warmup: bool,
+                 on_change: Callable[[], None], on_down: Callable[[ReplicaHandle], None]):
+        self.model = model
+        self.on_down = on_down
+        self.handles = [ReplicaHandle(model, i, a) for i, a in enumerate(actors)]
+        self.metrics = metrics
+        self.on_change = on_change
+        self.warmup = warmup
+        self._recovering: dict[int, asyncio.Task] = {}
+        self._gpu_reason_logged = False
+        for h in self.handles:
+            metrics.replica_up.labels(model, h.name).set(0)
+
+    def up(self) -> list[ReplicaHandle]:
+        return [h for h in self.handles if h.up]
+
+    def least_loaded(self, candidates: list[ReplicaHandle]) -> ReplicaHandle:
+        return min(candidates, key=lambda h: (h.outstanding_work, h.inflight_batches, h.index))
+
+    async def _bring_up(self, h: ReplicaHandle, timeout: float | None) -> None:
+        t0 = time.perf_counter()
+        h.info = await asyncio.wait_for(h.actor.info.remote(), timeout)
+        log.info("replica %s loaded %s on %s (%s, %.1f MB of weights) in %.2f s",
+                 h.name, h.info.limits.name, h.info.device, h.info.dtype, h.info.parameter_bytes / 1e6, h.info.load_s)
+        if h.info.gpu_disabled_reason and not self._gpu_reason_logged:
+            self._gpu_reason_logged = True
+            log.info("GPU metrics are off for model %s: %s", self.model, h.info.gpu_disabled_reason)
+        if self.warmup:
+            warm_s = await asyncio.wait_for(h.actor.warmup.remote(), timeout)
+            log.info("replica %s warmed up in %.2f s", h.name, warm_s)
+        h.up = True
+        self.metrics.replica_up.labels(self.model, h.name).set(1)
+        log.info("replica %s ready after %.2f s", h.name, time.perf_counter() - t0)
+        self.on_change()
+
+    async def start(self) -> list[ReplicaInfo]:
+        """Waits until every replica has loaded and warmed up; raises if one fails to load."""
+        await asyncio.gather(*(self._bring_up(h, None) for h in self.handles))
+        return [h.info for h in self.handles]
+
+    def mark_down(self, h: ReplicaHandle, why: str) -> None:
+        if not h.up and h.index in self._recovering:
+            return
+        if h.up:
+            log.warning("replica %s is down: %s", h.name, why)
+        h.up = False
+        h.generation += 1
+        self.metrics.replica_up.labels(self.model, h.name).set(0)
+        self.metrics.drop_replica_stats(self.model, h.name)
+        self.on_down(h)
+        self.on_change()
+        if h.index not in self._recovering:
+            self._recovering[h.index] = asyncio.create_task(self._recover(h))
+
+    async def _recover(self, h: ReplicaHandle) -> None:
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    await self._bring_up(h, RECOVERY_PROBE_TIMEOUT_S)
+                    log.info("replica %s is back after %.1f s", h.name, time.perf_counter() - t0)
+                    return
+                except asyncio.TimeoutError:
+                    continue
+                except Exception as e:
+                    if is_actor_gone(e) and _out_of_restarts(e):
+                        log.error("replica %s will not come back: %s", h.name, e)
+                        return
+                    await asyncio.sleep(0.5)
+        finally:
+            self._recovering.pop(h.index, None)
+
+    async def poll_stats(self) -> None:
+        for h in self.up():
+            try:
+                stats = await asyncio.wait_for(h.actor.stats.remote(), RECOVERY_PROBE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                continue
+            except Exception as e:
+                if is_actor_gone(e):
+                    self.mark_down(h, f"{type(e).__name__}")
+                continue
+            self.metrics.set_replica_stats(self.model, h.name, stats)
+
+    async def stop(self) -> None:
+        import ray
+
+        for t in list(self._recovering.values()):
+            t.cancel()
+        for h in self.handles:
+            h.up = False
+            try:
+                ray.kill(h.actor, no_restart=True)
+            except Exception:
+                pass
+
+
+def _out_of_restarts(exc: BaseException) -> bool:
+    """Ray says so in the death cause when max_restarts is spent or the actor was killed for good."""
+    text = str(exc).lower()
+    return "max_restarts" in text or "no_restart" in text or "will not be restarted" in text or "ray.kill" in text

@@ -1,0 +1,266 @@
+"""Admission, deadlines and dynamic batching for one model (Triton's dynamic batcher is the model).
+
+Frames wait in one bounded FIFO per model. When a replica has a free slot the batcher takes the
+oldest eligible frame, adds later frames with the same batch key, and waits up to
+max_queue_delay_ms (counted from the oldest frame's arrival) for the batch to fill. Frames of one
+stream leave the queue in order and go to the stream's replica, whose single compute thread keeps
+that order. Every frame's future is resolved exactly once: with its result, or a RequestError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from rtdiff_cluster.config import BatchingConfig
+from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec
+from rtdiff_cluster.engine.replica import BatchResult, FrameResult
+from rtdiff_cluster.gateway.errors import RequestError
+from rtdiff_cluster.gateway.router import ReplicaHandle, ReplicaSet, is_actor_gone
+from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
+
+log = logging.getLogger("rtdiff.scheduler")
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What frames must share to be computed together."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    strength: float
+
+
+@dataclass
+class StreamPin:
+    """A stream's replica, fixed for the stream's life."""
+
+    stream_id: str
+    replica: ReplicaHandle | None = None
+    generation: int = -1
+
+    def check(self) -> None:
+        if self.replica is not None and (not self.replica.up or self.replica.generation != self.generation):
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"replica {self.replica.name} holding this stream failed; its state is lost, start a new stream")
+
+
+@dataclass(eq=False)
+class FrameJob:
+    spec: FrameSpec
+    key: BatchKey
+    admitted_at: float
+    deadline: float  # loop time; the sooner of the client's deadline and max_queue_time_s
+    future: asyncio.Future
+    pin: StreamPin | None = None
+    picked_at: float | None = None  # when a forming batch first chose it
+
+
+@dataclass
+class FrameOutcome:
+    result: FrameResult
+    replica: str
+    queue_s: float
+    batch_wait_s: float
+    text_encode_s: float
+    denoise_s: float
+    decode_s: float
+    done_at: float = field(default=0.0)
+
+
+class ModelScheduler:
+    def __init__(self, model: str, replicas: ReplicaSet, config: BatchingConfig, metrics: GatewayMetrics):
+        self.model = model
+        self.replicas = replicas
+        self.config = config
+        self.metrics = metrics
+        self.queue: list[FrameJob] = []
+        self.changed = asyncio.Event()
+        self._running: set[asyncio.Task] = set()
+        self._task: asyncio.Task | None = None
+
+    # ---- admission -------------------------------------------------------------------------
+
+    def admit(self, jobs: list[FrameJob]) -> None:
+        """All of a request's frames or none: a full queue answers RESOURCE_EXHAUSTED at once."""
+        if len(self.queue) + len(jobs) > self.config.max_queue_size:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"queue of model {self.model} is full ({len(self.queue)} of "
+                               f"{self.config.max_queue_size} frames waiting); retry later")
+        self.queue.extend(jobs)
+        self._depth_changed()
+
+    def withdraw(self, jobs: list[FrameJob]) -> None:
+        """Removes still-queued frames of a cancelled call: their slots are free at once."""
+        ids = {id(j) for j in jobs}
+        before = len(self.queue)
+        self.queue = [j for j in self.queue if id(j) not in ids]
+        if len(self.queue) != before:
+            self._depth_changed()
+
+    def fail_pinned(self, replica: ReplicaHandle, error: RequestError) -> None:
+        """Queued frames of streams held by a replica that went down can never run."""
+        doomed = [j for j in self.queue if j.pin is not None and j.pin.replica is replica]
+        self.withdraw(doomed)
+        for j in doomed:
+            _resolve(j, error=error)
+
+    def _depth_changed(self) -> None:
+        self.metrics.queue_depth.labels(self.model).set(len(self.queue))
+        self.changed.set()
+
+    def outstanding(self) -> int:
+        return len(self.queue) + len(self._running)
+
+    # ---- the batcher loop ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.model}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Waits until nothing is queued or running; False on timeout."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.outstanding():
+            if loop.time() >= end:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    def fail_all(self, error: RequestError) -> None:
+        queued, self.queue = self.queue, []
+        self._depth_changed()
+        for j in queued:
+            _resolve(j, error=error)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.changed.clear()
+            now = loop.time()
+            self._expire(now)
+            plan = self._plan(now)
+            wake: float | None = min((j.deadline for j in self.queue), default=None)
+            if plan is not None:
+                replica, jobs = plan
+                fill_by = min(j.admitted_at for j in jobs) + self.config.max_queue_delay_ms / 1000.0
+                if len(jobs) >= self.config.max_batch_size or now >= fill_by:
+                    self._dispatch(replica, jobs, now)
+                    continue
+                wake = min(wake, fill_by) if wake is not None else fill_by
+            timeout = None if wake is None else max(0.0, wake - now)
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _expire(self, now: float) -> None:
+        expired = [j for j in self.queue if j.deadline <= now or j.future.done()]
+        if not expired:
+            return
+        self.withdraw(expired)
+        for j in expired:
+            _resolve(j, error=RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                           f"deadline passed after {now - j.admitted_at:.3f} s in the queue; never computed"))
+
+    def _plan(self, now: float) -> tuple[ReplicaHandle, list[FrameJob]] | None:
+        free = [h for h in self.replicas.up() if h.inflight_batches < self.config.max_inflight_batches_per_replica]
+        if not free:
+            return None
+        blocked: set[str] = set()  # streams with an earlier frame still queued behind us
+        seed: FrameJob | None = None
+        target: ReplicaHandle | None = None
+        batch: list[FrameJob] = []
+        for j in self.queue:
+            sid = j.pin.stream_id if j.pin else None
+            if sid in blocked:
+                continue
+            if seed is None:
+                want = j.pin.replica if j.pin and j.pin.replica else None
+                if want is None or want in free:
+                    seed, target = j, want or self.replicas.least_loaded(free)
+                    batch.append(j)
+                    continue
+            elif (j.key == seed.key and len(batch) < self.config.max_batch_size
+                  and (j.pin is None or j.pin.replica in (None, target))):
+                batch.append(j)
+                continue
+            if sid is not None:
+                blocked.add(sid)
+        if seed is None:
+            return None
+        for j in batch:
+            if j.picked_at is None:
+                j.picked_at = now
+        return target, batch
+
+    def _dispatch(self, replica: ReplicaHandle, jobs: list[FrameJob], now: float) -> None:
+        self.withdraw(jobs)
+        for j in jobs:
+            if j.pin is not None and j.pin.replica is None:  # a stream's first frame pins it here
+                j.pin.replica, j.pin.generation = replica, replica.generation
+        key = jobs[0].key
+        spec = BatchSpec(key.width, key.height, key.steps, key.guidance_scale, key.strength, [j.spec for j in jobs])
+        work = float(len(jobs) * key.steps * key.width * key.height)
+        replica.begin(work)
+        self.metrics.batch_size.labels(self.model).observe(len(jobs))
+        self.metrics.replica_inflight.labels(self.model, replica.name).set(replica.inflight_batches)
+        task = asyncio.create_task(self._execute(replica, jobs, spec, work, now))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(self, replica: ReplicaHandle, jobs: list[FrameJob], spec: BatchSpec, work: float, sent_at: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            result: BatchResult = await replica.actor.run_batch.remote(spec)
+        except Exception as e:
+            if is_actor_gone(e):
+                self.replicas.mark_down(replica, type(e).__name__)
+                error = RequestError(grpc.StatusCode.UNAVAILABLE,
+                                     f"replica {replica.name} died while computing this frame; retry")
+            else:
+                log.exception("replica %s failed a batch", replica.name)
+                cause = getattr(e, "cause", None) or e
+                error = RequestError(grpc.StatusCode.INTERNAL, f"replica {replica.name} failed: {type(cause).__name__}: {cause}")
+            for j in jobs:
+                _resolve(j, error=error)
+            return
+        finally:
+            replica.end(work)
+            self.metrics.replica_inflight.labels(self.model, replica.name).set(replica.inflight_batches)
+            self.changed.set()
+        done_at = loop.time()
+        computed = 0
+        for j, fr in zip(jobs, result.frames):
+            if fr.error:
+                _resolve(j, error=RequestError(grpc.StatusCode.UNAVAILABLE, fr.error))
+                continue
+            computed += 1
+            picked = j.picked_at if j.picked_at is not None else sent_at
+            _resolve(j, outcome=FrameOutcome(
+                fr, replica.name, queue_s=max(0.0, picked - j.admitted_at), batch_wait_s=max(0.0, sent_at - picked),
+                text_encode_s=result.text_encode_s, denoise_s=result.denoise_s, decode_s=result.decode_s, done_at=done_at))
+        if computed:
+            self.metrics.frames_done(self.model, replica.name, computed)
+            if result.joules_per_frame is not None:
+                for _ in range(computed):
+                    self.metrics.frame_energy.labels(self.model).observe(result.joules_per_frame)
+
+
+def _resolve(job: FrameJob, outcome: FrameOutcome | None = None, error: RequestError | None = None) -> None:
+    if job.future.done():  # the caller went away (cancelled) before the answer came
+        return
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(outcome)

@@ -1,0 +1,348 @@
+"""The gRPC gateway: validates, admits, batches and routes requests to engine replicas.
+
+Layers: the servicer (this file) turns RPCs into FrameJobs and answers; ModelScheduler
+(scheduler.py) queues and batches them; ReplicaSet (router.py) owns the replicas' state; the one
+call into the engine is `actor.run_batch.remote(BatchSpec)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from rtdiff_cluster.config import ServerConfig
+from rtdiff_cluster.engine.group import spawn_replicas
+from rtdiff_cluster.gateway.auth import TokenAuthInterceptor, load_tokens, server_credentials
+from rtdiff_cluster.gateway.errors import RequestError, invalid
+from rtdiff_cluster.gateway.router import ReplicaSet
+from rtdiff_cluster.gateway.scheduler import FrameJob, FrameOutcome, ModelScheduler, StreamPin
+from rtdiff_cluster.gateway.validation import (MAX_SEED, check_num_images, check_settings, frame_specs, resolve_model)
+from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
+from rtdiff_cluster.models.base import ModelLimits
+from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
+from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2_grpc as pb_grpc
+
+log = logging.getLogger("rtdiff.gateway")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Diffusion"].full_name
+UNKNOWN_MODEL_LABEL = "unknown"  # bounded label for requests naming a model we do not serve
+
+
+@dataclass
+class ServedModel:
+    limits: ModelLimits | None  # None until the first replica has loaded
+    replicas: ReplicaSet
+    scheduler: ModelScheduler
+    config_replicas: int
+
+
+@dataclass
+class _Call:
+    """Bookkeeping of one RPC so that it ends with exactly one counted status."""
+
+    method: str
+    model: str = UNKNOWN_MODEL_LABEL
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    jobs: list[FrameJob] = field(default_factory=list)
+
+
+class Gateway:
+    def __init__(self, config: ServerConfig, actors: dict[str, list] | None = None):
+        """actors: already-spawned replicas per served model name (tests share them); else spawned here."""
+        self.config = config
+        self.metrics = GatewayMetrics(config.fps_window_s)
+        self.models: dict[str, ServedModel] = {}
+        self.default_model = config.models[0].served_name
+        self.draining = False
+        self.ready = False
+        self._given_actors = actors
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+        self._metrics_httpd = None
+        self._background: list[asyncio.Task] = []
+        self.port = 0
+        self.metrics_port = 0
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, wait_ready: bool = True) -> None:
+        """Listens at once (health NOT_SERVING), then loads replicas and turns SERVING."""
+        cfg = self.config
+        interceptors = []
+        tokens = load_tokens(cfg.auth)
+        if tokens:
+            interceptors.append(TokenAuthInterceptor(tokens, on_reject=self._count_unauthenticated))
+        self._server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ])
+        pb_grpc.add_DiffusionServicer_to_server(_Servicer(self), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._server)
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{cfg.host}:{cfg.port}"
+        creds = server_credentials(cfg.tls)
+        self.port = self._server.add_secure_port(address, creds) if creds else self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"port: cannot bind {address}")
+        await self._server.start()
+        if cfg.metrics_port >= 0:
+            from prometheus_client import start_http_server
+
+            self._metrics_httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_httpd.server_port
+        log.info("listening for %s on %s:%d (TLS %s, mutual TLS %s, token auth %s); metrics on :%s",
+                 SERVICE_NAME, cfg.host, self.port, "on" if creds else "off", "on" if cfg.tls.client_ca_file else "off",
+                 "on" if tokens else "off", self.metrics_port if cfg.metrics_port >= 0 else "off")
+
+        for mc in cfg.models:
+            name = mc.served_name
+            actors = (self._given_actors or {}).get(name)
+            if actors is None:
+                log.info("starting %d replica(s) of %s (%s)", mc.replicas, name, mc.source)
+                actors = spawn_replicas(mc, cfg.stats_interval_s)
+            self.metrics.add_model(name)
+            served = ServedModel(None, None, None, len(actors))  # type: ignore[arg-type]
+            served.replicas = ReplicaSet(name, actors, self.metrics, mc.warmup,
+                                         on_change=lambda s=served: s.scheduler.changed.set(),
+                                         on_down=lambda h, s=served: s.scheduler.fail_pinned(h, RequestError(
+                                             grpc.StatusCode.UNAVAILABLE,
+                                             f"replica {h.name} holding this stream failed; start a new stream")))
+            served.scheduler = ModelScheduler(name, served.replicas, cfg.batching, self.metrics)
+            served.scheduler.start()
+            self.models[name] = served
+        self._background.append(asyncio.create_task(self._load_all()))
+        self._background.append(asyncio.create_task(self._poll_stats()))
+        if wait_ready:
+            await self._background[0]
+
+    async def _load_all(self) -> None:
+        t0 = time.perf_counter()
+        for name, served in self.models.items():
+            infos = await served.replicas.start()
+            served.limits = infos[0].limits
+        self.ready = True
+        if not self.draining:
+            for name in ("", SERVICE_NAME):
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("all replicas ready after %.2f s; health is SERVING", time.perf_counter() - t0)
+
+    async def _poll_stats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.stats_interval_s)
+            for served in self.models.values():
+                await served.replicas.poll_stats()
+
+    async def drain(self) -> None:
+        """Stops taking work (health NOT_SERVING), lets queued and running work finish, answers the rest."""
+        if self.draining:
+            return
+        self.draining = True
+        await self._health.enter_graceful_shutdown()
+        log.info("draining: health NOT_SERVING, finishing queued work (up to %.0f s)", self.config.drain_timeout_s)
+        results = await asyncio.gather(*(m.scheduler.wait_idle(self.config.drain_timeout_s) for m in self.models.values()))
+        for served, idle in zip(self.models.values(), results):
+            if not idle:
+                served.scheduler.fail_all(RequestError(grpc.StatusCode.UNAVAILABLE,
+                                                       "server shut down before this frame was computed"))
+        log.info("drained")
+
+    async def stop(self, grace_s: float = 5.0, kill_replicas: bool = True) -> None:
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        for t in self._background:
+            t.cancel()
+        for served in self.models.values():
+            await served.scheduler.stop()
+            if kill_replicas and self._given_actors is None:
+                await served.replicas.stop()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+    # ---- helpers for the servicer -----------------------------------------------------------
+
+    def _count_unauthenticated(self, method: str) -> None:
+        self.metrics.requests.labels(UNKNOWN_MODEL_LABEL, method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+
+    def served(self, name: str) -> tuple[ServedModel, ModelLimits]:
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        limits = {n: s.limits for n, s in self.models.items() if s.limits is not None}
+        if not limits and (name or self.default_model) in self.models:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "models are still loading; check health")
+        lim = resolve_model(name, limits, self.default_model)
+        served = self.models[lim.name]
+        if not served.replicas.up():
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no replica of model {lim.name} is ready; retry")
+        return served, lim
+
+    def deadline(self, context, now: float) -> float:
+        remaining = context.time_remaining()
+        limit = self.config.batching.max_queue_time_s
+        return now + (min(remaining, limit) if remaining is not None else limit)
+
+    def finish(self, call: _Call) -> None:
+        for j in call.jobs:
+            if not j.future.done():
+                j.future.cancel()
+        if call.jobs:
+            self.models[call.model].scheduler.withdraw(call.jobs)
+        self.metrics.requests.labels(call.model, call.method, call.code.name).inc()
+
+    def observe(self, model: str, o: FrameOutcome, total_s: float) -> pb.Timing:
+        m = self.metrics
+        m.frame_latency.labels(model).observe(total_s)
+        for stage, v in (("queue", o.queue_s), ("batch_wait", o.batch_wait_s), ("text_encode", o.text_encode_s),
+                         ("denoise", o.denoise_s), ("decode", o.decode_s), ("encode", o.result.encode_s)):
+            m.stage_latency.labels(model, stage).observe(v)
+        return pb.Timing(queue_ms=o.queue_s * 1e3, batch_wait_ms=o.batch_wait_s * 1e3, text_encode_ms=o.text_encode_s * 1e3,
+                         denoise_ms=o.denoise_s * 1e3, decode_ms=o.decode_s * 1e3, encode_ms=o.result.encode_s * 1e3,
+                         total_ms=total_s * 1e3)
+
+
+def _image(o: FrameOutcome) -> pb.Image:
+    r = o.result
+    return pb.Image(format=r.format, data=r.data, width=r.width, height=r.height, channels=3, seed=r.seed)
+
+
+async def _check(req, lim: ModelLimits, prompt_required: bool):
+    # Decoding an input frame costs milliseconds of CPU: keep it off the event loop.
+    if req.HasField("input_image"):
+        return await asyncio.to_thread(check_settings, req, lim, prompt_required)
+    return check_settings(req, lim, prompt_required)
+
+
+class _Servicer(pb_grpc.DiffusionServicer):
+    def __init__(self, gateway: Gateway):
+        self.gw = gateway
+
+    async def Generate(self, request, context):
+        gw = self.gw
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        call = _Call("Generate")
+        deadline = math.inf
+        try:
+            served, lim = gw.served(request.model)
+            call.model = lim.name
+            checked = await _check(request, lim, prompt_required=True)
+            n = check_num_images(request.num_images, lim)
+            if checked.seed + n - 1 > MAX_SEED:
+                raise invalid("seed", f"seed + num_images - 1 exceeds {MAX_SEED}")
+            deadline = gw.deadline(context, t0)
+            call.jobs = [FrameJob(spec, checked.key, t0, deadline, loop.create_future()) for spec in frame_specs(checked, n)]
+            served.scheduler.admit(call.jobs)
+            outcomes: list[FrameOutcome] = await asyncio.gather(*(j.future for j in call.jobs))
+            total = loop.time() - t0
+            timings = [gw.observe(lim.name, o, total) for o in outcomes]
+            slowest = max(timings, key=lambda t: t.denoise_ms + t.decode_ms + t.encode_ms + t.queue_ms)
+            return pb.GenerateResponse(model=lim.name, images=[_image(o) for o in outcomes], timing=slowest,
+                                       synthetic=lim.synthetic)
+        except RequestError as e:
+            call.code = e.code
+            await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            call.code = grpc.StatusCode.DEADLINE_EXCEEDED if loop.time() >= deadline else grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            gw.finish(call)
+
+    async def ListModels(self, request, context):
+        out = []
+        for name, s in self.gw.models.items():
+            lim = s.limits
+            if lim is None:
+                continue
+            out.append(pb.ModelInfo(
+                name=name, family=lim.family, synthetic=lim.synthetic, size_multiple=lim.size_multiple,
+                min_size=lim.min_size, max_size=lim.max_size, default_width=lim.default_width,
+                default_height=lim.default_height, min_steps=lim.min_steps, max_steps=lim.max_steps,
+                default_steps=lim.default_steps, max_images_per_request=lim.max_images_per_request,
+                max_prompt_chars=lim.max_prompt_chars, max_guidance_scale=lim.max_guidance_scale,
+                replicas=s.config_replicas, replicas_ready=len(s.replicas.up())))
+        self.gw.metrics.requests.labels(UNKNOWN_MODEL_LABEL if not out else self.gw.default_model, "ListModels", "OK").inc()
+        return pb.ListModelsResponse(models=out)
+
+    async def StreamGenerate(self, request_iterator, context):
+        gw = self.gw
+        loop = asyncio.get_running_loop()
+        call = _Call("StreamGenerate")
+        pin = StreamPin(uuid.uuid4().hex)
+        slots = asyncio.Semaphore(gw.config.batching.stream_max_inflight)
+        pending: asyncio.Queue = asyncio.Queue()  # (frame_id, t0, job) | RequestError | None, in arrival order
+        opened: list[ServedModel] = []
+
+        async def read() -> None:
+            first = True
+            try:
+                async for req in request_iterator:
+                    await slots.acquire()  # flow control: stop reading while the stream has enough in flight
+                    t0 = loop.time()
+                    if first:
+                        served, lim = gw.served(req.model)
+                        call.model = lim.name
+                        gw.metrics.streams_active.labels(lim.name).inc()
+                        opened.append(served)
+                    else:
+                        if gw.draining:
+                            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+                        if req.model and req.model != call.model:
+                            raise invalid("model", f"a stream keeps its model: {call.model!r}, got {req.model!r}")
+                        pin.check()
+                    c = await _check(req, lim, prompt_required=first)
+                    first = False
+                    spec = frame_specs(c, 1, stream_id=pin.stream_id)[0]
+                    job = FrameJob(spec, c.key, t0, gw.deadline(context, t0), loop.create_future(), pin=pin)
+                    call.jobs.append(job)
+                    served.scheduler.admit([job])
+                    pending.put_nowait((req.frame_id, t0, job))
+            except RequestError as e:
+                pending.put_nowait(e)
+                return
+            pending.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await pending.get()
+                if item is None:
+                    break
+                if isinstance(item, RequestError):
+                    raise item
+                frame_id, t0, job = item
+                outcome: FrameOutcome = await job.future
+                call.jobs.remove(job)
+                slots.release()
+                total = loop.time() - t0
+                yield pb.FrameResponse(frame_id=frame_id, image=_image(outcome), timing=gw.observe(call.model, outcome, total),
+                                       replica=outcome.replica)
+        except RequestError as e:
+            call.code = e.code
+            await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            call.code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            reader.cancel()
+            if opened:
+                gw.metrics.streams_active.labels(call.model).dec()
+            if pin.replica is not None:
+                pin.replica.actor.close_stream.remote(pin.stream_id)  # frees the replica's per-stream state
+            gw.finish(call)

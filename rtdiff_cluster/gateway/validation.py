@@ -1,0 +1,136 @@
+"""Checks every field of a request against the model's limits.
+
+Each failure is an INVALID_ARGUMENT whose message starts with the field's name; nothing here can
+raise anything else, so bad input never reaches a replica.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from rtdiff_cluster import imaging
+from rtdiff_cluster.engine.pipeline import FrameSpec
+from rtdiff_cluster.gateway.errors import invalid
+from rtdiff_cluster.gateway.scheduler import BatchKey
+from rtdiff_cluster.models.base import ModelLimits
+from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
+
+MAX_SEED = 2**63 - 1
+DEFAULT_STRENGTH = 0.6
+DEFAULT_JPEG_QUALITY = 90
+OUTPUT_FORMATS = (pb.IMAGE_FORMAT_PNG, pb.IMAGE_FORMAT_JPEG, pb.IMAGE_FORMAT_RAW_RGB8)
+
+
+@dataclass
+class Checked:
+    """A request's validated settings: one batch key and the per-frame fields."""
+
+    key: BatchKey
+    prompt: str | None
+    negative_prompt: str
+    seed: int
+    output_format: int
+    jpeg_quality: int
+    input_image: np.ndarray | None
+
+
+def resolve_model(name: str, models: dict[str, ModelLimits], default: str) -> ModelLimits:
+    limits = models.get(name or default)
+    if limits is None:
+        raise invalid("model", f"unknown model {name!r}; served: {', '.join(sorted(models))}")
+    return limits
+
+
+def _size(field: str, value: int, default: int, lim: ModelLimits) -> int:
+    if value == 0:
+        return default
+    if value < 0:
+        raise invalid(field, f"must be positive, got {value}")
+    if value % lim.size_multiple:
+        raise invalid(field, f"{value} is not a multiple of {lim.size_multiple}")
+    if not lim.min_size <= value <= lim.max_size:
+        raise invalid(field, f"{value} is outside {lim.min_size}..{lim.max_size}")
+    return value
+
+
+def _prompt(field: str, text: str, lim: ModelLimits, required: bool) -> str:
+    if required and not text.strip():
+        raise invalid(field, "must not be empty")
+    if len(text) > lim.max_prompt_chars:
+        raise invalid(field, f"{len(text)} characters exceeds the limit of {lim.max_prompt_chars}")
+    return text
+
+
+def check_settings(req, lim: ModelLimits, prompt_required: bool) -> Checked:
+    """Shared checks of GenerateRequest and FrameRequest (they have the same field names)."""
+    width = _size("width", req.width, lim.default_width, lim)
+    height = _size("height", req.height, lim.default_height, lim)
+    steps = req.steps or lim.default_steps
+    if not lim.min_steps <= steps <= lim.max_steps:
+        raise invalid("steps", f"{req.steps} is outside {lim.min_steps}..{lim.max_steps}")
+    g = req.guidance_scale
+    if not math.isfinite(g) or g < 0 or g > lim.max_guidance_scale:
+        raise invalid("guidance_scale", f"{g} is outside 0..{lim.max_guidance_scale}")
+    guidance = round(g, 4) if g else lim.default_guidance_scale
+    prompt_text = _prompt("prompt", req.prompt, lim, prompt_required)
+    negative = _prompt("negative_prompt", req.negative_prompt, lim, False)
+    if not 0 <= req.seed <= MAX_SEED:
+        raise invalid("seed", f"must be in 0..{MAX_SEED}, got {req.seed}")
+    fmt = req.output_format or pb.IMAGE_FORMAT_PNG
+    if fmt not in OUTPUT_FORMATS:
+        raise invalid("output_format", f"unknown image format {req.output_format}")
+    quality = req.jpeg_quality or DEFAULT_JPEG_QUALITY
+    if not 1 <= quality <= 100:
+        raise invalid("jpeg_quality", f"must be in 1..100, got {req.jpeg_quality}")
+
+    image = None
+    strength = 0.0
+    has_input = req.HasField("input_image")
+    if not math.isfinite(req.strength) or req.strength < 0 or req.strength > 1:
+        raise invalid("strength", f"{req.strength} is outside (0, 1]")
+    if has_input:
+        strength = round(req.strength, 4) or DEFAULT_STRENGTH
+        if int(steps * strength) < 1:
+            raise invalid("strength", f"{strength} x {steps} steps leaves no step to run; raise strength or steps")
+        image = check_input_image(req.input_image, width, height)
+    elif req.strength:
+        raise invalid("strength", "only applies with input_image")
+    return Checked(BatchKey(width, height, steps, guidance, strength), prompt_text or None, negative,
+                   req.seed, fmt, quality, image)
+
+
+def check_input_image(img: pb.Image, width: int, height: int) -> np.ndarray:
+    if img.format == pb.IMAGE_FORMAT_UNSPECIFIED:
+        raise invalid("input_image.format", "must be PNG, JPEG or RAW_RGB8")
+    if img.format not in OUTPUT_FORMATS:
+        raise invalid("input_image.format", f"unknown image format {img.format}")
+    if not img.data:
+        raise invalid("input_image.data", "is empty")
+    if img.format == pb.IMAGE_FORMAT_RAW_RGB8 and (img.width, img.height) != (width, height):
+        raise invalid("input_image", f"is {img.width}x{img.height}, expected {width}x{height} (the request's width x height)")
+    try:
+        pixels = imaging.decode(img.data, img.format, img.width, img.height)
+    except imaging.ImageDecodeError as e:
+        raise invalid("input_image.data", str(e)) from None
+    h, w = pixels.shape[:2]
+    if (w, h) != (width, height):
+        raise invalid("input_image", f"is {w}x{h}, expected {width}x{height} (the request's width x height)")
+    return pixels
+
+
+def frame_specs(c: Checked, count: int, stream_id: str | None = None) -> list[FrameSpec]:
+    return [FrameSpec(prompt=c.prompt, negative_prompt=c.negative_prompt, seed=c.seed + i, init_image=c.input_image,
+                      output_format=c.output_format, jpeg_quality=c.jpeg_quality, stream_id=stream_id)
+            for i in range(count)]
+
+
+def check_num_images(n: int, lim: ModelLimits) -> int:
+    if n < 0:
+        raise invalid("num_images", f"must be positive, got {n}")
+    n = n or 1
+    if n > lim.max_images_per_request:
+        raise invalid("num_images", f"{n} exceeds the limit of {lim.max_images_per_request}")
+    return n

@@ -181,7 +181,7 @@ class ServerConfig:
         names = [m.served_name for m in self.models]
         for i, m in enumerate(self.models):
             m.validate(f"models[{i}]")
-            _check(names.count(m.served_name) == 1, f"models[{i}].name", f"duplicate model name {m.served_name!r}")
+            _check(m.served_name not in names[:i], f"models[{i}].name", f"duplicate model name {m.served_name!r}")
         self.batching.validate("batching")
         self.tls.validate("tls")
         self.auth.validate("auth")

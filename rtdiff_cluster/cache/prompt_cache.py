@@ -24,8 +24,8 @@ class PromptCache:
     def get_many(self, prompts: list[str], encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
         """Embeddings [len(prompts), tokens, dim]; misses are encoded together in one call."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._entries))
-        self.hits += len(prompts) - sum(1 for p in prompts if p in missing)
-        self.misses += sum(1 for p in prompts if p in missing)
+        self.misses += len(missing)  # each distinct prompt is encoded once; repeats in a batch are hits
+        self.hits += len(prompts) - len(missing)
         fresh = dict(zip(missing, encode(missing))) if missing else {}
         out = []
         for p in prompts:

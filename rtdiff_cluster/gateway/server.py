@@ -318,10 +318,12 @@ class _Servicer(pb_grpc.DiffusionServicer):
             pending.put_nowait(None)
 
         reader = asyncio.create_task(read())
+        ended = False
         try:
             while True:
                 item = await pending.get()
                 if item is None:
+                    ended = True
                     break
                 if isinstance(item, RequestError):
                     raise item
@@ -335,11 +337,12 @@ class _Servicer(pb_grpc.DiffusionServicer):
         except RequestError as e:
             call.code = e.code
             await context.abort(e.code, e.message)
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            call.code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
-            raise
         finally:
+            if not ended and call.code == grpc.StatusCode.OK:
+                # The client went away: grpc cancels the task or closes this generator (GeneratorExit).
+                remaining = context.time_remaining()
+                call.code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                             else grpc.StatusCode.CANCELLED)
             reader.cancel()
             if opened:
                 gw.metrics.streams_active.labels(call.model).dec()

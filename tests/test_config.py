@@ -79,3 +79,10 @@ def test_flags_override_file(tmp_path):
     cfg = config_from_args(args)
     assert cfg.port == 7000 and cfg.ray_address == "auto"
     assert cfg.models[0].replicas == 2 and cfg.batching.max_batch_size == 16 and cfg.batching.max_queue_delay_ms == 9
+
+
+def test_example_config_loads_and_matches_defaults():
+    from pathlib import Path
+
+    cfg = ServerConfig.from_file(Path(__file__).resolve().parent.parent / "deploy" / "config.example.toml")
+    assert cfg == ServerConfig()

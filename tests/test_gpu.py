@@ -1,0 +1,38 @@
+"""On a CUDA machine (the device run): the replica runs on the GPU in bf16 and exports NVML series.
+
+Skipped where there is no GPU; CI has none, the device machine runs these with `-m gpu`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY, GatewayThread, gateway_config, metric, spawn, wait_until
+from rtdiff_cluster.client.client import RtdiffClient, image_pixels
+from rtdiff_cluster.config import ModelConfig
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_gpu_replica_exports_power_energy_and_joules_per_frame(ray_cluster):
+    actors = spawn(1, device="cuda", num_gpus=1)
+    gw = GatewayThread(gateway_config(model=ModelConfig(source=TINY, device="cuda", warmup=True)), {TINY: actors})
+    try:
+        info = gw.call(lambda: gw.gateway.models[TINY].replicas.handles[0].info)
+        assert info.device.startswith("cuda") and info.dtype == "bfloat16" and not info.gpu_disabled_reason
+        with RtdiffClient(gw.target, timeout_s=120) as c:
+            for seed in range(20):
+                img = c.generate("on the gpu", width=512, height=512, steps=4, seed=seed, output_format="raw").images[0]
+                assert image_pixels(img).std() > 1.0
+        m = wait_until(lambda: (s := gw.metrics()) and metric(s, "rtdiff_gpu_power_watts") > 0 and s,
+                       what="GPU series polled")
+        assert metric(m, "rtdiff_gpu_energy_joules_total") > 0
+        assert metric(m, "rtdiff_gpu_memory_used_bytes") > 0 and metric(m, "rtdiff_gpu_memory_total_bytes") > 0
+        assert 0 <= metric(m, "rtdiff_gpu_utilization_ratio") <= 1
+        assert metric(m, "rtdiff_frame_energy_joules_count", model=TINY) >= 20
+        assert metric(m, "rtdiff_frame_energy_joules_sum", model=TINY) > 0
+    finally:
+        gw.stop()
+        for a in actors:
+            ray_cluster.kill(a, no_restart=True)

@@ -29,7 +29,6 @@ CPU, GPU, library versions and date.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -54,6 +53,7 @@ if str(REPO) not in sys.path:
 
 from rtdiff_cluster.cli import percentile  # noqa: E402
 from rtdiff_cluster.config import BatchingConfig, ModelConfig, ServerConfig  # noqa: E402
+from rtdiff_cluster.gateway.background import BackgroundGateway  # noqa: E402
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb  # noqa: E402
 
 MODEL = "synthetic:tiny"
@@ -121,51 +121,16 @@ def device_slug(stamp: dict) -> str:
 
 # ---- the gateway, in a background thread's event loop -------------------------------------------
 
-class GatewayThread:
-    def __init__(self, config: ServerConfig, actors: dict[str, list]):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-loop", daemon=True)
-        self.thread.start()
-        self.gw = None
-        self._config, self._actors = config, actors
-
-    def call(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self) -> int:
-        from rtdiff_cluster.gateway.server import Gateway
-
-        async def make():
-            self.gw = Gateway(self._config, actors=self._actors)
-            await self.gw.start()  # waits until the replica has loaded and warmed up
-
-        self.call(make(), timeout=600)
-        return self.gw.port
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.gw.port}"
-
-    def batch_size_totals(self) -> tuple[float, float]:
-        """(sum, count) of the gateway's batch-size histogram so far."""
-        total = count = 0.0
-        for metric in self.gw.metrics.batch_size.collect():
-            for s in metric.samples:
-                if s.name.endswith("_sum"):
-                    total += s.value
-                elif s.name.endswith("_count"):
-                    count += s.value
-        return total, count
-
-    def stop(self) -> None:
-        if self.gw is not None:
-            try:
-                self.call(self.gw.stop(grace_s=1.0, kill_replicas=False), timeout=30)
-            except Exception as e:  # noqa: BLE001 - shutting down anyway
-                log(f"gateway stop: {type(e).__name__}: {e}")
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+def batch_size_totals(gwt: BackgroundGateway) -> tuple[float, float]:
+    """(sum, count) of the gateway's batch-size histogram so far."""
+    total = count = 0.0
+    for metric in gwt.gateway.metrics.batch_size.collect():
+        for s in metric.samples:
+            if s.name.endswith("_sum"):
+                total += s.value
+            elif s.name.endswith("_count"):
+                count += s.value
+    return total, count
 
 
 # ---- a replica without compute ------------------------------------------------------------------
@@ -395,7 +360,7 @@ def throughput(case: Case, seconds: float, callers: int, run_one_factory, label:
     return {"frames": len(flat), "seconds": elapsed, "latency": stats_ms(flat) if flat else None}
 
 
-def measure_throughput(case: Case, seconds: float, callers: int, actor, target: str, gwt: GatewayThread) -> dict:
+def measure_throughput(case: Case, seconds: float, callers: int, actor, target: str, gwt: BackgroundGateway) -> dict:
     """Alternates halves (direct, gateway, direct, gateway) so both see the same machine."""
     from rtdiff_cluster.client.client import RtdiffClient
 
@@ -408,11 +373,11 @@ def measure_throughput(case: Case, seconds: float, callers: int, actor, target: 
             return lambda seed: gateway_once(clients[i], case, seed)
 
         parts = {"direct": [], "gateway": []}
-        bsum0, bcount0 = gwt.batch_size_totals()
+        bsum0, bcount0 = batch_size_totals(gwt)
         for _ in range(2):
             parts["direct"].append(throughput(case, seconds / 2, callers, direct_factory, "direct"))
             parts["gateway"].append(throughput(case, seconds / 2, callers, gateway_factory, "gateway"))
-        bsum1, bcount1 = gwt.batch_size_totals()
+        bsum1, bcount1 = batch_size_totals(gwt)
     finally:
         for c in clients:
             c.close()
@@ -483,10 +448,9 @@ def markdown(result: dict) -> str:
 @contextlib.contextmanager
 def serving(config: ServerConfig, actor, client_class):
     """A Gateway in front of `actor` in a background event loop, and a client of it; stopped on exit."""
-    gwt = GatewayThread(config, {config.models[0].served_name: [actor]})
+    gwt = BackgroundGateway(config, {config.models[0].served_name: [actor]})  # waits until the replica is ready
     client = None
     try:
-        gwt.start()
         client = client_class(gwt.target)
         yield gwt, client
     finally:
@@ -496,7 +460,7 @@ def serving(config: ServerConfig, actor, client_class):
 
 
 
-def measure_case(case: Case, engine: str, actor, gwt: GatewayThread, client, args, result: dict) -> None:
+def measure_case(case: Case, engine: str, actor, gwt: BackgroundGateway, client, args, result: dict) -> None:
     """Warm-up, interleaved unary, optional window-1 stream, optional throughput, for one case."""
     import ray
 

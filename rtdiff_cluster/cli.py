@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from rtdiff_cluster.config import ModelConfig, ServerConfig
+from rtdiff_cluster.config import ServerConfig
 
 log = logging.getLogger("rtdiff")
 

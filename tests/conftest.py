@@ -1,16 +1,13 @@
 """Shared fixtures: one real local Ray for the session, replicas shared by many gateways.
 
-Each gateway runs on its own asyncio loop in a background thread, exactly as in `rtdiff serve`
-(the server's loop is the only loop the gateway touches); tests talk to it through the real client
-over loopback gRPC.
+Each gateway runs on its own asyncio loop in a background thread (BackgroundGateway); tests talk to
+it through the real client over loopback gRPC.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import ipaddress
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -19,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from rtdiff_cluster.config import BatchingConfig, ModelConfig, ServerConfig
+from rtdiff_cluster.gateway.background import BackgroundGateway
 
 TINY = "synthetic:tiny"
 
@@ -52,35 +50,9 @@ def tiny_actors(ray_cluster):
         ray_cluster.kill(a)
 
 
-class GatewayThread:
-    def __init__(self, config: ServerConfig, actors: dict[str, list] | None):
-        from rtdiff_cluster.gateway.server import Gateway
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.gateway = Gateway(config, actors)
-        self.run(self.gateway.start(), timeout=300)
-        self.target = f"127.0.0.1:{self.gateway.port}"
-
-    def run(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn):
-        """Runs fn() on the gateway's loop (its state is not thread-safe) and returns the result."""
-        async def wrap():
-            return fn()
-        return self.run(wrap())
-
+class GatewayThread(BackgroundGateway):
     def metrics(self) -> dict[tuple, float]:
         return scrape(self.gateway.metrics_port)
-
-    def stop(self) -> None:
-        try:
-            self.run(self.gateway.stop(grace_s=0.5), timeout=30)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
 
 
 def scrape(port: int) -> dict[tuple, float]:

@@ -64,8 +64,9 @@ class ReplicaSet:
         self.warmup = warmup
         self._recovering: dict[int, asyncio.Task] = {}
         self._gpu_reason_logged = False
+        self.series = metrics.model(model)
         for h in self.handles:
-            metrics.replica_up.labels(model, h.name).set(0)
+            self.series.replica(h.name).up.set(0)
 
     def up(self) -> list[ReplicaHandle]:
         return [h for h in self.handles if h.up]
@@ -85,7 +86,7 @@ class ReplicaSet:
             warm_s = await asyncio.wait_for(h.actor.warmup.remote(), timeout)
             log.info("replica %s warmed up in %.2f s", h.name, warm_s)
         h.up = True
-        self.metrics.replica_up.labels(self.model, h.name).set(1)
+        self.series.replica(h.name).up.set(1)
         log.info("replica %s ready after %.2f s", h.name, time.perf_counter() - t0)
         self.on_change()
 
@@ -101,7 +102,7 @@ class ReplicaSet:
             log.warning("replica %s is down: %s", h.name, why)
         h.up = False
         h.generation += 1
-        self.metrics.replica_up.labels(self.model, h.name).set(0)
+        self.series.replica(h.name).up.set(0)
         self.metrics.drop_replica_stats(self.model, h.name)
         self.on_down(h)
         self.on_change()

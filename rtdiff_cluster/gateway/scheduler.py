@@ -78,7 +78,7 @@ class ModelScheduler:
         self.model = model
         self.replicas = replicas
         self.config = config
-        self.metrics = metrics
+        self.series = metrics.model(model)
         self.queue: list[FrameJob] = []
         self.changed = asyncio.Event()
         self._running: set[asyncio.Task] = set()
@@ -94,6 +94,11 @@ class ModelScheduler:
                                f"{self.config.max_queue_size} frames waiting); retry later")
         self.queue.extend(jobs)
         self._depth_changed()
+        if self.config.max_queue_delay_ms == 0 or len(self.queue) >= self.config.max_batch_size:
+            # Nothing to wait for: dispatch now rather than one event-loop turn later in _loop.
+            now = asyncio.get_running_loop().time()
+            while self._try_dispatch(now)[0]:
+                pass
 
     def withdraw(self, jobs: list[FrameJob]) -> None:
         """Removes still-queued frames of a cancelled call: their slots are free at once."""
@@ -111,7 +116,7 @@ class ModelScheduler:
             _resolve(j, error=error)
 
     def _depth_changed(self) -> None:
-        self.metrics.queue_depth.labels(self.model).set(len(self.queue))
+        self.series.queue_depth.set(len(self.queue))
         self.changed.set()
 
     def outstanding(self) -> int:
@@ -143,21 +148,29 @@ class ModelScheduler:
         for j in queued:
             _resolve(j, error=error)
 
+    def _try_dispatch(self, now: float) -> tuple[bool, float | None]:
+        """Dispatches the next batch if it is full or its oldest frame has waited long enough;
+        else returns when the forming batch must go at the latest."""
+        plan = self._plan(now)
+        if plan is None:
+            return False, None
+        replica, jobs = plan
+        fill_by = min(j.admitted_at for j in jobs) + self.config.max_queue_delay_ms / 1000.0
+        if len(jobs) >= self.config.max_batch_size or now >= fill_by:
+            self._dispatch(replica, jobs, now)
+            return True, None
+        return False, fill_by
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self.changed.clear()
             now = loop.time()
             self._expire(now)
-            plan = self._plan(now)
-            wake: float | None = min((j.deadline for j in self.queue), default=None)
-            if plan is not None:
-                replica, jobs = plan
-                fill_by = min(j.admitted_at for j in jobs) + self.config.max_queue_delay_ms / 1000.0
-                if len(jobs) >= self.config.max_batch_size or now >= fill_by:
-                    self._dispatch(replica, jobs, now)
-                    continue
-                wake = min(wake, fill_by) if wake is not None else fill_by
+            dispatched, fill_by = self._try_dispatch(now)
+            if dispatched:
+                continue
+            wake = min([j.deadline for j in self.queue] + ([fill_by] if fill_by is not None else []), default=None)
             timeout = None if wake is None else max(0.0, wake - now)
             try:
                 await asyncio.wait_for(self.changed.wait(), timeout)
@@ -213,16 +226,24 @@ class ModelScheduler:
         spec = BatchSpec(key.width, key.height, key.steps, key.guidance_scale, key.strength, [j.spec for j in jobs])
         work = float(len(jobs) * key.steps * key.width * key.height)
         replica.begin(work)
-        self.metrics.batch_size.labels(self.model).observe(len(jobs))
-        self.metrics.replica_inflight.labels(self.model, replica.name).set(replica.inflight_batches)
-        task = asyncio.create_task(self._execute(replica, jobs, spec, work, now))
+        self.series.batch_size.observe(len(jobs))
+        self.series.replica(replica.name).inflight.set(replica.inflight_batches)
+        # Submitted here, not in the task: Ray then sees batches in dispatch order (streams rely on
+        # it) and the call leaves without waiting for another event-loop turn.
+        try:
+            ref = replica.actor.run_batch.remote(spec)
+        except Exception as e:  # the submission itself can fail when the actor is gone for good
+            ref = e
+        task = asyncio.create_task(self._execute(replica, jobs, ref, work, now))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _execute(self, replica: ReplicaHandle, jobs: list[FrameJob], spec: BatchSpec, work: float, sent_at: float) -> None:
+    async def _execute(self, replica: ReplicaHandle, jobs: list[FrameJob], ref, work: float, sent_at: float) -> None:
         loop = asyncio.get_running_loop()
         try:
-            result: BatchResult = await replica.actor.run_batch.remote(spec)
+            if isinstance(ref, Exception):
+                raise ref
+            result: BatchResult = await ref
         except Exception as e:
             if is_actor_gone(e):
                 self.replicas.mark_down(replica, type(e).__name__)
@@ -237,7 +258,7 @@ class ModelScheduler:
             return
         finally:
             replica.end(work)
-            self.metrics.replica_inflight.labels(self.model, replica.name).set(replica.inflight_batches)
+            self.series.replica(replica.name).inflight.set(replica.inflight_batches)
             self.changed.set()
         done_at = loop.time()
         computed = 0
@@ -251,10 +272,10 @@ class ModelScheduler:
                 fr, replica.name, queue_s=max(0.0, picked - j.admitted_at), batch_wait_s=max(0.0, sent_at - picked),
                 text_encode_s=result.text_encode_s, denoise_s=result.denoise_s, decode_s=result.decode_s, done_at=done_at))
         if computed:
-            self.metrics.frames_done(self.model, replica.name, computed)
+            self.series.frames_done(replica.name, computed)
             if result.joules_per_frame is not None:
                 for _ in range(computed):
-                    self.metrics.frame_energy.labels(self.model).observe(result.joules_per_frame)
+                    self.series.frame_energy.observe(result.joules_per_frame)
 
 
 def _resolve(job: FrameJob, outcome: FrameOutcome | None = None, error: RequestError | None = None) -> None:

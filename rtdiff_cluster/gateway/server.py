@@ -113,7 +113,6 @@ class Gateway:
             if actors is None:
                 log.info("starting %d replica(s) of %s (%s)", mc.replicas, name, mc.source)
                 actors = spawn_replicas(mc, cfg.stats_interval_s)
-            self.metrics.add_model(name)
             served = ServedModel(None, None, None, len(actors))  # type: ignore[arg-type]
             served.replicas = ReplicaSet(name, actors, self.metrics, mc.warmup,
                                          on_change=lambda s=served: s.scheduler.changed.set(),
@@ -178,7 +177,7 @@ class Gateway:
     # ---- helpers for the servicer -----------------------------------------------------------
 
     def _count_unauthenticated(self, method: str) -> None:
-        self.metrics.requests.labels(UNKNOWN_MODEL_LABEL, method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+        self.metrics.request_done(UNKNOWN_MODEL_LABEL, method.rsplit("/", 1)[-1], "UNAUTHENTICATED")
 
     def served(self, name: str) -> tuple[ServedModel, ModelLimits]:
         if self.draining:
@@ -203,14 +202,14 @@ class Gateway:
                 j.future.cancel()
         if call.jobs:
             self.models[call.model].scheduler.withdraw(call.jobs)
-        self.metrics.requests.labels(call.model, call.method, call.code.name).inc()
+        self.metrics.request_done(call.model, call.method, call.code.name)
 
     def observe(self, model: str, o: FrameOutcome, total_s: float) -> pb.Timing:
-        m = self.metrics
-        m.frame_latency.labels(model).observe(total_s)
+        series = self.metrics.model(model)
+        series.frame_latency.observe(total_s)
         for stage, v in (("queue", o.queue_s), ("batch_wait", o.batch_wait_s), ("text_encode", o.text_encode_s),
                          ("denoise", o.denoise_s), ("decode", o.decode_s), ("encode", o.result.encode_s)):
-            m.stage_latency.labels(model, stage).observe(v)
+            series.stage[stage].observe(v)
         return pb.Timing(queue_ms=o.queue_s * 1e3, batch_wait_ms=o.batch_wait_s * 1e3, text_encode_ms=o.text_encode_s * 1e3,
                          denoise_ms=o.denoise_s * 1e3, decode_ms=o.decode_s * 1e3, encode_ms=o.result.encode_s * 1e3,
                          total_ms=total_s * 1e3)
@@ -276,7 +275,7 @@ class _Servicer(pb_grpc.DiffusionServicer):
                 default_steps=lim.default_steps, max_images_per_request=lim.max_images_per_request,
                 max_prompt_chars=lim.max_prompt_chars, max_guidance_scale=lim.max_guidance_scale,
                 replicas=s.config_replicas, replicas_ready=len(s.replicas.up())))
-        self.gw.metrics.requests.labels(UNKNOWN_MODEL_LABEL if not out else self.gw.default_model, "ListModels", "OK").inc()
+        self.gw.metrics.request_done(UNKNOWN_MODEL_LABEL if not out else self.gw.default_model, "ListModels", "OK")
         return pb.ListModelsResponse(models=out)
 
     async def StreamGenerate(self, request_iterator, context):
@@ -297,7 +296,7 @@ class _Servicer(pb_grpc.DiffusionServicer):
                     if first:
                         served, lim = gw.served(req.model)
                         call.model = lim.name
-                        gw.metrics.streams_active.labels(lim.name).inc()
+                        gw.metrics.model(lim.name).streams_active.inc()
                         opened.append(served)
                     else:
                         if gw.draining:
@@ -345,7 +344,7 @@ class _Servicer(pb_grpc.DiffusionServicer):
                              else grpc.StatusCode.CANCELLED)
             reader.cancel()
             if opened:
-                gw.metrics.streams_active.labels(call.model).dec()
+                gw.metrics.model(call.model).streams_active.dec()
             if pin.replica is not None:
                 pin.replica.actor.close_stream.remote(pin.stream_id)  # frees the replica's per-stream state
             gw.finish(call)

@@ -68,19 +68,25 @@ class GatewayMetrics:
         self.frame_energy = Histogram("rtdiff_frame_energy_joules", "GPU energy per frame", ["model"],
                                       buckets=JOULE_BUCKETS, registry=r)
         self._fps_window = fps_window_s
-        self._fps: dict[str, FrameRate] = {}
+        self._models: dict[str, ModelSeries] = {}
+        self._requests: dict[tuple[str, str, str], object] = {}
         self._replica_stats: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
         r.register(_PolledCollector(self))
 
-    def add_model(self, model: str) -> None:
-        self._fps.setdefault(model, FrameRate(self._fps_window))
-        self.queue_depth.labels(model).set(0)
-        self.streams_active.labels(model).set(0)
+    def request_done(self, model: str, method: str, code: str) -> None:
+        key = (model, method, code)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(model, method, code)
+        child.inc()
 
-    def frames_done(self, model: str, replica: str, n: int) -> None:
-        self.frames.labels(model, replica).inc(n)
-        self._fps[model].add(n)
+    def model(self, model: str) -> "ModelSeries":
+        """The model's series with their label children resolved once (not per frame)."""
+        series = self._models.get(model)
+        if series is None:
+            series = self._models[model] = ModelSeries(self, model)
+        return series
 
     def set_replica_stats(self, model: str, replica: str, stats) -> None:
         with self._lock:
@@ -91,6 +97,39 @@ class GatewayMetrics:
             self._replica_stats.pop((model, replica), None)
 
 
+class ModelSeries:
+    def __init__(self, m: GatewayMetrics, model: str):
+        self._m = m
+        self.model = model
+        self.fps = FrameRate(m._fps_window)
+        self.frame_latency = m.frame_latency.labels(model)
+        self.stage = {stage: m.stage_latency.labels(model, stage) for stage in STAGES}
+        self.queue_depth = m.queue_depth.labels(model)
+        self.batch_size = m.batch_size.labels(model)
+        self.frame_energy = m.frame_energy.labels(model)
+        self.streams_active = m.streams_active.labels(model)
+        self.queue_depth.set(0)
+        self.streams_active.set(0)
+        self._replicas: dict[str, ReplicaSeries] = {}
+
+    def replica(self, name: str) -> "ReplicaSeries":
+        r = self._replicas.get(name)
+        if r is None:
+            r = self._replicas[name] = ReplicaSeries(self._m, self.model, name)
+        return r
+
+    def frames_done(self, replica: str, n: int) -> None:
+        self.replica(replica).frames.inc(n)
+        self.fps.add(n)
+
+
+class ReplicaSeries:
+    def __init__(self, m: GatewayMetrics, model: str, replica: str):
+        self.frames = m.frames.labels(model, replica)
+        self.inflight = m.replica_inflight.labels(model, replica)
+        self.up = m.replica_up.labels(model, replica)
+
+
 class _PolledCollector:
     """Series read at scrape time: FPS over the window, and the replicas' last polled statistics."""
 
@@ -99,8 +138,8 @@ class _PolledCollector:
 
     def collect(self):
         fps = GaugeMetricFamily("rtdiff_frames_per_second", "Frames per second over the sliding window", labels=["model"])
-        for model, rate in self.m._fps.items():
-            fps.add_metric([model], rate.rate())
+        for model, series in list(self.m._models.items()):
+            fps.add_metric([model], series.fps.rate())
         yield fps
         with self.m._lock:
             items = list(self.m._replica_stats.items())

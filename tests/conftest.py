@@ -33,10 +33,13 @@ def ray_cluster():
 
 
 def spawn(count: int = 1, **model_kw):
+    """Replicas of the tiny model, on CPU unless asked otherwise: the serving tests time their
+    blockers for CPU speed, and CI has no GPU anyway (tests/test_gpu.py covers CUDA)."""
     import ray
 
     from rtdiff_cluster.engine.group import spawn_replicas
 
+    model_kw.setdefault("device", "cpu")
     actors = spawn_replicas(ModelConfig(source=TINY, replicas=count, num_cpus=0.5, **model_kw), 0.2)
     ray.get([a.info.remote() for a in actors])
     return actors

@@ -25,7 +25,7 @@ from rtdiff_cluster.gateway.auth import TokenAuthInterceptor, load_tokens, serve
 from rtdiff_cluster.gateway.errors import RequestError, invalid
 from rtdiff_cluster.gateway.router import ReplicaSet
 from rtdiff_cluster.gateway.scheduler import FrameJob, FrameOutcome, ModelScheduler, StreamPin
-from rtdiff_cluster.gateway.validation import (MAX_SEED, check_num_images, check_settings, frame_specs, resolve_model)
+from rtdiff_cluster.gateway.validation import MAX_SEED, check_num_images, check_settings, frame_specs
 from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
@@ -182,14 +182,14 @@ class Gateway:
     def served(self, name: str) -> tuple[ServedModel, ModelLimits]:
         if self.draining:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        limits = {n: s.limits for n, s in self.models.items() if s.limits is not None}
-        if not limits and (name or self.default_model) in self.models:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "models are still loading; check health")
-        lim = resolve_model(name, limits, self.default_model)
-        served = self.models[lim.name]
+        served = self.models.get(name or self.default_model)
+        if served is None:
+            raise invalid("model", f"unknown model {name!r}; served: {', '.join(sorted(self.models))}")
+        if served.limits is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model {served.replicas.model} is still loading; check health")
         if not served.replicas.up():
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no replica of model {lim.name} is ready; retry")
-        return served, lim
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no replica of model {served.limits.name} is ready; retry")
+        return served, served.limits
 
     def deadline(self, context, now: float) -> float:
         remaining = context.time_remaining()
@@ -259,6 +259,10 @@ class _Servicer(pb_grpc.DiffusionServicer):
         except asyncio.CancelledError:
             call.code = grpc.StatusCode.DEADLINE_EXCEEDED if loop.time() >= deadline else grpc.StatusCode.CANCELLED
             raise
+        except Exception as e:
+            log.exception("Generate failed")
+            call.code = grpc.StatusCode.INTERNAL
+            await context.abort(call.code, f"{type(e).__name__}: {e}")
         finally:
             gw.finish(call)
 
@@ -314,6 +318,10 @@ class _Servicer(pb_grpc.DiffusionServicer):
             except RequestError as e:
                 pending.put_nowait(e)
                 return
+            except Exception as e:  # a bug must end the call with a status, never leave it hanging
+                log.exception("stream reader failed")
+                pending.put_nowait(RequestError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+                return
             pending.put_nowait(None)
 
         reader = asyncio.create_task(read())
@@ -336,6 +344,10 @@ class _Servicer(pb_grpc.DiffusionServicer):
         except RequestError as e:
             call.code = e.code
             await context.abort(e.code, e.message)
+        except Exception as e:
+            log.exception("StreamGenerate failed")
+            call.code = grpc.StatusCode.INTERNAL
+            await context.abort(call.code, f"{type(e).__name__}: {e}")
         finally:
             if not ended and call.code == grpc.StatusCode.OK:
                 # The client went away: grpc cancels the task or closes this generator (GeneratorExit).

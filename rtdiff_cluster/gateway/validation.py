@@ -37,13 +37,6 @@ class Checked:
     input_image: np.ndarray | None
 
 
-def resolve_model(name: str, models: dict[str, ModelLimits], default: str) -> ModelLimits:
-    limits = models.get(name or default)
-    if limits is None:
-        raise invalid("model", f"unknown model {name!r}; served: {', '.join(sorted(models))}")
-    return limits
-
-
 def _size(field: str, value: int, default: int, lim: ModelLimits) -> int:
     if value == 0:
         return default

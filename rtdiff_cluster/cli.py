@@ -283,10 +283,21 @@ def cmd_models(args) -> int:
 
 # ---- demo -----------------------------------------------------------------------------------
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM (a server drains), then SIGKILL if it has not exited in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def wait_serving(target: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
@@ -309,7 +320,7 @@ def wait_serving(target: str, timeout_s: float, proc: subprocess.Popen | None = 
 
 def cmd_demo(args) -> int:
     """Starts `rtdiff serve` (local Ray, embedded model), generates frames through the client, stops it."""
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -341,12 +352,7 @@ def cmd_demo(args) -> int:
         print(f"error: {e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop_process(server, 60)
     return 0
 
 

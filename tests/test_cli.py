@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +22,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-from rtdiff_cluster.cli import wait_serving
+from conftest import metric, scrape
+from rtdiff_cluster.cli import free_port, stop_process, wait_serving
 
 CLI = [sys.executable, "-m", "rtdiff_cluster.cli"]
 STARTUP_TIMEOUT_S = 180
@@ -35,12 +33,6 @@ MODEL = "synthetic:tiny"
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_cli(*args: str, timeout: float = CLIENT_TIMEOUT_S, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Runs `python -m rtdiff_cluster.cli ARGS`; on timeout stops it with SIGTERM (so a `serve` that
@@ -66,17 +58,6 @@ def describe(r: subprocess.CompletedProcess) -> str:
 def pixels(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
-
-
-def scrape(metrics_port: int) -> dict[str, list[tuple[dict, float]]]:
-    """{sample name: [(labels, value), ...]} from the gateway's /metrics endpoint."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    samples: dict[str, list[tuple[dict, float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples.setdefault(s.name, []).append((dict(s.labels), s.value))
-    return samples
 
 
 def health_status(stub) -> str:
@@ -126,13 +107,7 @@ def server(tmp_path_factory):
             pytest.fail(f"server did not become SERVING: {e}\n{srv.log()[-4000:]}")
         yield srv
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, 60)
 
 
 # ---- serve: configuration errors (no server needed) -----------------------------------------
@@ -285,12 +260,9 @@ def test_metrics_endpoint(server, tmp_path):
     assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr, describe(bad)
 
     samples = scrape(server.metrics_port)
-    frames = [(lab, v) for lab, v in samples.get("rtdiff_frames_total", []) if lab.get("model") == MODEL]
-    assert frames and sum(v for _, v in frames) > 0, samples.get("rtdiff_frames_total")
-    requests = samples.get("rtdiff_requests_total", [])
-    generate_codes = {lab["code"]: v for lab, v in requests if lab.get("method") == "Generate" and lab.get("model") == MODEL}
-    assert generate_codes.get("OK", 0) >= 1, requests
-    assert generate_codes.get("INVALID_ARGUMENT", 0) >= 1, requests
+    assert metric(samples, "rtdiff_frames_total", model=MODEL) > 0
+    for code in ("OK", "INVALID_ARGUMENT"):
+        assert metric(samples, "rtdiff_requests_total", model=MODEL, method="Generate", code=code) >= 1, code
 
 
 # ---- SIGTERM drain: must stay the LAST test, it stops the module's server -------------------
@@ -317,7 +289,7 @@ def test_sigterm_drains_in_flight_request(server, tmp_path):
         while True:
             time.sleep(0.1)
             assert worker.is_alive(), f"generate finished before SIGTERM was sent: {result.get('r')}"
-            inflight = sum(v for _, v in scrape(server.metrics_port).get("rtdiff_replica_inflight_batches", []))
+            inflight = metric(scrape(server.metrics_port), "rtdiff_replica_inflight_batches")
             if inflight >= 1 and time.monotonic() - t_start >= 0.5:
                 break
             assert time.monotonic() < end, "the generate request never reached a replica"

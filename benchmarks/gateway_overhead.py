@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """What the gateway itself costs: latency and throughput through gRPC vs calling the replica directly.
 
-One process holds a local Ray, one engine replica (a Ray actor) and a Gateway serving that same
-actor from a background thread's event loop. Every case measures both paths in the same run,
-interleaved in blocks, so drift in CPU speed (turbo, neighbours, thermal) hits both alike:
+This process holds a local Ray, one engine replica (a Ray actor) and a Gateway serving that actor
+from a background thread's event loop. The gRPC client runs in its own process
+(benchmarks/grpc_caller.py), as real clients do. Every case measures the paths in the same run,
+interleaved in blocks, so drift in CPU speed (turbo, neighbours, thermal) hits them alike:
 
-  direct   ray.get(actor.run_batch.remote(BatchSpec)) from this process, one frame per batch
-  gateway  RtdiffClient.generate (unary) or one StreamGenerate stream with window 1, sequential,
-           so nothing is batched (max_queue_delay_ms=0)
+  direct   BlockingLink.call("run_batch", BatchSpec) from this process: the replica's own data
+           plane (engine/link.py) with nothing in front, one frame per batch. The baseline.
+  ray      ray.get(actor.run_batch.remote(BatchSpec)): the same call through Ray (context only;
+           it was the gateway's hop before the link).
+  gateway  Generate (unary) or one StreamGenerate stream with window 1, sequential, so nothing
+           is batched (max_queue_delay_ms=0)
 
 Cases: 64x64, 1 step, RAW (tiny, so the overhead is visible; unary and stream) and 256x256,
 4 steps, PNG (realistic; unary). overhead = gateway - direct, at p50 and p99, with a bootstrap 95%
@@ -17,8 +21,8 @@ server's own total_ms, which splits the overhead into "gRPC + client" (client la
 total) and "inside the gateway" (server total minus direct).
 
 Supplementary `stub` rows put the same gateway code in front of a replica that answers at once
-(StubReplica): what is left is Ray's round trip (direct) versus Ray plus the gateway, so the
-overhead is measured to a few microseconds instead of within the model's run-to-run noise.
+(StubReplica): what is left is the serving path alone, so the overhead is measured to a few
+microseconds instead of within the model's run-to-run noise.
 
 Results: benchmarks/results/gateway_overhead-<UTC date>-<device slug>.{json,md}, stamped with the
 CPU, GPU, library versions and date.
@@ -29,37 +33,37 @@ CPU, GPU, library versions and date.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import platform
-import queue
 import random
 import re
 import socket
 import statistics
+import subprocess
 import sys
-import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from grpc_caller import back_to_back  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 from rtdiff_cluster.cli import percentile  # noqa: E402
 from rtdiff_cluster.config import BatchingConfig, ModelConfig, ServerConfig  # noqa: E402
+from rtdiff_cluster.engine.link import BlockingLink  # noqa: E402
 from rtdiff_cluster.gateway.background import BackgroundGateway  # noqa: E402
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb  # noqa: E402
 
 MODEL = "synthetic:tiny"
 PROMPT = "a red fox in the snow, benchmark"
 TARGET_P50_MS = 1.0
-BLOCK = 10  # calls per path before switching to the other
+BLOCK = 10  # calls per path before switching to the next
 
 
 @dataclass(frozen=True)
@@ -68,13 +72,17 @@ class Case:
     width: int
     height: int
     steps: int
-    fmt: str  # client format name: raw | png
+    format: str  # client format name: raw | png
     samples: int  # unary samples per path
     stream_frames: int  # stream frames per path (0: no streaming row)
 
     @property
     def pb_format(self) -> int:
-        return {"raw": pb.IMAGE_FORMAT_RAW_RGB8, "png": pb.IMAGE_FORMAT_PNG}[self.fmt]
+        return {"raw": pb.IMAGE_FORMAT_RAW_RGB8, "png": pb.IMAGE_FORMAT_PNG}[self.format]
+
+    def wire(self) -> dict:
+        return {"width": self.width, "height": self.height, "steps": self.steps, "format": self.format,
+                "prompt": PROMPT}
 
 
 def log(msg: str) -> None:
@@ -119,8 +127,6 @@ def device_slug(stamp: dict) -> str:
     return f"{stamp['device']}-{slug}-{stamp['cpu_cores']}c"
 
 
-# ---- the gateway, in a background thread's event loop -------------------------------------------
-
 def batch_size_totals(gwt: BackgroundGateway) -> tuple[float, float]:
     """(sum, count) of the gateway's batch-size histogram so far."""
     total = count = 0.0
@@ -136,18 +142,20 @@ def batch_size_totals(gwt: BackgroundGateway) -> tuple[float, float]:
 # ---- a replica without compute ------------------------------------------------------------------
 
 class StubReplica:
-    """EngineReplica's interface, answering at once with a blank frame of the right size.
+    """EngineReplica's interface, Ray and link, answering at once with a blank frame of the right size."""
 
-    Behind the same gateway code it leaves nothing but the serving path: Ray's actor round trip
-    (direct) and Ray plus the gateway (gateway), so the difference is resolved to a few
-    microseconds instead of drowning in the model's run-to-run noise. A supplementary row; the
-    headline rows use the real model."""
+    def __init__(self, limits):
+        from rtdiff_cluster.engine.link import LinkServer, new_key
 
-    def __init__(self, info):
-        self._info = info
+        self.limits = limits
+        self.link = LinkServer({"run_batch": self.run_batch, "close_stream": self.close_stream}, new_key())
 
     async def info(self):
-        return self._info
+        from rtdiff_cluster.engine.link import node_host
+        from rtdiff_cluster.engine.replica import ReplicaInfo
+
+        return ReplicaInfo(self.limits, os.getpid(), "cpu", "float32", 0.0, 0, "stub replica", 0,
+                           await self.link.start(node_host()))
 
     async def warmup(self) -> float:
         return 0.0
@@ -178,7 +186,7 @@ def stub_actor_class():
     return ray.remote(StubReplica).options(num_cpus=0, max_restarts=0)
 
 
-# ---- the two paths ------------------------------------------------------------------------------
+# ---- the paths ----------------------------------------------------------------------------------
 
 def batch_spec(case: Case, seed: int, prompt: str | None = PROMPT, stream_id: str | None = None):
     """What the gateway builds from the same request (validation.check_settings + frame_specs)."""
@@ -188,87 +196,81 @@ def batch_spec(case: Case, seed: int, prompt: str | None = PROMPT, stream_id: st
                      [FrameSpec(prompt, seed=seed, output_format=case.pb_format, jpeg_quality=90, stream_id=stream_id)])
 
 
-def direct_once(actor, case: Case, seed: int, prompt: str | None = PROMPT, stream_id: str | None = None) -> float:
-    import ray
-
-    spec = batch_spec(case, seed, prompt, stream_id)
-    t0 = time.perf_counter()
-    result = ray.get(actor.run_batch.remote(spec))
-    dt_s = time.perf_counter() - t0
+def _work_s(result) -> tuple[float, float]:
+    """(compute, wall time) of the replica for the frame, as it reports them; the gateway's Timing
+    carries the same two for its path."""
     fr = result.frames[0]
     if fr.error or not fr.data:
         raise RuntimeError(f"direct call failed: {fr.error or 'empty frame'}")
-    return dt_s
+    return result.text_encode_s + result.denoise_s + result.decode_s + fr.encode_s, result.replica_s
 
 
-def gateway_once(client, case: Case, seed: int) -> tuple[float, float]:
-    """Returns (client-observed seconds, server total seconds)."""
+def direct_link(link: BlockingLink, case: Case, seed: int, prompt: str | None = PROMPT,
+                stream_id: str | None = None) -> tuple[float, float, float]:
+    """(latency, replica compute, replica wall time) in seconds."""
+    spec = batch_spec(case, seed, prompt, stream_id)
     t0 = time.perf_counter()
-    resp = client.generate(PROMPT, width=case.width, height=case.height, steps=case.steps, seed=seed,
-                           output_format=case.fmt, timeout_s=60)
+    result = link.call("run_batch", spec)
     dt_s = time.perf_counter() - t0
-    if len(resp.images) != 1 or not resp.images[0].data:
-        raise RuntimeError("gateway returned no image")
-    return dt_s, resp.timing.total_ms / 1e3
+    return (dt_s, *_work_s(result))
 
 
-class WindowOneStream:
-    """One StreamGenerate call fed from a queue: the next frame is sent only after the previous
-    response came back (window 1), so each frame's latency is pure service time."""
+def direct_ray(actor, case: Case, seed: int) -> tuple[float, float, float]:
+    import ray
 
-    def __init__(self, client, case: Case):
-        self.case = case
-        self._q: queue.Queue = queue.Queue()
-        self._responses = client.stream(self._requests(), timeout_s=600)
-        self._next_id = 0
+    spec = batch_spec(case, seed)
+    t0 = time.perf_counter()
+    result = ray.get(actor.run_batch.remote(spec))
+    dt_s = time.perf_counter() - t0
+    return (dt_s, *_work_s(result))
 
-    def _requests(self):
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            yield item
 
-    def frame(self, seed: int) -> tuple[float, float]:
-        c = self.case
-        req = pb.FrameRequest(frame_id=self._next_id, width=c.width, height=c.height, steps=c.steps, seed=seed,
-                              output_format=c.pb_format)
-        if self._next_id == 0:
-            req.prompt = PROMPT  # later frames keep the stream's prompt
-        self._next_id += 1
-        t0 = time.perf_counter()
-        self._q.put(req)
-        resp = next(self._responses)
-        dt_s = time.perf_counter() - t0
-        if resp.frame_id != req.frame_id or not resp.image.data:
-            raise RuntimeError(f"stream answered frame {resp.frame_id}, expected {req.frame_id}")
-        return dt_s, resp.timing.total_ms / 1e3
+class Caller:
+    """The gRPC client process (benchmarks/grpc_caller.py)."""
+
+    def __init__(self, target: str):
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "grpc_caller.py"), target],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"grpc_caller exited with {self.proc.wait()}")
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"grpc_caller: {out['error']}")
+        return out
+
+    def samples(self, **cmd) -> list[tuple[float, float, float, float]]:
+        """(client latency, server total, replica compute, replica wall time) in seconds, per call."""
+        return [tuple(x) for x in self.ask(**cmd)["samples"]]
 
     def close(self) -> None:
-        self._q.put(None)
-        for _ in self._responses:  # drain to the stream's OK end
+        try:
+            self.ask(op="quit")
+        except (RuntimeError, BrokenPipeError, json.JSONDecodeError):
             pass
+        self.proc.wait(30)
 
 
 # ---- measurement --------------------------------------------------------------------------------
 
-def interleaved(n: int, run_direct, run_gateway) -> tuple[list[float], list[tuple[float, float]]]:
-    """n calls per path in alternating blocks of BLOCK; the path that goes first alternates too."""
-    direct: list[float] = []
-    gateway: list[tuple[float, float]] = []
-    seed = 0
-    block = 0
-    while len(direct) < n or len(gateway) < n:
-        order = ("d", "g") if block % 2 == 0 else ("g", "d")
-        for path in order:
-            for _ in range(min(BLOCK, n - (len(direct) if path == "d" else len(gateway)))):
-                seed += 1
-                if path == "d":
-                    direct.append(run_direct(seed))
-                else:
-                    gateway.append(run_gateway(seed))
+def interleaved(n: int, paths: dict) -> dict[str, list]:
+    """n samples per path in rotating blocks of BLOCK: paths[name](seed, k) returns k samples.
+    The path that goes first rotates too."""
+    names = list(paths)
+    out: dict[str, list] = {name: [] for name in names}
+    seed, block = 0, 0
+    while any(len(v) < n for v in out.values()):
+        for name in names[block % len(names):] + names[:block % len(names)]:
+            k = min(BLOCK, n - len(out[name]))
+            if k > 0:
+                out[name] += paths[name](seed, k)
+                seed += k
         block += 1
-    return direct, gateway
+    return out
 
 
 def stats_ms(values_s: list[float]) -> dict:
@@ -289,16 +291,25 @@ def bootstrap_p50_diff_ci(direct_s: list[float], gateway_s: list[float], iters: 
     return [percentile(diffs, 2.5), percentile(diffs, 97.5)]
 
 
-def compare(kind: str, case: Case, direct_s: list[float], gateway: list[tuple[float, float]], engine: str) -> dict:
-    gw_client = [g for g, _ in gateway]
-    gw_server = [s for _, s in gateway]
+def compare(kind: str, case: Case, samples: dict[str, list], engine: str) -> dict:
+    direct_s = [lat for lat, _, _ in samples["direct"]]
+    gateway = samples["gateway"]
+    gw_client = [c for c, _, _, _ in gateway]
     d, g = stats_ms(direct_s), stats_ms(gw_client)
-    server = stats_ms(gw_server)
-    return {
+    server = stats_ms([s for _, s, _, _ in gateway])
+    # Outside the replica: each latency minus the wall time the replica reported for that very
+    # batch. The model's run-to-run noise (milliseconds) cancels; what is left is what the path in
+    # front of the replica costs, which is what the gateway is judged on.
+    direct_net = [lat - wall for lat, _, wall in samples["direct"]]
+    gateway_net = [c - wall for c, _, _, wall in gateway]
+    # Inside the replica but outside its compute (thread hand-offs), per path, for the record.
+    handoffs = {"direct": [wall - work for _, work, wall in samples["direct"]],
+                "gateway": [wall - work for _, _, work, wall in gateway]}
+    row = {
         "engine": engine,  # model: the real replica; stub: a replica that does no work
         "kind": kind,
         "case": case.name,
-        "width": case.width, "height": case.height, "steps": case.steps, "format": case.fmt.upper(),
+        "width": case.width, "height": case.height, "steps": case.steps, "format": case.format.upper(),
         "direct": d,
         "gateway": g,
         "gateway_server_total": server,
@@ -306,81 +317,49 @@ def compare(kind: str, case: Case, direct_s: list[float], gateway: list[tuple[fl
         "overhead_p99_ms": g["p99_ms"] - d["p99_ms"],
         "overhead_mean_ms": g["mean_ms"] - d["mean_ms"],
         "overhead_p50_ci95_ms": bootstrap_p50_diff_ci(direct_s, gw_client),
+        "direct_outside_replica": stats_ms(direct_net),
+        "gateway_outside_replica": stats_ms(gateway_net),
+        "replica_handoffs_p50_ms": {k: percentile(v, 50) * 1e3 for k, v in handoffs.items()},
+        "overhead_net_p50_ms": percentile(gateway_net, 50) * 1e3 - percentile(direct_net, 50) * 1e3,
+        "overhead_net_p50_ci95_ms": bootstrap_p50_diff_ci(direct_net, gateway_net),
         # Where the p50 overhead sits: on the wire/client, or inside the gateway process.
-        "grpc_and_client_p50_ms": percentile([(a - b) * 1e3 for a, b in gateway], 50),
+        "grpc_and_client_p50_ms": percentile([(c - s) * 1e3 for c, s, _, _ in gateway], 50),
         "in_gateway_p50_ms": server["p50_ms"] - d["p50_ms"],
     }
+    if "ray" in samples:
+        row["ray"] = stats_ms([lat for lat, _, _ in samples["ray"]])
+    return row
 
 
-def target_status(row: dict) -> str:
+def target_status(row: dict, net: bool) -> str:
     """PASS/FAIL when the p50 overhead's 95% interval lies on one side of the target; else the estimate's side, marked '?'."""
-    lo, hi = row["overhead_p50_ci95_ms"]
+    key = "overhead_net_p50" if net else "overhead_p50"
+    lo, hi = row[f"{key}_ci95_ms"]
     if hi < TARGET_P50_MS:
         return "PASS"
     if lo >= TARGET_P50_MS:
         return "FAIL"
-    return ("pass?" if row["overhead_p50_ms"] < TARGET_P50_MS else "fail?")
+    return ("pass?" if row[f"{key}_ms"] < TARGET_P50_MS else "fail?")
 
 
-def throughput(case: Case, seconds: float, callers: int, run_one_factory, label: str) -> dict:
-    """`callers` threads each calling run_one() back to back for `seconds`; counts finished frames."""
-    stop = threading.Event()
-    lat: list[list[float]] = [[] for _ in range(callers)]
-    errors: list[str] = []
-    start_barrier = threading.Barrier(callers + 1)
-
-    def worker(i: int) -> None:
-        run_one = run_one_factory(i)
-        seed = i * 1_000_000
-        start_barrier.wait()
-        while not stop.is_set():
-            seed += 1
-            t0 = time.perf_counter()
-            try:
-                run_one(seed)
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(f"{type(e).__name__}: {e}")
-                return
-            if not stop.is_set():  # count only frames finished inside the window
-                lat[i].append(time.perf_counter() - t0)
-
-    threads = [threading.Thread(target=worker, args=(i,), name=f"{label}-{i}") for i in range(callers)]
-    for t in threads:
-        t.start()
-    start_barrier.wait()
-    t0 = time.perf_counter()
-    time.sleep(seconds)
-    stop.set()
-    elapsed = time.perf_counter() - t0
-    for t in threads:
-        t.join(120)
-    if errors:
-        raise RuntimeError(f"{label} throughput: {errors[0]}")
-    flat = [x for lst in lat for x in lst]
-    return {"frames": len(flat), "seconds": elapsed, "latency": stats_ms(flat) if flat else None}
-
-
-def measure_throughput(case: Case, seconds: float, callers: int, actor, target: str, gwt: BackgroundGateway) -> dict:
-    """Alternates halves (direct, gateway, direct, gateway) so both see the same machine."""
-    from rtdiff_cluster.client.client import RtdiffClient
-
-    clients = [RtdiffClient(target) for _ in range(callers)]
+def direct_throughput(address, case: Case, seconds: float, callers: int) -> dict:
+    """`callers` threads, each with its own link, calling run_batch back to back for `seconds`."""
+    links = [BlockingLink(address) for _ in range(callers)]
     try:
-        def direct_factory(i):
-            return lambda seed: direct_once(actor, case, seed)
-
-        def gateway_factory(i):
-            return lambda seed: gateway_once(clients[i], case, seed)
-
-        parts = {"direct": [], "gateway": []}
-        bsum0, bcount0 = batch_size_totals(gwt)
-        for _ in range(2):
-            parts["direct"].append(throughput(case, seconds / 2, callers, direct_factory, "direct"))
-            parts["gateway"].append(throughput(case, seconds / 2, callers, gateway_factory, "gateway"))
-        bsum1, bcount1 = batch_size_totals(gwt)
+        return back_to_back([lambda seed, link=link: direct_link(link, case, seed) for link in links], seconds)
     finally:
-        for c in clients:
-            c.close()
+        for link in links:
+            link.close()
+
+
+def measure_throughput(case: Case, seconds: float, callers: int, address, caller: Caller, gwt: BackgroundGateway) -> dict:
+    """Alternates halves (direct, gateway, direct, gateway) so both see the same machine."""
+    parts = {"direct": [], "gateway": []}
+    bsum0, bcount0 = batch_size_totals(gwt)
+    for _ in range(2):
+        parts["direct"].append(direct_throughput(address, case, seconds / 2, callers))
+        parts["gateway"].append(caller.ask(op="throughput", case=case.wire(), seconds=seconds / 2, callers=callers))
+    bsum1, bcount1 = batch_size_totals(gwt)
     out = {"case": case.name, "callers": callers, "seconds_per_path": seconds}
     for path, halves in parts.items():
         frames = sum(h["frames"] for h in halves)
@@ -390,6 +369,68 @@ def measure_throughput(case: Case, seconds: float, callers: int, actor, target: 
     out["gateway_mean_batch_size"] = (bsum1 - bsum0) / (bcount1 - bcount0) if bcount1 > bcount0 else None
     out["gateway_vs_direct_fps_ratio"] = out["gateway"]["fps"] / out["direct"]["fps"] if out["direct"]["fps"] else None
     return out
+
+
+def measure_case(case: Case, engine: str, actor, gwt: BackgroundGateway, args, result: dict) -> None:
+    """Warm-up, interleaved unary, optional window-1 stream, optional throughput, for one case."""
+    import ray
+
+    address = ray.get(actor.info.remote()).link
+    caller = Caller(gwt.target)
+    link = BlockingLink(address)
+    tag = f"{engine}/{case.name}"
+    paths = {
+        "direct": lambda seed, k: [direct_link(link, case, seed + i) for i in range(k)],
+        "ray": lambda seed, k: [direct_ray(actor, case, seed + i) for i in range(k)],
+        "gateway": lambda seed, k: caller.samples(op="unary", n=k, seed=seed, case=case.wire()),
+    }
+    try:
+        log(f"[{tag}] warm-up: {args.warmup} calls per path")
+        interleaved(args.warmup, paths)
+        log(f"[{tag}] unary: {case.samples} samples per path, interleaved")
+        row = compare("unary", case, interleaved(case.samples, paths), engine)
+        result["latency"].append(row)
+        log(f"[{tag}] unary p50 direct {row['direct']['p50_ms']:.3f} ray {row['ray']['p50_ms']:.3f} "
+            f"gateway {row['gateway']['p50_ms']:.3f} overhead {row['overhead_p50_ms']:+.3f} ms "
+            f"(outside the replica {row['overhead_net_p50_ms']:+.3f} ms)")
+
+        if case.stream_frames:
+            log(f"[{tag}] stream: {case.stream_frames} frames per path, window 1, interleaved")
+            sid = f"bench-direct-{uuid.uuid4().hex}"
+            first = [True]
+
+            def direct_stream(seed: int, k: int) -> list[tuple[float, float, float]]:
+                out = []
+                for i in range(k):
+                    prompt = PROMPT if first[0] else None  # later frames use the replica's per-stream prompt
+                    first[0] = False
+                    out.append(direct_link(link, case, seed + i, prompt=prompt, stream_id=sid))
+                return out
+
+            stream_paths = {
+                "direct": direct_stream,
+                "gateway": lambda seed, k: caller.samples(op="stream", n=k, seed=seed),
+            }
+            caller.ask(op="stream_open", case=case.wire())
+            try:
+                interleaved(max(5, args.warmup // 4), stream_paths)  # the stream's own warm-up (pinning, prompt)
+                row = compare("stream", case, interleaved(case.stream_frames, stream_paths), engine)
+            finally:
+                caller.ask(op="stream_close")
+                link.call("close_stream", sid)
+            result["latency"].append(row)
+            log(f"[{tag}] stream p50 direct {row['direct']['p50_ms']:.3f} gateway {row['gateway']['p50_ms']:.3f} "
+                f"overhead {row['overhead_p50_ms']:+.3f} ms (outside the replica {row['overhead_net_p50_ms']:+.3f} ms)")
+
+        if args.throughput_seconds > 0 and engine == "model":
+            log(f"[{tag}] throughput: {args.callers} callers, {args.throughput_seconds:g} s per path")
+            tp = measure_throughput(case, args.throughput_seconds, args.callers, address, caller, gwt)
+            tp["engine"] = engine
+            result["throughput"].append(tp)
+            log(f"[{tag}] throughput direct {tp['direct']['fps']:.1f} fps, gateway {tp['gateway']['fps']:.1f} fps")
+    finally:
+        link.close()
+        caller.close()
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -403,31 +444,40 @@ def markdown(result: dict) -> str:
         f"Device: {st['device']} — {st['cpu_model']} ({st['cpu_cores']} cores){gpu}; torch {st['torch']}, "
         f"ray {st['ray']}, grpcio {st['grpcio']}, Python {st['python']}.",
         "",
-        f"Model {MODEL}, 1 replica; sequential calls (no batching, max_queue_delay_ms=0), direct "
-        f"(`ray.get(actor.run_batch.remote(...))`) and gateway (gRPC) interleaved in blocks of {BLOCK}; "
-        f"stream = one StreamGenerate with window 1. Target: the gateway adds < {TARGET_P50_MS:g} ms at p50.",
+        f"Model {MODEL}, 1 replica; sequential calls (no batching, max_queue_delay_ms=0). Paths interleaved in "
+        f"blocks of {BLOCK}: direct = `BlockingLink.call('run_batch', ...)` (the replica's data plane, nothing in "
+        "front), ray = `ray.get(actor.run_batch.remote(...))`, gateway = gRPC from a client process; "
+        f"stream = one StreamGenerate with window 1. Target: the gateway adds < {TARGET_P50_MS:g} ms at p50 over direct.",
         "",
-        "| engine | case | path | n | direct p50 | gateway p50 | overhead p50 (95% CI) | direct p99 | gateway p99 "
-        f"| overhead p99 | direct mean | gateway mean | gRPC+client p50 | in-gateway p50 | < {TARGET_P50_MS:g} ms |",
+        "| engine | case | path | n | direct p50 | ray p50 | gateway p50 | overhead p50 (95% CI) "
+        "| overhead outside the replica p50 (95% CI) | replica hand-offs p50 direct / gateway | direct p99 "
+        f"| gateway p99 | gRPC+client p50 | in-gateway p50 | < {TARGET_P50_MS:g} ms |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|",
     ]
     for r in result["latency"]:
         d, g = r["direct"], r["gateway"]
         lo, hi = r["overhead_p50_ci95_ms"]
+        nlo, nhi = r["overhead_net_p50_ci95_ms"]
+        ray_p50 = f"{r['ray']['p50_ms']:.2f}" if "ray" in r else "-"
         lines.append(
             f"| {r['engine']} | {r['width']}x{r['height']} {r['steps']} step{'s' if r['steps'] > 1 else ''} {r['format']} "
-            f"| {r['kind']} | {d['n']} | {d['p50_ms']:.2f} | {g['p50_ms']:.2f} "
-            f"| **{r['overhead_p50_ms']:+.2f}** ({lo:+.2f}..{hi:+.2f}) "
-            f"| {d['p99_ms']:.2f} | {g['p99_ms']:.2f} | {r['overhead_p99_ms']:+.2f} "
-            f"| {d['mean_ms']:.2f} | {g['mean_ms']:.2f} | {r['grpc_and_client_p50_ms']:.2f} | {r['in_gateway_p50_ms']:+.2f} "
-            f"| {target_status(r)} |")
-    lines += ["", "Latencies in ms. engine `model`: the real replica (headline rows); `stub`: the same gateway in front "
-              "of a replica that answers at once, so the overhead is not hidden in the model's run-to-run noise. "
-              "gRPC+client = client latency − the server's own total_ms; in-gateway = server total_ms p50 − direct p50. "
-              "Last column: PASS/FAIL when the 95% bootstrap interval of the p50 overhead lies on one side of the "
-              "target, pass?/fail? when it straddles it.", ""]
+            f"| {r['kind']} | {d['n']} | {d['p50_ms']:.2f} | {ray_p50} | {g['p50_ms']:.2f} "
+            f"| {r['overhead_p50_ms']:+.2f} ({lo:+.2f}..{hi:+.2f}) | **{r['overhead_net_p50_ms']:+.2f}** ({nlo:+.2f}..{nhi:+.2f}) "
+            f"| {r['replica_handoffs_p50_ms']['direct']:.2f} / {r['replica_handoffs_p50_ms']['gateway']:.2f} "
+            f"| {d['p99_ms']:.2f} | {g['p99_ms']:.2f} "
+            f"| {r['grpc_and_client_p50_ms']:.2f} | {r['in_gateway_p50_ms']:+.2f} | {target_status(r, net=True)} |")
+    lines += ["", "Latencies in ms. engine `model`: the real replica; `stub`: the same gateway in front of a replica "
+              "that answers at once. overhead = gateway p50 − direct p50 of the raw latencies; the model's run-to-run "
+              "noise (several ms) widens its interval. overhead outside the replica = the same on each latency minus "
+              "the wall time the replica reported for that very batch (Timing.replica_ms), which cancels that noise and "
+              "leaves what the path in front of the replica costs; for the stub the two agree. replica hand-offs = the "
+              "replica's wall time minus its compute (thread hand-offs inside the replica), per path. gRPC+client = "
+              "client latency − the server's own total_ms; in-gateway = server total_ms p50 − direct p50. Last column, "
+              "judged on the overhead outside the replica: PASS/FAIL when its 95% bootstrap interval lies on one side "
+              "of the target, pass?/fail? when it straddles it.", ""]
     if result["throughput"]:
-        lines += [f"Throughput: {result['config']['callers']} concurrent callers per path, alternating halves "
+        lines += [f"Throughput: {result['config']['callers']} concurrent callers per path (gateway: one client process, "
+                  "a channel per caller; direct: a link per caller), alternating halves "
                   "(gateway: max_batch_size 8, max_queue_delay_ms 0).", "",
                   "| case | direct frames/s | gateway frames/s | gateway/direct | gateway mean batch |",
                   "|---|--:|--:|--:|--:|"]
@@ -437,74 +487,13 @@ def markdown(result: dict) -> str:
                          f"| {t['gateway_vs_direct_fps_ratio']:.2f} | {'-' if mb is None else f'{mb:.2f}'} |")
         lines.append("")
     v = result["verdict"]
-    judged = "; ".join(f"{x['engine']} {x['kind']} {x['overhead_p50_ms']:+.2f} ms ({x['status']})" for x in v["rows"])
-    lines.append(f"Verdict (64x64 rows, where the overhead is visible): {judged} — target "
+    judged = "; ".join(f"{x['engine']} {x['kind']} {x['overhead_net_p50_ms']:+.2f} ms ({x['status']})" for x in v["rows"])
+    lines.append(f"Verdict (64x64 rows, overhead outside the replica): {judged} — target "
                  f"{'met' if v['pass'] else 'NOT met'} (p50 overhead < {TARGET_P50_MS:g} ms).")
     return "\n".join(lines) + "\n"
 
 
 # ---- main ---------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def serving(config: ServerConfig, actor, client_class):
-    """A Gateway in front of `actor` in a background event loop, and a client of it; stopped on exit."""
-    gwt = BackgroundGateway(config, {config.models[0].served_name: [actor]})  # waits until the replica is ready
-    client = None
-    try:
-        client = client_class(gwt.target)
-        yield gwt, client
-    finally:
-        if client is not None:
-            client.close()
-        gwt.stop()
-
-
-
-def measure_case(case: Case, engine: str, actor, gwt: BackgroundGateway, client, args, result: dict) -> None:
-    """Warm-up, interleaved unary, optional window-1 stream, optional throughput, for one case."""
-    import ray
-
-    tag = f"{engine}/{case.name}"
-    log(f"[{tag}] warm-up: {args.warmup} calls per path")
-    interleaved(args.warmup, lambda s: direct_once(actor, case, s), lambda s: gateway_once(client, case, s))
-    log(f"[{tag}] unary: {case.samples} samples per path, interleaved")
-    d, g = interleaved(case.samples, lambda s: direct_once(actor, case, s), lambda s: gateway_once(client, case, s))
-    row = compare("unary", case, d, g, engine)
-    result["latency"].append(row)
-    log(f"[{tag}] unary p50 direct {row['direct']['p50_ms']:.2f} gateway {row['gateway']['p50_ms']:.2f} "
-        f"overhead {row['overhead_p50_ms']:+.2f} ms")
-
-    if case.stream_frames:
-        log(f"[{tag}] stream: {case.stream_frames} frames per path, window 1, interleaved")
-        stream = WindowOneStream(client, case)
-        sid = f"bench-direct-{uuid.uuid4().hex}"
-        first = [True]
-
-        def direct_stream(seed: int) -> float:
-            prompt = PROMPT if first[0] else None  # later frames use the replica's per-stream prompt, as the gateway's do
-            first[0] = False
-            return direct_once(actor, case, seed, prompt=prompt, stream_id=sid)
-
-        try:
-            for _ in range(max(5, args.warmup // 4)):  # the stream's own warm-up (pinning, first-frame prompt)
-                stream.frame(0)
-                direct_stream(0)
-            d, g = interleaved(case.stream_frames, direct_stream, stream.frame)
-        finally:
-            stream.close()
-            ray.get(actor.close_stream.remote(sid))
-        row = compare("stream", case, d, g, engine)
-        result["latency"].append(row)
-        log(f"[{tag}] stream p50 direct {row['direct']['p50_ms']:.2f} gateway {row['gateway']['p50_ms']:.2f} "
-            f"overhead {row['overhead_p50_ms']:+.2f} ms")
-
-    if args.throughput_seconds > 0 and engine == "model":
-        log(f"[{tag}] throughput: {args.callers} callers, {args.throughput_seconds:g} s per path")
-        tp = measure_throughput(case, args.throughput_seconds, args.callers, actor, gwt.target, gwt)
-        tp["engine"] = engine
-        result["throughput"].append(tp)
-        log(f"[{tag}] throughput direct {tp['direct']['fps']:.1f} fps, gateway {tp['gateway']['fps']:.1f} fps")
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -519,6 +508,7 @@ def main() -> int:
     ap.add_argument("--throughput-seconds", type=float, default=10.0, help="per path and case")
     ap.add_argument("--callers", type=int, default=4)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--torch-threads", type=int, default=0, help="the replica's intra-op threads (0: its default)")
     args = ap.parse_args()
     if args.warmup < 20:
         ap.error("--warmup must be at least 20")
@@ -531,13 +521,12 @@ def main() -> int:
 
     import ray
 
-    from rtdiff_cluster.client.client import RtdiffClient
     from rtdiff_cluster.engine.group import connect_ray, spawn_replicas
 
     small = Case("64x64-1step-raw", 64, 64, 1, "raw", args.samples, args.stream_frames)
     large = Case("256x256-4step-png", 256, 256, 4, "png", args.large_samples or max(40, args.samples // 5), 0)
     stub = Case("64x64-1step-raw", 64, 64, 1, "raw", args.stub_samples, args.stub_samples // 2)
-    model_config = ModelConfig(source=MODEL, replicas=1, device=args.device)
+    model_config = ModelConfig(source=MODEL, replicas=1, device=args.device, torch_threads=args.torch_threads)
     config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, models=[model_config],
                           batching=BatchingConfig(max_batch_size=8, max_queue_delay_ms=0.0))
 
@@ -548,25 +537,34 @@ def main() -> int:
     result: dict = {"benchmark": "gateway_overhead", "device": stamp, "model": MODEL,
                     "config": {"max_batch_size": config.batching.max_batch_size,
                                "max_queue_delay_ms": config.batching.max_queue_delay_ms,
-                               "stats_interval_s": config.stats_interval_s, "torch_threads": model_config.torch_threads
-                               or max(1, (os.cpu_count() or 1) // model_config.replicas),
-                               "block": BLOCK, "callers": args.callers, "warmup_calls": args.warmup},
+                               "stats_interval_s": config.stats_interval_s,
+                               "block": BLOCK, "callers": args.callers, "warmup_calls": args.warmup,
+                               "client": "separate process (benchmarks/grpc_caller.py)"},
+                    "cases": [asdict(c) for c in (small, large, stub)],
                     "latency": [], "throughput": []}
     try:
         # The model: the headline rows.
         actor = spawn_replicas(model_config, config.stats_interval_s)[0]
-        with serving(config, actor, RtdiffClient) as (gwt, client):
+        gwt = BackgroundGateway(config, {MODEL: [actor]})  # returns once the replica is ready
+        try:
             log(f"gateway on {gwt.target}, replica ready after {time.perf_counter() - t_start:.1f} s")
             for case in (small, large):
-                measure_case(case, "model", actor, gwt, client, args, result)
+                measure_case(case, "model", actor, gwt, args, result)
             info = ray.get(actor.info.remote())
+            limits = info.limits
+            result["config"]["replica_torch_threads"] = info.torch_threads
+        finally:
+            gwt.stop()
         ray.kill(actor, no_restart=True)
 
         # The same gateway code in front of a replica that does no work: overhead to the microsecond.
         if args.stub_samples > 0:
-            stub_actor = stub_actor_class().remote(info)
-            with serving(config, stub_actor, RtdiffClient) as (gwt, client):
-                measure_case(stub, "stub", stub_actor, gwt, client, args, result)
+            stub_actor = stub_actor_class().remote(limits)
+            gwt = BackgroundGateway(config, {MODEL: [stub_actor]})
+            try:
+                measure_case(stub, "stub", stub_actor, gwt, args, result)
+            finally:
+                gwt.stop()
             ray.kill(stub_actor, no_restart=True)
     finally:
         ray.shutdown()
@@ -575,9 +573,11 @@ def main() -> int:
     judged = [r for r in result["latency"] if r["width"] == small.width and r["steps"] == small.steps]
     result["verdict"] = {
         "target_p50_ms": TARGET_P50_MS,
+        "judged_on": "overhead outside the replica (latency minus the replica's reported wall time), 64x64 rows",
         "rows": [{"engine": r["engine"], "kind": r["kind"], "case": r["case"], "overhead_p50_ms": r["overhead_p50_ms"],
-                  "overhead_p50_ci95_ms": r["overhead_p50_ci95_ms"], "status": target_status(r)} for r in judged],
-        "pass": all(r["overhead_p50_ms"] < TARGET_P50_MS for r in judged),
+                  "overhead_net_p50_ms": r["overhead_net_p50_ms"], "overhead_net_p50_ci95_ms": r["overhead_net_p50_ci95_ms"],
+                  "status": target_status(r, net=True)} for r in judged],
+        "pass": all(r["overhead_net_p50_ms"] < TARGET_P50_MS for r in judged),
     }
     result["runtime_s"] = time.perf_counter() - t_start
 

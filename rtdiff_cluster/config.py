@@ -38,7 +38,8 @@ class ModelConfig:
     num_gpus: float = -1.0
     """Ray GPUs per replica; -1: one when the Ray cluster has GPUs and device is not `cpu`."""
     torch_threads: int = 0
-    """Intra-op threads per replica on CPU; 0: the node's cores divided among the replicas."""
+    """Intra-op threads per replica; 0: on CPU the node's cores but one (left to serving) divided
+    among the replicas, on CUDA 2 (more only spin on a GPU replica's small host-side work)."""
     prompt_cache_size: int = 256
     """Prompt embeddings kept per replica (LRU)."""
     max_images_per_request: int = 8

@@ -67,7 +67,8 @@ def test_bad_frame_ends_stream_after_earlier_frames_are_answered(client):
 
 
 def test_cancelled_stream_frees_queue_and_replica_state(make_gateway, ray_cluster, tiny_actors):
-    gw = make_gateway(batching=BatchingConfig(max_batch_size=1, max_queue_delay_ms=0, stream_max_inflight=4))
+    gw = make_gateway(batching=BatchingConfig(max_batch_size=1, max_queue_delay_ms=0, stream_max_inflight=4,
+                                              max_inflight_batches_per_replica=1))
     baseline = ray_cluster.get(tiny_actors[0].stats.remote()).streams
     feed: queue.Queue = queue.Queue()
 
@@ -83,14 +84,20 @@ def test_cancelled_stream_frees_queue_and_replica_state(make_gateway, ray_cluste
         assert ray_cluster.get(tiny_actors[0].stats.remote()).streams == baseline + 1
         assert metric(gw.metrics(), "rtdiff_streams_active", model=TINY) == 1
         for i in range(1, 4):
-            feed.put(frame(i))
+            feed.put(frame(i, width=256, height=256, steps=8))
+        # Cancel while those frames are in the gateway (two queued behind one computing), so the
+        # cancel, not the end of the client's requests, is what ends the call.
+        wait_until(lambda: metric(gw.metrics(), "rtdiff_queue_depth", model=TINY) >= 1, what="frames queued")
         call.cancel()
         feed.put(None)
         wait_until(lambda: ray_cluster.get(tiny_actors[0].stats.remote()).streams == baseline, what="replica state freed")
         wait_until(lambda: metric(gw.metrics(), "rtdiff_streams_active", model=TINY) == 0
                    and metric(gw.metrics(), "rtdiff_queue_depth", model=TINY) == 0, what="gateway state freed")
-        wait_until(lambda: metric(gw.metrics(), "rtdiff_requests_total", method="StreamGenerate", code="CANCELLED") == 1,
-                   what="cancel counted")
+        wait_until(lambda: metric(gw.metrics(), "rtdiff_requests_total", method="StreamGenerate") == 1,
+                   what="the stream's end counted")
+        codes = {dict(labels)["code"]: v for (name, labels), v in gw.metrics().items()
+                 if name == "rtdiff_requests_total" and dict(labels)["method"] == "StreamGenerate" and v}
+        assert codes == {"CANCELLED": 1}, codes
 
 
 def test_stream_flow_control_bounds_frames_in_flight(make_gateway):

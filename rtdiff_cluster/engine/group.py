@@ -19,14 +19,13 @@ def gpus_per_replica(config: ModelConfig) -> float:
 def spawn_replicas(config: ModelConfig, stats_interval_s: float) -> list:
     import ray
 
-    threads = config.torch_threads or max(1, (os.cpu_count() or 1) // config.replicas)
     actor_class = ray.remote(EngineReplica).options(
         num_cpus=config.num_cpus,
         num_gpus=gpus_per_replica(config),
         max_restarts=config.max_restarts,
         max_task_retries=0,  # a batch that died with its replica is answered UNAVAILABLE, not re-run
     )
-    return [actor_class.remote(config, threads, stats_interval_s) for _ in range(config.replicas)]
+    return [actor_class.remote(config, stats_interval_s) for _ in range(config.replicas)]
 
 
 def connect_ray(address: str, cpus_needed: float) -> None:

@@ -3,6 +3,10 @@
 The actor is asyncio-based: torch work runs on one compute thread (so batches execute in arrival
 order, which keeps each stream's frames in order), image encoding on a small CPU pool. With two
 batches in flight the next batch computes while the previous one encodes.
+
+Ray carries the control calls (info, warmup, stats); batches and stream closes come over the
+replica link (engine/link.py), whose address and key `info()` hands out. run_batch and
+close_stream stay callable through Ray too, for scripts that hold only the actor handle.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from rtdiff_cluster import imaging
 from rtdiff_cluster.config import ModelConfig
+from rtdiff_cluster.engine.link import LinkAddress, LinkServer, current_peer, new_key, node_host
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
@@ -29,6 +34,18 @@ log = logging.getLogger("rtdiff.replica")
 # A replica forgets the least recently used stream beyond this many; the gateway closes streams
 # explicitly, so this only bounds memory if a gateway dies without closing them.
 MAX_STREAMS_PER_REPLICA = 4096
+
+
+# Host threads of a replica whose model is on a GPU: its CPU work is tokenizing, seeding noise and
+# copying frames; more intra-op threads only spin there and take cores from the serving path.
+CUDA_REPLICA_THREADS = 2
+
+
+def cpu_threads(replicas: int) -> int:
+    """A CPU replica's intra-op threads: the node's cores but one, which the gateway, image
+    encoding and Ray need (measured on 2 cores: one thread ran a 64x64 frame in 12 ms, two in 29,
+    benchmarks/NOTES.md), shared among the model's replicas."""
+    return max(1, ((os.cpu_count() or 1) - 1) // replicas)
 
 
 class StreamStateLost(Exception):
@@ -53,6 +70,7 @@ class BatchResult:
     denoise_s: float
     decode_s: float
     joules_per_frame: float | None
+    replica_s: float = 0.0  # run_batch's wall time, handoffs to the compute and encode threads included
 
 
 @dataclass
@@ -64,6 +82,8 @@ class ReplicaInfo:
     load_s: float
     parameter_bytes: int
     gpu_disabled_reason: str
+    torch_threads: int
+    link: LinkAddress  # where the gateway sends batches (engine/link.py)
 
 
 @dataclass
@@ -81,14 +101,16 @@ class ReplicaStats:
 class _StreamState:
     prompt: str
     negative_prompt: str
+    peer: int | None  # the link connection that opened it: its state goes when that connection closes
 
 
 class EngineReplica:
-    def __init__(self, config: ModelConfig, torch_threads: int, stats_interval_s: float):
+    def __init__(self, config: ModelConfig, stats_interval_s: float):
         t0 = time.perf_counter()
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
+        torch.set_num_threads(config.torch_threads or cpu_threads(config.replicas))  # loading is CPU work
         self.model = load_model(config)
+        if not config.torch_threads and self.model.device.type == "cuda":
+            torch.set_num_threads(CUDA_REPLICA_THREADS)
         self.pipeline = Pipeline(self.model, config.prompt_cache_size)
         self.load_s = time.perf_counter() - t0
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="rtdiff-compute")
@@ -97,11 +119,14 @@ class EngineReplica:
         self.streams: OrderedDict[str, _StreamState] = OrderedDict()
         self.frames_computed = 0
         self.batches = 0
+        self.link = LinkServer({"run_batch": self.run_batch, "close_stream": self.close_stream}, new_key(),
+                               on_disconnect=self._drop_peer_streams)
 
     async def info(self) -> ReplicaInfo:
         m = self.model
+        link = await self.link.start(node_host())
         return ReplicaInfo(m.limits, os.getpid(), str(m.device), str(m.dtype).removeprefix("torch."),
-                           self.load_s, m.parameter_bytes(), self.gpu.disabled_reason)
+                           self.load_s, m.parameter_bytes(), self.gpu.disabled_reason, torch.get_num_threads(), link)
 
     async def warmup(self) -> float:
         """One frame at the default size, so the first user request pays no one-time costs."""
@@ -118,7 +143,7 @@ class EngineReplica:
         for i, fr in enumerate(batch.frames):
             state = self.streams.get(fr.stream_id) if fr.stream_id else None
             if fr.stream_id and fr.prompt is not None:
-                state = _StreamState(fr.prompt, fr.negative_prompt)
+                state = _StreamState(fr.prompt, fr.negative_prompt, current_peer.get())
                 self.streams[fr.stream_id] = state
                 self.streams.move_to_end(fr.stream_id)
                 while len(self.streams) > MAX_STREAMS_PER_REPLICA:
@@ -132,6 +157,7 @@ class EngineReplica:
         return keep, prompts, negatives, failed
 
     async def run_batch(self, batch: BatchSpec) -> BatchResult:
+        t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         keep, prompts, negatives, failed = self._resolve_prompts(batch)
         images, times, joules = [], None, None
@@ -160,10 +186,15 @@ class EngineReplica:
             fr = batch.frames[i]
             results[i] = FrameResult(b"", batch.width, batch.height, fr.output_format, fr.seed, 0.0, error=why)
         return BatchResult(results, times.text_encode_s if times else 0.0, times.denoise_s if times else 0.0,
-                           times.decode_s if times else 0.0, joules)
+                           times.decode_s if times else 0.0, joules, time.perf_counter() - t0)
 
     async def close_stream(self, stream_id: str) -> bool:
         return self.streams.pop(stream_id, None) is not None
+
+    def _drop_peer_streams(self, peer: int) -> None:
+        """A gateway's connection closed (it stopped or died): its streams can never continue."""
+        for sid in [sid for sid, st in self.streams.items() if st.peer == peer]:
+            del self.streams[sid]
 
     async def stats(self) -> ReplicaStats:
         p = self.pipeline.prompts

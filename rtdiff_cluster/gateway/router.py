@@ -1,8 +1,9 @@
 """The replicas of one model as the gateway sees them: up or down, and how much work each holds.
 
-Routing picks the replica with the least outstanding work (frames x steps x pixels in flight). A
-replica whose call fails because its actor died is marked down; Ray restarts the actor, and a
-recovery task waits for it to load and warm up before routing to it again.
+Routing picks the replica with the least outstanding work (frames x steps x pixels in flight).
+Batches travel over each replica's link (engine/link.py); control calls over Ray. A replica whose
+link drops or whose Ray call fails because its actor died is marked down; Ray restarts the actor,
+and a recovery task waits for it to load and warm up and reconnects before routing to it again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import time
 from typing import Callable
 
+from rtdiff_cluster.engine.link import LinkLost, ReplicaLink
 from rtdiff_cluster.engine.replica import ReplicaInfo
 from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
 
@@ -22,10 +24,10 @@ RECOVERY_PROBE_TIMEOUT_S = 30.0
 
 
 def is_actor_gone(exc: BaseException) -> bool:
-    """True when a Ray call failed because the actor process is gone or restarting."""
+    """True when a link or Ray call failed because the actor process is gone or restarting."""
     import ray.exceptions as rex
 
-    gone = [rex.RayActorError]
+    gone = [rex.RayActorError, LinkLost]
     for name in ("ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError"):
         if hasattr(rex, name):
             gone.append(getattr(rex, name))
@@ -38,6 +40,7 @@ class ReplicaHandle:
         self.index = index
         self.name = f"{model}/{index}"
         self.actor = actor
+        self.link: ReplicaLink | None = None  # set while up
         self.up = False
         self.generation = 0  # bumps each time the replica goes down: pinned streams notice
         self.inflight_batches = 0
@@ -63,6 +66,7 @@ class ReplicaSet:
         self.on_change = on_change
         self.warmup = warmup
         self._recovering: dict[int, asyncio.Task] = {}
+        self.stopped = False
         self._gpu_reason_logged = False
         self.series = metrics.model(model)
         for h in self.handles:
@@ -77,14 +81,19 @@ class ReplicaSet:
     async def _bring_up(self, h: ReplicaHandle, timeout: float | None) -> None:
         t0 = time.perf_counter()
         h.info = await asyncio.wait_for(h.actor.info.remote(), timeout)
-        log.info("replica %s loaded %s on %s (%s, %.1f MB of weights) in %.2f s",
-                 h.name, h.info.limits.name, h.info.device, h.info.dtype, h.info.parameter_bytes / 1e6, h.info.load_s)
+        log.info("replica %s loaded %s on %s (%s, %.1f MB of weights, host threads: %d) in %.2f s",
+                 h.name, h.info.limits.name, h.info.device, h.info.dtype, h.info.parameter_bytes / 1e6,
+                 h.info.torch_threads, h.info.load_s)
         if h.info.gpu_disabled_reason and not self._gpu_reason_logged:
             self._gpu_reason_logged = True
             log.info("GPU metrics are off for model %s: %s", self.model, h.info.gpu_disabled_reason)
         if self.warmup:
             warm_s = await asyncio.wait_for(h.actor.warmup.remote(), timeout)
             log.info("replica %s warmed up in %.2f s", h.name, warm_s)
+        link = await ReplicaLink.connect(h.info.link, on_lost=lambda why: self._link_lost(h, link, why))
+        if h.link is not None:
+            h.link.close()
+        h.link = link
         h.up = True
         self.series.replica(h.name).up.set(1)
         log.info("replica %s ready after %.2f s", h.name, time.perf_counter() - t0)
@@ -95,12 +104,19 @@ class ReplicaSet:
         await asyncio.gather(*(self._bring_up(h, None) for h in self.handles))
         return [h.info for h in self.handles]
 
+    def _link_lost(self, h: ReplicaHandle, link: ReplicaLink, why: str) -> None:
+        if h.link is link:
+            self.mark_down(h, f"link {why}")
+
     def mark_down(self, h: ReplicaHandle, why: str) -> None:
-        if not h.up and h.index in self._recovering:
+        if self.stopped or (not h.up and h.index in self._recovering):
             return
         if h.up:
             log.warning("replica %s is down: %s", h.name, why)
         h.up = False
+        if h.link is not None:
+            h.link, link = None, h.link
+            link.close()  # fails its in-flight calls with LinkLost
         h.generation += 1
         self.series.replica(h.name).up.set(0)
         self.metrics.drop_replica_stats(self.model, h.name)
@@ -139,17 +155,23 @@ class ReplicaSet:
                 continue
             self.metrics.set_replica_stats(self.model, h.name, stats)
 
-    async def stop(self) -> None:
+    async def stop(self, kill: bool) -> None:
+        """Closes the links (the replicas drop this gateway's streams) and, with kill, ends the actors."""
         import ray
 
+        self.stopped = True  # closing the links below fails in-flight batches; that is no replica failure
         for t in list(self._recovering.values()):
             t.cancel()
         for h in self.handles:
             h.up = False
-            try:
-                ray.kill(h.actor, no_restart=True)
-            except Exception:
-                pass
+            if h.link is not None:
+                h.link.close()
+                h.link = None
+            if kill:
+                try:
+                    ray.kill(h.actor, no_restart=True)
+                except Exception:
+                    pass
 
 
 def _out_of_restarts(exc: BaseException) -> bool:

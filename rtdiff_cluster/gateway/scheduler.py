@@ -70,6 +70,7 @@ class FrameOutcome:
     text_encode_s: float
     denoise_s: float
     decode_s: float
+    replica_s: float = 0.0
     done_at: float = field(default=0.0)
 
 
@@ -81,7 +82,7 @@ class ModelScheduler:
         self.series = metrics.model(model)
         self.queue: list[FrameJob] = []
         self.changed = asyncio.Event()
-        self._running: set[asyncio.Task] = set()
+        self._running = 0  # batches sent to replicas and not answered yet
         self._task: asyncio.Task | None = None
 
     # ---- admission -------------------------------------------------------------------------
@@ -93,12 +94,12 @@ class ModelScheduler:
                                f"queue of model {self.model} is full ({len(self.queue)} of "
                                f"{self.config.max_queue_size} frames waiting); retry later")
         self.queue.extend(jobs)
-        self._depth_changed()
         if self.config.max_queue_delay_ms == 0 or len(self.queue) >= self.config.max_batch_size:
             # Nothing to wait for: dispatch now rather than one event-loop turn later in _loop.
             now = asyncio.get_running_loop().time()
             while self._try_dispatch(now)[0]:
                 pass
+        self._depth_changed()  # wakes the batcher only for frames still queued
 
     def withdraw(self, jobs: list[FrameJob]) -> None:
         """Removes still-queued frames of a cancelled call: their slots are free at once."""
@@ -117,10 +118,16 @@ class ModelScheduler:
 
     def _depth_changed(self) -> None:
         self.series.queue_depth.set(len(self.queue))
-        self.changed.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Something the batcher waits for changed; an empty queue gives it nothing to do, and
+        skipping that wake-up keeps it off the event loop on the unbatched fast path."""
+        if self.queue:
+            self.changed.set()
 
     def outstanding(self) -> int:
-        return len(self.queue) + len(self._running)
+        return len(self.queue) + self._running
 
     # ---- the batcher loop ------------------------------------------------------------------
 
@@ -228,38 +235,30 @@ class ModelScheduler:
         replica.begin(work)
         self.series.batch_size.observe(len(jobs))
         self.series.replica(replica.name).inflight.set(replica.inflight_batches)
-        # Submitted here, not in the task: Ray then sees batches in dispatch order (streams rely on
-        # it) and the call leaves without waiting for another event-loop turn.
-        try:
-            ref = replica.actor.run_batch.remote(spec)
-        except Exception as e:  # the submission itself can fail when the actor is gone for good
-            ref = e
-        task = asyncio.create_task(self._execute(replica, jobs, ref, work, now))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        # Sent now, so the replica sees batches in dispatch order (streams rely on it); answered from
+        # the link's read callback, without a task or future in between (each costs an event-loop turn).
+        self._running += 1
+        replica.link.call_then("run_batch", (spec,),
+                               lambda result, error: self._answer(replica, jobs, result, error, work, now))
 
-    async def _execute(self, replica: ReplicaHandle, jobs: list[FrameJob], ref, work: float, sent_at: float) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            if isinstance(ref, Exception):
-                raise ref
-            result: BatchResult = await ref
-        except Exception as e:
-            if is_actor_gone(e):
-                self.replicas.mark_down(replica, type(e).__name__)
-                error = RequestError(grpc.StatusCode.UNAVAILABLE,
-                                     f"replica {replica.name} died while computing this frame; retry")
+    def _answer(self, replica: ReplicaHandle, jobs: list[FrameJob], result: BatchResult | None,
+                error: BaseException | None, work: float, sent_at: float) -> None:
+        self._running -= 1
+        replica.end(work)
+        self.series.replica(replica.name).inflight.set(replica.inflight_batches)
+        self.wake()
+        if error is not None:
+            if is_actor_gone(error):
+                self.replicas.mark_down(replica, type(error).__name__)
+                failure = RequestError(grpc.StatusCode.UNAVAILABLE,
+                                       f"replica {replica.name} died while computing this frame; retry")
             else:
-                log.exception("replica %s failed a batch", replica.name)
-                cause = getattr(e, "cause", None) or e
-                error = RequestError(grpc.StatusCode.INTERNAL, f"replica {replica.name} failed: {type(cause).__name__}: {cause}")
+                log.error("replica %s failed a batch: %s", replica.name, error)
+                failure = RequestError(grpc.StatusCode.INTERNAL, f"replica {replica.name} failed: {error}")
             for j in jobs:
-                _resolve(j, error=error)
+                _resolve(j, error=failure)
             return
-        finally:
-            replica.end(work)
-            self.series.replica(replica.name).inflight.set(replica.inflight_batches)
-            self.changed.set()
+        loop = asyncio.get_running_loop()
         done_at = loop.time()
         computed = 0
         for j, fr in zip(jobs, result.frames):
@@ -270,12 +269,16 @@ class ModelScheduler:
             picked = j.picked_at if j.picked_at is not None else sent_at
             _resolve(j, outcome=FrameOutcome(
                 fr, replica.name, queue_s=max(0.0, picked - j.admitted_at), batch_wait_s=max(0.0, sent_at - picked),
-                text_encode_s=result.text_encode_s, denoise_s=result.denoise_s, decode_s=result.decode_s, done_at=done_at))
-        if computed:
-            self.series.frames_done(replica.name, computed)
-            if result.joules_per_frame is not None:
-                for _ in range(computed):
-                    self.series.frame_energy.observe(result.joules_per_frame)
+                text_encode_s=result.text_encode_s, denoise_s=result.denoise_s, decode_s=result.decode_s,
+                replica_s=result.replica_s, done_at=done_at))
+        if computed:  # after the callers' wake-ups, which _resolve scheduled first
+            loop.call_soon(self._count_frames, replica.name, computed, result.joules_per_frame)
+
+    def _count_frames(self, replica: str, computed: int, joules_per_frame: float | None) -> None:
+        self.series.frames_done(replica, computed)
+        if joules_per_frame is not None:
+            for _ in range(computed):
+                self.series.frame_energy.observe(joules_per_frame)
 
 
 def _resolve(job: FrameJob, outcome: FrameOutcome | None = None, error: RequestError | None = None) -> None:

@@ -2,7 +2,7 @@
 
 Layers: the servicer (this file) turns RPCs into FrameJobs and answers; ModelScheduler
 (scheduler.py) queues and batches them; ReplicaSet (router.py) owns the replicas' state; the one
-call into the engine is `actor.run_batch.remote(BatchSpec)`.
+call into the engine is `run_batch(BatchSpec)` over the replica's link (engine/link.py).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class Gateway:
                 actors = spawn_replicas(mc, cfg.stats_interval_s)
             served = ServedModel(None, None, None, len(actors))  # type: ignore[arg-type]
             served.replicas = ReplicaSet(name, actors, self.metrics, mc.warmup,
-                                         on_change=lambda s=served: s.scheduler.changed.set(),
+                                         on_change=lambda s=served: s.scheduler.wake(),
                                          on_down=lambda h, s=served: s.scheduler.fail_pinned(h, RequestError(
                                              grpc.StatusCode.UNAVAILABLE,
                                              f"replica {h.name} holding this stream failed; start a new stream")))
@@ -165,8 +165,7 @@ class Gateway:
             t.cancel()
         for served in self.models.values():
             await served.scheduler.stop()
-            if kill_replicas and self._given_actors is None:
-                await served.replicas.stop()
+            await served.replicas.stop(kill=kill_replicas and self._given_actors is None)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()
@@ -205,14 +204,19 @@ class Gateway:
         self.metrics.request_done(call.model, call.method, call.code.name)
 
     def observe(self, model: str, o: FrameOutcome, total_s: float) -> pb.Timing:
+        """The frame's Timing; its histograms are recorded just after the answer leaves (call_soon),
+        off the request's critical path."""
+        asyncio.get_running_loop().call_soon(self._record, model, o, total_s)
+        return pb.Timing(queue_ms=o.queue_s * 1e3, batch_wait_ms=o.batch_wait_s * 1e3, text_encode_ms=o.text_encode_s * 1e3,
+                         denoise_ms=o.denoise_s * 1e3, decode_ms=o.decode_s * 1e3, encode_ms=o.result.encode_s * 1e3,
+                         total_ms=total_s * 1e3, replica_ms=o.replica_s * 1e3)
+
+    def _record(self, model: str, o: FrameOutcome, total_s: float) -> None:
         series = self.metrics.model(model)
         series.frame_latency.observe(total_s)
         for stage, v in (("queue", o.queue_s), ("batch_wait", o.batch_wait_s), ("text_encode", o.text_encode_s),
                          ("denoise", o.denoise_s), ("decode", o.decode_s), ("encode", o.result.encode_s)):
             series.stage[stage].observe(v)
-        return pb.Timing(queue_ms=o.queue_s * 1e3, batch_wait_ms=o.batch_wait_s * 1e3, text_encode_ms=o.text_encode_s * 1e3,
-                         denoise_ms=o.denoise_s * 1e3, decode_ms=o.decode_s * 1e3, encode_ms=o.result.encode_s * 1e3,
-                         total_ms=total_s * 1e3)
 
 
 def _image(o: FrameOutcome) -> pb.Image:
@@ -247,7 +251,10 @@ class _Servicer(pb_grpc.DiffusionServicer):
             deadline = gw.deadline(context, t0)
             call.jobs = [FrameJob(spec, checked.key, t0, deadline, loop.create_future()) for spec in frame_specs(checked, n)]
             served.scheduler.admit(call.jobs)
-            outcomes: list[FrameOutcome] = await asyncio.gather(*(j.future for j in call.jobs))
+            if len(call.jobs) == 1:  # the common case, without gather's extra future and callbacks
+                outcomes: list[FrameOutcome] = [await call.jobs[0].future]
+            else:
+                outcomes = await asyncio.gather(*(j.future for j in call.jobs))
             total = loop.time() - t0
             timings = [gw.observe(lim.name, o, total) for o in outcomes]
             slowest = max(timings, key=lambda t: t.denoise_ms + t.decode_ms + t.encode_ms + t.queue_ms)
@@ -351,12 +358,15 @@ class _Servicer(pb_grpc.DiffusionServicer):
         finally:
             if not ended and call.code == grpc.StatusCode.OK:
                 # The client went away: grpc cancels the task or closes this generator (GeneratorExit).
+                # A cancel that lands after every frame read was answered cannot be told from a
+                # half-close (grpc.aio ends the request iterator alike and context.cancelled() stays
+                # False): that stream counts OK, which it was for every frame the server read.
                 remaining = context.time_remaining()
                 call.code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
                              else grpc.StatusCode.CANCELLED)
             reader.cancel()
             if opened:
                 gw.metrics.model(call.model).streams_active.dec()
-            if pin.replica is not None:
-                pin.replica.actor.close_stream.remote(pin.stream_id)  # frees the replica's per-stream state
+            if pin.replica is not None and pin.replica.link is not None:
+                pin.replica.link.send_and_forget("close_stream", pin.stream_id)  # frees the replica's per-stream state
             gw.finish(call)

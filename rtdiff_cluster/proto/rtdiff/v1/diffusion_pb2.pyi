@@ -35,7 +35,7 @@ class Image(_message.Message):
     def __init__(self, format: _Optional[_Union[ImageFormat, str]] = ..., data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("queue_ms", "batch_wait_ms", "text_encode_ms", "denoise_ms", "decode_ms", "encode_ms", "total_ms")
+    __slots__ = ("queue_ms", "batch_wait_ms", "text_encode_ms", "denoise_ms", "decode_ms", "encode_ms", "total_ms", "replica_ms")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class Timing(_message.Message):
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_MS_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     batch_wait_ms: float
     text_encode_ms: float
@@ -50,7 +51,8 @@ class Timing(_message.Message):
     decode_ms: float
     encode_ms: float
     total_ms: float
-    def __init__(self, queue_ms: _Optional[float] = ..., batch_wait_ms: _Optional[float] = ..., text_encode_ms: _Optional[float] = ..., denoise_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    replica_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., batch_wait_ms: _Optional[float] = ..., text_encode_ms: _Optional[float] = ..., denoise_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., replica_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "output_format", "jpeg_quality", "input_image", "strength")

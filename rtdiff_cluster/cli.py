@@ -29,8 +29,13 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
     p.add_argument("--ray-address", help="'auto' or host:port of a Ray cluster; default: start a local Ray")
-    p.add_argument("--model", help="model source of the first served model (default synthetic:tiny)")
-    p.add_argument("--replicas", type=int, help="replicas of the first served model")
+    p.add_argument("--model", help="first served model: a preset (synthetic:tiny, synthetic:sdxl, synthetic:flux-dev, ...) "
+                   "or a local diffusers directory")
+    p.add_argument("--replicas", type=int, help="replicas (data parallel) of the first served model")
+    p.add_argument("--tp", type=int, help="tensor-parallel degree: GPUs holding one shard each of the backbone")
+    p.add_argument("--cfg-parallel", type=int, choices=[1, 2],
+                   help="2: the unconditional and conditional passes of classifier-free guidance on two GPU groups")
+    p.add_argument("--vae", help="'tiny' (presets: a seeded AutoencoderTiny) or a diffusers VAE folder to decode with")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-queue-delay-ms", type=float)
@@ -47,7 +52,8 @@ def config_from_args(args) -> ServerConfig:
     top = {k: v for k, v in {
         "host": args.host, "port": args.port, "metrics_port": args.metrics_port,
         "ray_address": args.ray_address, "log_level": args.log_level}.items() if v is not None}
-    model = {k: v for k, v in {"source": args.model, "replicas": args.replicas, "device": args.device}.items() if v is not None}
+    model = {k: v for k, v in {"source": args.model, "replicas": args.replicas, "device": args.device, "tp": args.tp,
+                               "cfg_parallel": args.cfg_parallel, "vae": args.vae}.items() if v is not None}
     batching = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
                                   "max_queue_size": args.max_queue_size}.items() if v is not None}
     tls = {k: v for k, v in {"cert_file": args.tls_cert, "key_file": args.tls_key,
@@ -72,7 +78,7 @@ async def _serve(cfg: ServerConfig) -> None:
         if m.source.startswith("synthetic:"):
             log.warning("model %s has seeded random weights: its images are noise", m.served_name)
     t0 = time.perf_counter()
-    connect_ray(cfg.ray_address, sum(m.num_cpus * m.replicas for m in cfg.models))
+    connect_ray(cfg.ray_address, sum(m.num_cpus * m.replicas * m.ranks for m in cfg.models))
     log.info("Ray %s in %.1f s", f"joined at {cfg.ray_address}" if cfg.ray_address else "started locally", time.perf_counter() - t0)
     gateway = Gateway(cfg)
     loop = asyncio.get_running_loop()
@@ -102,10 +108,7 @@ def cmd_serve(args) -> int:
     try:
         cfg = config_from_args(args)
         for i, m in enumerate(cfg.models):
-            try:
-                check_source(m.source)
-            except ValueError as e:
-                raise ValueError(f"models[{i}].source: {str(e).split(': ', 1)[1]}") from None
+            check_source(m, f"models[{i}]")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,23 +23,34 @@ def _check(cond: bool, name: str, message: str) -> None:
 @dataclass
 class ModelConfig:
     source: str = "synthetic:tiny"
-    """What to serve: a synthetic preset (`synthetic:tiny`) or, from the next release, a local
-    diffusers directory."""
+    """What to serve: a synthetic preset (`synthetic:tiny`, `synthetic:sdxl`, `synthetic:flux-dev`, ...)
+    or the path of a local diffusers directory (model_index.json; SD, SDXL or Flux)."""
     name: str = ""
     """The name clients use; empty means the source."""
     replicas: int = 1
-    """Engine replicas (Ray actors) of this model; the gateway routes across them."""
+    """Engine replicas of this model (data parallel); the gateway routes across them."""
+    tp: int = 1
+    """Tensor-parallel degree: GPUs (one Ray actor each) that hold one shard of the backbone."""
+    cfg_parallel: int = 1
+    """2: classifier-free guidance's unconditional and conditional passes run on two GPU groups
+    (each of tp GPUs) at once; a replica then spans tp x 2 GPUs."""
+    vae: str = ""
+    """Empty: the model's own VAE. `tiny`: (presets) a seeded AutoencoderTiny of TAESD's shape. A path:
+    a diffusers VAE folder (e.g. an AutoencoderTiny) used instead of the model's."""
+    variant: str = ""
+    """Weights variant of a diffusers directory (e.g. `fp16` reads `*.fp16.safetensors`)."""
     device: str = "auto"
     """`auto` (CUDA when the replica has a GPU), `cpu` or `cuda`."""
     dtype: str = "auto"
     """`auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `float16` or `bfloat16`."""
     num_cpus: float = 1.0
-    """Ray CPUs reserved per replica."""
+    """Ray CPUs reserved per rank."""
     num_gpus: float = -1.0
-    """Ray GPUs per replica; -1: one when the Ray cluster has GPUs and device is not `cpu`."""
+    """Ray GPUs per rank (a replica has tp x cfg_parallel ranks); -1: one when the Ray cluster has
+    GPUs and device is not `cpu`."""
     torch_threads: int = 0
-    """Intra-op threads per replica; 0: on CPU the node's cores but one (left to serving) divided
-    among the replicas, on CUDA 2 (more only spin on a GPU replica's small host-side work)."""
+    """Intra-op threads per rank; 0: on CPU the node's cores but one (left to serving) divided
+    among the model's ranks, on CUDA 2 (more only spin on a GPU rank's small host-side work)."""
     prompt_cache_size: int = 256
     """Prompt embeddings kept per replica (LRU)."""
     max_images_per_request: int = 8
@@ -57,9 +68,16 @@ class ModelConfig:
     def served_name(self) -> str:
         return self.name or self.source
 
+    @property
+    def ranks(self) -> int:
+        """Processes (and GPUs, on GPU) per replica."""
+        return self.tp * self.cfg_parallel
+
     def validate(self, path: str) -> None:
         _check(bool(self.source.strip()), f"{path}.source", "must not be empty")
         _check(1 <= self.replicas <= 1024, f"{path}.replicas", f"must be in 1..1024, got {self.replicas}")
+        _check(1 <= self.tp <= 64, f"{path}.tp", f"must be in 1..64, got {self.tp}")
+        _check(self.cfg_parallel in (1, 2), f"{path}.cfg_parallel", f"must be 1 or 2, got {self.cfg_parallel}")
         _check(self.device in ("auto", "cpu", "cuda"), f"{path}.device", f"must be auto, cpu or cuda, got {self.device!r}")
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16"), f"{path}.dtype",
                f"must be auto, float32, float16 or bfloat16, got {self.dtype!r}")

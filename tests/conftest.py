@@ -33,24 +33,30 @@ def ray_cluster():
 
 
 def spawn(count: int = 1, **model_kw):
-    """Replicas of the tiny model, on CPU unless asked otherwise: the serving tests time their
-    blockers for CPU speed, and CI has no GPU anyway (tests/test_gpu.py covers CUDA)."""
-    import ray
+    """Started replicas (ReplicaGroups) of the tiny model, on CPU unless asked otherwise: the
+    serving tests time their blockers for CPU speed, and CI has no GPU anyway (tests/test_gpu.py
+    covers CUDA)."""
+    import asyncio
 
     from rtdiff_cluster.engine.group import spawn_replicas
 
     model_kw.setdefault("device", "cpu")
-    actors = spawn_replicas(ModelConfig(source=TINY, replicas=count, num_cpus=0.5, **model_kw), 0.2)
-    ray.get([a.info.remote() for a in actors])
-    return actors
+    model_kw.setdefault("source", TINY)
+    groups = spawn_replicas(ModelConfig(replicas=count, num_cpus=0.5, **model_kw), 0.2)
+
+    async def start_all():
+        await asyncio.gather(*(g.start() for g in groups))
+
+    asyncio.run(start_all())
+    return groups
 
 
 @pytest.fixture(scope="session")
 def tiny_actors(ray_cluster):
-    actors = spawn(1)
-    yield actors
-    for a in actors:
-        ray_cluster.kill(a)
+    groups = spawn(1)
+    yield groups
+    for g in groups:
+        g.kill()
 
 
 class GatewayThread(BackgroundGateway):
@@ -89,7 +95,7 @@ def make_gateway(tiny_actors):
     made: list[GatewayThread] = []
 
     def make(actors=None, **kw) -> GatewayThread:
-        g = GatewayThread(gateway_config(**kw), {TINY: actors or tiny_actors})
+        g = GatewayThread(gateway_config(**kw), {TINY: actors or tiny_actors})  # actors: ReplicaGroups
         made.append(g)
         return g
 

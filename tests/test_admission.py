@@ -25,8 +25,8 @@ def one_slot(**kw) -> BatchingConfig:
     return BatchingConfig(max_batch_size=1, max_queue_delay_ms=0, max_inflight_batches_per_replica=1, **kw)
 
 
-def computed(ray, actors) -> int:
-    return sum(ray.get(a.stats.remote()).frames_computed for a in actors)
+def computed(ray, replicas) -> int:
+    return sum(ray.get(g.leader.stats.remote()).frames_computed for g in replicas)
 
 
 def start_blocker(gw, c: RtdiffClient):

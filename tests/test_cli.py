@@ -1,7 +1,8 @@
 """End-to-end tests of the `rtdiff` CLI: real subprocesses, a real local Ray, real gRPC over loopback.
 
-One `rtdiff serve` process (module fixture) serves `synthetic:tiny`; the client commands run against
-it as separate processes. The SIGTERM drain test is the LAST test of this module: it stops that
+One `rtdiff serve --tp 2` process (module fixture) serves `synthetic:tiny` sharded over two ranks
+(gloo on CPU), so every client test also exercises a tensor-parallel replica; the client commands
+run against it as separate processes. The SIGTERM drain test is the LAST test of this module: it stops that
 shared server itself, so it must stay at the bottom of the file.
 """
 
@@ -96,7 +97,7 @@ def server(tmp_path_factory):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [*CLI, "serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+            [*CLI, "serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), "--tp", "2",
              "--max-queue-delay-ms", "5"],
             stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir, env=env)
     srv = Server(proc, f"127.0.0.1:{port}", metrics_port, log_path)
@@ -114,7 +115,11 @@ def server(tmp_path_factory):
 
 @pytest.mark.parametrize("flags, field", [
     (["--model", "nosuch:model"], "models[0].source"),
+    (["--model", "synthetic:nosuch"], "models[0].source: unknown preset"),
+    (["--model", "."], "model_index.json: missing"),
     (["--replicas", "0"], "models[0].replicas"),
+    (["--tp", "3"], "models[0].tp: tp: 3 does not divide"),
+    (["--model", "synthetic:tiny-flux", "--cfg-parallel", "2"], "models[0].cfg_parallel"),
 ])
 def test_serve_rejects_bad_config(flags, field, tmp_path):
     t0 = time.monotonic()
@@ -218,6 +223,8 @@ def test_models_lists_limits(server):
     for expected in ("family unet", "size 64..1024 step 64", "(default 256x256)", "steps 1..50", "(default 4)",
                      "max images 8", "replicas 1/1", "synthetic"):
         assert expected in line, f"{expected!r} missing from {line!r}"
+    # The startup log says how the replica is sharded.
+    assert re.search(r"replica synthetic:tiny/0 loaded .*tp=2", server.log()), server.log()[-3000:]
 
 
 # ---- stream --------------------------------------------------------------------------------

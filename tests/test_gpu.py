@@ -34,5 +34,5 @@ def test_gpu_replica_exports_power_energy_and_joules_per_frame(ray_cluster):
         assert metric(m, "rtdiff_frame_energy_joules_sum", model=TINY) > 0
     finally:
         gw.stop()
-        for a in actors:
-            ray_cluster.kill(a, no_restart=True)
+        for g in actors:
+            g.kill()

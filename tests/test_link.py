@@ -162,7 +162,7 @@ def test_a_closed_connection_frees_the_streams_it_opened_on_the_replica(ray_clus
     """A gateway that dies without closing its streams leaves no state behind on the replica."""
     from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec
 
-    actor = tiny_actors[0]
+    actor = tiny_actors[0].leader
     streams = lambda: ray_cluster.get(actor.stats.remote()).streams  # noqa: E731
     address = ray_cluster.get(actor.info.remote()).link
     baseline = streams()

@@ -17,7 +17,11 @@ BATCHED_TOLERANCE = 2
 
 @pytest.fixture(scope="module")
 def pipeline():
-    return Pipeline(load_model(ModelConfig()), prompt_cache_size=4)
+    from rtdiff_cluster.parallel import groups
+
+    groups.init_single(torch.device("cpu"))  # a replica of one process
+    yield Pipeline(load_model(ModelConfig()), prompt_cache_size=4)
+    groups.destroy()
 
 
 def run(p, w=64, h=64, steps=2, seeds=(0,), prompt="a cat", guidance=0.0, strength=0.0, init=None):
@@ -63,11 +67,11 @@ def test_prompt_cache_is_lru_and_counts():
 
     def encode(prompts):
         calls.append(list(prompts))
-        return torch.stack([torch.full((2,), float(len(p))) for p in prompts])
+        return [(torch.full((2,), float(len(p))), torch.tensor([len(p) * 10.0])) for p in prompts]
 
     cache = PromptCache(capacity=2)
-    out = cache.get_many(["a", "bb", "a"], encode)
-    assert calls == [["a", "bb"]] and out[:, 0].tolist() == [1, 2, 1]
+    hidden, pooled = cache.get_many(["a", "bb", "a"], encode)
+    assert calls == [["a", "bb"]] and hidden[:, 0].tolist() == [1, 2, 1] and pooled[:, 0].tolist() == [10, 20, 10]
     cache.get_many(["a"], encode)  # hit; "bb" is now least recently used
     cache.get_many(["ccc"], encode)  # evicts "bb"
     cache.get_many(["bb", "a"], encode)

@@ -21,10 +21,10 @@ LONG = pb.GenerateRequest(prompt="doomed", width=768, height=768, steps=10)
 
 @pytest.fixture
 def two_replicas(ray_cluster):
-    actors = spawn(2)
-    yield actors
-    for a in actors:
-        ray_cluster.kill(a, no_restart=True)
+    groups = spawn(2)
+    yield groups
+    for g in groups:
+        g.kill()
 
 
 def test_killed_replica_gives_unavailable_and_comes_back(make_gateway, two_replicas):

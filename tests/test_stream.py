@@ -69,7 +69,7 @@ def test_bad_frame_ends_stream_after_earlier_frames_are_answered(client):
 def test_cancelled_stream_frees_queue_and_replica_state(make_gateway, ray_cluster, tiny_actors):
     gw = make_gateway(batching=BatchingConfig(max_batch_size=1, max_queue_delay_ms=0, stream_max_inflight=4,
                                               max_inflight_batches_per_replica=1))
-    baseline = ray_cluster.get(tiny_actors[0].stats.remote()).streams
+    baseline = ray_cluster.get(tiny_actors[0].leader.stats.remote()).streams
     feed: queue.Queue = queue.Queue()
 
     def frames():
@@ -81,7 +81,7 @@ def test_cancelled_stream_frees_queue_and_replica_state(make_gateway, ray_cluste
         feed.put(frame(0, "kept on the replica"))
         first = next(call)
         assert first.frame_id == 1000
-        assert ray_cluster.get(tiny_actors[0].stats.remote()).streams == baseline + 1
+        assert ray_cluster.get(tiny_actors[0].leader.stats.remote()).streams == baseline + 1
         assert metric(gw.metrics(), "rtdiff_streams_active", model=TINY) == 1
         for i in range(1, 4):
             feed.put(frame(i, width=256, height=256, steps=8))
@@ -90,7 +90,7 @@ def test_cancelled_stream_frees_queue_and_replica_state(make_gateway, ray_cluste
         wait_until(lambda: metric(gw.metrics(), "rtdiff_queue_depth", model=TINY) >= 1, what="frames queued")
         call.cancel()
         feed.put(None)
-        wait_until(lambda: ray_cluster.get(tiny_actors[0].stats.remote()).streams == baseline, what="replica state freed")
+        wait_until(lambda: ray_cluster.get(tiny_actors[0].leader.stats.remote()).streams == baseline, what="replica state freed")
         wait_until(lambda: metric(gw.metrics(), "rtdiff_streams_active", model=TINY) == 0
                    and metric(gw.metrics(), "rtdiff_queue_depth", model=TINY) == 0, what="gateway state freed")
         wait_until(lambda: metric(gw.metrics(), "rtdiff_requests_total", method="StreamGenerate") == 1,

@@ -1,4 +1,7 @@
-"""LRU of prompt embeddings: a live stream repeats its prompt every frame, so encode it once."""
+"""LRU of prompt embeddings: a live stream repeats its prompt every frame, so encode it once.
+
+An entry is whatever conditioning the model's text encoders give one prompt: a tuple of tensors
+(SD: the hidden states; SDXL and Flux: hidden states and a pooled vector)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import torch
 class PromptCache:
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -19,10 +22,12 @@ class PromptCache:
         return len(self._entries)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._entries.values())
+        return sum(t.numel() * t.element_size() for entry in self._entries.values() for t in entry)
 
-    def get_many(self, prompts: list[str], encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
-        """Embeddings [len(prompts), tokens, dim]; misses are encoded together in one call."""
+    def get_many(self, prompts: list[str], encode: Callable[[list[str]], list[tuple[torch.Tensor, ...]]]
+                 ) -> tuple[torch.Tensor, ...]:
+        """Each conditioning tensor stacked over the prompts ([len(prompts), ...]); misses are encoded
+        together in one call."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._entries))
         self.misses += len(missing)  # each distinct prompt is encoded once; repeats in a batch are hits
         self.hits += len(prompts) - len(missing)
@@ -39,4 +44,4 @@ class PromptCache:
                 self._entries[p] = emb
                 if len(self._entries) > self.capacity:
                     self._entries.popitem(last=False)
-        return torch.stack(out)
+        return tuple(torch.stack(parts) for parts in zip(*out))

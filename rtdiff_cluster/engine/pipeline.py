@@ -1,12 +1,18 @@
-"""The denoising pipeline of one replica: text encoding (LRU), few-step loop, decode.
+"""The denoising pipeline of one replica rank: text encoding (LRU), few-step loop, decode.
 
 Written over diffusers components instead of a diffusers Pipeline class because the server needs
 what those classes do not offer together: batches of frames with their own seeds (so an image does
-not depend on what it was batched with), per-stage timing, and, later, CUDA graphs per shape.
+not depend on what it was batched with), per-stage timing, a backbone sharded across ranks with
+classifier-free guidance split over two more, and, later, CUDA graphs per shape. What differs
+between model kinds lives in engine/families.py.
+
+Every rank of a replica runs `run` on the same batch in lockstep (the backbone's all-reduces and
+the CFG all-gather meet inside it); only the leader decodes.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -14,7 +20,9 @@ import numpy as np
 import torch
 
 from rtdiff_cluster.cache.prompt_cache import PromptCache
+from rtdiff_cluster.engine.families import family_for
 from rtdiff_cluster.models.base import LoadedModel
+from rtdiff_cluster.parallel import groups
 
 
 @dataclass
@@ -52,72 +60,85 @@ class StageTimes:
 class Pipeline:
     def __init__(self, model: LoadedModel, prompt_cache_size: int):
         self.model = model
+        self.family = family_for(model)
         self.prompts = PromptCache(prompt_cache_size)
-        self.scaling_factor = float(getattr(model.vae.config, "scaling_factor", 1.0))
+        self._step_takes_generator = "generator" in inspect.signature(model.scheduler_class.step).parameters
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
 
-    @torch.inference_mode()
-    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.model.tokenizer(prompts, padding="max_length", truncation=True,
-                                   max_length=self.model.tokenizer.model_max_length, return_tensors="pt")
-        ids = tok.input_ids.to(self.model.device)
-        return self.model.text_encoder(ids).last_hidden_state  # [B, 77, D]
-
     def initial_noise(self, seeds: list[int], latent_hw: tuple[int, int]) -> torch.Tensor:
         """Per-frame noise from a CPU generator: the same seed gives the same image on any device."""
         h, w = latent_hw
-        c = self.model.backbone.config.in_channels
+        c = self.family.latent_channels()
         noise = [torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
         return torch.cat(noise).to(self.model.device, self.model.dtype)  # [B, C, h, w]
 
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        return self.family.uses_cfg and guidance_scale > 1.0
+
     @torch.inference_mode()
-    def run(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str]) -> tuple[np.ndarray, StageTimes]:
-        """Returns images [B, H, W, 3] uint8 and the stage times of the batch."""
-        m = self.model
+    def run(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str],
+            decode: bool = True) -> tuple[np.ndarray | None, StageTimes]:
+        """Images [B, H, W, 3] uint8 (None when decode is False) and the stage times of the batch."""
+        m, fam = self.model, self.family
         times = StageTimes()
         t0 = time.perf_counter()
-        cfg = batch.guidance_scale > 1.0
-        emb = self.prompts.get_many(prompts, self._encode_text)  # [B, 77, D]
-        if cfg:
-            emb = torch.cat([self.prompts.get_many(negative_prompts, self._encode_text), emb])  # [2B, 77, D]
+        n = len(batch.frames)
+        cfg = self.uses_cfg(batch.guidance_scale)
+        cfg_split = cfg and groups.cfg_size() == 2  # this rank computes one branch; the other rank the other
+        if not cfg:
+            cond = self.prompts.get_many(prompts, fam.encode)
+        elif cfg_split:
+            branch = negative_prompts if groups.cfg_rank() == 0 else prompts
+            cond = self.prompts.get_many(branch, fam.encode)
+        else:
+            neg, pos = self.prompts.get_many(negative_prompts, fam.encode), self.prompts.get_many(prompts, fam.encode)
+            cond = tuple(torch.cat([a, b]) for a, b in zip(neg, pos))  # [2B, ...]: unconditional first
         self._sync()
         t1 = time.perf_counter()
         times.text_encode_s = t1 - t0
 
         scheduler = m.scheduler_class.from_config(m.scheduler_config)
-        scheduler.set_timesteps(batch.steps, device=m.device)
-        timesteps = scheduler.timesteps
         f = m.limits.vae_scale_factor
-        noise = self.initial_noise([fr.seed for fr in batch.frames], (batch.height // f, batch.width // f))
+        h, w = batch.height // f, batch.width // f
+        fam.set_timesteps(scheduler, batch.steps, h, w)
+        timesteps = scheduler.timesteps
+        noise = fam.to_model_layout(self.initial_noise([fr.seed for fr in batch.frames], (h, w)))
+        init = None
         if batch.strength > 0:
             # Image-to-image: start part-way down the schedule from the noised input latents.
-            run_steps = min(int(batch.steps * batch.strength), batch.steps)
-            start = batch.steps - run_steps
+            start = batch.steps - min(int(batch.steps * batch.strength), batch.steps)
             timesteps = timesteps[start * scheduler.order:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(start * scheduler.order)
             pixels = torch.from_numpy(np.stack([fr.init_image for fr in batch.frames]))
             x = pixels.to(m.device).permute(0, 3, 1, 2).to(m.dtype) / 127.5 - 1.0  # [B, 3, H, W] in [-1, 1]
-            init = m.vae.encode(x).latent_dist.mean * self.scaling_factor
-            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(batch.frames)))
-        else:
-            latents = noise * scheduler.init_noise_sigma
+            init = fam.to_model_layout(fam.encode_image(x))
+        latents = fam.initial_latents(scheduler, noise, init, timesteps[:1])
+        extra = fam.extra_inputs(n, batch.width, batch.height, batch.guidance_scale, h, w)
+        step_kwargs = {}
+        if self._step_takes_generator:  # ancestral samplers draw fresh noise each step: per frame, seeded
+            step_kwargs["generator"] = [torch.Generator("cpu").manual_seed(fr.seed ^ 0x5EED) for fr in batch.frames]
         for t in timesteps:
-            x = torch.cat([latents, latents]) if cfg else latents
-            x = scheduler.scale_model_input(x, t)
-            eps = m.backbone(x, t, encoder_hidden_states=emb).sample
-            if cfg:
-                uncond, cond = eps.chunk(2)
-                eps = uncond + batch.guidance_scale * (cond - uncond)
-            latents = scheduler.step(eps, t, latents).prev_sample
+            if cfg_split:
+                uncond, cond_out = groups.all_gather_cfg(fam.predict(scheduler, latents, t, cond, extra))
+                eps = uncond + batch.guidance_scale * (cond_out - uncond)
+            elif cfg:
+                out = fam.predict(scheduler, torch.cat([latents, latents]), t, cond, extra)
+                uncond, cond_out = out.chunk(2)
+                eps = uncond + batch.guidance_scale * (cond_out - uncond)
+            else:
+                eps = fam.predict(scheduler, latents, t, cond, extra)
+            latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
         self._sync()
         t2 = time.perf_counter()
         times.denoise_s = t2 - t1
+        if not decode:
+            return None, times
 
-        images = m.vae.decode(latents / self.scaling_factor).sample  # [B, 3, H, W] in [-1, 1]
+        images = fam.decode(fam.to_vae_layout(latents, h, w))  # [B, 3, H, W] in [-1, 1]
         images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         out = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # [B, H, W, 3]
         times.decode_s = time.perf_counter() - t2

@@ -1,12 +1,20 @@
-"""An engine replica: one Ray actor that holds a model and turns batches into encoded frames.
+"""An engine replica: tp x cfg_parallel Ray actors (ranks), one per GPU, that compute each batch
+together. Rank 0 leads: it holds the replica link (engine/link.py), the per-stream state and the
+image encoder; the other ranks follow.
+
+For every batch the leader's compute thread broadcasts the batch (with its prompts resolved) to the
+followers over the gloo control group, then all ranks run the pipeline in lockstep: the sharded
+backbone's all-reduces and the CFG all-gather meet inside it. So a batch's frames cross Ray's object
+store never and the network once, from the leader to each follower. Only the leader decodes and
+encodes; the followers' GPU energy for the batch is gathered to it for joules per frame.
 
 The actor is asyncio-based: torch work runs on one compute thread (so batches execute in arrival
 order, which keeps each stream's frames in order), image encoding on a small CPU pool. With two
 batches in flight the next batch computes while the previous one encodes.
 
-Ray carries the control calls (info, warmup, stats); batches and stream closes come over the
-replica link (engine/link.py), whose address and key `info()` hands out. run_batch and
-close_stream stay callable through Ray too, for scripts that hold only the actor handle.
+Ray carries the control calls (start, info, warmup, stats, lifeline); batches and stream closes
+come over the link. run_batch and close_stream stay callable through Ray too, for scripts that
+hold only the actor handle.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +37,7 @@ from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.models.registry import load_model
+from rtdiff_cluster.parallel import groups
 
 log = logging.getLogger("rtdiff.replica")
 
@@ -35,21 +45,29 @@ log = logging.getLogger("rtdiff.replica")
 # explicitly, so this only bounds memory if a gateway dies without closing them.
 MAX_STREAMS_PER_REPLICA = 4096
 
-
-# Host threads of a replica whose model is on a GPU: its CPU work is tokenizing, seeding noise and
+# Host threads of a rank whose model is on a GPU: its CPU work is tokenizing, seeding noise and
 # copying frames; more intra-op threads only spin there and take cores from the serving path.
 CUDA_REPLICA_THREADS = 2
 
 
-def cpu_threads(replicas: int) -> int:
-    """A CPU replica's intra-op threads: the node's cores but one, which the gateway, image
-    encoding and Ray need (measured on 2 cores: one thread ran a 64x64 frame in 12 ms, two in 29,
-    benchmarks/NOTES.md), shared among the model's replicas."""
-    return max(1, ((os.cpu_count() or 1) - 1) // replicas)
+def cpu_threads(ranks: int) -> int:
+    """A CPU rank's intra-op threads: the node's cores but one, which the gateway, image encoding
+    and Ray need (measured on 2 cores: one thread ran a 64x64 frame in 12 ms, two in 29,
+    benchmarks/NOTES.md), shared among the model's ranks."""
+    return max(1, ((os.cpu_count() or 1) - 1) // ranks)
 
 
-class StreamStateLost(Exception):
-    """A stream frame relies on state this replica does not hold (it restarted)."""
+class ReplicaBroken(RuntimeError):
+    """A collective of this replica failed: one of its ranks died. The gateway answers UNAVAILABLE
+    and restarts the group."""
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, "DistBackendError", ())) or any(
+        s in text for s in ("connection closed", "connection reset", "broken pipe", "timed out", "gloo", "nccl"))
 
 
 @dataclass
@@ -80,10 +98,13 @@ class ReplicaInfo:
     device: str
     dtype: str
     load_s: float
-    parameter_bytes: int
+    parameter_bytes: int  # on this rank; the backbone counts its shard
     gpu_disabled_reason: str
     torch_threads: int
     link: LinkAddress  # where the gateway sends batches (engine/link.py)
+    tp: int = 1
+    cfg_parallel: int = 1
+    backbone_bytes: int = 0  # this rank's share of the backbone
 
 
 @dataclass
@@ -104,38 +125,144 @@ class _StreamState:
     peer: int | None  # the link connection that opened it: its state goes when that connection closes
 
 
-class EngineReplica:
-    def __init__(self, config: ModelConfig, stats_interval_s: float):
-        t0 = time.perf_counter()
-        torch.set_num_threads(config.torch_threads or cpu_threads(config.replicas))  # loading is CPU work
-        self.model = load_model(config)
-        if not config.torch_threads and self.model.device.type == "cuda":
-            torch.set_num_threads(CUDA_REPLICA_THREADS)
-        self.pipeline = Pipeline(self.model, config.prompt_cache_size)
-        self.load_s = time.perf_counter() - t0
+@dataclass
+class _Work:
+    """What the leader broadcasts to the followers for one batch."""
+
+    batch: BatchSpec
+    prompts: list[str]
+    negatives: list[str]
+
+
+class EngineRank:
+    def __init__(self, config: ModelConfig, rank: int, stats_interval_s: float):
+        """Cheap on purpose: Ray restarts call it again; the work happens in start()."""
+        self.config = config
+        self.rank = rank
+        self.layout = groups.Layout(tp=config.tp, cfg=config.cfg_parallel)
+        self.stats_interval_s = stats_interval_s
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="rtdiff-compute")
         self.encoder = ThreadPoolExecutor(2, thread_name_prefix="rtdiff-encode")
-        self.gpu = GpuSampler(self.model.device, stats_interval_s)
+        self.started: asyncio.Future | None = None
+        self.model = self.pipeline = self.gpu = None
         self.streams: OrderedDict[str, _StreamState] = OrderedDict()
         self.frames_computed = 0
         self.batches = 0
+        self.load_s = 0.0
         self.link = LinkServer({"run_batch": self.run_batch, "close_stream": self.close_stream}, new_key(),
                                on_disconnect=self._drop_peer_streams)
+        self._rendezvous: tuple[str, int] | None = None
+        self._following = False
+
+    # ---- start-up (every rank) -------------------------------------------------------------
+
+    async def rendezvous(self) -> tuple[str, int]:
+        """The leader's address for torch.distributed (its node IP and a free port); same answer
+        until the process restarts."""
+        if self._rendezvous is None:
+            host = node_host()
+            with socket.socket() as s:
+                s.bind((host, 0))
+                self._rendezvous = (host, s.getsockname()[1])
+        return self._rendezvous
+
+    async def start(self, master_addr: str, master_port: int) -> ReplicaInfo | None:
+        """Joins the replica's process groups and loads this rank's shard; idempotent. The leader
+        returns its ReplicaInfo, followers None. Collective: all ranks are started together."""
+        if self.started is None:
+            self.started = asyncio.get_running_loop().run_in_executor(self.compute, self._start, master_addr, master_port)
+        await asyncio.shield(self.started)
+        if self.rank != 0:
+            if not self._following:
+                self._following = True
+                asyncio.get_running_loop().run_in_executor(self.compute, self._follow)
+            return None
+        return await self.info()
+
+    def _start(self, master_addr: str, master_port: int) -> None:
+        from rtdiff_cluster.models.registry import resolve_device
+
+        t0 = time.perf_counter()
+        device, _ = resolve_device(self.config)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.set_num_threads(self.config.torch_threads or cpu_threads(self.config.replicas * self.config.ranks))
+        groups.init(self.layout, self.rank, master_addr, master_port, device)
+        self.model = load_model(self.config, tp_rank=groups.tp_rank())
+        if not self.config.torch_threads and self.model.device.type == "cuda":
+            torch.set_num_threads(CUDA_REPLICA_THREADS)
+        self.pipeline = Pipeline(self.model, self.config.prompt_cache_size)
+        self.gpu = GpuSampler(self.model.device, self.stats_interval_s)
+        self.load_s = time.perf_counter() - t0
+
+    async def lifeline(self) -> None:
+        """Never returns: the supervisor holds this call open, and Ray fails it when the process dies."""
+        await asyncio.Event().wait()
+
+    # ---- followers -------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        """A follower's compute thread, for the process's life: the leader's batches, in order.
+        When the group breaks (the leader or a peer died) the process exits: it cannot rejoin a
+        torch.distributed group, and its restart is what the supervisor waits for."""
+        try:
+            while True:
+                work: _Work = groups.broadcast_object()
+                self._compute(work)
+        except BaseException as e:
+            log.error("rank %d of %s leaves: its group broke (%s: %s)", self.rank, self.config.served_name,
+                      type(e).__name__, e)
+            os._exit(1)
+
+    def _compute(self, work: _Work):
+        """Both roles: one batch through the pipeline; the leader decodes. Returns (images, times,
+        joules per frame or None)."""
+        e0 = self.gpu.energy_joules()
+        images, times = self.pipeline.run(work.batch, work.prompts, work.negatives, decode=groups.is_leader())
+        if self.model.device.type != "cuda":  # every rank of a replica takes the same branch
+            return images, times, None
+        e1 = self.gpu.energy_joules()
+        spent = groups.gather_object(None if e0 is None or e1 is None else e1 - e0)
+        joules = None
+        if groups.is_leader() and all(j is not None for j in spent):
+            joules = sum(spent) / len(work.batch.frames)
+        return images, times, joules
+
+    # ---- the leader's API --------------------------------------------------------------------
+
+    def _need_started(self) -> None:
+        if self.started is None or not self.started.done():
+            raise RuntimeError(f"rank {self.rank} of {self.config.served_name} is not started")
+        self.started.result()  # re-raises a failed start
+        if self.rank != 0:
+            raise RuntimeError(f"rank {self.rank} is a follower; batches go to rank 0")
 
     async def info(self) -> ReplicaInfo:
+        self._need_started()
         m = self.model
         link = await self.link.start(node_host())
         return ReplicaInfo(m.limits, os.getpid(), str(m.device), str(m.dtype).removeprefix("torch."),
-                           self.load_s, m.parameter_bytes(), self.gpu.disabled_reason, torch.get_num_threads(), link)
+                           self.load_s, m.parameter_bytes(), self.gpu.disabled_reason, torch.get_num_threads(), link,
+                           self.layout.tp, self.layout.cfg, m.backbone_bytes())
 
     async def warmup(self) -> float:
-        """One frame at the default size, so the first user request pays no one-time costs."""
+        """One frame at the default size through every rank, so the first user request pays no one-time costs."""
+        self._need_started()
         lim = self.model.limits
         t0 = time.perf_counter()
         batch = BatchSpec(lim.default_width, lim.default_height, lim.default_steps, lim.default_guidance_scale, 0.0,
                           [FrameSpec("warm-up")])
-        await asyncio.get_running_loop().run_in_executor(self.compute, self.pipeline.run, batch, ["warm-up"], [""])
+        await asyncio.get_running_loop().run_in_executor(self.compute, self._lead, _Work(batch, ["warm-up"], [""]))
         return time.perf_counter() - t0
+
+    def _lead(self, work: _Work):
+        try:
+            groups.broadcast_object(work)
+            return self._compute(work)
+        except RuntimeError as e:  # gloo/NCCL report a dead or unreachable peer as RuntimeError (DistBackendError)
+            if groups.layout().world > 1 and _is_collective_failure(e):
+                raise ReplicaBroken(f"a rank of this replica is gone ({type(e).__name__}: {e})") from None
+            raise
 
     def _resolve_prompts(self, batch: BatchSpec) -> tuple[list[int], list[str], list[str], dict[int, str]]:
         """Applies stream prompt changes in frame order; returns the frames to compute and failures."""
@@ -158,17 +285,14 @@ class EngineReplica:
 
     async def run_batch(self, batch: BatchSpec) -> BatchResult:
         t0 = time.perf_counter()
+        self._need_started()
         loop = asyncio.get_running_loop()
         keep, prompts, negatives, failed = self._resolve_prompts(batch)
         images, times, joules = [], None, None
         if keep:
             sub = BatchSpec(batch.width, batch.height, batch.steps, batch.guidance_scale, batch.strength,
                             [batch.frames[i] for i in keep])
-            e0 = self.gpu.energy_joules()
-            images, times = await loop.run_in_executor(self.compute, self.pipeline.run, sub, prompts, negatives)
-            e1 = self.gpu.energy_joules()
-            if e0 is not None and e1 is not None:
-                joules = (e1 - e0) / len(keep)
+            images, times, joules = await loop.run_in_executor(self.compute, self._lead, _Work(sub, prompts, negatives))
             self.frames_computed += len(keep)
             self.batches += 1
 
@@ -197,6 +321,9 @@ class EngineReplica:
             del self.streams[sid]
 
     async def stats(self) -> ReplicaStats:
+        """Any rank: its GPU samples; the leader adds the replica's counters."""
+        if self.started is None or not self.started.done() or self.started.exception() is not None:
+            return ReplicaStats(0, 0, 0, 0, 0, 0)
         p = self.pipeline.prompts
         return ReplicaStats(self.frames_computed, self.batches, p.hits, p.misses, len(p), len(self.streams),
                             self.gpu.latest())

@@ -12,12 +12,12 @@ from rtdiff_cluster.gateway.server import Gateway
 
 
 class BackgroundGateway:
-    def __init__(self, config: ServerConfig, actors: dict[str, list] | None = None, start_timeout_s: float = 600):
+    def __init__(self, config: ServerConfig, replicas: dict[str, list] | None = None, start_timeout_s: float = 600):
         """Starts the gateway and returns once every replica is ready (or raises)."""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="rtdiff-gateway", daemon=True)
         self.thread.start()
-        self.gateway = Gateway(config, actors)
+        self.gateway = Gateway(config, replicas)
         try:
             self.run(self.gateway.start(), timeout=start_timeout_s)
         except BaseException:

@@ -1,9 +1,11 @@
 """The replicas of one model as the gateway sees them: up or down, and how much work each holds.
 
 Routing picks the replica with the least outstanding work (frames x steps x pixels in flight).
-Batches travel over each replica's link (engine/link.py); control calls over Ray. A replica whose
-link drops or whose Ray call fails because its actor died is marked down; Ray restarts the actor,
-and a recovery task waits for it to load and warm up and reconnects before routing to it again.
+Batches travel over each replica leader's link (engine/link.py); control calls over Ray. A replica
+is marked down when its link drops, a Ray call finds its actor gone, or any of its ranks dies (a
+pending `lifeline` call per rank fails). Then every rank restarts (Ray's max_restarts; the ones
+still alive are killed first, since a torch.distributed group cannot take a new member), and a
+recovery task starts the group again, warms it up and reconnects before routing to it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import time
 from typing import Callable
 
+from rtdiff_cluster.engine.group import ReplicaGroup
 from rtdiff_cluster.engine.link import LinkLost, ReplicaLink
 from rtdiff_cluster.engine.replica import ReplicaInfo
 from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
@@ -24,9 +27,14 @@ RECOVERY_PROBE_TIMEOUT_S = 30.0
 
 
 def is_actor_gone(exc: BaseException) -> bool:
-    """True when a link or Ray call failed because the actor process is gone or restarting."""
+    """True when a link or Ray call failed because a rank of the replica is gone or restarting
+    (a leader whose collective failed says so with ReplicaBroken)."""
     import ray.exceptions as rex
 
+    from rtdiff_cluster.engine.link import ReplicaCallError
+
+    if isinstance(exc, ReplicaCallError) and str(exc).startswith("ReplicaBroken:"):
+        return True
     gone = [rex.RayActorError, LinkLost]
     for name in ("ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError"):
         if hasattr(rex, name):
@@ -35,17 +43,22 @@ def is_actor_gone(exc: BaseException) -> bool:
 
 
 class ReplicaHandle:
-    def __init__(self, model: str, index: int, actor):
+    def __init__(self, model: str, index: int, group: ReplicaGroup):
         self.model = model
         self.index = index
         self.name = f"{model}/{index}"
-        self.actor = actor
+        self.group = group
         self.link: ReplicaLink | None = None  # set while up
         self.up = False
         self.generation = 0  # bumps each time the replica goes down: pinned streams notice
         self.inflight_batches = 0
         self.outstanding_work = 0.0
         self.info: ReplicaInfo | None = None
+        self._watch: asyncio.Task | None = None
+
+    @property
+    def leader(self):
+        return self.group.leader
 
     def begin(self, work: float) -> None:
         self.inflight_batches += 1
@@ -57,11 +70,11 @@ class ReplicaHandle:
 
 
 class ReplicaSet:
-    def __init__(self, model: str, actors: list, metrics: GatewayMetrics, warmup: bool,
+    def __init__(self, model: str, groups: list[ReplicaGroup], metrics: GatewayMetrics, warmup: bool,
                  on_change: Callable[[], None], on_down: Callable[[ReplicaHandle], None]):
         self.model = model
         self.on_down = on_down
-        self.handles = [ReplicaHandle(model, i, a) for i, a in enumerate(actors)]
+        self.handles = [ReplicaHandle(model, i, g) for i, g in enumerate(groups)]
         self.metrics = metrics
         self.on_change = on_change
         self.warmup = warmup
@@ -80,21 +93,25 @@ class ReplicaSet:
 
     async def _bring_up(self, h: ReplicaHandle, timeout: float | None) -> None:
         t0 = time.perf_counter()
-        h.info = await asyncio.wait_for(h.actor.info.remote(), timeout)
-        log.info("replica %s loaded %s on %s (%s, %.1f MB of weights, host threads: %d) in %.2f s",
-                 h.name, h.info.limits.name, h.info.device, h.info.dtype, h.info.parameter_bytes / 1e6,
-                 h.info.torch_threads, h.info.load_s)
-        if h.info.gpu_disabled_reason and not self._gpu_reason_logged:
+        h.info = await h.group.start(timeout)
+        i = h.info
+        shape = f", tp={i.tp}" + (f" x cfg-parallel {i.cfg_parallel}" if i.cfg_parallel > 1 else "") if i.tp * i.cfg_parallel > 1 else ""
+        log.info("replica %s loaded %s on %s (%s%s, %.1f MB of weights on the leader, host threads: %d) in %.2f s",
+                 h.name, i.limits.name, i.device, i.dtype, shape, i.parameter_bytes / 1e6, i.torch_threads, i.load_s)
+        if i.gpu_disabled_reason and not self._gpu_reason_logged:
             self._gpu_reason_logged = True
-            log.info("GPU metrics are off for model %s: %s", self.model, h.info.gpu_disabled_reason)
+            log.info("GPU metrics are off for model %s: %s", self.model, i.gpu_disabled_reason)
         if self.warmup:
-            warm_s = await asyncio.wait_for(h.actor.warmup.remote(), timeout)
+            warm_s = await asyncio.wait_for(h.leader.warmup.remote(), timeout)
             log.info("replica %s warmed up in %.2f s", h.name, warm_s)
-        link = await ReplicaLink.connect(h.info.link, on_lost=lambda why: self._link_lost(h, link, why))
+        link = await ReplicaLink.connect(i.link, on_lost=lambda why: self._link_lost(h, link, why))
         if h.link is not None:
             h.link.close()
         h.link = link
         h.up = True
+        if h._watch is not None:
+            h._watch.cancel()
+        h._watch = asyncio.create_task(self._watch_ranks(h, h.generation))
         self.series.replica(h.name).up.set(1)
         log.info("replica %s ready after %.2f s", h.name, time.perf_counter() - t0)
         self.on_change()
@@ -103,6 +120,19 @@ class ReplicaSet:
         """Waits until every replica has loaded and warmed up; raises if one fails to load."""
         await asyncio.gather(*(self._bring_up(h, None) for h in self.handles))
         return [h.info for h in self.handles]
+
+    async def _watch_ranks(self, h: ReplicaHandle, generation: int) -> None:
+        waits = [asyncio.ensure_future(line) for line in h.group.lifelines()]
+        if not waits:
+            return
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if h.generation == generation:
+            rank = next(i for i, w in enumerate(waits) if w in done)
+            self.mark_down(h, f"rank {rank} of {h.group.config.ranks} died")
 
     def _link_lost(self, h: ReplicaHandle, link: ReplicaLink, why: str) -> None:
         if h.link is link:
@@ -127,6 +157,7 @@ class ReplicaSet:
 
     async def _recover(self, h: ReplicaHandle) -> None:
         t0 = time.perf_counter()
+        await h.group.restart()  # a group restarts whole: its surviving ranks are killed and restarted too
         try:
             while True:
                 try:
@@ -146,32 +177,32 @@ class ReplicaSet:
     async def poll_stats(self) -> None:
         for h in self.up():
             try:
-                stats = await asyncio.wait_for(h.actor.stats.remote(), RECOVERY_PROBE_TIMEOUT_S)
+                every = await asyncio.wait_for(asyncio.gather(*(a.stats.remote() for a in h.group.actors)),
+                                               RECOVERY_PROBE_TIMEOUT_S)
             except asyncio.TimeoutError:
                 continue
             except Exception as e:
                 if is_actor_gone(e):
                     self.mark_down(h, f"{type(e).__name__}")
                 continue
+            stats = every[0]
+            stats.gpus = [g for s in every for g in s.gpus]  # the leader's counters, every rank's GPUs
             self.metrics.set_replica_stats(self.model, h.name, stats)
 
     async def stop(self, kill: bool) -> None:
         """Closes the links (the replicas drop this gateway's streams) and, with kill, ends the actors."""
-        import ray
-
         self.stopped = True  # closing the links below fails in-flight batches; that is no replica failure
         for t in list(self._recovering.values()):
             t.cancel()
         for h in self.handles:
             h.up = False
+            if h._watch is not None:
+                h._watch.cancel()
             if h.link is not None:
                 h.link.close()
                 h.link = None
             if kill:
-                try:
-                    ray.kill(h.actor, no_restart=True)
-                except Exception:
-                    pass
+                h.group.kill()
 
 
 def _out_of_restarts(exc: BaseException) -> bool:

@@ -56,15 +56,15 @@ class _Call:
 
 
 class Gateway:
-    def __init__(self, config: ServerConfig, actors: dict[str, list] | None = None):
-        """actors: already-spawned replicas per served model name (tests share them); else spawned here."""
+    def __init__(self, config: ServerConfig, replicas: dict[str, list] | None = None):
+        """replicas: already-spawned ReplicaGroups per served model name (tests share them); else spawned here."""
         self.config = config
         self.metrics = GatewayMetrics(config.fps_window_s)
         self.models: dict[str, ServedModel] = {}
         self.default_model = config.models[0].served_name
         self.draining = False
         self.ready = False
-        self._given_actors = actors
+        self._given_replicas = replicas
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self._metrics_httpd = None
@@ -109,12 +109,13 @@ class Gateway:
 
         for mc in cfg.models:
             name = mc.served_name
-            actors = (self._given_actors or {}).get(name)
-            if actors is None:
-                log.info("starting %d replica(s) of %s (%s)", mc.replicas, name, mc.source)
-                actors = spawn_replicas(mc, cfg.stats_interval_s)
-            served = ServedModel(None, None, None, len(actors))  # type: ignore[arg-type]
-            served.replicas = ReplicaSet(name, actors, self.metrics, mc.warmup,
+            groups = (self._given_replicas or {}).get(name)
+            if groups is None:
+                log.info("starting %d replica(s) of %s (%s), %d rank(s) each (tp=%d, cfg-parallel=%d)",
+                         mc.replicas, name, mc.source, mc.ranks, mc.tp, mc.cfg_parallel)
+                groups = spawn_replicas(mc, cfg.stats_interval_s)
+            served = ServedModel(None, None, None, len(groups))  # type: ignore[arg-type]
+            served.replicas = ReplicaSet(name, groups, self.metrics, mc.warmup,
                                          on_change=lambda s=served: s.scheduler.wake(),
                                          on_down=lambda h, s=served: s.scheduler.fail_pinned(h, RequestError(
                                              grpc.StatusCode.UNAVAILABLE,
@@ -165,7 +166,7 @@ class Gateway:
             t.cancel()
         for served in self.models.values():
             await served.scheduler.stop()
-            await served.replicas.stop(kill=kill_replicas and self._given_actors is None)
+            await served.replicas.stop(kill=kill_replicas and self._given_replicas is None)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()

@@ -14,7 +14,7 @@ import torch
 
 @dataclass
 class GpuSample:
-    gpu: str  # index as the replica sees it
+    gpu: str  # the GPU's index on its node (NVML's numbering)
     name: str
     power_watts: float
     energy_joules: float  # NVML's counter since the driver loaded
@@ -42,7 +42,8 @@ class GpuSampler:
             uuid = str(torch.cuda.get_device_properties(index).uuid)
             # NVML numbers all of the node's GPUs; CUDA only the visible ones: match by UUID.
             handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-            self._handles.append((str(index), handle))
+            # The node's own index: every rank of a replica sees its GPU as cuda:0, NVML does not.
+            self._handles.append((str(pynvml.nvmlDeviceGetIndex(handle)), handle))
             self._nvml = pynvml
         except Exception as e:  # NVML missing or refused: no GPU series, never a crash
             self.disabled_reason = f"NVML is unavailable ({type(e).__name__}: {e})"

@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# One device call: check the GPU path, then run the hop floor and the gateway-overhead benchmark on CUDA.
+# One device call: the parts named on the command line, in order (default: all).
+#   gpu-tests  tests/test_gpu.py (CUDA replica, NVML series; sharded serving where there are 2 GPUs)
+#   hop        benchmarks/hop_floor.py           gateway  benchmarks/gateway_overhead.py --device cuda
+#   sharding   benchmarks/sharding.py (SDXL and Flux-dev at 1024, every layout the GPUs allow, flux-80b)
 # Run from the repo root on the device machine with .whl carried (../shared/tools/device-wheels.sh
 # grpcio==1.85.1 protobuf==7.36.2). Results land in $OUT.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv | tee "$OUT/nvidia-smi.txt"
-python3 -c "import torch, ray, diffusers, transformers, grpc, google.protobuf as p; print('torch', torch.__version__, 'ray', ray.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__, 'protobuf', p.__version__)"
-# The GPU test, then the CPU suite's gateway tests with replicas on the GPU (device=auto picks CUDA).
-timeout 240 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu.py tests/test_generate.py tests/test_stream.py \
-  tests/test_admission.py tests/test_replica_failure.py tests/test_link.py 2>&1 | tee "$OUT/gpu_tests.log"
-timeout 90 python3 benchmarks/hop_floor.py --n 900 --out "$OUT/hop_floor.json" 2>&1 | grep -v WARNING | tee "$OUT/hop_floor.log"
-timeout 330 python3 benchmarks/gateway_overhead.py --device cuda --out-dir "$OUT" --samples 300 --stream-frames 200 \
-  --stub-samples 1000 --throughput-seconds 8 2>&1 | tee "$OUT/gateway_overhead.log"
+python3 -c "import torch, ray, diffusers, transformers, grpc, google.protobuf as p; print('torch', torch.__version__, 'ray', ray.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__, 'protobuf', p.__version__, 'gpus', torch.cuda.device_count())"
+parts=${*:-gpu-tests hop gateway sharding}
+for part in $parts; do
+  echo "=== $part"
+  case $part in
+    gpu-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    hop) timeout 90 python3 benchmarks/hop_floor.py --n 900 --out "$OUT/hop_floor.json" 2>&1 | grep -v WARNING | tee "$OUT/hop_floor.log" ;;
+    gateway) timeout 330 python3 benchmarks/gateway_overhead.py --device cuda --out-dir "$OUT" --samples 300 --stream-frames 200 \
+      --stub-samples 1000 --throughput-seconds 8 2>&1 | tee "$OUT/gateway_overhead.log" ;;
+    sharding) timeout 580 python3 benchmarks/sharding.py --models sdxl,flux-dev --size 1024 --steps 10 --warmup 3 \
+      --oversized flux-80b --out-dir "$OUT" 2>&1 | tee "$OUT/sharding.log" ;;
+    *) echo "unknown part $part" ;;
+  esac
+done

@@ -150,6 +150,17 @@ class StubReplica:
         self.limits = limits
         self.link = LinkServer({"run_batch": self.run_batch, "close_stream": self.close_stream}, new_key())
 
+    async def rendezvous(self):
+        return ("127.0.0.1", 0)
+
+    async def start(self, host, port):
+        return await self.info()
+
+    async def lifeline(self):
+        import asyncio
+
+        await asyncio.Event().wait()
+
     async def info(self):
         from rtdiff_cluster.engine.link import node_host
         from rtdiff_cluster.engine.replica import ReplicaInfo
@@ -165,7 +176,7 @@ class StubReplica:
 
         frames = [FrameResult(bytes(batch.width * batch.height * 3), batch.width, batch.height, fr.output_format,
                               fr.seed, 0.0) for fr in batch.frames]
-        return BatchResult(frames, 0.0, 0.0, 0.0, None)
+        return BatchResult(frames, 0.0, 0.0, 0.0)
 
     async def close_stream(self, stream_id: str) -> bool:
         return True
@@ -521,7 +532,7 @@ def main() -> int:
 
     import ray
 
-    from rtdiff_cluster.engine.group import connect_ray, spawn_replicas
+    from rtdiff_cluster.engine.group import ReplicaGroup, connect_ray, spawn_replicas
 
     small = Case("64x64-1step-raw", 64, 64, 1, "raw", args.samples, args.stream_frames)
     large = Case("256x256-4step-png", 256, 256, 4, "png", args.large_samples or max(40, args.samples // 5), 0)
@@ -544,8 +555,9 @@ def main() -> int:
                     "latency": [], "throughput": []}
     try:
         # The model: the headline rows.
-        actor = spawn_replicas(model_config, config.stats_interval_s)[0]
-        gwt = BackgroundGateway(config, {MODEL: [actor]})  # returns once the replica is ready
+        group = spawn_replicas(model_config, config.stats_interval_s)[0]
+        actor = group.leader
+        gwt = BackgroundGateway(config, {MODEL: [group]})  # returns once the replica is ready
         try:
             log(f"gateway on {gwt.target}, replica ready after {time.perf_counter() - t_start:.1f} s")
             for case in (small, large):
@@ -555,17 +567,18 @@ def main() -> int:
             result["config"]["replica_torch_threads"] = info.torch_threads
         finally:
             gwt.stop()
-        ray.kill(actor, no_restart=True)
+        group.kill()
 
         # The same gateway code in front of a replica that does no work: overhead to the microsecond.
         if args.stub_samples > 0:
             stub_actor = stub_actor_class().remote(limits)
-            gwt = BackgroundGateway(config, {MODEL: [stub_actor]})
+            stub_group = ReplicaGroup(model_config, 0, [stub_actor])
+            gwt = BackgroundGateway(config, {MODEL: [stub_group]})
             try:
                 measure_case(stub, "stub", stub_actor, gwt, args, result)
             finally:
                 gwt.stop()
-            ray.kill(stub_actor, no_restart=True)
+            stub_group.kill()
     finally:
         ray.shutdown()
 

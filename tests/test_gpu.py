@@ -28,6 +28,9 @@ def test_gpu_replica_exports_power_energy_and_joules_per_frame(ray_cluster):
         m = wait_until(lambda: (s := gw.metrics()) and metric(s, "rtdiff_gpu_power_watts") > 0 and s,
                        what="GPU series polled")
         assert metric(m, "rtdiff_gpu_energy_joules_total") > 0
+        # Joules per frame come from the energy counted during batches, polled: wait for the poll after the last frame.
+        m = wait_until(lambda: (s := gw.metrics()) and metric(s, "rtdiff_frame_energy_joules_count", model=TINY) >= 20 and s,
+                       what="joules per frame observed")
         assert metric(m, "rtdiff_gpu_memory_used_bytes") > 0 and metric(m, "rtdiff_gpu_memory_total_bytes") > 0
         assert 0 <= metric(m, "rtdiff_gpu_utilization_ratio") <= 1
         assert metric(m, "rtdiff_frame_energy_joules_count", model=TINY) >= 20
@@ -35,4 +38,32 @@ def test_gpu_replica_exports_power_energy_and_joules_per_frame(ray_cluster):
     finally:
         gw.stop()
         for g in actors:
+            g.kill()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_replica_on_two_gpus_matches_one_gpu_and_reports_both(ray_cluster):
+    """NCCL between two GPUs: a tp=2 replica of tiny-flux gives the image one GPU gives (bf16: a
+    few levels, the spread bf16 itself shows between batch sizes), and GPU series for both GPUs."""
+    import numpy as np
+
+    source = "synthetic:tiny-flux"
+    one, two = spawn(1, source=source, device="cuda", num_gpus=1), spawn(1, source=source, device="cuda", num_gpus=1, tp=2)
+    gws = [GatewayThread(gateway_config(model=ModelConfig(source=source, device="cuda", **kw)), {source: g})
+           for g, kw in ((one, {}), (two, {"tp": 2}))]
+    try:
+        out = []
+        for gw in gws:
+            with RtdiffClient(gw.target, timeout_s=120) as c:
+                out.append(image_pixels(c.generate("two gpus", model=source, width=256, height=256, steps=4, seed=3,
+                                                   output_format="raw").images[0]).astype(int))
+        assert np.abs(out[0] - out[1]).mean() < 2 and np.abs(out[0] - out[1]).max() <= 24
+        m = wait_until(lambda: (s := gws[1].metrics()) and len({dict(ls).get("gpu") for (n, ls), v in s.items()
+                                                                 if n == "rtdiff_gpu_power_watts"}) == 2 and s,
+                       what="both GPUs of the tp=2 replica polled")
+        assert metric(m, "rtdiff_gpu_memory_used_bytes") > 0
+    finally:
+        for gw in gws:
+            gw.stop()
+        for g in one + two:
             g.kill()

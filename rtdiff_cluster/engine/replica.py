@@ -6,7 +6,8 @@ For every batch the leader's compute thread broadcasts the batch (with its promp
 followers over the gloo control group, then all ranks run the pipeline in lockstep: the sharded
 backbone's all-reduces and the CFG all-gather meet inside it. So a batch's frames cross Ray's object
 store never and the network once, from the leader to each follower. Only the leader decodes and
-encodes; the followers' GPU energy for the batch is gathered to it for joules per frame.
+encodes. Every rank counts its GPU's energy during batches (metrics/gpu_sampler.py); the gateway
+divides the replica's sum by the frames computed for joules per frame.
 
 The actor is asyncio-based: torch work runs on one compute thread (so batches execute in arrival
 order, which keeps each stream's frames in order), image encoding on a small CPU pool. With two
@@ -87,7 +88,6 @@ class BatchResult:
     text_encode_s: float
     denoise_s: float
     decode_s: float
-    joules_per_frame: float | None
     replica_s: float = 0.0  # run_batch's wall time, handoffs to the compute and encode threads included
 
 
@@ -116,6 +116,7 @@ class ReplicaStats:
     prompt_cache_entries: int
     streams: int
     gpus: list[GpuSample] = field(default_factory=list)
+    batch_energy_joules: float = 0.0  # this rank's GPU energy during batches, since it started
 
 
 @dataclass
@@ -215,18 +216,12 @@ class EngineRank:
             os._exit(1)
 
     def _compute(self, work: _Work):
-        """Both roles: one batch through the pipeline; the leader decodes. Returns (images, times,
-        joules per frame or None)."""
-        e0 = self.gpu.energy_joules()
-        images, times = self.pipeline.run(work.batch, work.prompts, work.negatives, decode=groups.is_leader())
-        if self.model.device.type != "cuda":  # every rank of a replica takes the same branch
-            return images, times, None
-        e1 = self.gpu.energy_joules()
-        spent = groups.gather_object(None if e0 is None or e1 is None else e1 - e0)
-        joules = None
-        if groups.is_leader() and all(j is not None for j in spent):
-            joules = sum(spent) / len(work.batch.frames)
-        return images, times, joules
+        """Both roles: one batch through the pipeline; the leader decodes. Returns (images, times)."""
+        self.gpu.mark_batch(True)
+        try:
+            return self.pipeline.run(work.batch, work.prompts, work.negatives, decode=groups.is_leader())
+        finally:
+            self.gpu.mark_batch(False)
 
     # ---- the leader's API --------------------------------------------------------------------
 
@@ -288,11 +283,11 @@ class EngineRank:
         self._need_started()
         loop = asyncio.get_running_loop()
         keep, prompts, negatives, failed = self._resolve_prompts(batch)
-        images, times, joules = [], None, None
+        images, times = [], None
         if keep:
             sub = BatchSpec(batch.width, batch.height, batch.steps, batch.guidance_scale, batch.strength,
                             [batch.frames[i] for i in keep])
-            images, times, joules = await loop.run_in_executor(self.compute, self._lead, _Work(sub, prompts, negatives))
+            images, times = await loop.run_in_executor(self.compute, self._lead, _Work(sub, prompts, negatives))
             self.frames_computed += len(keep)
             self.batches += 1
 
@@ -310,7 +305,7 @@ class EngineRank:
             fr = batch.frames[i]
             results[i] = FrameResult(b"", batch.width, batch.height, fr.output_format, fr.seed, 0.0, error=why)
         return BatchResult(results, times.text_encode_s if times else 0.0, times.denoise_s if times else 0.0,
-                           times.decode_s if times else 0.0, joules, time.perf_counter() - t0)
+                           times.decode_s if times else 0.0, time.perf_counter() - t0)
 
     async def close_stream(self, stream_id: str) -> bool:
         return self.streams.pop(stream_id, None) is not None
@@ -326,4 +321,4 @@ class EngineRank:
             return ReplicaStats(0, 0, 0, 0, 0, 0)
         p = self.pipeline.prompts
         return ReplicaStats(self.frames_computed, self.batches, p.hits, p.misses, len(p), len(self.streams),
-                            self.gpu.latest())
+                            self.gpu.latest(), self.gpu.batch_energy_joules)

@@ -55,6 +55,7 @@ class ReplicaHandle:
         self.outstanding_work = 0.0
         self.info: ReplicaInfo | None = None
         self._watch: asyncio.Task | None = None
+        self._energy_mark: tuple | None = None  # (frames computed, batch energy) at the last poll
 
     @property
     def leader(self):
@@ -148,6 +149,7 @@ class ReplicaSet:
             h.link, link = None, h.link
             link.close()  # fails its in-flight calls with LinkLost
         h.generation += 1
+        h._energy_mark = None  # a restarted replica counts frames and energy from zero
         self.series.replica(h.name).up.set(0)
         self.metrics.drop_replica_stats(self.model, h.name)
         self.on_down(h)
@@ -187,7 +189,21 @@ class ReplicaSet:
                 continue
             stats = every[0]
             stats.gpus = [g for s in every for g in s.gpus]  # the leader's counters, every rank's GPUs
+            stats.batch_energy_joules = sum(s.batch_energy_joules for s in every)
+            self._observe_energy(h, stats)
             self.metrics.set_replica_stats(self.model, h.name, stats)
+
+    def _observe_energy(self, h: ReplicaHandle, stats) -> None:
+        """Joules per frame over the last poll interval: the replica's GPU energy during batches,
+        all ranks together, over the frames it computed; each of those frames observes the mean."""
+        last, h._energy_mark = h._energy_mark, (stats.frames_computed, stats.batch_energy_joules, stats.gpus != [])
+        if last is None or not stats.gpus:
+            return
+        frames, joules = stats.frames_computed - last[0], stats.batch_energy_joules - last[1]
+        if frames > 0 and joules >= 0:  # a restarted replica counts from zero again: skip that interval
+            per_frame = joules / frames
+            for _ in range(frames):
+                self.series.frame_energy.observe(per_frame)
 
     async def stop(self, kill: bool) -> None:
         """Closes the links (the replicas drop this gateway's streams) and, with kill, ends the actors."""

@@ -272,13 +272,7 @@ class ModelScheduler:
                 text_encode_s=result.text_encode_s, denoise_s=result.denoise_s, decode_s=result.decode_s,
                 replica_s=result.replica_s, done_at=done_at))
         if computed:  # after the callers' wake-ups, which _resolve scheduled first
-            loop.call_soon(self._count_frames, replica.name, computed, result.joules_per_frame)
-
-    def _count_frames(self, replica: str, computed: int, joules_per_frame: float | None) -> None:
-        self.series.frames_done(replica, computed)
-        if joules_per_frame is not None:
-            for _ in range(computed):
-                self.series.frame_energy.observe(joules_per_frame)
+            loop.call_soon(self.series.frames_done, replica.name, computed)
 
 
 def _resolve(job: FrameJob, outcome: FrameOutcome | None = None, error: RequestError | None = None) -> None:

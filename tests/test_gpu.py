@@ -67,3 +67,28 @@ def test_tp2_replica_on_two_gpus_matches_one_gpu_and_reports_both(ray_cluster):
             gw.stop()
         for g in one + two:
             g.kill()
+
+
+@pytest.mark.parametrize("source, vae", [("synthetic:sdxl", ""), ("synthetic:flux-dev", ""), ("synthetic:flux-dev", "tiny")])
+def test_full_size_preset_makes_a_frame_at_1024(source, vae):
+    """The real architectures end to end on one GPU (text encoders, backbone, VAE): a finite,
+    non-constant 1024x1024 image in 2 steps."""
+    import numpy as np
+
+    from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
+    from rtdiff_cluster.models.registry import load_model
+    from rtdiff_cluster.parallel import groups
+
+    groups.init_single(torch.device("cuda"))
+    try:
+        model = load_model(ModelConfig(source=source, device="cuda", vae=vae))
+        pipe = Pipeline(model, prompt_cache_size=2)
+        guidance = model.limits.default_guidance_scale or 5.0
+        images, times = pipe.run(BatchSpec(1024, 1024, 2, guidance, 0.0, [FrameSpec("a lighthouse", seed=1)]),
+                                 ["a lighthouse"], [""])
+        assert images.shape == (1, 1024, 1024, 3) and images.dtype == np.uint8
+        assert images.std() > 1.0, "a constant image: NaN or overflow on the way"
+        assert times.denoise_s > 0 and times.decode_s > 0
+    finally:
+        groups.destroy()
+        torch.cuda.empty_cache()

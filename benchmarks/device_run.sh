@@ -3,12 +3,16 @@
 #   gpu-tests  tests/test_gpu.py (CUDA replica, NVML series; sharded serving where there are 2 GPUs)
 #   hop        benchmarks/hop_floor.py           gateway  benchmarks/gateway_overhead.py --device cuda
 #   sharding   benchmarks/sharding.py (SDXL and Flux-dev at 1024, every layout the GPUs allow, flux-80b)
+#   kernel-tests  the kernel, fast-path and FP8 tests at full sizes on the GPU
+#   kernel-bench  the kernels' micro-benchmarks (kernels/bench_*.py)
+#   roofline-sdxl / roofline-vae / roofline-flux   benchmarks/roofline.py, one part per call's budget
 # Run from the repo root on the device machine with .whl carried (../shared/tools/device-wheels.sh
 # grpcio==1.85.1 protobuf==7.36.2). Results land in $OUT.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
+ln -sfn "$PWD/kernels" /tmp/site/rtdiff_kernels  # kernels/ is imported as rtdiff_kernels (setup.py maps it when installed)
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, ray, diffusers, transformers, grpc, google.protobuf as p; print('torch', torch.__version__, 'ray', ray.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__, 'protobuf', p.__version__, 'gpus', torch.cuda.device_count())"
 parts=${*:-gpu-tests hop gateway sharding}
@@ -21,6 +25,12 @@ for part in $parts; do
       --stub-samples 1000 --throughput-seconds 8 2>&1 | tee "$OUT/gateway_overhead.log" ;;
     sharding) timeout 580 python3 benchmarks/sharding.py --models sdxl,flux-dev --size 1024 --steps 10 --warmup 3 \
       --oversized flux-80b --out-dir "$OUT" 2>&1 | tee "$OUT/sharding.log" ;;
+    kernel-tests) timeout 540 python3 -m pytest -p no:cacheprovider -q -ra --durations=15 tests/test_gpu_fast_paths.py \
+      tests/test_fast_paths.py tests/test_kernels_*.py tests/test_fp8.py 2>&1 | tail -80 | tee "$OUT/kernel_tests.log" ;;
+    kernel-bench) for b in kernels/bench_*.py; do n=$(basename "$b" .py)
+      timeout 90 python3 "$b" --out "$OUT/$n.json" 2>&1 | tee "$OUT/$n.log"; done ;;
+    roofline-*) timeout 580 python3 benchmarks/roofline.py --parts "${part#roofline-}" --tag "${part#roofline-}" \
+      --out-dir "$OUT" 2>&1 | tee "$OUT/$part.log" ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -20,6 +20,50 @@ def _check(cond: bool, name: str, message: str) -> None:
         raise ValueError(f"{name}: {message}")
 
 
+ATTENTION_CHOICES = ("auto", "flash-attn 4", "flash-attn 3", "cudnn", "flash-attn 2", "torch flash", "triton", "sdpa", "math")
+
+
+@dataclass
+class FastPathConfig:
+    """Which fast paths a CUDA replica takes (engine/fastpaths.py); the startup log says which it
+    took and why it skipped the others. A CPU replica runs diffusers' modules as they are."""
+
+    kernels: bool = True
+    """Fused Triton kernels (GroupNorm+SiLU, adaLN, QK RMSNorm+rotary, GEGLU, GEMM+GELU) and
+    channels-last convolutions."""
+    attention: str = "auto"
+    """`auto`: per call, the fastest backend that can run it (flash-attn 4/3, cuDNN, flash-attn 2,
+    PyTorch flash, Triton); a backend's name: only that one, then the math reference."""
+    quantization: str = "none"
+    """`none` or `fp8`: the backbone's large linears in float8 (per-channel weights, per-token
+    activations; needs compute capability 8.9 or newer)."""
+    fp8_min_features: int = 2048
+    """Linears with fewer output features stay in bf16. Quantising a linear's input per token costs
+    in proportion to its input features K, the matmul it speeds up to K x N: small N does not pay
+    (kernels/bench_fp8.py on an H200, end to end against bf16: 1280->1280 0.78x, 5120->1280 1.04x,
+    1280->10240 1.26x, 3072->12288 1.54x)."""
+    cuda_graphs: bool = True
+    """Capture the step, the decode and short noise-free loops as CUDA graphs per shape bucket."""
+    max_graphs: int = 16
+    """Captured graphs kept (least recently used dropped first)."""
+    graph_memory_mb: int = 16384
+    """Device memory the kept graphs may hold, in MiB."""
+    loop_graph_max_steps: int = 8
+    """Schedules of at most this many steps run as one graph with the decode."""
+
+    def validate(self, path: str) -> None:
+        _check(self.attention in ATTENTION_CHOICES, f"{path}.attention",
+               f"must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
+        _check(self.quantization in ("none", "fp8"), f"{path}.quantization", f"must be none or fp8, got {self.quantization!r}")
+        _check(16 <= self.fp8_min_features <= 1 << 20, f"{path}.fp8_min_features",
+               f"must be in 16..1048576, got {self.fp8_min_features}")
+        _check(1 <= self.max_graphs <= 1024, f"{path}.max_graphs", f"must be in 1..1024, got {self.max_graphs}")
+        _check(64 <= self.graph_memory_mb <= 1 << 22, f"{path}.graph_memory_mb",
+               f"must be in 64..4194304, got {self.graph_memory_mb}")
+        _check(0 <= self.loop_graph_max_steps <= 1000, f"{path}.loop_graph_max_steps",
+               f"must be in 0..1000, got {self.loop_graph_max_steps}")
+
+
 @dataclass
 class ModelConfig:
     source: str = "synthetic:tiny"
@@ -63,6 +107,8 @@ class ModelConfig:
     """How often Ray restarts a dead replica; -1: always."""
     warmup: bool = True
     """Run one frame at the default size before reporting ready."""
+    fast_paths: FastPathConfig = field(default_factory=FastPathConfig)
+    """Kernels, attention backends, quantisation and CUDA graphs (CUDA replicas)."""
 
     @property
     def served_name(self) -> str:
@@ -95,6 +141,7 @@ class ModelConfig:
                f"must be in 1..100000, got {self.max_prompt_chars}")
         _check(0 <= self.weights_seed < 2**63, f"{path}.weights_seed", "must be in 0..2^63-1")
         _check(self.max_restarts >= -1, f"{path}.max_restarts", f"must be -1 or more, got {self.max_restarts}")
+        self.fast_paths.validate(f"{path}.fast_paths")
 
 
 @dataclass

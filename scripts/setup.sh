@@ -15,8 +15,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "setup: installing $TORCH_SPEC"
   pip_install "$TORCH_SPEC"
 fi
-if ! .venv/bin/python -c "import rtdiff_cluster, ray, diffusers, grpc_tools, pytest" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.rtdiff-installed ]; then
+if ! .venv/bin/python -c "import rtdiff_cluster, rtdiff_kernels, ray, diffusers, grpc_tools, pytest, triton" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.rtdiff-installed ] || [ setup.py -nt .venv/.rtdiff-installed ]; then
   echo "setup: installing rtdiff-cluster and its dependencies"
   pip_install -e ".[test]"
   touch .venv/.rtdiff-installed

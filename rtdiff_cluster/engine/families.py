@@ -112,9 +112,15 @@ class Family:
                                                         m.device, m.dtype)
         return extra
 
-    def predict(self, scheduler, x: torch.Tensor, t, cond: Sequence[torch.Tensor], extra: dict) -> torch.Tensor:
-        """The backbone's output for latents x [B, ...] under conditioning tensors cond (each [B, ...])."""
-        x = scheduler.scale_model_input(x, t)
+    def scale_input(self, scheduler, x: torch.Tensor, t) -> torch.Tensor:
+        """The latents as the backbone takes them at step t (reads the scheduler's position, so it
+        stays outside captured graphs of a single step)."""
+        return scheduler.scale_model_input(x, t)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], extra: dict) -> torch.Tensor:
+        """The backbone's output for scaled latents x [B, ...] at timestep t (a 0-d tensor) under
+        conditioning tensors cond (each [B, ...]); a pure function of its tensors, so it can be
+        captured in a CUDA graph."""
         kwargs = {}
         if self.m.kind == "sdxl":
             time_ids = extra["time_ids"]
@@ -194,7 +200,10 @@ class FluxFamily(Family):
             extra["guidance"] = torch.full((batch_size,), guidance_scale, device=m.device, dtype=torch.float32)
         return extra
 
-    def predict(self, scheduler, x: torch.Tensor, t, cond: Sequence[torch.Tensor], extra: dict) -> torch.Tensor:
+    def scale_input(self, scheduler, x: torch.Tensor, t) -> torch.Tensor:
+        return x  # flow matching feeds the latents unscaled
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], extra: dict) -> torch.Tensor:
         seq, pooled = cond
         m = self.m
         return m.backbone(hidden_states=x, timestep=(t / 1000).expand(x.shape[0]).to(x.dtype), guidance=extra.get("guidance"),

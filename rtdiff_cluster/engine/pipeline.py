@@ -12,7 +12,9 @@ the CFG all-gather meet inside it); only the leader decodes.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -21,8 +23,11 @@ import torch
 
 from rtdiff_cluster.cache.prompt_cache import PromptCache
 from rtdiff_cluster.engine.families import family_for
+from rtdiff_cluster.engine.graphs import GraphCache
 from rtdiff_cluster.models.base import LoadedModel
 from rtdiff_cluster.parallel import groups
+
+log = logging.getLogger("rtdiff.pipeline")
 
 
 @dataclass
@@ -57,12 +62,37 @@ class StageTimes:
     decode_s: float = 0.0
 
 
+def _noise_free_step(scheduler) -> bool:
+    """Whether the scheduler's step adds no noise to its result, so that running it without the
+    frames' generators gives the same numbers (and the whole loop can be captured: noise drawn
+    from CPU generators cannot be). Known classes are named; an unknown one qualifies only when
+    its step takes no generator at all."""
+    name, c = type(scheduler).__name__, scheduler.config
+    if name == "FlowMatchEulerDiscreteScheduler":
+        return not c.get("stochastic_sampling", False)
+    if name in ("EulerDiscreteScheduler", "DDIMScheduler"):  # s_churn and eta default to 0: no noise added
+        return True
+    if name == "DPMSolverMultistepScheduler":
+        return "sde" not in c.get("algorithm_type", "")
+    return "generator" not in inspect.signature(scheduler.step).parameters
+
+
+def _shapes(tensors) -> tuple:
+    return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+
 class Pipeline:
-    def __init__(self, model: LoadedModel, prompt_cache_size: int):
+    def __init__(self, model: LoadedModel, prompt_cache_size: int, graphs: GraphCache | None = None,
+                 loop_graph_max_steps: int = 8):
+        """graphs: where CUDA graphs of the step, the decode and (for schedules of at most
+        loop_graph_max_steps noise-free steps) the whole loop with decode are kept; None: eager."""
         self.model = model
         self.family = family_for(model)
         self.prompts = PromptCache(prompt_cache_size)
+        self.graphs = graphs
+        self.loop_graph_max_steps = loop_graph_max_steps
         self._step_takes_generator = "generator" in inspect.signature(model.scheduler_class.step).parameters
+        self._eager_keys: set = set()  # buckets whose capture failed: they run eagerly from then on
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":
@@ -77,6 +107,18 @@ class Pipeline:
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return self.family.uses_cfg and guidance_scale > 1.0
+
+    def _graphed(self, key, fn, *inputs):
+        """fn(*inputs) through the graph cache when there is one and this bucket captures; else eager."""
+        if self.graphs is None or key in self._eager_keys:
+            return fn(*inputs)
+        try:
+            return self.graphs.call(key, fn, *inputs)
+        except Exception as e:  # a capture that fails (an op that syncs, a CPU copy) leaves this bucket eager
+            log.warning("CUDA graph for %s failed to capture (%s: %s); running it eagerly", key, type(e).__name__, e)
+            self._eager_keys.add(key)
+            torch.cuda.synchronize(self.model.device)
+            return fn(*inputs)
 
     @torch.inference_mode()
     def run(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str],
@@ -105,41 +147,79 @@ class Pipeline:
         h, w = batch.height // f, batch.width // f
         fam.set_timesteps(scheduler, batch.steps, h, w)
         timesteps = scheduler.timesteps
+        begin = 0
         noise = fam.to_model_layout(self.initial_noise([fr.seed for fr in batch.frames], (h, w)))
         init = None
         if batch.strength > 0:
             # Image-to-image: start part-way down the schedule from the noised input latents.
-            start = batch.steps - min(int(batch.steps * batch.strength), batch.steps)
-            timesteps = timesteps[start * scheduler.order:]
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(start * scheduler.order)
+            begin = batch.steps - min(int(batch.steps * batch.strength), batch.steps)
+            timesteps = timesteps[begin * scheduler.order:]
             pixels = torch.from_numpy(np.stack([fr.init_image for fr in batch.frames]))
             x = pixels.to(m.device).permute(0, 3, 1, 2).to(m.dtype) / 127.5 - 1.0  # [B, 3, H, W] in [-1, 1]
             init = fam.to_model_layout(fam.encode_image(x))
+        if hasattr(scheduler, "set_begin_index"):
+            # A known start spares the scheduler a search of its timesteps (a device sync, which
+            # a captured graph cannot contain).
+            scheduler.set_begin_index(begin * scheduler.order)
         latents = fam.initial_latents(scheduler, noise, init, timesteps[:1])
         extra = fam.extra_inputs(n, batch.width, batch.height, batch.guidance_scale, h, w)
-        step_kwargs = {}
-        if self._step_takes_generator:  # ancestral samplers draw fresh noise each step: per frame, seeded
-            step_kwargs["generator"] = [torch.Generator("cpu").manual_seed(fr.seed ^ 0x5EED) for fr in batch.frames]
-        for t in timesteps:
-            if cfg_split:
-                uncond, cond_out = groups.all_gather_cfg(fam.predict(scheduler, latents, t, cond, extra))
-                eps = uncond + batch.guidance_scale * (cond_out - uncond)
-            elif cfg:
-                out = fam.predict(scheduler, torch.cat([latents, latents]), t, cond, extra)
-                uncond, cond_out = out.chunk(2)
-                eps = uncond + batch.guidance_scale * (cond_out - uncond)
-            else:
-                eps = fam.predict(scheduler, latents, t, cond, extra)
-            latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
-        self._sync()
-        t2 = time.perf_counter()
-        times.denoise_s = t2 - t1
-        if not decode:
-            return None, times
+        names = sorted(extra)
+        guidance = torch.tensor(batch.guidance_scale, device=m.device, dtype=torch.float32)
+        mode = "split" if cfg_split else "cfg" if cfg else "plain"
 
-        images = fam.decode(fam.to_vae_layout(latents, h, w))  # [B, 3, H, W] in [-1, 1]
-        images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        out = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # [B, H, W, 3]
+        def eps_of(x, t, g, *tensors):
+            """The backbone's guided prediction for scaled latents x [B, ...] at timestep t."""
+            c, ex = tensors[:len(cond)], dict(zip(names, tensors[len(cond):]))
+            if mode == "split":
+                uncond, cond_out = groups.all_gather_cfg(fam.forward(x, t, c, ex))
+            elif mode == "cfg":
+                uncond, cond_out = fam.forward(torch.cat([x, x]), t, c, ex).chunk(2)
+            else:
+                return fam.forward(x, t, c, ex)
+            # In float32, as a Python-number guidance scale would be applied: g in bf16 would round 3.3 to 3.297.
+            return (uncond.float() + g * (cond_out.float() - uncond.float())).to(uncond.dtype)
+
+        def decode_of(x):
+            images = fam.decode(fam.to_vae_layout(x, h, w))  # [B, 3, H, W] in [-1, 1]
+            images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            return images.permute(0, 2, 3, 1).contiguous()  # [B, H, W, 3]
+
+        def step_kwargs(stochastic: bool) -> dict:
+            if stochastic and self._step_takes_generator:  # ancestral samplers draw fresh noise each step: per frame, seeded
+                return {"generator": [torch.Generator("cpu").manual_seed(fr.seed ^ 0x5EED) for fr in batch.frames]}
+            return {}
+
+        inputs = (*cond, *(extra[k] for k in names))
+        shapes = (_shapes((latents, *inputs)), mode, h, w)
+        whole_loop = (decode and self.graphs is not None and mode != "split" and len(timesteps) <= self.loop_graph_max_steps
+                      and _noise_free_step(scheduler))
+        if whole_loop:
+            template = scheduler
+
+            def loop_of(x, g, *tensors):
+                # Each run (warm-ups, capture) walks a fresh copy of the schedule; a replay copies
+                # it again from this template, which the graph cache keeps alive with loop_of.
+                s = copy.deepcopy(template)
+                for t in s.timesteps[begin * s.order:]:
+                    x = s.step(eps_of(fam.scale_input(s, x, t), t, g, *tensors), t, x).prev_sample
+                return decode_of(x)
+
+            images = self._graphed(("loop", batch.steps, begin) + shapes, loop_of, latents, guidance, *inputs)
+            self._sync()
+            t2 = time.perf_counter()
+            times.denoise_s = t2 - t1  # one graph: the decode's share is not separable
+        else:
+            stochastic = not _noise_free_step(scheduler)
+            for t in timesteps:
+                x = fam.scale_input(scheduler, latents, t)
+                eps = self._graphed(("step",) + shapes, eps_of, x, t, guidance, *inputs)
+                latents = scheduler.step(eps, t, latents, **step_kwargs(stochastic)).prev_sample
+            self._sync()
+            t2 = time.perf_counter()
+            times.denoise_s = t2 - t1
+            if not decode:
+                return None, times
+            images = self._graphed(("decode", tuple(latents.shape), h, w), decode_of, latents)
+        out = images.cpu().numpy()
         times.decode_s = time.perf_counter() - t2
         return out, times

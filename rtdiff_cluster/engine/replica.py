@@ -37,6 +37,7 @@ from rtdiff_cluster.engine.link import LinkAddress, LinkServer, current_peer, ne
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
+from rtdiff_cluster.engine import fastpaths
 from rtdiff_cluster.models.registry import load_model
 from rtdiff_cluster.parallel import groups
 
@@ -105,6 +106,7 @@ class ReplicaInfo:
     tp: int = 1
     cfg_parallel: int = 1
     backbone_bytes: int = 0  # this rank's share of the backbone
+    fast_paths: dict[str, str] = field(default_factory=dict)  # path -> what the leader took, or "off: why"
 
 
 @dataclass
@@ -192,7 +194,9 @@ class EngineRank:
         self.model = load_model(self.config, tp_rank=groups.tp_rank())
         if not self.config.torch_threads and self.model.device.type == "cuda":
             torch.set_num_threads(CUDA_REPLICA_THREADS)
-        self.pipeline = Pipeline(self.model, self.config.prompt_cache_size)
+        self.fast = fastpaths.apply(self.model, self.config.fast_paths, self.layout.world)
+        self.pipeline = Pipeline(self.model, self.config.prompt_cache_size, self.fast.graphs,
+                                 self.config.fast_paths.loop_graph_max_steps)
         self.gpu = GpuSampler(self.model.device, self.stats_interval_s)
         self.load_s = time.perf_counter() - t0
 
@@ -238,17 +242,18 @@ class EngineRank:
         link = await self.link.start(node_host())
         return ReplicaInfo(m.limits, os.getpid(), str(m.device), str(m.dtype).removeprefix("torch."),
                            self.load_s, m.parameter_bytes(), self.gpu.disabled_reason, torch.get_num_threads(), link,
-                           self.layout.tp, self.layout.cfg, m.backbone_bytes())
+                           self.layout.tp, self.layout.cfg, m.backbone_bytes(), dict(self.fast.report))
 
-    async def warmup(self) -> float:
-        """One frame at the default size through every rank, so the first user request pays no one-time costs."""
+    async def warmup(self) -> tuple[float, str]:
+        """One frame at the default size through every rank, so the first user request pays no
+        one-time costs. Returns its seconds and the attention backends its calls took."""
         self._need_started()
         lim = self.model.limits
         t0 = time.perf_counter()
         batch = BatchSpec(lim.default_width, lim.default_height, lim.default_steps, lim.default_guidance_scale, 0.0,
                           [FrameSpec("warm-up")])
         await asyncio.get_running_loop().run_in_executor(self.compute, self._lead, _Work(batch, ["warm-up"], [""]))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, self.fast.attention_choices()
 
     def _lead(self, work: _Work):
         try:

@@ -102,9 +102,11 @@ class ReplicaSet:
         if i.gpu_disabled_reason and not self._gpu_reason_logged:
             self._gpu_reason_logged = True
             log.info("GPU metrics are off for model %s: %s", self.model, i.gpu_disabled_reason)
+        for path, what in i.fast_paths.items():
+            log.info("replica %s fast path %s: %s", h.name, path, what)
         if self.warmup:
-            warm_s = await asyncio.wait_for(h.leader.warmup.remote(), timeout)
-            log.info("replica %s warmed up in %.2f s", h.name, warm_s)
+            warm_s, attention = await asyncio.wait_for(h.leader.warmup.remote(), timeout)
+            log.info("replica %s warmed up in %.2f s; attention backends: %s", h.name, warm_s, attention)
         link = await ReplicaLink.connect(i.link, on_lost=lambda why: self._link_lost(h, link, why))
         if h.link is not None:
             h.link.close()

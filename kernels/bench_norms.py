@@ -1,0 +1,156 @@
+"""Micro-benchmark: group_norm_silu and layer_norm_modulate against eager PyTorch and
+torch.compile of the same reference, at SDXL / Flux 1024x1024 shapes (bf16).
+
+    python kernels/bench_norms.py --out norms.json [--no-compile]
+
+GPU only. Times are medians of triton.testing.do_bench (warmup 25 ms, rep 100 ms). The memory
+floor uses the copy bandwidth measured in the same run (a 1 GiB tensor `.copy_`, 2 bytes moved
+per byte copied):
+  group_norm_silu       floor bytes = 3 * numel * itemsize (read x twice - statistics, then
+                        normalise - and write y once; see the kernel's docstring)
+  layer_norm_modulate   floor bytes = 2 * numel * itemsize + shift and scale (read x, write y)
+`ours_over_eager` / `ours_over_compiled` are time ratios: below 1 means the kernel is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import triton
+from rtdiff_kernels._bench import bench_us as bench, copy_bandwidth, max_err
+
+try:
+    from rtdiff_kernels.ada_layer_norm import layer_norm_modulate, layer_norm_modulate_reference
+    from rtdiff_kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
+except ImportError:  # run as a script from a checkout without the editable install: kernels/ is on sys.path
+    from ada_layer_norm import layer_norm_modulate, layer_norm_modulate_reference
+    from group_norm_silu import group_norm_silu, group_norm_silu_reference
+
+GN_SHAPES = [(2, 320, 128, 128), (2, 640, 64, 64), (2, 1280, 32, 32), (2, 640, 128, 128), (2, 2560, 32, 32)]
+GN_GROUPS, GN_EPS = 32, 1e-5
+LN_SHAPES = [(1, 4096, 3072), (1, 512, 3072)]
+LN_EPS = 1e-6
+DTYPE = torch.bfloat16
+
+
+
+
+
+
+
+
+def row(kind, shape, layout, floor_bytes, peak, ours_us, eager_us, compiled_us, err) -> dict:
+    floor_us = floor_bytes / peak * 1e6
+    return {
+        "kernel": kind, "shape": list(shape), "layout": layout, "dtype": str(DTYPE).replace("torch.", ""),
+        "floor_bytes": floor_bytes, "floor_us": floor_us,
+        "ours_us": ours_us, "eager_us": eager_us, "compiled_us": compiled_us,
+        "ours_GBps": floor_bytes / (ours_us * 1e-6) / 1e9,
+        "ours_frac_of_floor": floor_us / ours_us,
+        "eager_frac_of_floor": floor_us / eager_us,
+        "compiled_frac_of_floor": floor_us / compiled_us if compiled_us else None,
+        "ours_over_eager": ours_us / eager_us,
+        "ours_over_compiled": ours_us / compiled_us if compiled_us else None,
+        "max_abs_err_vs_fp32": err,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves its compile time)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_norms: needs a CUDA GPU (the kernels are benchmarked on the device only)", file=sys.stderr)
+        return 2
+
+    t_start = time.monotonic()
+    torch.manual_seed(0)
+    peak = copy_bandwidth()
+    print(f"# {torch.cuda.get_device_name()}  copy bandwidth {peak / 1e9:.0f} GB/s", flush=True)
+
+    compiled_gn = compiled_ln = None
+    if not args.no_compile:
+        # One compiled function each; dynamic=False recompiles per shape, so lift the recompile cap
+        # (default 8) above the number of shapes or later shapes would silently run eagerly.
+        for name in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
+        compiled_gn = torch.compile(group_norm_silu_reference, dynamic=False)
+        compiled_ln = torch.compile(layer_norm_modulate_reference, dynamic=False)
+
+    rows = []
+    for shape in GN_SHAPES:
+        for layout in ("nchw", "channels_last"):
+            t0 = time.monotonic()
+            x = torch.randn(shape, device="cuda", dtype=DTYPE)
+            if layout == "channels_last":
+                x = x.to(memory_format=torch.channels_last)
+            w = torch.randn(shape[1], device="cuda", dtype=DTYPE)
+            b = torch.randn(shape[1], device="cuda", dtype=DTYPE)
+            call = (x, GN_GROUPS, w, b, GN_EPS)
+            err = max_err(group_norm_silu(*call), group_norm_silu_reference(x.float(), GN_GROUPS, w.float(), b.float(), GN_EPS))
+            ours = bench(lambda: group_norm_silu(*call))
+            eager = bench(lambda: group_norm_silu_reference(*call))
+            comp = None
+            if compiled_gn is not None:
+                compiled_gn(*call)
+                comp = bench(lambda: compiled_gn(*call))
+            rows.append(row("group_norm_silu", shape, layout, 3 * x.numel() * x.element_size(), peak,
+                            ours, eager, comp, err))
+            print(f"  gn {shape} {layout}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+            del x
+
+    for shape in LN_SHAPES:
+        t0 = time.monotonic()
+        bsz, _, d = shape
+        x = torch.randn(shape, device="cuda", dtype=DTYPE)
+        emb = torch.randn(bsz, 6 * d, device="cuda", dtype=DTYPE)  # AdaLayerNormZero's projection
+        shift, scale = emb.chunk(6, dim=1)[:2]
+        call = (x, shift, scale, LN_EPS)
+        err = max_err(layer_norm_modulate(*call), layer_norm_modulate_reference(x.float(), shift.float(), scale.float(), LN_EPS))
+        ours = bench(lambda: layer_norm_modulate(*call))
+        eager = bench(lambda: layer_norm_modulate_reference(*call))
+        comp = None
+        if compiled_ln is not None:
+            compiled_ln(*call)
+            comp = bench(lambda: compiled_ln(*call))
+        floor_bytes = 2 * x.numel() * x.element_size() + 2 * bsz * d * x.element_size()
+        rows.append(row("layer_norm_modulate", shape, "contiguous", floor_bytes, peak, ours, eager, comp, err))
+        print(f"  ln {shape}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    print("\n| kernel | shape | layout | ours us | eager us | compiled us | ours/eager | ours/compiled "
+          "| ours GB/s | ours % of floor | eager % | compiled % | max err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kernel']} | {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['ours_us']:.1f} "
+              f"| {r['eager_us']:.1f} | {fmt(r['compiled_us'], '.1f')} | {r['ours_over_eager']:.2f} "
+              f"| {fmt(r['ours_over_compiled'], '.2f')} | {r['ours_GBps']:.0f} | {100 * r['ours_frac_of_floor']:.0f} "
+              f"| {100 * r['eager_frac_of_floor']:.0f} | {fmt(r['compiled_frac_of_floor'] and 100 * r['compiled_frac_of_floor'], '.0f')} "
+              f"| {r['max_abs_err_vs_fp32']:.2g} |")
+
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "copy_bandwidth_GBps": peak / 1e9,
+        "do_bench": {"warmup_ms": 25, "rep_ms": 100, "return_mode": "median"},
+        "compiled": compiled_gn is not None,
+        "wall_s": time.monotonic() - t_start,
+        "rows": rows,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {args.out} ({result['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Puts a loaded model on the fast paths this replica's device supports, and says which it took.
+
+On CUDA, by default: attention through the backend registry (ops/attention.py), the fused Triton
+kernels in the backbone and the VAE (ops/fused.py, ops/processors.py), channels-last convolutions
+for UNets and VAEs, optionally FP8 linears (quant/fp8.py), and CUDA graphs per shape bucket
+(engine/graphs.py). Every path falls back cleanly: on a CPU replica, without Triton, on a GPU too
+old for FP8, the model runs diffusers' modules as loaded, and the report says why.
+
+The report (path -> what was done, or "off: why") goes to the replica's log and, through
+ReplicaInfo, to the gateway's startup log.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rtdiff_cluster.config import FastPathConfig
+from rtdiff_cluster.engine.graphs import GraphCache
+from rtdiff_cluster.models.base import LoadedModel
+from rtdiff_cluster.ops.attention import AttentionRegistry
+
+log = logging.getLogger("rtdiff.fastpaths")
+
+
+def _triton_missing() -> str | None:
+    try:
+        import triton  # noqa: F401
+
+        import rtdiff_kernels.group_norm_silu  # noqa: F401
+    except Exception as e:
+        return f"Triton kernels unavailable ({type(e).__name__}: {e})"
+    return None
+
+
+def _counts(done: dict[str, int]) -> str:
+    return ", ".join(f"{kind} x{n}" for kind, n in sorted(done.items())) or "nothing to fuse"
+
+
+class FastPaths:
+    """What apply() did to one model, and the objects the pipeline needs from it."""
+
+    def __init__(self) -> None:
+        self.report: dict[str, str] = {}
+        self.registry: AttentionRegistry | None = None
+        self.graphs: GraphCache | None = None
+
+    def attention_choices(self) -> str:
+        """After the warm-up: which backend each kind of attention call took."""
+        if self.registry is None:
+            return self.report.get("attention", "")
+        return "; ".join(f"{k}: {v}" for k, v in self.registry.choices().items()) or "no call yet"
+
+
+def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
+    """Modifies model in place. world: ranks of the replica (graphs capture single-rank replicas)."""
+    fp = FastPaths()
+    r = fp.report
+    if model.device.type != "cuda":
+        for path in ("attention", "kernels", "fp8", "cuda_graphs"):
+            r[path] = "off: CPU replica (diffusers' modules as loaded)"
+        if cfg.quantization == "fp8":
+            log.warning("%s: fast_paths.quantization=fp8 ignored: FP8 matmuls need a CUDA GPU", model.limits.name)
+        return fp
+
+    from rtdiff_cluster.ops import fused, processors
+
+    backbone, vae = model.backbone, model.vae
+    why_not_kernels = None if cfg.kernels else "off: fast_paths.kernels is false"
+    why_not_kernels = why_not_kernels or (_triton_missing() and f"off: {_triton_missing()}")
+
+    if cfg.quantization == "fp8":
+        major, minor = torch.cuda.get_device_capability(model.device)
+        if (major, minor) < (8, 9):
+            r["fp8"] = f"off: needs compute capability 8.9+, this GPU has {major}.{minor}"
+        else:
+            from rtdiff_cluster.quant.fp8 import quantize_linears
+
+            q = quantize_linears(backbone, min_features=16, skip=lambda name, lin: lin.out_features < cfg.fp8_min_features)
+            r["fp8"] = (f"on: {q['replaced']} linears ({q['bytes_before'] / 2**30:.2f} -> "
+                        f"{q['bytes_after'] / 2**30:.2f} GiB), {q['skipped']} left in {str(model.dtype).removeprefix('torch.')}")
+    else:
+        r["fp8"] = "off: fast_paths.quantization is none"
+
+    allowed = None if cfg.attention == "auto" else [cfg.attention] + (["sdpa"] if cfg.attention not in ("sdpa", "math") else [])
+    fp.registry = AttentionRegistry(allowed=allowed)
+    usable = [name for name, why in fp.registry.installed().items() if why is None]
+    n = processors.install(backbone, fp.registry, fused=why_not_kernels is None)
+    r["attention"] = f"registry on {n} attention modules; usable here: {', '.join(usable)}"
+
+    if why_not_kernels is None:
+        done = fused.install_fused(backbone)
+        # cuDNN's convolutions run NHWC natively (NCHW costs transposes around each one); the
+        # fused GroupNorm reads either layout. Flux's backbone has no convolutions. The KL VAE
+        # keeps diffusers' modules: with them fused and NHWC its 1024 decode measured 127 ms
+        # against 85 ms as loaded (H200, benchmarks/results/roofline-*-vae-flux.md); the tiny
+        # VAE (plain convolutions) gains from NHWC.
+        layouts = {} if model.kind == "flux" else {"backbone": backbone}
+        if type(vae).__name__ == "AutoencoderTiny":
+            layouts["tiny vae"] = vae
+        for module in layouts.values():
+            module.to(memory_format=torch.channels_last)
+        r["kernels"] = f"on: {_counts(done)}; channels-last convolutions in {' and '.join(layouts) or 'nothing'}"
+    else:
+        r["kernels"] = why_not_kernels
+
+    if not cfg.cuda_graphs:
+        r["cuda_graphs"] = "off: fast_paths.cuda_graphs is false"
+    elif world > 1:
+        # Collectives inside captured graphs need every rank to capture and replay in step, and
+        # NCCL's graph support checked on multi-GPU machines; not validated here yet.
+        r["cuda_graphs"] = f"off: replica spans {world} ranks (single-rank replicas only for now)"
+    else:
+        fp.graphs = GraphCache(model.device, cfg.max_graphs, cfg.graph_memory_mb << 20)
+        r["cuda_graphs"] = (f"on: per (batch, height, width) bucket, loops of <= {cfg.loop_graph_max_steps} noise-free "
+                            f"steps with the decode; <= {cfg.max_graphs} graphs, {cfg.graph_memory_mb} MiB")
+    for path, what in r.items():
+        log.info("%s fast path %s: %s", model.limits.name, path, what)
+    return fp

@@ -1,0 +1,144 @@
+"""CUDA graphs per shape bucket: a bounded LRU of captured calls with the memory each holds.
+
+At batch 1 an SDXL step is ~1,500 kernel launches and a 1-step frame with a tiny VAE a few hundred
+more; launched from Python one by one the GPU idles between them (DESIGN.md: 93 ms eager at 512x512
+for 2 ms of work). Replaying a captured graph launches them all at once. A graph is fixed to its
+input shapes, so the cache is keyed by the bucket (what the shapes depend on: batch, latent height
+and width, and for a captured loop the schedule); a new resolution costs one capture (warm-up
+runs plus the capture, seconds at most), not a recompilation.
+
+Each graph has its own memory pool; the bytes it holds (the pool's reservation plus the static
+inputs) are measured at capture, and the least recently used graphs are dropped when a new one
+would exceed the count or byte budget. `torch.cuda.graphs.make_graphed_callables` targets
+autograd training steps (it captures a backward too); inference needs only capture and replay,
+with the inputs copied into static buffers, which is what this does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+log = logging.getLogger("rtdiff.graphs")
+
+Fn = Callable[..., "torch.Tensor | tuple[torch.Tensor, ...]"]
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]
+    outputs: tuple[torch.Tensor, ...]
+    single: bool  # fn returned one tensor, not a tuple
+    bytes: int
+    capture_s: float
+    fn: Fn  # kept alive with the graph: what it closes over (a schedule the graph copies from) is read by every replay
+    replays: int = 0
+
+
+@dataclass
+class GraphStats:
+    graphs: int
+    bytes: int
+    captures: int
+    evictions: int
+    replays: int
+
+
+class GraphCache:
+    """`call(key, fn, *inputs)` runs fn(*inputs) as a captured graph. fn must be a pure function of
+    its tensor inputs on the cache's device: anything else it reads (Python numbers, module weights,
+    the schedule) is frozen into the graph, so it must be part of the key, and device tensors it
+    closes over are read again at every replay (the cache keeps fn, and so them, alive). The outputs are the
+    graph's static buffers: a later replay of the same key overwrites them, so a caller that keeps
+    them across calls clones them."""
+
+    def __init__(self, device: torch.device, max_graphs: int, max_bytes: int, warmup_runs: int = 2):
+        if device.type != "cuda":
+            raise ValueError(f"GraphCache: CUDA graphs need a CUDA device, got {device}")
+        self.device = device
+        self.max_graphs = max_graphs
+        self.max_bytes = max_bytes
+        self.warmup_runs = warmup_runs
+        self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
+        self.captures = 0
+        self.evictions = 0
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._graphs
+
+    def stats(self) -> GraphStats:
+        g = self._graphs.values()
+        return GraphStats(len(self._graphs), sum(c.bytes for c in g), self.captures, self.evictions,
+                          sum(c.replays for c in g))
+
+    def call(self, key: Hashable, fn: Fn, *inputs: torch.Tensor):
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, fn, inputs)
+        else:
+            self._graphs.move_to_end(key)
+            for static, x in zip(entry.inputs, inputs):
+                if static.shape != x.shape or static.dtype != x.dtype:
+                    raise ValueError(f"graph {key}: input {tuple(x.shape)} {x.dtype} does not match the captured "
+                                     f"{tuple(static.shape)} {static.dtype}; the key must cover every shape")
+                static.copy_(x, non_blocking=True)
+        entry.graph.replay()
+        entry.replays += 1
+        return entry.outputs[0] if entry.single else entry.outputs
+
+    def _capture(self, key: Hashable, fn: Fn, inputs: Sequence[torch.Tensor]) -> _Captured:
+        t0 = time.perf_counter()
+        self._evict(keep_room_for_one=True)
+        static = [x.detach().clone() for x in inputs]
+        # Warm-up on a side stream, as capture requires: it also triggers every lazy set-up the
+        # graph must not contain (cuBLAS/cuDNN workspaces, Triton compilation and autotuning).
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup_runs):
+                fn(*static)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        # torch.cuda.graph empties the allocator's cache on entry; doing it first makes the
+        # reservation's growth during capture the graph's own pool.
+        torch.cuda.empty_cache()
+        reserved = torch.cuda.memory_reserved(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(*static)
+        torch.cuda.synchronize(self.device)
+        single = isinstance(out, torch.Tensor)
+        outputs = (out,) if single else tuple(out)
+        held = torch.cuda.memory_reserved(self.device) - reserved + sum(x.numel() * x.element_size() for x in static)
+        entry = _Captured(graph, static, outputs, single, held, time.perf_counter() - t0, fn)
+        self._graphs[key] = entry
+        self.captures += 1
+        log.info("captured CUDA graph %s in %.2f s, holding %.0f MiB (%d graphs, %.0f MiB in all)", key, entry.capture_s,
+                 held / 2**20, len(self._graphs), self.stats().bytes / 2**20)
+        self._evict(keep_room_for_one=False)
+        return entry
+
+    def _evict(self, keep_room_for_one: bool) -> None:
+        limit = self.max_graphs - (1 if keep_room_for_one else 0)
+        freed = False
+        while self._graphs and (len(self._graphs) > limit or self.stats().bytes > self.max_bytes):
+            if not keep_room_for_one and len(self._graphs) == 1:
+                break  # the graph just captured stays, even when it alone exceeds the byte budget
+            key, entry = self._graphs.popitem(last=False)
+            self.evictions += 1
+            freed = True
+            log.info("dropped CUDA graph %s (%.0f MiB, %d replays): over the graph budget", key, entry.bytes / 2**20,
+                     entry.replays)
+            del entry
+        if freed:
+            torch.cuda.empty_cache()  # returns the dropped graphs' pools to the device
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        torch.cuda.empty_cache()

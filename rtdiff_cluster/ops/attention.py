@@ -1,0 +1,198 @@
+"""Attention with the fastest backend that can run each call: a registry of backends, each with
+guard checks (installed, device, dtype, head dim, mask), tried in order.
+
+Order, fastest first as measured at our shapes (DESIGN.md; benchmarks/results/ for this repo's
+runs): FlashAttention 4 (`flash_attn.cute`) and 3 (`flash_attn_interface`) when installed, then
+PyTorch's cuDNN backend (480-670 TFLOP/s on H100 at head dims 64 and 128, against 290-360 for
+PyTorch's own flash backend), FlashAttention 2, PyTorch's flash backend, our Triton kernel
+(kernels/attention.py), then PyTorch's own choice (`sdpa`), which runs anything; the math
+reference is there for tests. flash-attn is an optional
+extra (`pip install rtdiff-cluster[flash]`); nothing needs it.
+
+diffusers has a dispatcher of its own (attention_dispatch), but it picks one backend per model at
+set-up and checks only that the package imports; this one decides per call, so a UNet's
+head-dim-64 self-attention and 77-token cross-attention each get what can run them, and a CPU
+replica falls through to the math path without configuration. The choice for each kind of call
+is made once and remembered (`choices()` tells the startup log).
+
+All functions take and return [B, H, L, D] tensors (SDPA's layout); no mask, not causal.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("rtdiff.attention")
+
+Guard = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "str | None"]
+
+
+@dataclass
+class Backend:
+    name: str
+    installed: Callable[[], "str | None"]  # None when usable on this machine, else why not
+    supports: Guard  # None when it can run these inputs, else why not
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None], torch.Tensor]
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(name)
+    except Exception:
+        return None
+
+
+def _cuda_half(q, k, v) -> str | None:
+    if q.device.type != "cuda":
+        return f"runs on CUDA, not {q.device.type}"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"needs float16 or bfloat16, got {q.dtype}"
+    return None
+
+
+def _head_dim(limit: int, multiple: int = 8) -> Guard:
+    def check(q, k, v):
+        d = q.shape[-1]
+        if d > limit or d % multiple or v.shape[-1] != d:
+            return f"head dim {d} outside its range (<= {limit}, multiple of {multiple}, same for v)"
+        return None
+    return check
+
+
+def _all(*guards: Guard) -> Guard:
+    def check(q, k, v):
+        for g in guards:
+            why = g(q, k, v)
+            if why:
+                return why
+        return None
+    return check
+
+
+def _sdpa(backend_name: str) -> Callable:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q, k, v, scale):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return run
+
+
+def _sdpa_enabled(flag: str) -> Callable[[], "str | None"]:
+    def installed():
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        if not getattr(torch.backends.cuda, flag)():
+            return f"torch.backends.cuda.{flag}() is off"
+        return None
+    return installed
+
+
+def _flash_attn(module: str, func: str) -> tuple[Callable, Callable]:
+    """flash-attn's packages take [B, L, H, D]; ours are [B, H, L, D] views of that same layout."""
+    def installed():
+        return None if _module(module) is not None else f"{module} is not installed"
+
+    def run(q, k, v, scale):
+        fn = getattr(_module(module), func)
+        out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2)
+    return installed, run
+
+
+def _triton_installed() -> str | None:
+    try:
+        from rtdiff_kernels import attention  # noqa: F401
+    except Exception as e:
+        return f"kernels unavailable ({type(e).__name__}: {e})"
+    return None
+
+
+def _triton_supports(q, k, v) -> str | None:
+    from rtdiff_kernels.attention import supports
+
+    return supports(q, k, v)
+
+
+def _triton_run(q, k, v, scale):
+    from rtdiff_kernels.attention import flash_attention
+
+    return flash_attention(q, k, v, scale=scale)
+
+
+def _sdpa_default(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _math(q, k, v, scale):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _registry() -> list[Backend]:
+    fa4 = _flash_attn("flash_attn.cute", "flash_attn_func")
+    fa3 = _flash_attn("flash_attn_interface", "flash_attn_func")
+    fa2 = _flash_attn("flash_attn", "flash_attn_func")
+    return [
+        Backend("flash-attn 4", fa4[0], _all(_cuda_half, _head_dim(256)), fa4[1]),
+        Backend("flash-attn 3", fa3[0], _all(_cuda_half, _head_dim(256)), fa3[1]),
+        Backend("cudnn", _sdpa_enabled("cudnn_sdp_enabled"), _all(_cuda_half, _head_dim(128)), _sdpa("CUDNN_ATTENTION")),
+        Backend("flash-attn 2", fa2[0], _all(_cuda_half, _head_dim(256)), fa2[1]),
+        Backend("torch flash", _sdpa_enabled("flash_sdp_enabled"), _all(_cuda_half, _head_dim(256)), _sdpa("FLASH_ATTENTION")),
+        Backend("triton", _triton_installed, _triton_supports, _triton_run),
+        # PyTorch's own pick runs what no guard above admits (the VAE's head dim 512, fp32);
+        # the math reference is reached only when named alone (tests, debugging).
+        Backend("sdpa", lambda: None, lambda q, k, v: None, _sdpa_default),
+        Backend("math", lambda: None, lambda q, k, v: None, _math),
+    ]
+
+
+class AttentionRegistry:
+    def __init__(self, backends: list[Backend] | None = None, allowed: list[str] | None = None):
+        """allowed: backend names to consider, in registry order (None: all)."""
+        self.backends = [b for b in (backends or _registry()) if allowed is None or b.name in allowed]
+        self._installed = {b.name: b.installed() for b in self.backends}
+        self._choice: dict[tuple, Backend] = {}
+
+    def installed(self) -> dict[str, str | None]:
+        """Backend name -> None (usable here) or why not."""
+        return dict(self._installed)
+
+    def _key(self, q, k, v) -> tuple:
+        return (q.device.type, q.dtype, q.shape[-1], q.shape[-2] == k.shape[-2])
+
+    def pick(self, q, k, v) -> Backend:
+        key = self._key(q, k, v)
+        chosen = self._choice.get(key)
+        if chosen is None or chosen.supports(q, k, v) is not None:  # a remembered choice is re-checked: lengths vary
+            chosen = next((b for b in self.backends if self._installed[b.name] is None and b.supports(q, k, v) is None), None)
+            if chosen is None:
+                why = "; ".join(f"{b.name}: {self._installed[b.name] or b.supports(q, k, v)}" for b in self.backends)
+                raise RuntimeError(f"attention: no allowed backend runs {q.device.type} {q.dtype} head dim {q.shape[-1]} ({why})")
+            if key not in self._choice:
+                log.info("attention for %s %s head dim %d (%s): %s", q.device.type, str(q.dtype).removeprefix("torch."),
+                         q.shape[-1], "self" if key[3] else "cross", chosen.name)
+            self._choice[key] = chosen
+        return chosen
+
+    def __call__(self, q, k, v, scale: float | None = None) -> torch.Tensor:
+        if (q.dim() != 4 or q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2] or k.shape[-2] != v.shape[-2]
+                or q.shape[-1] != k.shape[-1]):
+            raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit [B, H, L, D]")
+        return self.pick(q, k, v).run(q, k, v, scale)
+
+    def choices(self) -> dict[str, str]:
+        """What each kind of call seen so far runs on, for the startup log."""
+        return {f"{dev} {str(dt).removeprefix('torch.')} d{d} {'self' if same else 'cross'}": b.name
+                for (dev, dt, d, same), b in self._choice.items()}

@@ -1,0 +1,131 @@
+"""Attention processors that run diffusers' attention modules through our backend registry
+(ops/attention.py) and, on CUDA, our fused kernels.
+
+`install(backbone, registry, fused)` puts them on every attention module of a UNet2DConditionModel
+(diffusers' Attention) or a FluxTransformer2DModel (FluxAttention), sharded or not: both processors
+take the head count from the projections' local width, as tensor parallelism needs. They compute
+what diffusers' AttnProcessor2_0 and FluxAttnProcessor compute (tests/test_processors.py holds them
+to it); only the attention call and, for Flux, the QK-norm + rotary step change.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rtdiff_cluster.ops.attention import AttentionRegistry
+
+
+class UNetAttnProcessor:
+    """diffusers' AttnProcessor2_0 for UNet2DConditionModel (self- and cross-attention in
+    BasicTransformerBlock), with the attention call routed through the registry."""
+
+    def __init__(self, registry: AttentionRegistry):
+        self.registry = registry
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)  # [B, L, heads_local * D]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if attention_mask is None:
+            out = self.registry(query, key, value)
+        else:  # masks are rare in these models (none in SD/SDXL): PyTorch handles them
+            mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.view(batch, attn.heads, -1, mask.shape[-1]))
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _qk_norm_rope(norm, x: torch.Tensor, rope, fused: bool) -> torch.Tensor:
+    """RMSNorm over head_dim then rotary: x [B, L, H, D]; rope (cos, sin) [L, D] or None."""
+    if fused and rope is not None and x.is_cuda:
+        from rtdiff_kernels.rms_norm_rope import rms_norm_rope
+
+        return rms_norm_rope(x, norm.weight, norm.eps, rope[0], rope[1])
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    x = norm(x)
+    return apply_rotary_emb(x, rope, sequence_dim=1) if rope is not None else x
+
+
+class FluxAttnProcessor:
+    """diffusers' FluxAttnProcessor (joint attention of text and image tokens, QK RMSNorm, rotary),
+    with the attention call routed through the registry and, on CUDA, QK-norm and rotary fused in
+    one kernel."""
+
+    def __init__(self, registry: AttentionRegistry, fused: bool):
+        self.registry = registry
+        self.fused = fused
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None:
+            raise ValueError("FluxAttnProcessor: attention masks are not supported")
+        d = attn.head_dim
+        query, key, value = (proj(hidden_states).unflatten(-1, (-1, d)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        if joint:
+            eq, ek, ev = (proj(encoder_hidden_states).unflatten(-1, (-1, d))
+                          for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            # Text tokens come first in the joint sequence and the rotary table covers both: each
+            # stream is normalised with its own weights and rotated by its rows of the table.
+            text = eq.shape[1]
+            rope_t = rope_i = None
+            if image_rotary_emb is not None:
+                cos, sin = image_rotary_emb
+                rope_t, rope_i = (cos[:text], sin[:text]), (cos[text:], sin[text:])
+            query = torch.cat([_qk_norm_rope(attn.norm_added_q, eq, rope_t, self.fused),
+                               _qk_norm_rope(attn.norm_q, query, rope_i, self.fused)], dim=1)
+            key = torch.cat([_qk_norm_rope(attn.norm_added_k, ek, rope_t, self.fused),
+                             _qk_norm_rope(attn.norm_k, key, rope_i, self.fused)], dim=1)
+            value = torch.cat([ev, value], dim=1)
+        else:
+            query = _qk_norm_rope(attn.norm_q, query, image_rotary_emb, self.fused)
+            key = _qk_norm_rope(attn.norm_k, key, image_rotary_emb, self.fused)
+        out = self.registry(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))  # [B, H, L, D]
+        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if joint:
+            text = encoder_hidden_states.shape[1]
+            encoder_hidden_states, hidden_states = hidden_states[:, :text], hidden_states[:, text:]
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def install(backbone: torch.nn.Module, registry: AttentionRegistry, fused: bool) -> int:
+    """Sets our processors on the backbone's attention modules; returns how many."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    count = 0
+    for module in backbone.modules():
+        if isinstance(module, FluxAttention):
+            module.set_processor(FluxAttnProcessor(registry, fused))
+            count += 1
+        elif isinstance(module, Attention):
+            module.set_processor(UNetAttnProcessor(registry))
+            count += 1
+    return count

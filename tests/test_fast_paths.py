@@ -1,0 +1,123 @@
+"""The fast paths against diffusers' own modules, on CPU (Triton kernels in the interpreter):
+our attention processors, the fused-kernel forwards patched into resnets, GEGLU, GELU and adaLN
+modules, and what a CPU replica reports. The GPU versions of these checks, with CUDA graphs and
+FP8, are in tests/test_gpu_fast_paths.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rtdiff_cluster.config import FastPathConfig, ModelConfig, ServerConfig
+from rtdiff_cluster.engine.families import family_for
+from rtdiff_cluster.engine.pipeline import _noise_free_step
+from rtdiff_cluster.models.registry import load_model
+from rtdiff_cluster.ops.attention import AttentionRegistry
+
+# fp32 on CPU: the patched modules compute the same sums in another order (attention backends,
+# fused normalisation in blocks): 1e-4 relative to the output's scale bounds that reordering.
+FP32_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", params=["synthetic:tiny-sdxl", "synthetic:tiny-flux"])
+def model(request):
+    return load_model(ModelConfig(source=request.param, device="cpu"))
+
+
+def backbone_output(model, backbone) -> torch.Tensor:
+    """One step of the backbone on fixed random latents, through the family's own call."""
+    fam = family_for(model)
+    cond = [torch.stack(parts) for parts in zip(*fam.encode(["a red fox", "a blue lake"]))]
+    h = w = 16
+    latents = fam.to_model_layout(torch.randn(2, fam.latent_channels(), h, w, generator=torch.Generator().manual_seed(0)))
+    extra = fam.extra_inputs(2, w * 8, h * 8, 3.0, h, w)
+    saved, model.backbone = model.backbone, backbone
+    try:
+        with torch.inference_mode():
+            return fam.forward(latents, torch.tensor(500.0), cond, extra)
+    finally:
+        model.backbone = saved
+
+
+def assert_close(out, ref, what):
+    err = (out - ref).abs().max().item()
+    assert err <= FP32_TOLERANCE * ref.abs().max().item(), f"{what}: max error {err:.3g}"
+
+
+@pytest.mark.parametrize("backends", [["math"], ["triton"], ["sdpa"]])
+def test_attention_processors_match_diffusers(model, backends):
+    import os
+
+    from rtdiff_cluster.ops import processors
+
+    if backends == ["triton"] and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernel runs CPU tensors only in the interpreter (this machine has a GPU)")
+
+    ours = copy.deepcopy(model.backbone)
+    registry = AttentionRegistry(allowed=backends)
+    n = processors.install(ours, registry, fused=False)
+    assert n > 0
+    assert_close(backbone_output(model, ours), backbone_output(model, model.backbone), f"processors on {backends}")
+    assert set(registry.choices().values()) == set(backends), registry.choices()
+
+
+def test_fused_kernels_match_diffusers_modules(model):
+    from rtdiff_cluster.ops.fused import install_fused
+
+    ours = copy.deepcopy(model.backbone)
+    done = install_fused(ours)
+    expected = {"resnet group_norm+silu", "geglu"} if model.kind == "sdxl" else {"linear+gelu_tanh", "adaln_zero",
+                                                                                 "adaln_continuous"}
+    assert expected <= set(done), done
+    assert_close(backbone_output(model, ours), backbone_output(model, model.backbone), "fused modules")
+
+
+def test_fused_vae_decoder_matches(model):
+    from rtdiff_cluster.ops.fused import install_fused
+
+    vae = copy.deepcopy(model.vae).to(memory_format=torch.channels_last)
+    assert install_fused(vae).get("resnet group_norm+silu", 0) > 0
+    z = torch.randn(1, model.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert_close(vae.decode(z).sample, model.vae.decode(z).sample, "VAE decoder with fused resnets")
+
+
+def test_cpu_replica_keeps_diffusers_modules_and_says_why():
+    from rtdiff_cluster.engine import fastpaths
+
+    model = load_model(ModelConfig(device="cpu"))
+    before = [type(m.processor).__name__ for m in model.backbone.modules() if hasattr(m, "processor")]
+    fp = fastpaths.apply(model, FastPathConfig(quantization="fp8"), world=1)
+    assert fp.graphs is None and fp.registry is None
+    assert set(fp.report) == {"attention", "kernels", "fp8", "cuda_graphs"}
+    assert all(v.startswith("off: CPU replica") for v in fp.report.values())
+    assert [type(m.processor).__name__ for m in model.backbone.modules() if hasattr(m, "processor")] == before
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("attention", "fastest", "models[0].fast_paths.attention: must be one of"),
+    ("quantization", "int4", "models[0].fast_paths.quantization: must be none or fp8"),
+    ("max_graphs", 0, "models[0].fast_paths.max_graphs"),
+    ("graph_memory_mb", 1, "models[0].fast_paths.graph_memory_mb"),
+])
+def test_fast_path_config_errors_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ServerConfig.from_dict({"models": [{"fast_paths": {field: value}}]})
+
+
+def test_registry_rejects_mismatched_shapes():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="attention: q"):
+        AttentionRegistry(allowed=["math"])(q, torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16))
+
+
+def test_noise_free_schedulers_are_the_ones_that_add_no_noise():
+    import diffusers
+
+    assert _noise_free_step(diffusers.EulerDiscreteScheduler())
+    assert _noise_free_step(diffusers.FlowMatchEulerDiscreteScheduler())
+    assert not _noise_free_step(diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True))
+    assert not _noise_free_step(diffusers.EulerAncestralDiscreteScheduler())
+    assert not _noise_free_step(diffusers.LCMScheduler())

@@ -1,0 +1,90 @@
+"""On a CUDA machine: the fast paths a GPU replica takes by default (fused kernels, attention
+registry, channels-last, CUDA graphs) and FP8 give the images the plain diffusers modules give,
+graphs are replayed per bucket, and the graph cache stays within its budget.
+
+Skipped where there is no GPU; the device run executes them with `-m gpu`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rtdiff_cluster.config import FastPathConfig, ModelConfig
+from rtdiff_cluster.engine import fastpaths
+from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
+from rtdiff_cluster.models.registry import load_model
+from rtdiff_cluster.parallel import groups
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+# bf16 images of random-weight models: the fast paths reorder bf16 sums (fused norms, another
+# attention kernel), which moves pixels by a few levels; PyTorch's own bf16 run differs from its
+# fp32 run by more than that. Mean and max bounds in 0..255 levels.
+BF16_MEAN_LEVELS, BF16_MAX_LEVELS = 2.0, 40
+
+
+@pytest.fixture(autouse=True)
+def single_rank():
+    groups.init_single(torch.device("cuda"))
+    yield
+    groups.destroy()
+    torch.cuda.empty_cache()
+
+
+def pipelines(source: str, **fast):
+    plain = Pipeline(load_model(ModelConfig(source=source, device="cuda")), prompt_cache_size=2)
+    model = load_model(ModelConfig(source=source, device="cuda"))
+    cfg = FastPathConfig(**fast)
+    fp = fastpaths.apply(model, cfg, world=1)
+    return plain, Pipeline(model, prompt_cache_size=2, graphs=fp.graphs, loop_graph_max_steps=cfg.loop_graph_max_steps), fp
+
+
+def frame(p, size, steps, seeds=(1,), guidance=3.0):
+    batch = BatchSpec(size, size, steps, guidance, 0.0, [FrameSpec("a lighthouse", seed=s) for s in seeds])
+    images, _ = p.run(batch, ["a lighthouse"] * len(seeds), [""] * len(seeds))
+    return images.astype(int)
+
+
+def assert_images_close(a, b, what):
+    diff = np.abs(a - b)
+    assert a.shape == b.shape and diff.mean() < BF16_MEAN_LEVELS and diff.max() <= BF16_MAX_LEVELS, (
+        f"{what}: mean {diff.mean():.2f}, max {diff.max()} levels")
+
+
+@pytest.mark.parametrize("source", ["synthetic:tiny-sdxl", "synthetic:tiny-flux"])
+@pytest.mark.parametrize("steps", [2, 12])  # 2: the whole loop is one graph; 12: a graph per step plus the decode's
+def test_fast_paths_match_plain_modules_and_replay_graphs(source, steps):
+    plain, fast, fp = pipelines(source)
+    assert fp.report["kernels"].startswith("on") and fp.report["cuda_graphs"].startswith("on"), fp.report
+    for size, seeds in ((256, (1,)), (320, (2, 3))):
+        assert_images_close(frame(fast, size, steps, seeds), frame(plain, size, steps, seeds), f"{source} {size} {steps} steps")
+    captured = fp.graphs.stats().captures
+    assert captured == (2 if steps == 2 else 4), fp.graphs.stats()  # per size: the loop, or the step and the decode
+    again = frame(fast, 256, steps)
+    assert fp.graphs.stats().captures == captured, "a seen bucket was captured again"
+    assert_images_close(again, frame(plain, 256, steps), "replayed graph")
+    assert fp.graphs.stats().bytes > 0
+
+
+def test_graph_cache_drops_least_recently_used_within_its_budget():
+    _, fast, fp = pipelines("synthetic:tiny-sdxl", max_graphs=2)
+    for size in (256, 320, 384):
+        frame(fast, size, 2)
+    s = fp.graphs.stats()
+    assert s.graphs == 2 and s.evictions == 1 and s.captures == 3
+    frame(fast, 384, 2)
+    assert fp.graphs.stats().captures == 3  # 384 was kept: most recently used
+    frame(fast, 256, 2)
+    assert fp.graphs.stats().captures == 4  # 256 was the one dropped
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm89+")
+def test_fp8_backbone_stays_close_to_bf16():
+    """FP8's 3 mantissa bits move a random-weight model's pixels more than bf16 reordering does:
+    the bound is looser, and the benchmark reports the fidelity at full size."""
+    plain, fast, fp = pipelines("synthetic:tiny-sdxl", quantization="fp8", fp8_min_features=32)
+    assert fp.report["fp8"].startswith("on") and not fp.report["fp8"].startswith("on: 0 "), fp.report
+    diff = np.abs(frame(fast, 256, 2) - frame(plain, 256, 2))
+    assert diff.mean() < 8, diff.mean()

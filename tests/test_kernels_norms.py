@@ -1,0 +1,265 @@
+"""GroupNorm(+SiLU) and adaLN LayerNorm-modulate kernels against their PyTorch references.
+
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+at small, awkward sizes; with CUDA the same small cases run on the GPU and the full SDXL / Flux
+shapes are added.
+
+Tolerance policy (`assert_close_to_reference`):
+  * float32: max abs error <= 1e-5 * max(1, max|ref|). Both sides compute in fp32; the only
+    difference is summation order, a few ulps of the O(1) normalised values.
+  * float16 / bfloat16: the reference is computed in float32 from the same low-precision inputs
+    upcast. PyTorch's own error is measured in the test by running the same reference natively in
+    the low dtype; ours may be at most 2x that, plus one ulp of the dtype at the output's largest
+    magnitude so that a case where PyTorch happens to be exact does not demand exactness from a
+    kernel that rounds differently. The kernels keep everything in fp32 and round once at the
+    store, so in practice they sit well below PyTorch's error (which rounds after the norm and
+    again after the SiLU / modulation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rtdiff_kernels.group_norm_silu as gn_mod
+from rtdiff_kernels.ada_layer_norm import layer_norm_modulate, layer_norm_modulate_reference
+from rtdiff_kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # on CPU the wrappers run the kernels in Triton's interpreter
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+needs_cuda = pytest.mark.skipif(not CUDA, reason="full-size kernel checks need a CUDA GPU")
+
+
+def _ulp(dtype: torch.dtype, magnitude: float) -> float:
+    if magnitude <= 0:
+        return torch.finfo(dtype).tiny
+    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(magnitude))
+
+
+def assert_close_to_reference(ours: torch.Tensor, ref32: torch.Tensor, native: torch.Tensor | None,
+                              dtype: torch.dtype) -> None:
+    """ours: kernel output in `dtype`; ref32: reference in fp32 from the upcast inputs; native: the
+    same reference run in `dtype` (None for fp32). See the module docstring for the policy."""
+    assert ours.dtype == dtype and ours.shape == ref32.shape
+    assert torch.isfinite(ours).all()
+    err = (ours.float() - ref32).abs().max().item()
+    amax = ref32.abs().max().item()
+    if dtype == torch.float32:
+        tol = 1e-5 * max(1.0, amax)
+    else:
+        torch_err = (native.float() - ref32).abs().max().item()
+        tol = 2.0 * torch_err + _ulp(dtype, amax)
+    assert err <= tol, f"max abs error {err:.3g} > tolerance {tol:.3g} ({dtype}, max|ref| {amax:.3g})"
+
+
+# ---------------------------------------------------------------------------- GroupNorm (+SiLU)
+
+def _gn_inputs(shape, dtype, channels_last, affine, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # A non-zero mean and non-unit spread so centring and scaling both matter.
+    x = (torch.randn(shape, generator=g) * 3 + 2).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    c = shape[1]
+    w = torch.randn(c, generator=g).to(dtype) if affine else None
+    b = torch.randn(c, generator=g).to(dtype) if affine else None
+    to = (lambda t: None if t is None else t.to(device))
+    return to(x), to(w), to(b)
+
+
+def _check_group_norm(shape, groups, dtype, channels_last, affine, silu, eps=1e-5):
+    x, w, b = _gn_inputs(shape, dtype, channels_last, affine)
+    ours = group_norm_silu(x, groups, w, b, eps, silu)
+    up = (lambda t: None if t is None else t.float())
+    ref32 = group_norm_silu_reference(up(x), groups, up(w), up(b), eps, silu)
+    native = None if dtype == torch.float32 else group_norm_silu_reference(x, groups, w, b, eps, silu)
+    assert_close_to_reference(ours, ref32, native, dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert ours.is_contiguous(memory_format=fmt), f"output strides {ours.stride()} lost x's memory format"
+
+
+GN_SMALL = [  # (shape, groups, affine, silu)
+    ((2, 12, 5, 7), 3, True, True),
+    ((2, 10, 5, 7), 5, False, True),
+    ((2, 12, 5, 7), 3, True, False),
+    ((1, 6, 3, 1), 6, True, True),  # one channel per group (instance norm), a width-1 image
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape,groups,affine,silu", GN_SMALL)
+def test_group_norm_small(shape, groups, affine, silu, channels_last, dtype):
+    _check_group_norm(shape, groups, dtype, channels_last, affine, silu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_3d(dtype):
+    _check_group_norm((2, 12, 35), 4, dtype, False, True, True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("knobs,shape,groups", [
+    # Tiny tiles: several tiles per chunk and several chunks, the last one short (35 = 4*8 + 3).
+    ({"_TILE_ELEMS": 64}, (2, 12, 5, 7), 3),
+    # Capped block width: one 13-channel group cut into slices of 5, 5 and 3 channels.
+    ({"_TILE_ELEMS": 16, "_MAX_BLOCK_C_NCHW": 5, "_MAX_BLOCK_C_CL": 5}, (2, 13, 5, 7), 1),
+    # Capped groups per block: 12 groups of 1 channel in blocks of 4, with chunks.
+    ({"_TILE_ELEMS": 32, "_MAX_GROUPS_PER_BLOCK": 4}, (2, 12, 5, 7), 12),
+    # 8-channel-aligned blocks (the vectorised channels_last path): 6 groups of 8 in one block ...
+    ({"_TILE_ELEMS": 128}, (2, 48, 3, 5), 6),
+    # ... and 2 groups of 16 cut into aligned 8-channel slices.
+    ({"_TILE_ELEMS": 32, "_MAX_BLOCK_C_NCHW": 8, "_MAX_BLOCK_C_CL": 8}, (2, 32, 3, 5), 2),
+])
+def test_group_norm_split_paths(monkeypatch, knobs, shape, groups, channels_last):
+    """The partial-statistics merges (across tiles, chunks and slices of a group) at sizes the
+    interpreter can run: the knobs shrink the blocks that SDXL-sized tensors would use."""
+    for name, value in knobs.items():
+        monkeypatch.setattr(gn_mod, name, value)
+    for dtype in (torch.float32, torch.bfloat16):
+        _check_group_norm(shape, groups, dtype, channels_last, True, True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_large_mean_is_stable(monkeypatch, channels_last):
+    """mean 1000, std 1: E[x^2] - E[x]^2 in fp32 loses the variance to cancellation (~10% error);
+    the centred merges must stay near the float64 answer."""
+    monkeypatch.setattr(gn_mod, "_TILE_ELEMS", 32)  # force several tile/chunk merges
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 9, 11, generator=g) + 1000
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ours = group_norm_silu(x.to(DEVICE), 2, None, None, 1e-6, silu=False).cpu().double()
+    ref = group_norm_silu_reference(x.double(), 2, None, None, 1e-6, silu=False)
+    # Inherent error: x itself is fp32 (ulp 6e-5 at 1000), so the centred values carry ~1e-4.
+    assert (ours - ref).abs().max().item() < 1e-3
+
+
+def test_group_norm_mixed_weight_dtype():
+    """fp32 GroupNorm parameters with bf16 activations: weights are read in their own dtype."""
+    x, _, _ = _gn_inputs((2, 12, 5, 7), torch.bfloat16, True, False)
+    w = torch.randn(12).to(DEVICE)
+    b = torch.randn(12).to(DEVICE)
+    ours = group_norm_silu(x, 3, w, b, 1e-5)
+    ref32 = group_norm_silu_reference(x.float(), 3, w, b, 1e-5)
+    native = group_norm_silu_reference(x, 3, w, b, 1e-5)  # casts w, b to bf16
+    assert_close_to_reference(ours, ref32, native, torch.bfloat16)
+
+
+def test_group_norm_empty():
+    x = torch.empty(0, 8, 4, 4, device=DEVICE)
+    assert group_norm_silu(x, 4, None, None, 1e-5).shape == x.shape
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"weight": torch.ones(11)}, "weight"),
+    ({"bias": torch.ones(12, 1)}, "bias"),
+    ({"num_groups": 5}, "num_groups"),
+    ({"num_groups": 0}, "num_groups"),
+    ({"x": torch.randn(2, 12)}, "x"),
+    ({"x": torch.randn(1, 2, 12, 3, 3)}, "x"),
+    ({"x": torch.ones(2, 12, 3, 3, dtype=torch.int32)}, "x"),
+    ({"eps": -1.0}, "eps"),
+])
+def test_group_norm_bad_input(kwargs, name):
+    args = {"x": torch.randn(2, 12, 3, 3), "num_groups": 3, "weight": torch.ones(12), "bias": torch.zeros(12),
+            "eps": 1e-5} | kwargs
+    with pytest.raises(ValueError, match=name):
+        group_norm_silu(**args)
+
+
+# SDXL at 1024x1024 (latents 128x128, N = 2 for CFG): the resnets' GroupNorm(32) inputs, and a
+# tensor-parallel shard (half the channels, half the groups).
+GN_SDXL = [(2, 320, 128, 128, 32), (2, 640, 128, 128, 32), (2, 960, 128, 128, 32), (2, 640, 64, 64, 32),
+           (2, 1280, 64, 64, 32), (2, 1920, 64, 64, 32), (2, 1280, 32, 32, 32), (2, 2560, 32, 32, 32),
+           (2, 160, 128, 128, 16)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("n,c,h,w,groups", GN_SDXL, ids=lambda v: str(v))
+def test_group_norm_sdxl_shapes(n, c, h, w, groups, channels_last):
+    _check_group_norm((n, c, h, w), groups, torch.bfloat16, channels_last, True, True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_sdxl_dtypes_no_silu(dtype):
+    _check_group_norm((2, 640, 64, 64), 32, dtype, True, True, False, eps=1e-6)
+    _check_group_norm((2, 1280, 32, 32), 32, dtype, False, True, True, eps=1e-6)
+
+
+# ---------------------------------------------------------------------------- adaLN modulate
+
+def _ln_inputs(b, l, d, dtype, affine, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # x is a view with a padded token stride; shift/scale are chunks of one [B, 6D] projection
+    # (stride 6D, like AdaLayerNormZero's emb.chunk(6, dim=1)).
+    x = (torch.randn(b, l + 3, d, generator=g) * 2 + 1).to(dtype).to(device)[:, 2:-1]
+    emb = (torch.randn(b, 6 * d, generator=g) * 0.5).to(dtype).to(device)
+    shift, scale = emb.chunk(6, dim=1)[:2]
+    w = torch.randn(d, generator=g).to(dtype).to(device) if affine else None
+    bias = torch.randn(d, generator=g).to(dtype).to(device) if affine else None
+    return x, shift, scale, w, bias
+
+
+def _check_ln(b, l, d, dtype, affine, eps=1e-6, inputs=None):
+    x, shift, scale, w, bias = inputs if inputs is not None else _ln_inputs(b, l, d, dtype, affine)
+    ours = layer_norm_modulate(x, shift, scale, eps, w, bias)
+    assert ours.is_contiguous()
+    up = (lambda t: None if t is None else t.float())
+    ref32 = layer_norm_modulate_reference(up(x), up(shift), up(scale), eps, up(w), up(bias))
+    native = None if dtype == torch.float32 else layer_norm_modulate_reference(x, shift, scale, eps, w, bias)
+    assert_close_to_reference(ours, ref32, native, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,l,d,affine", [(2, 5, 72, False), (1, 7, 200, True), (3, 4, 17, False), (1, 1, 1, False)])
+def test_layer_norm_modulate_small(b, l, d, affine, dtype):
+    _check_ln(b, l, d, dtype, affine)
+
+
+def test_layer_norm_modulate_transposed_x():
+    """A last dim that is not unit-stride is copied to a contiguous one first."""
+    x, shift, scale, _, _ = _ln_inputs(2, 6, 40, torch.float32, False)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert xt.stride(2) != 1
+    _check_ln(2, 6, 40, torch.float32, False, inputs=(xt, shift, scale, None, None))
+
+
+def test_layer_norm_modulate_empty():
+    x = torch.empty(2, 0, 8, device=DEVICE)
+    s = torch.zeros(2, 8, device=DEVICE)
+    assert layer_norm_modulate(x, s, s, 1e-6).shape == (2, 0, 8)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"x": torch.randn(4, 8)}, "x"),
+    ({"x": torch.ones(2, 4, 8, dtype=torch.int64)}, "x"),
+    ({"shift": torch.randn(2, 7)}, "shift"),
+    ({"shift": torch.randn(1, 8)}, "shift"),
+    ({"scale": torch.randn(2, 8, 1)}, "scale"),
+    ({"weight": torch.ones(9)}, "weight"),
+    ({"bias": torch.ones(4)}, "bias"),
+    ({"eps": float("nan")}, "eps"),
+])
+def test_layer_norm_modulate_bad_input(kwargs, name):
+    args = {"x": torch.randn(2, 4, 8), "shift": torch.randn(2, 8), "scale": torch.randn(2, 8), "eps": 1e-6} | kwargs
+    with pytest.raises(ValueError, match=name):
+        layer_norm_modulate(**args)
+
+
+@needs_cuda
+@pytest.mark.parametrize("b,l,d,affine", [
+    (1, 4096, 3072, False),  # Flux image tokens at 1024x1024 (AdaLayerNormZero)
+    (1, 512, 3072, False),  # Flux text tokens
+    (2, 4608, 3072, False),  # joint sequence of the single blocks, batch 2
+    (1, 4096, 3072, True),  # AdaLayerNormContinuous with an affine LayerNorm
+    (2, 1000, 1536, False),  # SD3-sized width, ragged length
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_layer_norm_modulate_flux_shapes(b, l, d, affine, dtype):
+    _check_ln(b, l, d, dtype, affine)

@@ -46,8 +46,8 @@ def assert_close(out, ref, what):
     assert err <= FP32_TOLERANCE * ref.abs().max().item(), f"{what}: max error {err:.3g}"
 
 
-@pytest.mark.parametrize("backends", [["math"], ["triton"], ["sdpa"]])
-def test_attention_processors_match_diffusers(model, backends):
+@pytest.mark.parametrize("backends, fuse", [(["math"], False), (["triton"], False), (["sdpa"], False), (["sdpa"], True)])
+def test_attention_processors_match_diffusers(model, backends, fuse):
     import os
 
     from rtdiff_cluster.ops import processors
@@ -56,6 +56,10 @@ def test_attention_processors_match_diffusers(model, backends):
         pytest.skip("the Triton kernel runs CPU tensors only in the interpreter (this machine has a GPU)")
 
     ours = copy.deepcopy(model.backbone)
+    if fuse:  # q/k/v as one matmul (UNet attention only; Flux's modules are left as they are)
+        fused = processors.fuse_projections(ours)
+        assert (fused > 0) == (model.kind == "sdxl"), fused
+        assert all(getattr(m, "to_k", "absent") is None for m in ours.modules() if getattr(m, "fused_projections", False))
     registry = AttentionRegistry(allowed=backends)
     n = processors.install(ours, registry, fused=False)
     assert n > 0
@@ -68,7 +72,7 @@ def test_fused_kernels_match_diffusers_modules(model):
 
     ours = copy.deepcopy(model.backbone)
     done = install_fused(ours)
-    expected = {"resnet group_norm+silu", "geglu"} if model.kind == "sdxl" else {"linear+gelu_tanh", "adaln_zero",
+    expected = {"resnet group_norm+silu", "geglu", "group_norm"} if model.kind == "sdxl" else {"linear+gelu_tanh", "adaln_zero",
                                                                                  "adaln_continuous"}
     assert expected <= set(done), done
     assert_close(backbone_output(model, ours), backbone_output(model, model.backbone), "fused modules")
@@ -121,3 +125,20 @@ def test_noise_free_schedulers_are_the_ones_that_add_no_noise():
     assert not _noise_free_step(diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True))
     assert not _noise_free_step(diffusers.EulerAncestralDiscreteScheduler())
     assert not _noise_free_step(diffusers.LCMScheduler())
+
+
+def test_registry_moves_on_when_a_backend_fails_despite_its_guards():
+    from rtdiff_cluster.ops.attention import Backend, _math
+
+    def refuse(q, k, v, scale):
+        raise RuntimeError("no kernel for these strides")
+
+    calls = []
+    backends = [Backend("picky", lambda: None, lambda q, k, v: None, refuse),
+                Backend("math", lambda: None, lambda q, k, v: None, lambda *a: calls.append(1) or _math(*a))]
+    registry = AttentionRegistry(backends=backends)
+    q = torch.randn(1, 2, 5, 8)
+    out = registry(q, q, q)
+    torch.testing.assert_close(out, torch.softmax(q @ q.transpose(-1, -2) / 8**0.5, -1) @ q)
+    registry(q, q, q)
+    assert len(calls) == 2 and registry.choices() == {"cpu float32 d8 self": "math"}

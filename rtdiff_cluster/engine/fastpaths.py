@@ -70,6 +70,8 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
     why_not_kernels = None if cfg.kernels else "off: fast_paths.kernels is false"
     why_not_kernels = why_not_kernels or (_triton_missing() and f"off: {_triton_missing()}")
 
+    # Before quantising: the fused q/k/v layers are the ones FP8 then converts.
+    fused_qkv = processors.fuse_projections(backbone) if model.kind != "flux" else 0
     if cfg.quantization == "fp8":
         major, minor = torch.cuda.get_device_capability(model.device)
         if (major, minor) < (8, 9):
@@ -87,7 +89,8 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
     fp.registry = AttentionRegistry(allowed=allowed)
     usable = [name for name, why in fp.registry.installed().items() if why is None]
     n = processors.install(backbone, fp.registry, fused=why_not_kernels is None)
-    r["attention"] = f"registry on {n} attention modules; usable here: {', '.join(usable)}"
+    r["attention"] = (f"registry on {n} attention modules ({fused_qkv} with fused q/k/v projections); "
+                      f"usable here: {', '.join(usable)}")
 
     if why_not_kernels is None:
         done = fused.install_fused(backbone)

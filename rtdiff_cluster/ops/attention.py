@@ -164,6 +164,7 @@ class AttentionRegistry:
         self.backends = [b for b in (backends or _registry()) if allowed is None or b.name in allowed]
         self._installed = {b.name: b.installed() for b in self.backends}
         self._choice: dict[tuple, Backend] = {}
+        self._broken: set[tuple] = set()  # (kind of call, backend name) that raised although its guards passed
 
     def installed(self) -> dict[str, str | None]:
         """Backend name -> None (usable here) or why not."""
@@ -176,7 +177,8 @@ class AttentionRegistry:
         key = self._key(q, k, v)
         chosen = self._choice.get(key)
         if chosen is None or chosen.supports(q, k, v) is not None:  # a remembered choice is re-checked: lengths vary
-            chosen = next((b for b in self.backends if self._installed[b.name] is None and b.supports(q, k, v) is None), None)
+            chosen = next((b for b in self.backends if self._installed[b.name] is None and (key, b.name) not in self._broken
+                           and b.supports(q, k, v) is None), None)
             if chosen is None:
                 why = "; ".join(f"{b.name}: {self._installed[b.name] or b.supports(q, k, v)}" for b in self.backends)
                 raise RuntimeError(f"attention: no allowed backend runs {q.device.type} {q.dtype} head dim {q.shape[-1]} ({why})")
@@ -190,7 +192,20 @@ class AttentionRegistry:
         if (q.dim() != 4 or q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2] or k.shape[-2] != v.shape[-2]
                 or q.shape[-1] != k.shape[-1]):
             raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit [B, H, L, D]")
-        return self.pick(q, k, v).run(q, k, v, scale)
+        backend = self.pick(q, k, v)
+        try:
+            return backend.run(q, k, v, scale)
+        except RuntimeError as e:
+            # A guard cannot foresee every constraint of a library kernel (strides, alignment): the
+            # backend is dropped for this kind of call, loudly, and the next one runs it.
+            if backend is self.backends[-1]:
+                raise
+            key = self._key(q, k, v)
+            log.warning("attention backend %s failed on %s (%s); the next backend takes these calls",
+                        backend.name, key, str(e).splitlines()[0][:200])
+            self._broken.add((key, backend.name))
+            self._choice.pop(key, None)
+            return self(q, k, v, scale)
 
     def choices(self) -> dict[str, str]:
         """What each kind of call seen so far runs on, for the startup log."""

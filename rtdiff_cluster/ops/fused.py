@@ -3,6 +3,7 @@ loaded backbone, sharded or not, by replacing those modules' `forward` with one 
 the same thing through the kernel:
 
     ResnetBlock2D (UNet)      GroupNorm -> SiLU, twice per block, as one kernel each
+    GroupNorm elsewhere       (in front of UNet transformers, the output head) the same kernel
     GEGLU (UNet feed-forward) proj -> chunk -> x * gelu(gate), the gating as one kernel
     GELU tanh (Flux ff)       proj -> tanh-GELU with the GELU in the GEMM's epilogue
     AdaLayerNormZero[Single], AdaLayerNormContinuous (Flux)
@@ -90,6 +91,12 @@ def _ada_continuous_forward(self, x, conditioning_embedding):
     return layer_norm_modulate(x, shift, scale, self.norm.eps, self.norm.weight, self.norm.bias)
 
 
+def _group_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from rtdiff_kernels.group_norm_silu import group_norm_silu
+
+    return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, silu=False)
+
+
 def _plain_layer_norm(norm) -> bool:
     return type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
 
@@ -101,6 +108,8 @@ def install_fused(backbone: nn.Module) -> dict[str, int]:
     from diffusers.models.resnet import ResnetBlock2D
 
     done: Counter[str] = Counter()
+    in_resnets = {id(m) for r in backbone.modules() if isinstance(r, ResnetBlock2D) and _resnet_fusable(r)
+                  for m in (r.norm1, r.norm2)}
 
     def patch(module, forward, kind):
         module.forward = types.MethodType(forward, module)
@@ -109,6 +118,8 @@ def install_fused(backbone: nn.Module) -> dict[str, int]:
     for module in backbone.modules():
         if isinstance(module, ResnetBlock2D) and _resnet_fusable(module):
             patch(module, _resnet_forward, "resnet group_norm+silu")
+        elif type(module) is nn.GroupNorm and id(module) not in in_resnets:
+            patch(module, _group_norm_forward, "group_norm")
         elif isinstance(module, GEGLU):
             patch(module, _geglu_forward, "geglu")
         elif isinstance(module, GELU) and module.approximate == "tanh":

@@ -35,6 +35,9 @@ def test_gpu_replica_exports_power_energy_and_joules_per_frame(ray_cluster):
         assert 0 <= metric(m, "rtdiff_gpu_utilization_ratio") <= 1
         assert metric(m, "rtdiff_frame_energy_joules_count", model=TINY) >= 20
         assert metric(m, "rtdiff_frame_energy_joules_sum", model=TINY) > 0
+        # The fast paths are on by default: 512x512 frames ran from a captured graph whose memory is counted.
+        assert metric(m, "rtdiff_cuda_graphs") >= 1 and metric(m, "rtdiff_cuda_graph_memory_bytes") > 0
+        assert metric(m, "rtdiff_cuda_graph_captures_total") >= 1
     finally:
         gw.stop()
         for g in actors:

@@ -38,6 +38,7 @@ from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.engine import fastpaths
+from rtdiff_cluster.engine.graphs import GraphStats
 from rtdiff_cluster.models.registry import load_model
 from rtdiff_cluster.parallel import groups
 
@@ -119,6 +120,7 @@ class ReplicaStats:
     streams: int
     gpus: list[GpuSample] = field(default_factory=list)
     batch_energy_joules: float = 0.0  # this rank's GPU energy during batches, since it started
+    graphs: GraphStats | None = None  # the leader's CUDA graph cache, when it has one
 
 
 @dataclass
@@ -325,5 +327,6 @@ class EngineRank:
         if self.started is None or not self.started.done() or self.started.exception() is not None:
             return ReplicaStats(0, 0, 0, 0, 0, 0)
         p = self.pipeline.prompts
+        graphs = self.fast.graphs.stats() if self.fast.graphs is not None else None
         return ReplicaStats(self.frames_computed, self.batches, p.hits, p.misses, len(p), len(self.streams),
-                            self.gpu.latest(), self.gpu.batch_energy_joules)
+                            self.gpu.latest(), self.gpu.batch_energy_joules, graphs)

@@ -154,8 +154,17 @@ class _PolledCollector:
         util = GaugeMetricFamily("rtdiff_gpu_utilization_ratio", "GPU busy fraction (NVML)", labels=["model", "replica", "gpu"])
         mem = GaugeMetricFamily("rtdiff_gpu_memory_used_bytes", "GPU memory in use", labels=["model", "replica", "gpu"])
         memt = GaugeMetricFamily("rtdiff_gpu_memory_total_bytes", "GPU memory size", labels=["model", "replica", "gpu"])
+        graphs = GaugeMetricFamily("rtdiff_cuda_graphs", "CUDA graphs a replica keeps captured", labels=["model", "replica"])
+        graph_mem = GaugeMetricFamily("rtdiff_cuda_graph_memory_bytes", "Device memory a replica's captured graphs hold",
+                                      labels=["model", "replica"])
+        captures = CounterMetricFamily("rtdiff_cuda_graph_captures", "CUDA graph captures (a new shape bucket, or one "
+                                       "captured again after eviction)", labels=["model", "replica"])
         for (model, replica), s in items:
             computed.add_metric([model, replica], s.frames_computed)
+            if s.graphs is not None:
+                graphs.add_metric([model, replica], s.graphs.graphs)
+                graph_mem.add_metric([model, replica], s.graphs.bytes)
+                captures.add_metric([model, replica], s.graphs.captures)
             hits.add_metric([model, replica], s.prompt_cache_hits)
             misses.add_metric([model, replica], s.prompt_cache_misses)
             states.add_metric([model, replica], s.streams)
@@ -170,3 +179,5 @@ class _PolledCollector:
         # GPU families only when some replica has a GPU: absent, not zero, on CPU-only machines.
         if any(s.gpus for _, s in items):
             yield from (power, energy, util, mem, memt)
+        if any(s.graphs is not None for _, s in items):
+            yield from (graphs, graph_mem, captures)

@@ -73,9 +73,8 @@ class GraphCache:
         return key in self._graphs
 
     def stats(self) -> GraphStats:
-        g = self._graphs.values()
-        return GraphStats(len(self._graphs), sum(c.bytes for c in g), self.captures, self.evictions,
-                          sum(c.replays for c in g))
+        g = list(self._graphs.values())  # a snapshot: the replica's stats call reads it from another thread
+        return GraphStats(len(g), sum(c.bytes for c in g), self.captures, self.evictions, sum(c.replays for c in g))
 
     def call(self, key: Hashable, fn: Fn, *inputs: torch.Tensor):
         entry = self._graphs.get(key)

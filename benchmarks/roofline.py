@@ -175,14 +175,13 @@ def _fast(model, ctx: Ctx, **overrides):
 def _to_fp8(model, fp, ctx: Ctx):
     """Ours bf16 -> ours fp8 in place: the graphs captured the bf16 weights, so they go first."""
     from rtdiff_cluster.config import FastPathConfig
+    from rtdiff_cluster.engine.fastpaths import fp8_linears
     from rtdiff_cluster.engine.graphs import GraphCache
-    from rtdiff_cluster.quant.fp8 import quantize_linears
 
     if fp.graphs is not None:
         fp.graphs.clear()
         fp.graphs = GraphCache(ctx.device, 16, 1 << 40)
-    n = FastPathConfig().fp8_min_features
-    q = quantize_linears(model.backbone, min_features=16, skip=lambda name, lin: lin.out_features < n)
+    q = fp8_linears(model.backbone, FastPathConfig())
     ctx.notes.append(f"{model.limits.name} fp8: {q}")
     return fp
 
@@ -403,7 +402,6 @@ def part_flux(ctx: Ctx) -> None:
     from rtdiff_cluster.engine.graphs import GraphCache
     from rtdiff_cluster.ops import fused, processors
     from rtdiff_cluster.ops.attention import AttentionRegistry
-    from rtdiff_cluster.quant.fp8 import quantize_linears
 
     registry = AttentionRegistry()
     processors.install(model, registry, fused=True)
@@ -417,9 +415,9 @@ def part_flux(ctx: Ctx) -> None:
     if ctx.peaks.get("fp8_tflops"):
         graphs.clear()
         from rtdiff_cluster.config import FastPathConfig
+        from rtdiff_cluster.engine.fastpaths import fp8_linears
 
-        n = FastPathConfig().fp8_min_features
-        q = quantize_linears(model, min_features=16, skip=lambda name, lin: lin.out_features < n)
+        q = fp8_linears(model, FastPathConfig())
         ctx.notes.append(f"{work} fp8: {q}")
         graphs = GraphCache(ctx.device, 4, 1 << 40)
         run = _graph(graphs, "flux8", call(model), *tensors)

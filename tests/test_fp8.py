@@ -222,6 +222,16 @@ def test_quantize_linears_skip_and_bad_input():
         quantize_linears(nn.Linear(32, 32))
 
 
+def test_quantize_linears_min_out_features_keeps_narrow_outputs():
+    """What the engine asks for (engine/fastpaths.py): any input width, only wide outputs."""
+    model = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 32), nn.Linear(32, 128))
+    report = quantize_linears(model, min_features=16, min_out_features=64)
+    assert [type(m).__name__ for m in model] == ["Fp8Linear", "Linear", "Fp8Linear"]
+    assert report["replaced"] == 2 and report["skipped"] == 1
+    with pytest.raises(ValueError, match="min_out_features"):
+        quantize_linears(model, min_out_features=-1)
+
+
 def _tiny_unet():
     from diffusers import UNet2DConditionModel
 

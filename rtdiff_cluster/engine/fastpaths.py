@@ -53,6 +53,14 @@ class FastPaths:
         return "; ".join(f"{k}: {v}" for k, v in self.registry.choices().items()) or "no call yet"
 
 
+def fp8_linears(backbone: torch.nn.Module, cfg: FastPathConfig) -> dict:
+    """The backbone's linears wide enough to gain from FP8 (cfg.fp8_min_features output features;
+    any input width) in float8, in place; quantize_linears' report."""
+    from rtdiff_cluster.quant.fp8 import quantize_linears
+
+    return quantize_linears(backbone, min_features=16, min_out_features=cfg.fp8_min_features)
+
+
 def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
     """Modifies model in place. world: ranks of the replica (graphs capture single-rank replicas)."""
     fp = FastPaths()
@@ -67,8 +75,8 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
     from rtdiff_cluster.ops import fused, processors
 
     backbone, vae = model.backbone, model.vae
-    why_not_kernels = None if cfg.kernels else "off: fast_paths.kernels is false"
-    why_not_kernels = why_not_kernels or (_triton_missing() and f"off: {_triton_missing()}")
+    missing = None if not cfg.kernels else _triton_missing()
+    why_not_kernels = "off: fast_paths.kernels is false" if not cfg.kernels else missing and f"off: {missing}"
 
     # Before quantising: the fused q/k/v layers are the ones FP8 then converts.
     fused_qkv = processors.fuse_projections(backbone) if model.kind != "flux" else 0
@@ -77,9 +85,7 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
         if (major, minor) < (8, 9):
             r["fp8"] = f"off: needs compute capability 8.9+, this GPU has {major}.{minor}"
         else:
-            from rtdiff_cluster.quant.fp8 import quantize_linears
-
-            q = quantize_linears(backbone, min_features=16, skip=lambda name, lin: lin.out_features < cfg.fp8_min_features)
+            q = fp8_linears(backbone, cfg)
             r["fp8"] = (f"on: {q['replaced']} linears ({q['bytes_before'] / 2**30:.2f} -> "
                         f"{q['bytes_after'] / 2**30:.2f} GiB), {q['skipped']} left in {str(model.dtype).removeprefix('torch.')}")
     else:

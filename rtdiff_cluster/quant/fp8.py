@@ -181,20 +181,22 @@ class Fp8Linear(nn.Module):
                 f"row_parallel={self.row_parallel}, fast_accum={self.fast_accum}")
 
 
-def _eligible(linear: nn.Linear, min_features: int) -> bool:
+def _eligible(linear: nn.Linear, min_features: int, min_out_features: int) -> bool:
     n, k = linear.out_features, linear.in_features
-    if n < min_features or k < min_features or n % ALIGN or k % ALIGN:
+    if n < max(min_features, min_out_features) or k < min_features or n % ALIGN or k % ALIGN:
         return False
     if linear.weight.dtype not in _ACT_DTYPES or linear.weight.device.type == "meta":
         return False
     return isinstance(linear, RowParallelLinear) or type(linear).forward is nn.Linear.forward
 
 
-def quantize_linears(module: nn.Module, min_features: int = 1024,
+def quantize_linears(module: nn.Module, min_features: int = 1024, min_out_features: int = 0,
                      skip: Callable[[str, nn.Linear], bool] | None = None, fast_accum: bool = False) -> dict:
     """Replaces, in place, every nn.Linear (RowParallelLinear included) under module whose in and
-    out features are both >= min_features and multiples of 16, unless skip(qualified_name, linear)
-    says so, with an Fp8Linear. Subclasses that override forward are left alone. A Linear shared
+    out features are both >= min_features and multiples of 16, and whose out features are also >=
+    min_out_features, unless skip(qualified_name, linear) says so, with an Fp8Linear. (The output
+    width is what pays for the per-token quantisation of the input: that costs in proportion to K,
+    the matmul it speeds up to K x N.) Subclasses that override forward are left alone. A Linear shared
     by several parents becomes one Fp8Linear. Run it after the model has its device and dtype.
 
     Returns {"replaced": n, "skipped": n, "bytes_before": n, "bytes_after": n}: counts of distinct
@@ -206,6 +208,8 @@ def quantize_linears(module: nn.Module, min_features: int = 1024,
         raise ValueError("module: is itself an nn.Linear and has no parent to swap it in; use Fp8Linear.from_linear")
     if not isinstance(min_features, int) or min_features < 1:
         raise ValueError(f"min_features must be a positive int, got {min_features!r}")
+    if not isinstance(min_out_features, int) or min_out_features < 0:
+        raise ValueError(f"min_out_features must be a non-negative int, got {min_out_features!r}")
     done: dict[int, nn.Module] = {}  # id(original) -> its replacement, or itself when skipped
     report = {"replaced": 0, "skipped": 0, "bytes_before": 0, "bytes_after": 0}
     for parent_name, parent in list(module.named_modules()):
@@ -215,7 +219,7 @@ def quantize_linears(module: nn.Module, min_features: int = 1024,
                 continue
             if id(child) not in done:
                 name = f"{parent_name}.{child_name}" if parent_name else child_name
-                if _eligible(child, min_features) and not (skip is not None and skip(name, child)):
+                if _eligible(child, min_features, min_out_features) and not (skip is not None and skip(name, child)):
                     new = Fp8Linear.from_linear(child, fast_accum=fast_accum)
                     bias_bytes = 0 if child.bias is None else child.bias.numel() * child.bias.element_size()
                     report["replaced"] += 1

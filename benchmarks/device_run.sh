@@ -6,6 +6,7 @@
 #   kernel-tests  the kernel, fast-path and FP8 tests at full sizes on the GPU
 #   kernel-bench  the kernels' micro-benchmarks (kernels/bench_*.py)
 #   roofline-sdxl / roofline-vae / roofline-flux   benchmarks/roofline.py, one part per call's budget
+#   stream-cache  benchmarks/stream_cache.py (SDXL 1024, tiny VAE: the chunk cache's speed and fidelity)
 # Run from the repo root on the device machine with .whl carried (../shared/tools/device-wheels.sh
 # grpcio==1.85.1 protobuf==7.36.2). Results land in $OUT.
 set -uo pipefail
@@ -31,6 +32,8 @@ for part in $parts; do
       timeout 90 python3 "$b" --out "$OUT/$n.json" 2>&1 | tee "$OUT/$n.log"; done ;;
     roofline-*) timeout 580 python3 benchmarks/roofline.py --parts "${part#roofline-}" --tag "${part#roofline-}" \
       --out-dir "$OUT" 2>&1 | tee "$OUT/$part.log" ;;
+    stream-cache) timeout 500 python3 benchmarks/stream_cache.py --device cuda --frames 12 --out-dir "$OUT" 2>&1 \
+      | tee "$OUT/stream_cache.log" ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -65,6 +65,43 @@ class FastPathConfig:
 
 
 @dataclass
+class StreamCacheConfig:
+    """Chunk-based caching of image-to-image streams (cache/chunk_cache.py): only the chunks whose
+    input changed are recomputed; a frame with none changed is answered from the cache."""
+
+    enabled: bool = True
+    """Off: every stream frame is computed whole. A frame can also turn it off (cache_threshold < 0)."""
+    chunk_px: int = 64
+    """Side of a chunk in pixels: the unit of change detection and of reuse."""
+    threshold: float = 2.0
+    """A chunk is recomputed when its input's mean absolute change since it was last computed
+    exceeds this many 0-255 levels (a webcam's sensor noise is about 1-2); frames may override it."""
+    halo_px: int = 64
+    """Context computed around the changed chunks and then discarded: the convolutions and the
+    attention at the region's edge see real neighbours instead of padding."""
+    max_region_fraction: float = 0.5
+    """A region larger than this fraction of the frame is not worth cutting out: the whole frame is
+    computed."""
+    region_buckets: int = 4
+    """Region sizes are rounded up to multiples of 1/region_buckets of the frame per axis, so a
+    moving object reuses a few shapes (each one CUDA graph) instead of one per frame."""
+    memory_mb: int = 1024
+    """Cache memory per replica, in MiB: a 1024x1024 stream holds 3 MiB of reference input on the
+    model's device (where changes are measured) and 3 MiB of output in host memory. The least
+    recently used streams are dropped beyond it and start again with a whole frame."""
+
+    def validate(self, path: str) -> None:
+        _check(8 <= self.chunk_px <= 1024, f"{path}.chunk_px", f"must be in 8..1024, got {self.chunk_px}")
+        _check(math.isfinite(self.threshold) and 0 <= self.threshold <= 255, f"{path}.threshold",
+               f"must be in 0..255, got {self.threshold}")
+        _check(0 <= self.halo_px <= 1024, f"{path}.halo_px", f"must be in 0..1024, got {self.halo_px}")
+        _check(0 < self.max_region_fraction <= 1, f"{path}.max_region_fraction",
+               f"must be in (0, 1], got {self.max_region_fraction}")
+        _check(1 <= self.region_buckets <= 64, f"{path}.region_buckets", f"must be in 1..64, got {self.region_buckets}")
+        _check(1 <= self.memory_mb <= 1 << 22, f"{path}.memory_mb", f"must be in 1..4194304, got {self.memory_mb}")
+
+
+@dataclass
 class ModelConfig:
     source: str = "synthetic:tiny"
     """What to serve: a synthetic preset (`synthetic:tiny`, `synthetic:sdxl`, `synthetic:flux-dev`, ...)
@@ -109,6 +146,8 @@ class ModelConfig:
     """Run one frame at the default size before reporting ready."""
     fast_paths: FastPathConfig = field(default_factory=FastPathConfig)
     """Kernels, attention backends, quantisation and CUDA graphs (CUDA replicas)."""
+    stream_cache: StreamCacheConfig = field(default_factory=StreamCacheConfig)
+    """Chunk-based caching of image-to-image streams."""
 
     @property
     def served_name(self) -> str:
@@ -142,6 +181,7 @@ class ModelConfig:
         _check(0 <= self.weights_seed < 2**63, f"{path}.weights_seed", "must be in 0..2^63-1")
         _check(self.max_restarts >= -1, f"{path}.max_restarts", f"must be -1 or more, got {self.max_restarts}")
         self.fast_paths.validate(f"{path}.fast_paths")
+        self.stream_cache.validate(f"{path}.stream_cache")
 
 
 @dataclass

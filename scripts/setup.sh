@@ -22,3 +22,6 @@ if ! .venv/bin/python -c "import rtdiff_cluster, rtdiff_kernels, ray, diffusers,
   touch .venv/.rtdiff-installed
 fi
 .venv/bin/python -c "import rtdiff_cluster, torch, ray" || { echo "setup: installation failed" >&2; exit 1; }
+# The deployment tests' tools: helm (+ schema validators) under .tools/, Prometheus and promtool from apt.
+bash scripts/tools/install-helm.sh || { echo "setup: installing helm failed" >&2; exit 1; }
+bash scripts/tools/install-prometheus.sh || { echo "setup: installing prometheus failed" >&2; exit 1; }

@@ -41,6 +41,7 @@ class FrameSpec:
     output_format: int = 1
     jpeg_quality: int = 90
     stream_id: str | None = None
+    cache_threshold: float | None = None  # chunk cache of a stream frame: None the model's threshold, < 0 off
 
 
 @dataclass
@@ -53,6 +54,10 @@ class BatchSpec:
     guidance_scale: float
     strength: float  # 0: text-to-image; else every frame has an init_image
     frames: list[FrameSpec] = field(default_factory=list)
+    # A region of a larger frame (chunk cache): (frame height, frame width, top, left) in pixels;
+    # width and height above are the region's. Its noise is the frame's noise cut to the region,
+    # so a region agrees with the whole frame computed at once wherever context does not reach.
+    crop: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -98,12 +103,17 @@ class Pipeline:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
 
-    def initial_noise(self, seeds: list[int], latent_hw: tuple[int, int]) -> torch.Tensor:
-        """Per-frame noise from a CPU generator: the same seed gives the same image on any device."""
+    def initial_noise(self, seeds: list[int], latent_hw: tuple[int, int],
+                      window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """Per-frame noise from a CPU generator: the same seed gives the same image on any device.
+        window (top, left, height, width), in latent pixels: that part of the latent_hw noise."""
         h, w = latent_hw
         c = self.family.latent_channels()
-        noise = [torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
-        return torch.cat(noise).to(self.model.device, self.model.dtype)  # [B, C, h, w]
+        noise = torch.cat([torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+        if window is not None:
+            top, left, wh, ww = window
+            noise = noise[:, :, top:top + wh, left:left + ww]
+        return noise.to(self.model.device, self.model.dtype)  # [B, C, h, w]
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return self.family.uses_cfg and guidance_scale > 1.0
@@ -148,7 +158,13 @@ class Pipeline:
         fam.set_timesteps(scheduler, batch.steps, h, w)
         timesteps = scheduler.timesteps
         begin = 0
-        noise = fam.to_model_layout(self.initial_noise([fr.seed for fr in batch.frames], (h, w)))
+        seeds = [fr.seed for fr in batch.frames]
+        if batch.crop is None:
+            noise = self.initial_noise(seeds, (h, w))
+        else:
+            full_h, full_w, top, left = batch.crop
+            noise = self.initial_noise(seeds, (full_h // f, full_w // f), (top // f, left // f, h, w))
+        noise = fam.to_model_layout(noise)
         init = None
         if batch.strength > 0:
             # Image-to-image: start part-way down the schedule from the noised input latents.

@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 import torch
 
 from rtdiff_cluster import imaging
+from rtdiff_cluster.cache.chunk_cache import CacheCounters, StreamCaches
 from rtdiff_cluster.config import ModelConfig
 from rtdiff_cluster.engine.link import LinkAddress, LinkServer, current_peer, new_key, node_host
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
+from rtdiff_cluster.engine.stream_frames import CachedFrame, cache_settings, run_cached
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.engine import fastpaths
@@ -82,6 +84,11 @@ class FrameResult:
     seed: int
     encode_s: float
     error: str = ""  # non-empty: this frame failed (the stream's state was lost)
+    from_cache: bool = False  # chunk cache: no chunk changed, the cached output was sent
+    recomputed_fraction: float = 1.0  # chunk cache: the fraction of the frame's chunks recomputed
+    # (text_encode_s, denoise_s, decode_s) of this frame alone, when it ran apart from its batch
+    # (chunk-cached stream frames); None: the batch's times are the frame's
+    stage_s: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -121,6 +128,9 @@ class ReplicaStats:
     gpus: list[GpuSample] = field(default_factory=list)
     batch_energy_joules: float = 0.0  # this rank's GPU energy during batches, since it started
     graphs: GraphStats | None = None  # the leader's CUDA graph cache, when it has one
+    stream_cache: CacheCounters = field(default_factory=CacheCounters)
+    stream_cache_bytes: int = 0
+    stream_caches: int = 0
 
 
 @dataclass
@@ -151,6 +161,7 @@ class EngineRank:
         self.started: asyncio.Future | None = None
         self.model = self.pipeline = self.gpu = None
         self.streams: OrderedDict[str, _StreamState] = OrderedDict()
+        self.stream_caches = StreamCaches(config.stream_cache.memory_mb << 20)  # on the model's device once loaded
         self.frames_computed = 0
         self.batches = 0
         self.load_s = 0.0
@@ -200,6 +211,7 @@ class EngineRank:
         self.pipeline = Pipeline(self.model, self.config.prompt_cache_size, self.fast.graphs,
                                  self.config.fast_paths.loop_graph_max_steps)
         self.gpu = GpuSampler(self.model.device, self.stats_interval_s)
+        self.stream_caches.device = self.model.device
         self.load_s = time.perf_counter() - t0
 
     async def lifeline(self) -> None:
@@ -276,7 +288,7 @@ class EngineRank:
                 self.streams[fr.stream_id] = state
                 self.streams.move_to_end(fr.stream_id)
                 while len(self.streams) > MAX_STREAMS_PER_REPLICA:
-                    self.streams.popitem(last=False)
+                    self.stream_caches.drop(self.streams.popitem(last=False)[0])
             if fr.prompt is None and state is None:
                 failed[i] = "the stream's state was lost (the replica restarted)"
                 continue
@@ -285,42 +297,90 @@ class EngineRank:
             negatives.append(fr.negative_prompt if fr.prompt is not None else state.negative_prompt)
         return keep, prompts, negatives, failed
 
+    def _cached(self, batch: BatchSpec, i: int) -> bool:
+        """Whether frame i goes through its stream's chunk cache."""
+        fr = batch.frames[i]
+        return (self.config.stream_cache.enabled and batch.strength > 0 and fr.stream_id is not None
+                and fr.init_image is not None and (fr.cache_threshold is None or fr.cache_threshold >= 0))
+
+    def _run_cached(self, batch: BatchSpec, i: int, prompt: str, negative: str) -> CachedFrame:
+        """On the compute thread, in arrival order: frames of one stream see each other's commits."""
+        fr = batch.frames[i]
+        one = BatchSpec(batch.width, batch.height, batch.steps, batch.guidance_scale, batch.strength, [fr])
+        settings = cache_settings(self.config.stream_cache, self.model.limits.size_multiple, fr.cache_threshold)
+        cache = self.stream_caches.get(fr.stream_id)
+        before = cache.nbytes
+        done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings)
+        self.stream_caches.account(fr.stream_id, before, cache.nbytes)
+        self.stream_caches.count(done.plan)
+        return done
+
     async def run_batch(self, batch: BatchSpec) -> BatchResult:
         t0 = time.perf_counter()
         self._need_started()
         loop = asyncio.get_running_loop()
         keep, prompts, negatives, failed = self._resolve_prompts(batch)
-        images, times = [], None
-        if keep:
+        pixels: dict[int, object] = {}
+        cache_info: dict[int, tuple[bool, float, tuple[float, float, float]]] = {}
+        text_s = denoise_s = decode_s = 0.0
+        plain = [k for k, i in enumerate(keep) if not self._cached(batch, i)]
+        # All of the batch's compute is queued before the first await: the compute thread runs it
+        # in arrival order, so the next batch (perhaps with the same streams) waits behind it.
+        plain_run = None
+        if plain:
             sub = BatchSpec(batch.width, batch.height, batch.steps, batch.guidance_scale, batch.strength,
-                            [batch.frames[i] for i in keep])
-            images, times = await loop.run_in_executor(self.compute, self._lead, _Work(sub, prompts, negatives))
-            self.frames_computed += len(keep)
+                            [batch.frames[keep[k]] for k in plain])
+            plain_run = loop.run_in_executor(
+                self.compute, self._lead, _Work(sub, [prompts[k] for k in plain], [negatives[k] for k in plain]))
+        # Cached stream frames run one by one (a region's shape is the frame's own), after the plain ones.
+        cached_runs = [(i, loop.run_in_executor(self.compute, self._run_cached, batch, i, prompts[k], negatives[k]))
+                       for k, i in enumerate(keep) if self._cached(batch, i)]
+        if plain_run is not None:
+            images, times = await plain_run
+            pixels.update((keep[k], img) for k, img in zip(plain, images))
+            text_s, denoise_s, decode_s = times.text_encode_s, times.denoise_s, times.decode_s
+            self.frames_computed += len(plain)
             self.batches += 1
+        for i, run in cached_runs:
+            done = await run
+            pixels[i] = done.pixels
+            t = done.times
+            cache_info[i] = (done.plan.kind == "cache", done.plan.recomputed_fraction,
+                             (t.text_encode_s, t.denoise_s, t.decode_s))
+            text_s += done.times.text_encode_s
+            denoise_s += done.times.denoise_s
+            decode_s += done.times.decode_s
+            if done.plan.kind != "cache":
+                self.frames_computed += 1
+                self.batches += 1
 
-        def encode(i: int, pixels) -> FrameResult:
+        def encode(i: int, image) -> FrameResult:
             fr = batch.frames[i]
             t = time.perf_counter()
-            data = imaging.encode(pixels, fr.output_format, fr.jpeg_quality)
-            return FrameResult(data, batch.width, batch.height, fr.output_format, fr.seed, time.perf_counter() - t)
+            data = imaging.encode(image, fr.output_format, fr.jpeg_quality)
+            from_cache, fraction, stages = cache_info.get(i, (False, 1.0, None))
+            return FrameResult(data, batch.width, batch.height, fr.output_format, fr.seed, time.perf_counter() - t,
+                               from_cache=from_cache, recomputed_fraction=fraction, stage_s=stages)
 
-        encoded = await asyncio.gather(*(loop.run_in_executor(self.encoder, encode, i, img) for i, img in zip(keep, images)))
+        order = sorted(pixels)
+        encoded = await asyncio.gather(*(loop.run_in_executor(self.encoder, encode, i, pixels[i]) for i in order))
         results: list[FrameResult | None] = [None] * len(batch.frames)
-        for i, r in zip(keep, encoded):
+        for i, r in zip(order, encoded):
             results[i] = r
         for i, why in failed.items():
             fr = batch.frames[i]
             results[i] = FrameResult(b"", batch.width, batch.height, fr.output_format, fr.seed, 0.0, error=why)
-        return BatchResult(results, times.text_encode_s if times else 0.0, times.denoise_s if times else 0.0,
-                           times.decode_s if times else 0.0, time.perf_counter() - t0)
+        return BatchResult(results, text_s, denoise_s, decode_s, time.perf_counter() - t0)
 
     async def close_stream(self, stream_id: str) -> bool:
+        self.stream_caches.drop(stream_id)
         return self.streams.pop(stream_id, None) is not None
 
     def _drop_peer_streams(self, peer: int) -> None:
         """A gateway's connection closed (it stopped or died): its streams can never continue."""
         for sid in [sid for sid, st in self.streams.items() if st.peer == peer]:
             del self.streams[sid]
+            self.stream_caches.drop(sid)
 
     async def stats(self) -> ReplicaStats:
         """Any rank: its GPU samples; the leader adds the replica's counters."""
@@ -328,5 +388,6 @@ class EngineRank:
             return ReplicaStats(0, 0, 0, 0, 0, 0)
         p = self.pipeline.prompts
         graphs = self.fast.graphs.stats() if self.fast.graphs is not None else None
+        c = self.stream_caches
         return ReplicaStats(self.frames_computed, self.batches, p.hits, p.misses, len(p), len(self.streams),
-                            self.gpu.latest(), self.gpu.batch_energy_joules, graphs)
+                            self.gpu.latest(), self.gpu.batch_energy_joules, graphs, c.snapshot(), c.nbytes, len(c))

@@ -80,6 +80,7 @@ class ModelScheduler:
         self.replicas = replicas
         self.config = config
         self.series = metrics.model(model)
+        self.series.queue_capacity.set(config.max_queue_size)
         self.queue: list[FrameJob] = []
         self.changed = asyncio.Event()
         self._running = 0  # batches sent to replicas and not answered yet
@@ -267,10 +268,10 @@ class ModelScheduler:
                 continue
             computed += 1
             picked = j.picked_at if j.picked_at is not None else sent_at
+            text_s, denoise_s, decode_s = fr.stage_s or (result.text_encode_s, result.denoise_s, result.decode_s)
             _resolve(j, outcome=FrameOutcome(
                 fr, replica.name, queue_s=max(0.0, picked - j.admitted_at), batch_wait_s=max(0.0, sent_at - picked),
-                text_encode_s=result.text_encode_s, denoise_s=result.denoise_s, decode_s=result.decode_s,
-                replica_s=result.replica_s, done_at=done_at))
+                text_encode_s=text_s, denoise_s=denoise_s, decode_s=decode_s, replica_s=result.replica_s, done_at=done_at))
         if computed:  # after the callers' wake-ups, which _resolve scheduled first
             loop.call_soon(self.series.frames_done, replica.name, computed)
 

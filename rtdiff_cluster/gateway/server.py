@@ -25,7 +25,8 @@ from rtdiff_cluster.gateway.auth import TokenAuthInterceptor, load_tokens, serve
 from rtdiff_cluster.gateway.errors import RequestError, invalid
 from rtdiff_cluster.gateway.router import ReplicaSet
 from rtdiff_cluster.gateway.scheduler import FrameJob, FrameOutcome, ModelScheduler, StreamPin
-from rtdiff_cluster.gateway.validation import MAX_SEED, check_num_images, check_settings, frame_specs
+from rtdiff_cluster.gateway.validation import (MAX_SEED, check_cache_threshold, check_num_images, check_settings,
+                                               frame_specs)
 from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
@@ -317,8 +318,9 @@ class _Servicer(pb_grpc.DiffusionServicer):
                             raise invalid("model", f"a stream keeps its model: {call.model!r}, got {req.model!r}")
                         pin.check()
                     c = await _check(req, lim, prompt_required=first)
+                    threshold = check_cache_threshold(req.cache_threshold)
                     first = False
-                    spec = frame_specs(c, 1, stream_id=pin.stream_id)[0]
+                    spec = frame_specs(c, 1, stream_id=pin.stream_id, cache_threshold=threshold)[0]
                     job = FrameJob(spec, c.key, t0, gw.deadline(context, t0), loop.create_future(), pin=pin)
                     call.jobs.append(job)
                     served.scheduler.admit([job])
@@ -348,7 +350,8 @@ class _Servicer(pb_grpc.DiffusionServicer):
                 slots.release()
                 total = loop.time() - t0
                 yield pb.FrameResponse(frame_id=frame_id, image=_image(outcome), timing=gw.observe(call.model, outcome, total),
-                                       replica=outcome.replica)
+                                       replica=outcome.replica, from_cache=outcome.result.from_cache,
+                                       recomputed_fraction=outcome.result.recomputed_fraction)
         except RequestError as e:
             call.code = e.code
             await context.abort(e.code, e.message)

@@ -114,9 +114,18 @@ def check_input_image(img: pb.Image, width: int, height: int) -> np.ndarray:
     return pixels
 
 
-def frame_specs(c: Checked, count: int, stream_id: str | None = None) -> list[FrameSpec]:
+def check_cache_threshold(value: float) -> float | None:
+    """FrameRequest.cache_threshold: None for the model's threshold (0), negative turns the cache off."""
+    if not math.isfinite(value) or value > 255:
+        raise invalid("cache_threshold", f"{value} is not a change in 0-255 levels (0: the model's, negative: off)")
+    return None if value == 0 else float(value)
+
+
+def frame_specs(c: Checked, count: int, stream_id: str | None = None,
+                cache_threshold: float | None = None) -> list[FrameSpec]:
     return [FrameSpec(prompt=c.prompt, negative_prompt=c.negative_prompt, seed=c.seed + i, init_image=c.input_image,
-                      output_format=c.output_format, jpeg_quality=c.jpeg_quality, stream_id=stream_id)
+                      output_format=c.output_format, jpeg_quality=c.jpeg_quality, stream_id=stream_id,
+                      cache_threshold=cache_threshold)
             for i in range(count)]
 
 

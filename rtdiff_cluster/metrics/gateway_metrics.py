@@ -59,6 +59,8 @@ class GatewayMetrics:
         self.requests = Counter("rtdiff_requests_total", "RPCs by terminal status code",
                                 ["model", "method", "code"], registry=r)
         self.queue_depth = Gauge("rtdiff_queue_depth", "Frames waiting in the model's queue", ["model"], registry=r)
+        self.queue_capacity = Gauge("rtdiff_queue_capacity", "Frames the model's queue admits before it answers "
+                                    "RESOURCE_EXHAUSTED (max_queue_size)", ["model"], registry=r)
         self.batch_size = Histogram("rtdiff_batch_size", "Frames per batch sent to a replica", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.streams_active = Gauge("rtdiff_streams_active", "Open StreamGenerate calls", ["model"], registry=r)
@@ -105,6 +107,7 @@ class ModelSeries:
         self.frame_latency = m.frame_latency.labels(model)
         self.stage = {stage: m.stage_latency.labels(model, stage) for stage in STAGES}
         self.queue_depth = m.queue_depth.labels(model)
+        self.queue_capacity = m.queue_capacity.labels(model)
         self.batch_size = m.batch_size.labels(model)
         self.frame_energy = m.frame_energy.labels(model)
         self.streams_active = m.streams_active.labels(model)
@@ -150,6 +153,8 @@ class _PolledCollector:
         states = GaugeMetricFamily("rtdiff_replica_stream_states", "Per-stream states a replica holds",
                                    labels=["model", "replica"])
         power = GaugeMetricFamily("rtdiff_gpu_power_watts", "GPU power draw", labels=["model", "replica", "gpu"])
+        power_limit = GaugeMetricFamily("rtdiff_gpu_power_limit_watts", "GPU power limit the driver enforces (NVML)",
+                                        labels=["model", "replica", "gpu"])
         energy = CounterMetricFamily("rtdiff_gpu_energy_joules", "GPU energy counter (NVML)", labels=["model", "replica", "gpu"])
         util = GaugeMetricFamily("rtdiff_gpu_utilization_ratio", "GPU busy fraction (NVML)", labels=["model", "replica", "gpu"])
         mem = GaugeMetricFamily("rtdiff_gpu_memory_used_bytes", "GPU memory in use", labels=["model", "replica", "gpu"])
@@ -159,8 +164,20 @@ class _PolledCollector:
                                       labels=["model", "replica"])
         captures = CounterMetricFamily("rtdiff_cuda_graph_captures", "CUDA graph captures (a new shape bucket, or one "
                                        "captured again after eviction)", labels=["model", "replica"])
+        chunks = CounterMetricFamily("rtdiff_stream_chunks", "Chunks of image-to-image stream frames, by whether the "
+                                     "chunk cache reused or recomputed them", labels=["model", "replica", "outcome"])
+        from_cache = CounterMetricFamily("rtdiff_stream_frames_from_cache", "Stream frames answered from the chunk "
+                                         "cache with nothing computed", labels=["model", "replica"])
+        cache_bytes = GaugeMetricFamily("rtdiff_stream_cache_bytes", "Memory the streams' chunk caches hold",
+                                        labels=["model", "replica"])
+        cache_streams = GaugeMetricFamily("rtdiff_stream_caches", "Streams with a chunk cache", labels=["model", "replica"])
         for (model, replica), s in items:
             computed.add_metric([model, replica], s.frames_computed)
+            chunks.add_metric([model, replica, "reused"], s.stream_cache.chunks_reused)
+            chunks.add_metric([model, replica, "recomputed"], s.stream_cache.chunks_recomputed)
+            from_cache.add_metric([model, replica], s.stream_cache.frames_from_cache)
+            cache_bytes.add_metric([model, replica], s.stream_cache_bytes)
+            cache_streams.add_metric([model, replica], s.stream_caches)
             if s.graphs is not None:
                 graphs.add_metric([model, replica], s.graphs.graphs)
                 graph_mem.add_metric([model, replica], s.graphs.bytes)
@@ -171,13 +188,13 @@ class _PolledCollector:
             for g in s.gpus:
                 labels = [model, replica, g.gpu]
                 power.add_metric(labels, g.power_watts)
+                power_limit.add_metric(labels, g.power_limit_watts)
                 energy.add_metric(labels, g.energy_joules)
                 util.add_metric(labels, g.utilization_ratio)
                 mem.add_metric(labels, g.memory_used_bytes)
                 memt.add_metric(labels, g.memory_total_bytes)
-        yield from (computed, hits, misses, states)
-        # GPU families only when some replica has a GPU: absent, not zero, on CPU-only machines.
-        if any(s.gpus for _, s in items):
-            yield from (power, energy, util, mem, memt)
-        if any(s.graphs is not None for _, s in items):
-            yield from (graphs, graph_mem, captures)
+        # Every family is declared even without samples (GPU series on a CPU-only machine, graphs on
+        # CPU replicas): the series are absent, not zero, and dashboards can still be checked
+        # against the names the server declares.
+        yield from (computed, hits, misses, states, chunks, from_cache, cache_bytes, cache_streams,
+                    power, power_limit, energy, util, mem, memt, graphs, graph_mem, captures)

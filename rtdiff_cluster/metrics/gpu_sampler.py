@@ -23,6 +23,7 @@ class GpuSample:
     gpu: str  # the GPU's index on its node (NVML's numbering)
     name: str
     power_watts: float
+    power_limit_watts: float  # the limit the driver enforces now: "power at limit" alerts compare with it
     energy_joules: float  # NVML's counter since the driver loaded
     utilization_ratio: float
     memory_used_bytes: int
@@ -73,6 +74,7 @@ class GpuSampler:
                 gpu=gpu,
                 name=nv.nvmlDeviceGetName(h),
                 power_watts=nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
+                power_limit_watts=nv.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0,
                 energy_joules=nv.nvmlDeviceGetTotalEnergyConsumption(h) / 1000.0,
                 utilization_ratio=nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0,
                 memory_used_bytes=int(mem.used),

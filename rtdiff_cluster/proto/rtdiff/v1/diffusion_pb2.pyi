@@ -97,7 +97,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., synthetic: _Optional[bool] = ...) -> None: ...
 
 class FrameRequest(_message.Message):
-    __slots__ = ("model", "frame_id", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "output_format", "jpeg_quality", "input_image", "strength")
+    __slots__ = ("model", "frame_id", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "output_format", "jpeg_quality", "input_image", "strength", "cache_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class FrameRequest(_message.Message):
     JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
     INPUT_IMAGE_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     frame_id: int
     prompt: str
@@ -124,19 +125,24 @@ class FrameRequest(_message.Message):
     jpeg_quality: int
     input_image: Image
     strength: float
-    def __init__(self, model: _Optional[str] = ..., frame_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., input_image: _Optional[_Union[Image, _Mapping]] = ..., strength: _Optional[float] = ...) -> None: ...
+    cache_threshold: float
+    def __init__(self, model: _Optional[str] = ..., frame_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., input_image: _Optional[_Union[Image, _Mapping]] = ..., strength: _Optional[float] = ..., cache_threshold: _Optional[float] = ...) -> None: ...
 
 class FrameResponse(_message.Message):
-    __slots__ = ("frame_id", "image", "timing", "replica")
+    __slots__ = ("frame_id", "image", "timing", "replica", "from_cache", "recomputed_fraction")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_FRACTION_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     image: Image
     timing: Timing
     replica: str
-    def __init__(self, frame_id: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., replica: _Optional[str] = ...) -> None: ...
+    from_cache: bool
+    recomputed_fraction: float
+    def __init__(self, frame_id: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., replica: _Optional[str] = ..., from_cache: _Optional[bool] = ..., recomputed_fraction: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

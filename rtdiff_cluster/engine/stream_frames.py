@@ -1,0 +1,49 @@
+"""One image-to-image stream frame against its chunk cache (cache/chunk_cache.py): answered from
+the cache, computed on the region of changed chunks, or computed whole.
+
+Shared by the replica and benchmarks/stream_cache.py, so the benchmark measures what is served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from rtdiff_cluster.cache.chunk_cache import CacheSettings, Plan, StreamFrameCache
+from rtdiff_cluster.config import StreamCacheConfig
+from rtdiff_cluster.engine.pipeline import BatchSpec, StageTimes
+
+Compute = Callable[[BatchSpec], tuple[np.ndarray, StageTimes]]  # a batch -> images [B, H, W, 3], times
+
+
+@dataclass
+class CachedFrame:
+    pixels: np.ndarray  # [H, W, 3] uint8, the frame's output
+    plan: Plan
+    times: StageTimes
+
+
+def cache_settings(config: StreamCacheConfig, size_multiple: int, threshold: float | None = None) -> CacheSettings:
+    """The model's settings; a frame's own threshold (None: the model's) replaces the default."""
+    return CacheSettings(config.chunk_px, config.threshold if threshold is None else threshold, config.halo_px,
+                         config.max_region_fraction, config.region_buckets, size_multiple)
+
+
+def run_cached(compute: Compute, cache: StreamFrameCache, batch: BatchSpec, settings: CacheSettings) -> CachedFrame:
+    """batch: one frame of a stream, with its init_image (strength > 0)."""
+    frame = batch.frames[0]
+    new = frame.init_image
+    plan = cache.plan(new, settings)
+    if plan.kind == "cache":
+        return CachedFrame(cache.output.copy(), plan, StageTimes())
+    if plan.kind == "full":
+        images, times = compute(batch)
+        return CachedFrame(cache.commit(plan, new, images[0], settings), plan, times)
+    r = plan.region
+    region = dataclasses.replace(batch, width=r.width, height=r.height, crop=(new.shape[0], new.shape[1], r.top, r.left),
+                                 frames=[dataclasses.replace(frame, init_image=np.ascontiguousarray(r.crop(new)))])
+    images, times = compute(region)
+    return CachedFrame(cache.commit(plan, new, images[0], settings), plan, times)

@@ -1,0 +1,168 @@
+"""Chunk-based stream caching: which chunks are skipped, how recomputed chunks compare with the
+uncached frame, memory bounds, and the whole path through gRPC (flags in the response, metrics,
+cancellation freeing the cache)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rtdiff_cluster import clips, fidelity
+from rtdiff_cluster.cache.chunk_cache import CacheSettings, StreamCaches, StreamFrameCache
+from rtdiff_cluster.config import ModelConfig, StreamCacheConfig
+from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
+from rtdiff_cluster.engine.stream_frames import cache_settings, run_cached
+from rtdiff_cluster.models.registry import load_model
+
+SETTINGS = CacheSettings(chunk_px=32, threshold=2.0, halo_px=32, max_region_fraction=0.5, region_buckets=4, multiple=64)
+
+# Fidelity policy for recomputed chunks (tiny model, 512x512, halo 32 px, 2 steps at strength 0.5).
+# A region is computed without the frame outside its halo: GroupNorm statistics and attention run
+# over the region, not the frame. Measured on this model: 29.5 dB PSNR of recomputed chunks against
+# the uncached frame; the bound leaves 4.5 dB of margin for other CPUs' rounding. Static chunks keep
+# the output of the frame that last computed them; the issue's bar for them is 35 dB (measured
+# 41.7-57 dB here).
+RECOMPUTED_MIN_PSNR = 25.0
+STATIC_MIN_PSNR = 35.0
+
+
+def chunk_mask(changed: np.ndarray, chunk: int, shape) -> np.ndarray:
+    return np.kron(changed, np.ones((chunk, chunk), bool))[:shape[0], :shape[1]]
+
+
+# ---- planning: no model needed -------------------------------------------------------------
+
+def test_static_frame_is_answered_from_cache_and_moving_chunks_are_found():
+    frames = list(clips.moving(512, 512, 3, area=0.05, step_px=16))
+    cache = StreamFrameCache()
+    first = cache.plan(frames[0], SETTINGS)
+    assert first.kind == "full" and first.recomputed_fraction == 1.0
+    cache.commit(first, frames[0], frames[0], SETTINGS)  # any output will do for planning
+    assert cache.plan(frames[0].copy(), SETTINGS).kind == "cache"
+
+    plan = cache.plan(frames[1], SETTINGS)
+    assert plan.kind == "region"
+    moved = np.abs(frames[1].astype(int) - frames[0].astype(int)).sum(axis=2) > 0
+    touched = np.zeros_like(plan.changed)
+    for y, x in zip(*np.nonzero(moved)):
+        touched[y // 32, x // 32] = True
+    # Chunks without a changed pixel are never recomputed; every chunk whose mean change is over
+    # the threshold is.
+    assert not (plan.changed & ~touched).any()
+    diff = np.abs(frames[1].astype(float) - frames[0].astype(float)).mean(axis=2)
+    means = diff.reshape(16, 32, 16, 32).mean(axis=(1, 3))
+    assert np.array_equal(plan.changed, means > SETTINGS.threshold)
+    assert 0 < plan.recomputed_fraction < 0.2
+
+
+def test_region_covers_changed_chunks_with_halo_on_model_multiples():
+    frames = list(clips.moving(1024, 1024, 2, area=0.1, step_px=24))
+    cache = StreamFrameCache()
+    cache.commit(cache.plan(frames[0], SETTINGS), frames[0], frames[0], SETTINGS)
+    plan = cache.plan(frames[1], SETTINGS)
+    r = plan.region
+    assert plan.kind == "region"
+    ys, xs = np.nonzero(plan.changed)
+    assert r.top <= max(0, ys.min() * 32 - SETTINGS.halo_px) and r.left <= max(0, xs.min() * 32 - SETTINGS.halo_px)
+    assert r.top + r.height >= min(1024, (ys.max() + 1) * 32 + SETTINGS.halo_px)
+    assert r.left + r.width >= min(1024, (xs.max() + 1) * 32 + SETTINGS.halo_px)
+    assert all(v % 64 == 0 for v in (r.top, r.left, r.height, r.width))
+    assert r.height % 256 == 0 and r.width % 256 == 0  # 4 buckets per axis: a few shapes, a few CUDA graphs
+
+
+def test_large_change_computes_whole_frame_and_drift_accumulates():
+    frames = list(clips.cut(256, 256, 2))
+    cache = StreamFrameCache()
+    cache.commit(cache.plan(frames[0], SETTINGS), frames[0], frames[0], SETTINGS)
+    assert cache.plan(frames[1], SETTINGS).kind == "full"
+    # A slow fade: each frame 1 level brighter than the last. No single step crosses the 2-level
+    # threshold, but a chunk is compared with the input it was last computed from.
+    base = frames[0].astype(int)
+    kinds = [cache.plan(np.clip(base + k, 0, 255).astype(np.uint8), SETTINGS).kind for k in (1, 2, 3)]
+    assert kinds == ["cache", "cache", "full"]
+
+
+def test_caches_are_bounded_and_dropping_a_stream_frees_it():
+    caches = StreamCaches(max_bytes=3 * 2 * 64 * 64 * 3)  # three 64x64 streams (input + output each)
+    img = np.zeros((64, 64, 3), np.uint8)
+    for sid in "abcd":
+        c = caches.get(sid)
+        before = c.nbytes
+        c.commit(c.plan(img, SETTINGS), img, img, SETTINGS)
+        caches.account(sid, before, c.nbytes)
+    assert len(caches) == 3 and caches.nbytes == 3 * 2 * img.nbytes  # "a", the least recently used, went
+    assert caches.drop("d") and caches.nbytes == 2 * 2 * img.nbytes
+    assert not caches.drop("a")
+
+
+# ---- the pipeline: recomputed chunks against the uncached frame -------------------------------
+
+@pytest.fixture(scope="module")
+def pipeline():
+    from rtdiff_cluster.parallel import groups
+
+    groups.init_single(torch.device("cpu"))
+    yield Pipeline(load_model(ModelConfig()), prompt_cache_size=4)
+    groups.destroy()
+
+
+def _compute(p):
+    return lambda b: p.run(b, ["a stream"] * len(b.frames), [""] * len(b.frames))
+
+
+def _frame(img, size):
+    return BatchSpec(size, size, 2, 0.0, 0.5, [FrameSpec("a stream", seed=3, init_image=img)])
+
+
+def test_region_as_large_as_the_frame_equals_the_uncached_frame(pipeline):
+    """The region path (cropped noise, cropped input, paste) is exact when nothing is cut off."""
+    whole = CacheSettings(chunk_px=32, threshold=2.0, halo_px=4096, max_region_fraction=1.0, region_buckets=1,
+                          multiple=64)
+    frames = list(clips.moving(128, 128, 2, area=0.05))
+    cache = StreamFrameCache()
+    run_cached(_compute(pipeline), cache, _frame(frames[0], 128), whole)
+    done = run_cached(_compute(pipeline), cache, _frame(frames[1], 128), whole)
+    ref, _ = _compute(pipeline)(_frame(frames[1], 128))
+    assert done.plan.kind == "region" and (done.plan.region.height, done.plan.region.width) == (128, 128)
+    mask = chunk_mask(done.plan.changed, 32, ref[0].shape)
+    assert np.array_equal(done.pixels[mask], ref[0][mask])
+
+
+def test_recomputed_and_static_chunks_against_the_uncached_frames(pipeline):
+    cache = StreamFrameCache()
+    kinds = []
+    for i, img in enumerate(clips.moving(512, 512, 3, area=0.1, step_px=8)):
+        done = run_cached(_compute(pipeline), cache, _frame(img, 512), SETTINGS)
+        kinds.append(done.plan.kind)
+        if i == 0:
+            continue
+        ref, _ = _compute(pipeline)(_frame(img, 512))
+        mask = chunk_mask(done.plan.changed, 32, img.shape)
+        assert fidelity.psnr(done.pixels, ref[0], mask) >= RECOMPUTED_MIN_PSNR
+        assert fidelity.psnr(done.pixels, ref[0], ~mask) >= STATIC_MIN_PSNR
+    assert kinds == ["full", "region", "region"]
+
+
+def test_model_settings_and_frame_threshold():
+    s = cache_settings(StreamCacheConfig(chunk_px=48, threshold=3.0), 16)
+    assert (s.chunk_px, s.threshold, s.multiple) == (48, 3.0, 16)
+    assert cache_settings(StreamCacheConfig(), 64, threshold=9.0).threshold == 9.0
+
+
+def test_config_rejects_bad_values():
+    for field, value in [("chunk_px", 4), ("threshold", float("nan")), ("threshold", 300.0), ("halo_px", -1),
+                         ("max_region_fraction", 0.0), ("region_buckets", 0), ("memory_mb", 0)]:
+        with pytest.raises(ValueError, match=f"models\\[0\\].stream_cache.{field}"):
+            StreamCacheConfig(**{field: value}).validate("models[0].stream_cache")
+
+
+def test_ssim_and_psnr_behave():
+    a = clips.texture(64, 64, 1)
+    b = a.copy()
+    b[:8] = 0
+    assert fidelity.psnr(a, a) == float("inf") and fidelity.ssim(a, a) == pytest.approx(1.0)
+    assert fidelity.psnr(a, b) < 20 and fidelity.ssim(a, b) < 0.95
+    mask = np.zeros((64, 64), bool)
+    mask[32:] = True
+    assert fidelity.psnr(a, b, mask) == float("inf") and fidelity.ssim(a, b, mask) == pytest.approx(1.0)

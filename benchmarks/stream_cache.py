@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import sys
 import time
@@ -150,10 +151,7 @@ def main() -> int:
             print(json.dumps(row), flush=True)
 
     st = stamp(device.type)
-    slug = "-".join(filter(None, [device.type, (st["gpu_name"] or st["cpu"] or "unknown").lower()]))
-    slug = "".join(ch if ch.isalnum() else "-" for ch in slug).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{device.type}-{st['gpu_name'] or st['cpu'] or 'unknown'}".lower()).strip("-")
     result = {"benchmark": "stream_cache", **st, "device_slug": slug, "date": st["date_utc"][:10], "source": source, "vae": vae or "model's", "size": size,
               "steps": args.steps, "strength": args.strength, "rows": rows,
               "graphs": dataclasses.asdict(fp.graphs.stats()) if fp.graphs is not None else None}

@@ -139,12 +139,10 @@ class StreamFrameCache:
         assert plan.kind == "region" and plan.region is not None and self.output is not None
         r, c = s.chunk_px, plan.region
         h, w = new.shape[:2]
-        pixels = torch.from_numpy(np.kron(plan.changed, np.ones((r, r), bool))[:h, :w]).to(self.device)
-        self.ref_input = torch.where(pixels[..., None], plan.frame, self.ref_input)
-        for y, x in zip(*np.nonzero(plan.changed)):
-            y0, x0 = int(y) * r, int(x) * r
-            y1, x1 = min(y0 + r, h), min(x0 + r, w)
-            self.output[y0:y1, x0:x1] = computed[y0 - c.top:y1 - c.top, x0 - c.left:x1 - c.left]
+        changed = np.kron(plan.changed, np.ones((r, r), bool))[:h, :w]  # [H, W]: pixels of changed chunks
+        self.ref_input = torch.where(torch.from_numpy(changed).to(self.device)[..., None], plan.frame, self.ref_input)
+        inside = c.crop(changed)  # the region covers every changed chunk
+        c.crop(self.output)[inside] = computed[inside]
         return self.output.copy()
 
 
@@ -191,13 +189,11 @@ class StreamCaches:
         with self._lock:
             if stream_id in self._caches:
                 self._bytes += after - before
-            while self._bytes > self.max_bytes and len(self._caches) > 1:
-                sid, old = next(iter(self._caches.items()))
-                if sid == stream_id:
-                    self._caches.move_to_end(sid)
-                    sid, old = next(iter(self._caches.items()))
-                del self._caches[sid]
-                self._bytes -= old.nbytes
+            # Least recently used first; the stream being served stays.
+            for sid in [sid for sid in self._caches if sid != stream_id]:
+                if self._bytes <= self.max_bytes:
+                    break
+                self._bytes -= self._caches.pop(sid).nbytes
 
     def count(self, plan: Plan) -> None:
         with self._lock:

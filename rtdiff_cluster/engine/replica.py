@@ -323,7 +323,8 @@ class EngineRank:
         pixels: dict[int, object] = {}
         cache_info: dict[int, tuple[bool, float, tuple[float, float, float]]] = {}
         text_s = denoise_s = decode_s = 0.0
-        plain = [k for k, i in enumerate(keep) if not self._cached(batch, i)]
+        cached = [self._cached(batch, i) for i in keep]
+        plain = [k for k in range(len(keep)) if not cached[k]]
         # All of the batch's compute is queued before the first await: the compute thread runs it
         # in arrival order, so the next batch (perhaps with the same streams) waits behind it.
         plain_run = None
@@ -334,7 +335,7 @@ class EngineRank:
                 self.compute, self._lead, _Work(sub, [prompts[k] for k in plain], [negatives[k] for k in plain]))
         # Cached stream frames run one by one (a region's shape is the frame's own), after the plain ones.
         cached_runs = [(i, loop.run_in_executor(self.compute, self._run_cached, batch, i, prompts[k], negatives[k]))
-                       for k, i in enumerate(keep) if self._cached(batch, i)]
+                       for k, i in enumerate(keep) if cached[k]]
         if plain_run is not None:
             images, times = await plain_run
             pixels.update((keep[k], img) for k, img in zip(plain, images))

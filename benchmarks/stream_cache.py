@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import statistics
 import sys
 import time
@@ -36,7 +35,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sharding import _energy, stamp  # noqa: E402
+from engine_bench import add_model_args, load_engine, resolve_model_args, write_results  # noqa: E402
+from sharding import _energy  # noqa: E402
 
 SETTINGS = {  # name -> StreamCacheConfig overrides; None: cache off
     "off": None,
@@ -73,35 +73,26 @@ def run_pass(compute, frames, size, steps, strength, settings, device):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--source", default="")
-    ap.add_argument("--vae", default="")
-    ap.add_argument("--size", type=int, default=0)
+    add_model_args(ap, "cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--strength", type=float, default=0.5)
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
+    resolve_model_args(args, cpu_size=512)
 
     from rtdiff_cluster import clips, fidelity
-    from rtdiff_cluster.config import FastPathConfig, ModelConfig, StreamCacheConfig
-    from rtdiff_cluster.engine import fastpaths
+    from rtdiff_cluster.config import StreamCacheConfig
     from rtdiff_cluster.engine.pipeline import Pipeline
     from rtdiff_cluster.engine.stream_frames import cache_settings
-    from rtdiff_cluster.models.registry import load_model
     from rtdiff_cluster.parallel import groups
 
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    source = args.source or ("synthetic:sdxl" if cuda else "synthetic:tiny")
-    vae = args.vae or ("tiny" if cuda else "")
-    size = args.size or (1024 if cuda else 512)
-    if not cuda:
+    source, vae, size = args.source, args.vae, args.size
+    if device.type != "cuda":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    groups.init_single(device)
     t_load = time.perf_counter()
-    model = load_model(ModelConfig(source=source, device=device.type, vae=vae))
-    fp = fastpaths.apply(model, FastPathConfig(), world=1)
+    model, fp = load_engine(args)
     pipe = Pipeline(model, 4, fp.graphs, 8)
     print(f"# {source} on {device} ({time.perf_counter() - t_load:.0f} s to load); fast paths: {fp.report}", flush=True)
     compute = lambda b: pipe.run(b, ["a stream"] * len(b.frames), [""] * len(b.frames))  # noqa: E731
@@ -150,17 +141,10 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    st = stamp(device.type)
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{device.type}-{st['gpu_name'] or st['cpu'] or 'unknown'}".lower()).strip("-")
-    result = {"benchmark": "stream_cache", **st, "device_slug": slug, "date": st["date_utc"][:10], "source": source, "vae": vae or "model's", "size": size,
-              "steps": args.steps, "strength": args.strength, "rows": rows,
-              "graphs": dataclasses.asdict(fp.graphs.stats()) if fp.graphs is not None else None}
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"stream_cache-{result['date']}-{result['device_slug']}"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results("stream_cache", device.type, {"source": source, "vae": vae or "model's", "size": size,
+                                                "steps": args.steps, "strength": args.strength, "rows": rows,
+                                                "graphs": dataclasses.asdict(fp.graphs.stats()) if fp.graphs else None},
+                  args.out_dir, markdown)
     groups.destroy()
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import signal
 import socket
@@ -146,6 +147,9 @@ def _request_args(p) -> None:
     p.add_argument("--format", choices=["png", "jpeg", "raw"], default="png")
     p.add_argument("--input-image", help="PNG or JPEG file for image-to-image")
     p.add_argument("--strength", type=float, default=0.0)
+    p.add_argument("--sampler", default="", help="a sampler `rtdiff models` lists (default: the checkpoint's own)")
+    p.add_argument("--target-psnr", type=float, default=0.0,
+                   help="adaptive steps: the fewest steps, at most --steps (default 8), within this PSNR in dB of 8 steps")
 
 
 def _client(args):
@@ -181,7 +185,8 @@ def cmd_generate(args) -> int:
             resp = c.generate(args.prompt, model=args.model, width=args.width, height=args.height, steps=args.steps,
                               guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num_images,
                               output_format=args.format, negative_prompt=args.negative_prompt,
-                              input_image=_input_image(args.input_image), strength=args.strength)
+                              input_image=_input_image(args.input_image), strength=args.strength,
+                              sampler=args.sampler, target_psnr_db=args.target_psnr)
     except grpc.RpcError as e:
         return _rpc_error(e)
     out = Path(args.output)
@@ -189,6 +194,9 @@ def cmd_generate(args) -> int:
         path = out if len(resp.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         save_image(img, path)
         print(f"wrote {path} ({img.width}x{img.height}, seed {img.seed})")
+    a = resp.applied
+    adaptive = f", {a.psnr_db_vs_reference:.1f} dB vs 8 steps" if args.target_psnr else ""
+    print(f"{a.steps} steps, sampler {a.sampler}{adaptive}")
     t = resp.timing
     print(f"total {t.total_ms:.1f} ms (queue {t.queue_ms:.1f}, batch wait {t.batch_wait_ms:.1f}, text {t.text_encode_ms:.1f}, "
           f"denoise {t.denoise_ms:.1f}, decode {t.decode_ms:.1f}, encode {t.encode_ms:.1f})")
@@ -206,6 +214,23 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+TIMING_FIELDS = ("queue_ms", "batch_wait_ms", "text_encode_ms", "denoise_ms", "decode_ms", "encode_ms", "replica_ms",
+                 "total_ms")
+
+
+def _clip_frames(args):
+    """Frames of a test clip (rtdiff_cluster/clips.py) at the request's size, as long as asked."""
+    from rtdiff_cluster import clips
+
+    if not (args.width and args.height):
+        raise SystemExit("error: --clip needs --width and --height")
+    make = {"moving": lambda: clips.moving(args.height, args.width, args.frames, area=0.1,
+                                           step_px=max(4, args.width // 64)),
+            "static": lambda: clips.static(args.height, args.width, args.frames),
+            "cut": lambda: clips.cut(args.height, args.width, args.frames)}[args.clip]
+    return iter(make())
+
+
 def run_stream(client, args, out_dir: Path | None, live: bool) -> dict:
     """Streams args.frames frames, keeping args.window in flight; returns latency and FPS figures."""
     from rtdiff_cluster.client.client import FrameWindow, save_image
@@ -213,15 +238,28 @@ def run_stream(client, args, out_dir: Path | None, live: bool) -> dict:
     from rtdiff_cluster.client.client import FORMATS
 
     image = _input_image(getattr(args, "input_image", None))
+    clip = _clip_frames(args) if getattr(args, "clip", "") else None
 
     def frames():
         for i in range(args.frames):
+            frame_image = image
+            if clip is not None:
+                pixels = next(clip)
+                frame_image = pb.Image(format=pb.IMAGE_FORMAT_RAW_RGB8, data=pixels.tobytes(), width=args.width,
+                                       height=args.height)
+            # A test clip is one live scene: its frames keep one seed (one noise), so what did not
+            # change stays as it was; otherwise each frame gets the next seed.
+            seed = args.seed if clip is not None else args.seed + i
             f = pb.FrameRequest(frame_id=i, prompt=args.prompt if i == 0 else "", model=args.model if i == 0 else "",
                                 negative_prompt=args.negative_prompt, width=args.width, height=args.height, steps=args.steps,
-                                guidance_scale=args.guidance_scale, seed=args.seed + i, output_format=FORMATS[args.format],
-                                strength=args.strength)
-            if image is not None:
-                f.input_image.CopyFrom(image)
+                                guidance_scale=args.guidance_scale, seed=seed, output_format=FORMATS[args.format],
+                                strength=args.strength, sampler=getattr(args, "sampler", ""),
+                                target_psnr_db=getattr(args, "target_psnr", 0.0),
+                                target_fps=getattr(args, "target_fps", 0.0), min_steps=getattr(args, "min_steps", 0),
+                                max_cache_threshold=getattr(args, "max_cache_threshold", 0.0),
+                                cache_threshold=getattr(args, "cache_threshold", 0.0))
+            if frame_image is not None:
+                f.input_image.CopyFrom(frame_image)
             yield f
 
     window = FrameWindow(frames(), args.window)
@@ -229,17 +267,25 @@ def run_stream(client, args, out_dir: Path | None, live: bool) -> dict:
     t_start = time.perf_counter()
     first_at = None
     replica = ""
+    steps: list[int] = []
+    governed = 0
+    stages: dict[str, list[float]] = {k: [] for k in TIMING_FIELDS}
     try:
         for resp in client.stream(window.requests()):
             now = time.perf_counter()
             latencies.append((now - window.done()) * 1000)
             first_at = first_at or now
             replica = resp.replica
+            steps.append(resp.applied.steps)
+            for k in TIMING_FIELDS:
+                stages[k].append(getattr(resp.timing, k))
+            governed += resp.applied.governed
             if out_dir is not None:
                 save_image(resp.image, out_dir / f"frame-{resp.frame_id:05d}.png")
             if live:
                 fps = len(latencies) / (now - t_start)
-                sys.stderr.write(f"\rframes {len(latencies)}/{args.frames}  {fps:6.1f} fps  p95 {percentile(latencies, 95):7.1f} ms ")
+                sys.stderr.write(f"\rframes {len(latencies)}/{args.frames}  {fps:6.1f} fps  p95 {percentile(latencies, 95):7.1f} ms"
+                                 f"  steps {resp.applied.steps} ")
                 sys.stderr.flush()
     finally:
         window.stop()
@@ -249,12 +295,17 @@ def run_stream(client, args, out_dir: Path | None, live: bool) -> dict:
     # Sustained FPS excludes the first frame's latency (pipeline fill).
     steady = (len(latencies) - 1) / (time.perf_counter() - first_at) if first_at and len(latencies) > 1 else float("nan")
     return {"frames": len(latencies), "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
-            "p99_ms": percentile(latencies, 99), "fps": steady, "elapsed_s": elapsed, "replica": replica}
+            "p99_ms": percentile(latencies, 99), "fps": steady, "elapsed_s": elapsed, "replica": replica,
+            "steps_min": min(steps, default=0), "steps_max": max(steps, default=0), "governed_frames": governed,
+            # the server's own breakdown, p50 per field; client p50 minus total_ms is gRPC and the client
+            "server_p50_ms": {k: percentile(v, 50) for k, v in stages.items()}}
 
 
 def _print_stream_summary(r: dict) -> None:
     print(f"frames {r['frames']}  latency p50 {r['p50_ms']:.1f} ms  p95 {r['p95_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
           f"sustained {r['fps']:.2f} fps  ({r['elapsed_s']:.2f} s, replica {r['replica']})")
+    if r.get("governed_frames"):
+        print(f"governor: {r['governed_frames']} frames below the asked settings; steps {r['steps_min']}..{r['steps_max']}")
 
 
 def cmd_stream(args) -> int:
@@ -266,7 +317,10 @@ def cmd_stream(args) -> int:
             r = run_stream(c, args, out_dir, live=sys.stderr.isatty())
     except grpc.RpcError as e:
         return _rpc_error(e)
-    _print_stream_summary(r)
+    if getattr(args, "json", False):
+        print(json.dumps(r))
+    else:
+        _print_stream_summary(r)
     return 0
 
 
@@ -280,7 +334,8 @@ def cmd_models(args) -> int:
         note = "  (synthetic: seeded random weights, images are noise)" if m.synthetic else ""
         print(f"{m.name}  family {m.family}  size {m.min_size}..{m.max_size} step {m.size_multiple} "
               f"(default {m.default_width}x{m.default_height})  steps {m.min_steps}..{m.max_steps} (default {m.default_steps})  "
-              f"max images {m.max_images_per_request}  replicas {m.replicas_ready}/{m.replicas}{note}")
+              f"max images {m.max_images_per_request}  replicas {m.replicas_ready}/{m.replicas}  "
+              f"samplers {', '.join(m.samplers)}{note}")
     return 0
 
 
@@ -378,6 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--window", type=int, default=2, help="frames in flight")
     p.add_argument("--out-dir", default="", help="write each frame here")
+    p.add_argument("--target-fps", type=float, default=0.0,
+                   help="governor: hold each frame under 1/FPS by lowering steps, then raising the cache threshold")
+    p.add_argument("--min-steps", type=int, default=0, help="governor: lowest steps allowed")
+    p.add_argument("--max-cache-threshold", type=float, default=0.0, help="governor: highest chunk cache threshold allowed")
+    p.add_argument("--clip", choices=["moving", "static", "cut"], default="",
+                   help="image-to-image from a generated test clip (10%% of the frame moving, nothing moving, a new "
+                        "scene every frame) at --width x --height, one seed for all frames")
+    p.add_argument("--cache-threshold", type=float, default=0.0,
+                   help="chunk cache threshold in 0-255 levels (0: the model's; negative: compute every frame whole)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     p = sub.add_parser("models", help="list the served models and their limits")
     _client_args(p)

@@ -102,6 +102,24 @@ class StreamCacheConfig:
 
 
 @dataclass
+class AdaptiveStepsConfig:
+    """Requests with target_psnr_db run the fewest steps whose output stays within that PSNR of the
+    8-step output (engine/adaptive_steps.py): measured per size, sampler and strength on the first
+    frame that asks, then re-checked on live frames."""
+
+    audit_every_frames: int = 200
+    """Every this many frames of one setting, a frame is also computed with 8 steps and the chosen
+    steps' PSNR re-measured; below the target, the setting is calibrated again. 0: never re-checked."""
+    max_settings: int = 64
+    """Calibrations kept per replica (least recently used dropped)."""
+
+    def validate(self, path: str) -> None:
+        _check(0 <= self.audit_every_frames <= 1_000_000, f"{path}.audit_every_frames",
+               f"must be in 0..1000000, got {self.audit_every_frames}")
+        _check(1 <= self.max_settings <= 65536, f"{path}.max_settings", f"must be in 1..65536, got {self.max_settings}")
+
+
+@dataclass
 class ModelConfig:
     source: str = "synthetic:tiny"
     """What to serve: a synthetic preset (`synthetic:tiny`, `synthetic:sdxl`, `synthetic:flux-dev`, ...)
@@ -148,6 +166,8 @@ class ModelConfig:
     """Kernels, attention backends, quantisation and CUDA graphs (CUDA replicas)."""
     stream_cache: StreamCacheConfig = field(default_factory=StreamCacheConfig)
     """Chunk-based caching of image-to-image streams."""
+    adaptive_steps: AdaptiveStepsConfig = field(default_factory=AdaptiveStepsConfig)
+    """Steps chosen by measured error for requests with a quality target."""
 
     @property
     def served_name(self) -> str:
@@ -182,6 +202,7 @@ class ModelConfig:
         _check(self.max_restarts >= -1, f"{path}.max_restarts", f"must be -1 or more, got {self.max_restarts}")
         self.fast_paths.validate(f"{path}.fast_paths")
         self.stream_cache.validate(f"{path}.stream_cache")
+        self.adaptive_steps.validate(f"{path}.adaptive_steps")
 
 
 @dataclass
@@ -189,7 +210,8 @@ class BatchingConfig:
     max_batch_size: int = 8
     """Frames in one batch sent to a replica."""
     max_queue_delay_ms: float = 5.0
-    """How long the oldest queued frame may wait for a batch to fill."""
+    """How long the oldest queued frame may wait for a batch to fill while its replica is busy (an idle
+    replica takes a batch at once)."""
     max_queue_size: int = 64
     """Frames queued per model; beyond it requests get RESOURCE_EXHAUSTED at once."""
     max_queue_time_s: float = 60.0

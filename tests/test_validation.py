@@ -47,6 +47,10 @@ BAD_REQUESTS = {
         dict(input_image=pb.Image(format=pb.IMAGE_FORMAT_RAW_RGB8, data=b"\0" * 100, width=64, height=64), steps=2),
         "input_image.data"),
     "input frame without format": (dict(input_image=pb.Image(data=png(64, 64)), steps=2), "input_image.format"),
+    "unknown sampler": (dict(sampler="heun-7"), "sampler"),
+    "sampler of another family": (dict(sampler="flow-euler"), "sampler"),
+    "target PSNR negative": (dict(target_psnr_db=-1.0), "target_psnr_db"),
+    "target PSNR NaN": (dict(target_psnr_db=float("nan")), "target_psnr_db"),
     "strength leaves no step": (
         dict(input_image=pb.Image(format=pb.IMAGE_FORMAT_PNG, data=png(64, 64)), strength=0.4), "strength"),
     "input strength out of range": (

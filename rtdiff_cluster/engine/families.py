@@ -9,6 +9,7 @@ LatentConsistencyModelPipeline, FluxPipeline) so a checkpoint behaves as it does
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
@@ -175,20 +176,24 @@ class FluxFamily(Family):
         return latents.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
     def set_timesteps(self, scheduler, steps: int, h: int, w: int) -> None:
-        sigmas = np.linspace(1.0, 1 / steps, steps)
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
-            c = scheduler.config
+            c = self.m.scheduler_config  # the checkpoint's: another sampler's config may lack the shift bounds
             tokens = (h // 2) * (w // 2)
             slope = (c.get("max_shift", 1.15) - c.get("base_shift", 0.5)) / (
                 c.get("max_image_seq_len", 4096) - c.get("base_image_seq_len", 256))
             kwargs["mu"] = tokens * slope + c.get("base_shift", 0.5) - slope * c.get("base_image_seq_len", 256)
-        scheduler.set_timesteps(sigmas=sigmas, device=self.m.device, **kwargs)
+        if "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.m.device, **kwargs)
+        else:  # DPM-Solver on flow sigmas spaces them itself, the same linspace
+            scheduler.set_timesteps(steps, device=self.m.device, **kwargs)
 
     def initial_latents(self, scheduler, noise: torch.Tensor, init: torch.Tensor | None, t0) -> torch.Tensor:
         if init is None:
             return noise
-        return scheduler.scale_noise(init, t0.repeat(noise.shape[0]), noise)
+        if hasattr(scheduler, "scale_noise"):
+            return scheduler.scale_noise(init, t0.repeat(noise.shape[0]), noise)
+        return scheduler.add_noise(init, noise, t0.repeat(noise.shape[0]))  # DPM-Solver on flow sigmas: the same mix
 
     def extra_inputs(self, batch_size: int, width: int, height: int, guidance_scale: float, h: int, w: int) -> dict:
         m = self.m

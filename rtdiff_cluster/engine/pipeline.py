@@ -24,6 +24,7 @@ import torch
 from rtdiff_cluster.cache.prompt_cache import PromptCache
 from rtdiff_cluster.engine.families import family_for
 from rtdiff_cluster.engine.graphs import GraphCache
+from rtdiff_cluster.engine.samplers import scheduler_for
 from rtdiff_cluster.models.base import LoadedModel
 from rtdiff_cluster.parallel import groups
 
@@ -58,6 +59,8 @@ class BatchSpec:
     # width and height above are the region's. Its noise is the frame's noise cut to the region,
     # so a region agrees with the whole frame computed at once wherever context does not reach.
     crop: tuple[int, int, int, int] | None = None
+    sampler: str = ""  # engine/samplers.py; "": the checkpoint's own scheduler
+    target_psnr_db: float = 0.0  # > 0: the replica picks the fewest steps, up to `steps`, within this PSNR of 8 steps
 
 
 @dataclass
@@ -96,8 +99,10 @@ class Pipeline:
         self.prompts = PromptCache(prompt_cache_size)
         self.graphs = graphs
         self.loop_graph_max_steps = loop_graph_max_steps
-        self._step_takes_generator = "generator" in inspect.signature(model.scheduler_class.step).parameters
         self._eager_keys: set = set()  # buckets whose capture failed: they run eagerly from then on
+        # Samplers whose step cannot be captured (DDIM reads the timestep on the host): their loops
+        # run step by step, each backbone call still a captured graph.
+        self._uncapturable_loops: set[str] = set()
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":
@@ -152,7 +157,7 @@ class Pipeline:
         t1 = time.perf_counter()
         times.text_encode_s = t1 - t0
 
-        scheduler = m.scheduler_class.from_config(m.scheduler_config)
+        scheduler = scheduler_for(batch.sampler, m.scheduler_class, m.scheduler_config)
         f = m.limits.vae_scale_factor
         h, w = batch.height // f, batch.width // f
         fam.set_timesteps(scheduler, batch.steps, h, w)
@@ -201,14 +206,14 @@ class Pipeline:
             return images.permute(0, 2, 3, 1).contiguous()  # [B, H, W, 3]
 
         def step_kwargs(stochastic: bool) -> dict:
-            if stochastic and self._step_takes_generator:  # ancestral samplers draw fresh noise each step: per frame, seeded
+            if stochastic and "generator" in inspect.signature(scheduler.step).parameters:  # ancestral samplers draw fresh noise each step: per frame, seeded
                 return {"generator": [torch.Generator("cpu").manual_seed(fr.seed ^ 0x5EED) for fr in batch.frames]}
             return {}
 
         inputs = (*cond, *(extra[k] for k in names))
-        shapes = (_shapes((latents, *inputs)), mode, h, w)
+        shapes = (_shapes((latents, *inputs)), mode, h, w)  # what a captured step depends on
         whole_loop = (decode and self.graphs is not None and mode != "split" and len(timesteps) <= self.loop_graph_max_steps
-                      and _noise_free_step(scheduler))
+                      and _noise_free_step(scheduler) and batch.sampler not in self._uncapturable_loops)
         if whole_loop:
             template = scheduler
 
@@ -220,7 +225,10 @@ class Pipeline:
                     x = s.step(eps_of(fam.scale_input(s, x, t), t, g, *tensors), t, x).prev_sample
                 return decode_of(x)
 
-            images = self._graphed(("loop", batch.steps, begin) + shapes, loop_of, latents, guidance, *inputs)
+            key = ("loop", batch.sampler, batch.steps, begin) + shapes
+            images = self._graphed(key, loop_of, latents, guidance, *inputs)
+            if key in self._eager_keys:
+                self._uncapturable_loops.add(batch.sampler)
             self._sync()
             t2 = time.perf_counter()
             times.denoise_s = t2 - t1  # one graph: the decode's share is not separable

@@ -21,6 +21,7 @@ hold only the actor handle.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -34,8 +35,9 @@ import torch
 from rtdiff_cluster import imaging
 from rtdiff_cluster.cache.chunk_cache import CacheCounters, StreamCaches
 from rtdiff_cluster.config import ModelConfig
+from rtdiff_cluster.engine.adaptive_steps import StepCalibrator
 from rtdiff_cluster.engine.link import LinkAddress, LinkServer, current_peer, new_key, node_host
-from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
+from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline, StageTimes
 from rtdiff_cluster.engine.stream_frames import CachedFrame, cache_settings, run_cached
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
@@ -89,6 +91,9 @@ class FrameResult:
     # (text_encode_s, denoise_s, decode_s) of this frame alone, when it ran apart from its batch
     # (chunk-cached stream frames); None: the batch's times are the frame's
     stage_s: tuple[float, float, float] | None = None
+    steps: int = 0  # the schedule's length it ran (adaptive steps may have chosen fewer than asked)
+    psnr_db: float = 0.0  # adaptive steps: the chosen steps' measured PSNR against 8 steps; 0: not adaptive
+    cache_threshold: float = 0.0  # chunk cache: the threshold applied; 0: not cached
 
 
 @dataclass
@@ -162,6 +167,7 @@ class EngineRank:
         self.model = self.pipeline = self.gpu = None
         self.streams: OrderedDict[str, _StreamState] = OrderedDict()
         self.stream_caches = StreamCaches(config.stream_cache.memory_mb << 20)  # on the model's device once loaded
+        self.calibrator = StepCalibrator(config.adaptive_steps.audit_every_frames, config.adaptive_steps.max_settings)
         self.frames_computed = 0
         self.batches = 0
         self.load_s = 0.0
@@ -297,6 +303,23 @@ class EngineRank:
             negatives.append(fr.negative_prompt if fr.prompt is not None else state.negative_prompt)
         return keep, prompts, negatives, failed
 
+    def _adapt(self, batch: BatchSpec, prompt: str, negative: str) -> tuple[BatchSpec, float, float]:
+        """On the compute thread: the batch with the steps its quality target needs (measured on its
+        first frame when the setting is new or due a re-check), the PSNR behind the choice and the
+        seconds spent measuring."""
+        if batch.target_psnr_db <= 0:
+            return batch, 0.0, 0.0
+        t0 = time.perf_counter()
+        chosen, cal = self.calibrator.choose(batch, lambda b: self._lead(_Work(b, [prompt], [negative]))[0][0])
+        return chosen, cal.psnr_db, time.perf_counter() - t0
+
+    def _run_plain(self, batch: BatchSpec, prompts: list[str], negatives: list[str]):
+        """On the compute thread: (images, times, steps run, their PSNR against 8 steps or 0)."""
+        batch, psnr_db, measuring_s = self._adapt(batch, prompts[0], negatives[0])
+        images, times = self._lead(_Work(batch, prompts, negatives))
+        times.denoise_s += measuring_s  # the frames waited for it
+        return images, times, batch.steps, psnr_db
+
     def _cached(self, batch: BatchSpec, i: int) -> bool:
         """Whether frame i goes through its stream's chunk cache."""
         fr = batch.frames[i]
@@ -306,14 +329,16 @@ class EngineRank:
     def _run_cached(self, batch: BatchSpec, i: int, prompt: str, negative: str) -> CachedFrame:
         """On the compute thread, in arrival order: frames of one stream see each other's commits."""
         fr = batch.frames[i]
-        one = BatchSpec(batch.width, batch.height, batch.steps, batch.guidance_scale, batch.strength, [fr])
+        one = dataclasses.replace(batch, frames=[fr])
+        one, psnr_db, measuring_s = self._adapt(one, prompt, negative)
         settings = cache_settings(self.config.stream_cache, self.model.limits.size_multiple, fr.cache_threshold)
         cache = self.stream_caches.get(fr.stream_id)
         before = cache.nbytes
         done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings)
         self.stream_caches.account(fr.stream_id, before, cache.nbytes)
         self.stream_caches.count(done.plan)
-        return done
+        done.times = StageTimes(done.times.text_encode_s, done.times.denoise_s + measuring_s, done.times.decode_s)
+        return done, one.steps, psnr_db, settings.threshold
 
     async def run_batch(self, batch: BatchSpec) -> BatchResult:
         t0 = time.perf_counter()
@@ -322,6 +347,7 @@ class EngineRank:
         keep, prompts, negatives, failed = self._resolve_prompts(batch)
         pixels: dict[int, object] = {}
         cache_info: dict[int, tuple[bool, float, tuple[float, float, float]]] = {}
+        applied: dict[int, tuple[int, float, float]] = {}  # frame -> steps run, their PSNR vs 8 steps, cache threshold
         text_s = denoise_s = decode_s = 0.0
         cached = [self._cached(batch, i) for i in keep]
         plain = [k for k in range(len(keep)) if not cached[k]]
@@ -329,22 +355,23 @@ class EngineRank:
         # in arrival order, so the next batch (perhaps with the same streams) waits behind it.
         plain_run = None
         if plain:
-            sub = BatchSpec(batch.width, batch.height, batch.steps, batch.guidance_scale, batch.strength,
-                            [batch.frames[keep[k]] for k in plain])
-            plain_run = loop.run_in_executor(
-                self.compute, self._lead, _Work(sub, [prompts[k] for k in plain], [negatives[k] for k in plain]))
+            sub = dataclasses.replace(batch, frames=[batch.frames[keep[k]] for k in plain])
+            plain_run = loop.run_in_executor(self.compute, self._run_plain, sub, [prompts[k] for k in plain],
+                                             [negatives[k] for k in plain])
         # Cached stream frames run one by one (a region's shape is the frame's own), after the plain ones.
         cached_runs = [(i, loop.run_in_executor(self.compute, self._run_cached, batch, i, prompts[k], negatives[k]))
                        for k, i in enumerate(keep) if cached[k]]
         if plain_run is not None:
-            images, times = await plain_run
+            images, times, plain_steps, plain_psnr = await plain_run
             pixels.update((keep[k], img) for k, img in zip(plain, images))
+            applied.update((keep[k], (plain_steps, plain_psnr, 0.0)) for k in plain)
             text_s, denoise_s, decode_s = times.text_encode_s, times.denoise_s, times.decode_s
             self.frames_computed += len(plain)
             self.batches += 1
         for i, run in cached_runs:
-            done = await run
+            done, steps, psnr_db, threshold = await run
             pixels[i] = done.pixels
+            applied[i] = (steps, psnr_db, threshold)
             t = done.times
             cache_info[i] = (done.plan.kind == "cache", done.plan.recomputed_fraction,
                              (t.text_encode_s, t.denoise_s, t.decode_s))
@@ -360,8 +387,10 @@ class EngineRank:
             t = time.perf_counter()
             data = imaging.encode(image, fr.output_format, fr.jpeg_quality)
             from_cache, fraction, stages = cache_info.get(i, (False, 1.0, None))
+            steps, psnr_db, threshold = applied[i]
             return FrameResult(data, batch.width, batch.height, fr.output_format, fr.seed, time.perf_counter() - t,
-                               from_cache=from_cache, recomputed_fraction=fraction, stage_s=stages)
+                               from_cache=from_cache, recomputed_fraction=fraction, stage_s=stages, steps=steps,
+                               psnr_db=psnr_db, cache_threshold=threshold)
 
         order = sorted(pixels)
         encoded = await asyncio.gather(*(loop.run_in_executor(self.encoder, encode, i, pixels[i]) for i in order))

@@ -1,8 +1,9 @@
 """Admission, deadlines and dynamic batching for one model (Triton's dynamic batcher is the model).
 
 Frames wait in one bounded FIFO per model. When a replica has a free slot the batcher takes the
-oldest eligible frame, adds later frames with the same batch key, and waits up to
-max_queue_delay_ms (counted from the oldest frame's arrival) for the batch to fill. Frames of one
+oldest eligible frame, adds later frames with the same batch key, and, while the replica is still
+busy with an earlier batch, waits up to max_queue_delay_ms (counted from the oldest frame's
+arrival) for the batch to fill; an idle replica gets the batch at once. Frames of one
 stream leave the queue in order and go to the stream's replica, whose single compute thread keeps
 that order. Every frame's future is resolved exactly once: with its result, or a RequestError.
 """
@@ -34,6 +35,8 @@ class BatchKey:
     steps: int
     guidance_scale: float
     strength: float
+    sampler: str = "default"
+    target_psnr_db: float = 0.0  # > 0: adaptive steps, `steps` is the budget
 
 
 @dataclass
@@ -164,7 +167,10 @@ class ModelScheduler:
             return False, None
         replica, jobs = plan
         fill_by = min(j.admitted_at for j in jobs) + self.config.max_queue_delay_ms / 1000.0
-        if len(jobs) >= self.config.max_batch_size or now >= fill_by:
+        # An idle replica goes now: waiting for the batch to fill would only idle it (frames that
+        # arrive meanwhile batch up behind this one). A busy replica cannot start the batch before
+        # its current one ends, so the batch may fill until then, up to max_queue_delay_ms.
+        if len(jobs) >= self.config.max_batch_size or now >= fill_by or replica.inflight_batches == 0:
             self._dispatch(replica, jobs, now)
             return True, None
         return False, fill_by
@@ -231,7 +237,8 @@ class ModelScheduler:
             if j.pin is not None and j.pin.replica is None:  # a stream's first frame pins it here
                 j.pin.replica, j.pin.generation = replica, replica.generation
         key = jobs[0].key
-        spec = BatchSpec(key.width, key.height, key.steps, key.guidance_scale, key.strength, [j.spec for j in jobs])
+        spec = BatchSpec(key.width, key.height, key.steps, key.guidance_scale, key.strength, [j.spec for j in jobs],
+                         sampler=key.sampler, target_psnr_db=key.target_psnr_db)
         work = float(len(jobs) * key.steps * key.width * key.height)
         replica.begin(work)
         self.series.batch_size.observe(len(jobs))

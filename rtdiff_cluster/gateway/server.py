@@ -8,6 +8,7 @@ call into the engine is `run_batch(BatchSpec)` over the replica's link (engine/l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -19,14 +20,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from rtdiff_cluster.config import ServerConfig
+from rtdiff_cluster.config import ModelConfig, ServerConfig
+from rtdiff_cluster.engine import samplers
 from rtdiff_cluster.engine.group import spawn_replicas
 from rtdiff_cluster.gateway.auth import TokenAuthInterceptor, load_tokens, server_credentials
 from rtdiff_cluster.gateway.errors import RequestError, invalid
+from rtdiff_cluster.gateway.governor import FrameRateGovernor
 from rtdiff_cluster.gateway.router import ReplicaSet
 from rtdiff_cluster.gateway.scheduler import FrameJob, FrameOutcome, ModelScheduler, StreamPin
-from rtdiff_cluster.gateway.validation import (MAX_SEED, check_cache_threshold, check_num_images, check_settings,
-                                               frame_specs)
+from rtdiff_cluster.gateway.validation import (MAX_SEED, check_cache_threshold, check_governor, check_num_images,
+                                               check_settings, frame_specs)
 from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
@@ -44,6 +47,7 @@ class ServedModel:
     replicas: ReplicaSet
     scheduler: ModelScheduler
     config_replicas: int
+    config: ModelConfig
 
 
 @dataclass
@@ -115,7 +119,7 @@ class Gateway:
                 log.info("starting %d replica(s) of %s (%s), %d rank(s) each (tp=%d, cfg-parallel=%d)",
                          mc.replicas, name, mc.source, mc.ranks, mc.tp, mc.cfg_parallel)
                 groups = spawn_replicas(mc, cfg.stats_interval_s)
-            served = ServedModel(None, None, None, len(groups))  # type: ignore[arg-type]
+            served = ServedModel(None, None, None, len(groups), mc)  # type: ignore[arg-type]
             served.replicas = ReplicaSet(name, groups, self.metrics, mc.warmup,
                                          on_change=lambda s=served: s.scheduler.wake(),
                                          on_down=lambda h, s=served: s.scheduler.fail_pinned(h, RequestError(
@@ -221,6 +225,12 @@ class Gateway:
             series.stage[stage].observe(v)
 
 
+def _applied(o: FrameOutcome, sampler: str, governed: bool = False) -> pb.Applied:
+    r = o.result
+    return pb.Applied(steps=r.steps, sampler=sampler, cache_threshold=r.cache_threshold, governed=governed,
+                      psnr_db_vs_reference=r.psnr_db)
+
+
 def _image(o: FrameOutcome) -> pb.Image:
     r = o.result
     return pb.Image(format=r.format, data=r.data, width=r.width, height=r.height, channels=3, seed=r.seed)
@@ -261,7 +271,7 @@ class _Servicer(pb_grpc.DiffusionServicer):
             timings = [gw.observe(lim.name, o, total) for o in outcomes]
             slowest = max(timings, key=lambda t: t.denoise_ms + t.decode_ms + t.encode_ms + t.queue_ms)
             return pb.GenerateResponse(model=lim.name, images=[_image(o) for o in outcomes], timing=slowest,
-                                       synthetic=lim.synthetic)
+                                       synthetic=lim.synthetic, applied=_applied(outcomes[0], checked.key.sampler))
         except RequestError as e:
             call.code = e.code
             await context.abort(e.code, e.message)
@@ -287,7 +297,7 @@ class _Servicer(pb_grpc.DiffusionServicer):
                 default_height=lim.default_height, min_steps=lim.min_steps, max_steps=lim.max_steps,
                 default_steps=lim.default_steps, max_images_per_request=lim.max_images_per_request,
                 max_prompt_chars=lim.max_prompt_chars, max_guidance_scale=lim.max_guidance_scale,
-                replicas=s.config_replicas, replicas_ready=len(s.replicas.up())))
+                replicas=s.config_replicas, replicas_ready=len(s.replicas.up()), samplers=samplers.offered(lim.family)))
         self.gw.metrics.request_done(UNKNOWN_MODEL_LABEL if not out else self.gw.default_model, "ListModels", "OK")
         return pb.ListModelsResponse(models=out)
 
@@ -297,7 +307,9 @@ class _Servicer(pb_grpc.DiffusionServicer):
         call = _Call("StreamGenerate")
         pin = StreamPin(uuid.uuid4().hex)
         slots = asyncio.Semaphore(gw.config.batching.stream_max_inflight)
-        pending: asyncio.Queue = asyncio.Queue()  # (frame_id, t0, job) | RequestError | None, in arrival order
+        # (frame_id, t0, job, governed, governor epoch) | RequestError | None, in arrival order
+        pending: asyncio.Queue = asyncio.Queue()
+        governor = FrameRateGovernor()
         opened: list[ServedModel] = []
 
         async def read() -> None:
@@ -319,12 +331,19 @@ class _Servicer(pb_grpc.DiffusionServicer):
                         pin.check()
                     c = await _check(req, lim, prompt_required=first)
                     threshold = check_cache_threshold(req.cache_threshold)
+                    cache_config = served.config.stream_cache
+                    limits = check_governor(req, c, lim, threshold, cache_config.threshold, cache_config.enabled)
+                    governed, epoch = False, -1
+                    if limits is not None:
+                        rung, governed, epoch = governor.settings(limits)
+                        c.key = dataclasses.replace(c.key, steps=rung.steps)
+                        threshold = rung.cache_threshold
                     first = False
                     spec = frame_specs(c, 1, stream_id=pin.stream_id, cache_threshold=threshold)[0]
                     job = FrameJob(spec, c.key, t0, gw.deadline(context, t0), loop.create_future(), pin=pin)
                     call.jobs.append(job)
                     served.scheduler.admit([job])
-                    pending.put_nowait((req.frame_id, t0, job))
+                    pending.put_nowait((req.frame_id, t0, job, governed, epoch))
             except RequestError as e:
                 pending.put_nowait(e)
                 return
@@ -344,14 +363,16 @@ class _Servicer(pb_grpc.DiffusionServicer):
                     break
                 if isinstance(item, RequestError):
                     raise item
-                frame_id, t0, job = item
+                frame_id, t0, job, governed, epoch = item
                 outcome: FrameOutcome = await job.future
                 call.jobs.remove(job)
                 slots.release()
                 total = loop.time() - t0
+                governor.observe(total, epoch)
                 yield pb.FrameResponse(frame_id=frame_id, image=_image(outcome), timing=gw.observe(call.model, outcome, total),
                                        replica=outcome.replica, from_cache=outcome.result.from_cache,
-                                       recomputed_fraction=outcome.result.recomputed_fraction)
+                                       recomputed_fraction=outcome.result.recomputed_fraction,
+                                       applied=_applied(outcome, job.key.sampler, governed))
         except RequestError as e:
             call.code = e.code
             await context.abort(e.code, e.message)

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from rtdiff_cluster import imaging
+from rtdiff_cluster.engine import samplers
 from rtdiff_cluster.engine.pipeline import FrameSpec
 from rtdiff_cluster.gateway.errors import invalid
+from rtdiff_cluster.gateway.governor import GovernorLimits
 from rtdiff_cluster.gateway.scheduler import BatchKey
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
@@ -21,6 +23,7 @@ from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
 MAX_SEED = 2**63 - 1
 DEFAULT_STRENGTH = 0.6
 DEFAULT_JPEG_QUALITY = 90
+MAX_TARGET_PSNR_DB = 100.0  # beyond this two uint8 images differ by under a thousandth of a level
 OUTPUT_FORMATS = (pb.IMAGE_FORMAT_PNG, pb.IMAGE_FORMAT_JPEG, pb.IMAGE_FORMAT_RAW_RGB8)
 
 
@@ -61,9 +64,17 @@ def check_settings(req, lim: ModelLimits, prompt_required: bool) -> Checked:
     """Shared checks of GenerateRequest and FrameRequest (they have the same field names)."""
     width = _size("width", req.width, lim.default_width, lim)
     height = _size("height", req.height, lim.default_height, lim)
-    steps = req.steps or lim.default_steps
+    target_psnr = req.target_psnr_db
+    if not math.isfinite(target_psnr) or target_psnr < 0 or target_psnr > MAX_TARGET_PSNR_DB:
+        raise invalid("target_psnr_db", f"{target_psnr} is outside 0..{MAX_TARGET_PSNR_DB:g} (0: adaptive steps off)")
+    # With a quality target, steps is the budget: by default up to the reference's 8.
+    steps = req.steps or (min(samplers.REFERENCE_STEPS, lim.max_steps) if target_psnr else lim.default_steps)
     if not lim.min_steps <= steps <= lim.max_steps:
         raise invalid("steps", f"{req.steps} is outside {lim.min_steps}..{lim.max_steps}")
+    sampler = req.sampler or samplers.DEFAULT
+    if sampler not in samplers.offered(lim.family):
+        raise invalid("sampler", f"unknown sampler {req.sampler!r} for this model; choose one of "
+                                 f"{', '.join(samplers.offered(lim.family))}")
     g = req.guidance_scale
     if not math.isfinite(g) or g < 0 or g > lim.max_guidance_scale:
         raise invalid("guidance_scale", f"{g} is outside 0..{lim.max_guidance_scale}")
@@ -91,8 +102,8 @@ def check_settings(req, lim: ModelLimits, prompt_required: bool) -> Checked:
         image = check_input_image(req.input_image, width, height)
     elif req.strength:
         raise invalid("strength", "only applies with input_image")
-    return Checked(BatchKey(width, height, steps, guidance, strength), prompt_text or None, negative,
-                   req.seed, fmt, quality, image)
+    return Checked(BatchKey(width, height, steps, guidance, strength, sampler, round(target_psnr, 2)),
+                   prompt_text or None, negative, req.seed, fmt, quality, image)
 
 
 def check_input_image(img: pb.Image, width: int, height: int) -> np.ndarray:
@@ -136,3 +147,35 @@ def check_num_images(n: int, lim: ModelLimits) -> int:
     if n > lim.max_images_per_request:
         raise invalid("num_images", f"{n} exceeds the limit of {lim.max_images_per_request}")
     return n
+
+
+MAX_TARGET_FPS = 1000.0
+
+
+def check_governor(req, c: Checked, lim: ModelLimits, threshold: float | None, base_threshold: float,
+                   cache_enabled: bool) -> GovernorLimits | None:
+    """FrameRequest's governor fields (target_fps, min_steps, max_cache_threshold); None when off."""
+    fps = req.target_fps
+    if not math.isfinite(fps) or fps < 0 or fps > MAX_TARGET_FPS:
+        raise invalid("target_fps", f"{fps} is outside 0..{MAX_TARGET_FPS:g} (0: no governor)")
+    steps = c.key.steps
+    if not 0 <= req.min_steps <= steps:
+        raise invalid("min_steps", f"{req.min_steps} is outside 0..{steps} (the frame's steps)")
+    top = req.max_cache_threshold
+    if not math.isfinite(top) or top < 0 or top > 255:
+        raise invalid("max_cache_threshold", f"{top} is not a change in 0-255 levels (0: not raised)")
+    if fps == 0:
+        for name, value in (("min_steps", req.min_steps), ("max_cache_threshold", top)):
+            if value:
+                raise invalid(name, "only applies with target_fps > 0")
+        return None
+    floor = req.min_steps or lim.min_steps
+    strength = c.key.strength
+    while strength and int(floor * strength) < 1:  # image-to-image must keep at least one step to run
+        floor += 1
+    floor = min(floor, steps)
+    cache_on = cache_enabled and c.input_image is not None and (threshold is None or threshold >= 0)
+    if top and cache_on and (threshold if threshold is not None else base_threshold) > top:
+        raise invalid("max_cache_threshold", f"{top} is below the frame's cache threshold "
+                                             f"{threshold if threshold is not None else base_threshold}")
+    return GovernorLimits(fps, steps, floor, threshold, base_threshold, top, cache_on)

@@ -55,7 +55,7 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., batch_wait_ms: _Optional[float] = ..., text_encode_ms: _Optional[float] = ..., denoise_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., replica_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "output_format", "jpeg_quality", "input_image", "strength")
+    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "output_format", "jpeg_quality", "input_image", "strength", "sampler", "target_psnr_db")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,8 @@ class GenerateRequest(_message.Message):
     JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
     INPUT_IMAGE_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PSNR_DB_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -82,22 +84,40 @@ class GenerateRequest(_message.Message):
     jpeg_quality: int
     input_image: Image
     strength: float
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., input_image: _Optional[_Union[Image, _Mapping]] = ..., strength: _Optional[float] = ...) -> None: ...
+    sampler: str
+    target_psnr_db: float
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., input_image: _Optional[_Union[Image, _Mapping]] = ..., strength: _Optional[float] = ..., sampler: _Optional[str] = ..., target_psnr_db: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("model", "images", "timing", "synthetic")
+    __slots__ = ("model", "images", "timing", "synthetic", "applied")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     SYNTHETIC_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     timing: Timing
     synthetic: bool
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., synthetic: _Optional[bool] = ...) -> None: ...
+    applied: Applied
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., synthetic: _Optional[bool] = ..., applied: _Optional[_Union[Applied, _Mapping]] = ...) -> None: ...
+
+class Applied(_message.Message):
+    __slots__ = ("steps", "sampler", "cache_threshold", "governed", "psnr_db_vs_reference")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    GOVERNED_FIELD_NUMBER: _ClassVar[int]
+    PSNR_DB_VS_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    sampler: str
+    cache_threshold: float
+    governed: bool
+    psnr_db_vs_reference: float
+    def __init__(self, steps: _Optional[int] = ..., sampler: _Optional[str] = ..., cache_threshold: _Optional[float] = ..., governed: _Optional[bool] = ..., psnr_db_vs_reference: _Optional[float] = ...) -> None: ...
 
 class FrameRequest(_message.Message):
-    __slots__ = ("model", "frame_id", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "output_format", "jpeg_quality", "input_image", "strength", "cache_threshold")
+    __slots__ = ("model", "frame_id", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "output_format", "jpeg_quality", "input_image", "strength", "cache_threshold", "sampler", "target_psnr_db", "target_fps", "min_steps", "max_cache_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +132,11 @@ class FrameRequest(_message.Message):
     INPUT_IMAGE_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PSNR_DB_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     frame_id: int
     prompt: str
@@ -126,30 +151,37 @@ class FrameRequest(_message.Message):
     input_image: Image
     strength: float
     cache_threshold: float
-    def __init__(self, model: _Optional[str] = ..., frame_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., input_image: _Optional[_Union[Image, _Mapping]] = ..., strength: _Optional[float] = ..., cache_threshold: _Optional[float] = ...) -> None: ...
+    sampler: str
+    target_psnr_db: float
+    target_fps: float
+    min_steps: int
+    max_cache_threshold: float
+    def __init__(self, model: _Optional[str] = ..., frame_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., input_image: _Optional[_Union[Image, _Mapping]] = ..., strength: _Optional[float] = ..., cache_threshold: _Optional[float] = ..., sampler: _Optional[str] = ..., target_psnr_db: _Optional[float] = ..., target_fps: _Optional[float] = ..., min_steps: _Optional[int] = ..., max_cache_threshold: _Optional[float] = ...) -> None: ...
 
 class FrameResponse(_message.Message):
-    __slots__ = ("frame_id", "image", "timing", "replica", "from_cache", "recomputed_fraction")
+    __slots__ = ("frame_id", "image", "timing", "replica", "from_cache", "recomputed_fraction", "applied")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     image: Image
     timing: Timing
     replica: str
     from_cache: bool
     recomputed_fraction: float
-    def __init__(self, frame_id: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., replica: _Optional[str] = ..., from_cache: _Optional[bool] = ..., recomputed_fraction: _Optional[float] = ...) -> None: ...
+    applied: Applied
+    def __init__(self, frame_id: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., replica: _Optional[str] = ..., from_cache: _Optional[bool] = ..., recomputed_fraction: _Optional[float] = ..., applied: _Optional[_Union[Applied, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "synthetic", "size_multiple", "min_size", "max_size", "default_width", "default_height", "min_steps", "max_steps", "default_steps", "max_images_per_request", "max_prompt_chars", "max_guidance_scale", "replicas", "replicas_ready")
+    __slots__ = ("name", "family", "synthetic", "size_multiple", "min_size", "max_size", "default_width", "default_height", "min_steps", "max_steps", "default_steps", "max_images_per_request", "max_prompt_chars", "max_guidance_scale", "replicas", "replicas_ready", "samplers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     SYNTHETIC_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +198,7 @@ class ModelInfo(_message.Message):
     MAX_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_READY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     synthetic: bool
@@ -182,7 +215,8 @@ class ModelInfo(_message.Message):
     max_guidance_scale: float
     replicas: int
     replicas_ready: int
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., synthetic: _Optional[bool] = ..., size_multiple: _Optional[int] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., min_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_steps: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_guidance_scale: _Optional[float] = ..., replicas: _Optional[int] = ..., replicas_ready: _Optional[int] = ...) -> None: ...
+    samplers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., synthetic: _Optional[bool] = ..., size_multiple: _Optional[int] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., min_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_steps: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_guidance_scale: _Optional[float] = ..., replicas: _Optional[int] = ..., replicas_ready: _Optional[int] = ..., samplers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -1,0 +1,148 @@
+"""The stream frame-rate governor, samplers and adaptive steps through the server (real Ray, real gRPC)."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import TINY, GatewayThread, gateway_config, spawn
+from rtdiff_cluster import clips
+from rtdiff_cluster.client.client import FrameWindow, RtdiffClient, image_pixels
+from rtdiff_cluster.config import ModelConfig, StreamCacheConfig
+from rtdiff_cluster.gateway.governor import PATIENCE, FrameRateGovernor, GovernorLimits, Rung, ladder
+from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
+
+RAW = pb.IMAGE_FORMAT_RAW_RGB8
+
+
+def limits(**kw) -> GovernorLimits:
+    base = dict(target_fps=10.0, steps=4, min_steps=2, cache_threshold=None, base_threshold=2.0,
+                max_cache_threshold=8.0, cache_on=True)
+    return GovernorLimits(**{**base, **kw})
+
+
+# ---- the governor alone ---------------------------------------------------------------------
+
+def test_ladder_lowers_steps_first_then_raises_the_threshold_within_limits():
+    assert ladder(limits()) == [Rung(4, None), Rung(3, None), Rung(2, None), Rung(2, 4.0), Rung(2, 8.0)]
+    assert ladder(limits(max_cache_threshold=6.0))[-2:] == [Rung(2, 4.0), Rung(2, 6.0)]
+    assert ladder(limits(cache_on=False)) == [Rung(4, None), Rung(3, None), Rung(2, None)]
+    assert ladder(limits(max_cache_threshold=0.0, min_steps=4)) == [Rung(4, None)]
+
+
+def test_governor_degrades_one_rung_per_change_and_recovers_with_headroom():
+    g = FrameRateGovernor()
+    lim = limits()  # 100 ms per frame
+    rung, governed, epoch = g.settings(lim)
+    assert rung == Rung(4, None) and not governed
+    g.observe(0.25, epoch)  # too slow: one rung down
+    rung, governed, epoch2 = g.settings(lim)
+    assert rung == Rung(3, None) and governed and epoch2 == epoch + 1
+    g.observe(0.25, epoch)  # a frame admitted before the change says nothing about the new settings
+    assert g.settings(lim)[0] == Rung(3, None)
+    for _ in range(3):
+        g.observe(0.25, g.settings(lim)[2])
+    assert g.settings(lim)[0] == Rung(2, 8.0) and g.changes == 4
+    g.observe(0.25, g.settings(lim)[2])  # at the bottom of the client's limits it stays there
+    assert g.settings(lim)[0] == Rung(2, 8.0)
+    for _ in range(PATIENCE - 1):  # fast frames: back up only after PATIENCE in a row
+        g.observe(0.01, g.settings(lim)[2])
+    assert g.settings(lim)[0] == Rung(2, 8.0)
+    g.observe(0.01, g.settings(lim)[2])
+    assert g.settings(lim)[0] == Rung(2, 4.0)
+    g.observe(0.09, g.settings(lim)[2])  # within the interval but without headroom: hold
+    for _ in range(PATIENCE):
+        g.observe(0.01, g.settings(lim)[2])
+    assert g.settings(lim)[0] == Rung(2, None)
+
+
+# ---- through the server ---------------------------------------------------------------------
+
+SIZE = 256
+CACHE = StreamCacheConfig(chunk_px=32, halo_px=32)
+
+
+@pytest.fixture(scope="module")
+def gateway(ray_cluster):
+    actors = spawn(1, stream_cache=CACHE)
+    g = GatewayThread(gateway_config(model=ModelConfig(source=TINY, warmup=False, stream_cache=CACHE)), {TINY: actors})
+    yield g
+    g.stop()
+    for a in actors:
+        a.kill()
+
+
+def frame(i: int, img: np.ndarray | None = None, **kw) -> pb.FrameRequest:
+    fields = dict(frame_id=i, prompt="a stream" if i == 0 else "", width=SIZE, height=SIZE, steps=4, seed=5,
+                  output_format=RAW)
+    if img is not None:
+        fields.update(strength=0.5, input_image=pb.Image(format=RAW, data=img.tobytes(), width=SIZE, height=SIZE))
+    return pb.FrameRequest(**{**fields, **kw})
+
+
+def test_governor_lowers_steps_and_raises_the_threshold_when_a_stream_falls_behind(gateway):
+    # 1000 fps is out of reach on CPU: every judged frame is too slow, so the governor walks the whole
+    # ladder the client allowed (4 -> 2 steps, then the threshold 2 -> 4 -> 8) and stays at its bottom.
+    # One frame in flight, as a live client keeps it: each frame is judged on the settings it had.
+    moving = list(clips.moving(SIZE, SIZE, 8, area=0.1, step_px=8))
+    window = FrameWindow((frame(i, f, target_fps=1000, min_steps=2, max_cache_threshold=8)
+                          for i, f in enumerate(moving)), window=1)
+    out = []
+    with RtdiffClient(gateway.target, timeout_s=120) as c:
+        for r in c.stream(window.requests(), timeout_s=120):
+            window.done()
+            out.append(r)
+    applied = [(r.applied.steps, r.applied.cache_threshold) for r in out]
+    assert applied[0] == (4, CACHE.threshold) and not out[0].applied.governed
+    assert applied[-1] == (2, 8.0) and out[-1].applied.governed
+    steps = [s for s, _ in applied]
+    assert steps == sorted(steps, reverse=True)  # never back up: it never had headroom
+    assert {a.sampler for a in (r.applied for r in out)} == {"default"}
+
+
+def test_governor_leaves_a_stream_with_headroom_alone(gateway):
+    with RtdiffClient(gateway.target, timeout_s=120) as c:
+        out = list(c.stream([frame(i, target_fps=0.01, min_steps=1) for i in range(4)], timeout_s=120))
+    assert [(r.applied.steps, r.applied.governed) for r in out] == [(4, False)] * 4
+
+
+@pytest.mark.parametrize("fields,name", [
+    (dict(target_fps=10, min_steps=5), "min_steps"),
+    (dict(min_steps=2), "min_steps"),
+    (dict(max_cache_threshold=4), "max_cache_threshold"),
+    (dict(target_fps=float("inf")), "target_fps"),
+    (dict(target_fps=-1), "target_fps"),
+])
+def test_bad_governor_fields_name_the_field(gateway, fields, name):
+    with RtdiffClient(gateway.target, timeout_s=60) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            list(c.stream([frame(0, **fields)], timeout_s=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(f"{name}:")
+        assert len(list(c.stream([frame(0)], timeout_s=60))) == 1
+
+
+def test_list_models_offers_samplers_and_generate_uses_the_one_asked(gateway):
+    with RtdiffClient(gateway.target, timeout_s=120) as c:
+        (info,) = c.list_models()
+        assert list(info.samplers) == ["default", "euler", "ddim", "dpmpp", "lcm"]
+        euler = c.generate("a harbour", width=64, height=64, steps=3, seed=4, output_format="raw", sampler="euler")
+        dpm = c.generate("a harbour", width=64, height=64, steps=3, seed=4, output_format="raw", sampler="dpmpp")
+    assert (euler.applied.sampler, euler.applied.steps, dpm.applied.sampler) == ("euler", 3, "dpmpp")
+    assert not np.array_equal(image_pixels(euler.images[0]), image_pixels(dpm.images[0]))
+
+
+def test_adaptive_steps_through_the_server_match_the_explicit_steps(gateway):
+    target = 35.0
+    with RtdiffClient(gateway.target, timeout_s=120) as c:
+        adaptive = c.generate("a harbour", width=64, height=64, seed=8, output_format="raw", target_psnr_db=target)
+        a = adaptive.applied
+        assert 1 <= a.steps <= 8 and a.psnr_db_vs_reference >= target
+        explicit = c.generate("a harbour", width=64, height=64, steps=a.steps, seed=8, output_format="raw")
+        reference = c.generate("a harbour", width=64, height=64, steps=8, seed=8, output_format="raw")
+    from rtdiff_cluster.fidelity import psnr
+
+    assert np.array_equal(image_pixels(adaptive.images[0]), image_pixels(explicit.images[0]))
+    if a.steps < 8:
+        assert psnr(image_pixels(adaptive.images[0]), image_pixels(reference.images[0])) == pytest.approx(
+            a.psnr_db_vs_reference, abs=0.01)

@@ -205,8 +205,10 @@ class Pipeline:
             images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             return images.permute(0, 2, 3, 1).contiguous()  # [B, H, W, 3]
 
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+
         def step_kwargs(stochastic: bool) -> dict:
-            if stochastic and "generator" in inspect.signature(scheduler.step).parameters:  # ancestral samplers draw fresh noise each step: per frame, seeded
+            if stochastic and takes_generator:  # ancestral samplers draw fresh noise each step: per frame, seeded
                 return {"generator": [torch.Generator("cpu").manual_seed(fr.seed ^ 0x5EED) for fr in batch.frames]}
             return {}
 

@@ -326,8 +326,11 @@ class EngineRank:
         return (self.config.stream_cache.enabled and batch.strength > 0 and fr.stream_id is not None
                 and fr.init_image is not None and (fr.cache_threshold is None or fr.cache_threshold >= 0))
 
-    def _run_cached(self, batch: BatchSpec, i: int, prompt: str, negative: str) -> CachedFrame:
-        """On the compute thread, in arrival order: frames of one stream see each other's commits."""
+    def _run_cached(self, batch: BatchSpec, i: int, prompt: str,
+                    negative: str) -> tuple[CachedFrame, int, float, float]:
+        """On the compute thread, in arrival order: frames of one stream see each other's commits.
+        Returns the frame, the steps its schedule had, their PSNR against 8 steps (0: not adaptive)
+        and the chunk threshold applied."""
         fr = batch.frames[i]
         one = dataclasses.replace(batch, frames=[fr])
         one, psnr_db, measuring_s = self._adapt(one, prompt, negative)

@@ -5,8 +5,9 @@ The settings form a ladder, from what the client asked (level 0) to the cheapest
 fewer steps one at a time down to min_steps, then the chunk cache's threshold doubled step by step
 up to max_cache_threshold (more chunks reused). While frames take longer than the interval the
 governor climbs one rung (judged on a smoothed latency, so it reacts within a frame or two); when
-PATIENCE frames in a row take under HEADROOM of it, it steps back down. Only frames admitted after the last change are judged, so frames already in flight
-under the old settings do not trigger a second change (no overshoot).
+PATIENCE frames in a row take under HEADROOM of it, it steps back down. Only frames admitted after
+the last change are judged, so frames already in flight under the old settings do not trigger a
+second change (no overshoot).
 
 Latency here is the gateway's total for the frame (admission to answer), so a replica shared with
 other streams, which makes frames queue, counts as falling behind too.

@@ -83,6 +83,21 @@ def test_every_sampler_under_graphs_matches_plain_modules(source):
     assert fast._uncapturable_loops <= {"ddim"}, fast._uncapturable_loops
 
 
+@pytest.mark.parametrize("source", ["synthetic:tiny-sdxl", "synthetic:tiny-flux"])
+def test_image_to_image_with_a_graphed_encoder_matches_plain_modules(source):
+    from rtdiff_cluster import clips
+
+    plain, fast, fp = pipelines(source)
+    for size in (256, 320):
+        init = clips.texture(size, size, seed=size)
+        batch = BatchSpec(size, size, 4, 3.0, 0.5, [FrameSpec("a lighthouse", seed=2, init_image=init)])
+        for _ in range(2):  # capture, then replay
+            got, _ = fast.run(batch, ["a lighthouse"], [""])
+            want, _ = plain.run(batch, ["a lighthouse"], [""])
+            assert_images_close(got.astype(int), want.astype(int), f"{source} image-to-image {size}")
+    assert any(k[0] == "encode" for k in fp.graphs._graphs), "the encoder was not captured"
+
+
 def test_graph_cache_drops_least_recently_used_within_its_budget():
     _, fast, fp = pipelines("synthetic:tiny-sdxl", max_graphs=2)
     for size in (256, 320, 384):

@@ -70,6 +70,11 @@ class StageTimes:
     decode_s: float = 0.0
 
 
+# Input shapes whose pinned staging buffers a pipeline keeps: a stream alternates between its
+# whole frame and a few chunk-cache region buckets; pinning a buffer costs milliseconds.
+PINNED_SHAPES = 8
+
+
 def _noise_free_step(scheduler) -> bool:
     """Whether the scheduler's step adds no noise to its result, so that running it without the
     frames' generators gives the same numbers (and the whole loop can be captured: noise drawn
@@ -103,6 +108,7 @@ class Pipeline:
         # Samplers whose step cannot be captured (DDIM reads the timestep on the host): their loops
         # run step by step, each backbone call still a captured graph.
         self._uncapturable_loops: set[str] = set()
+        self._pinned: dict[tuple, torch.Tensor] = {}  # input frames' host staging buffers (CUDA), by shape
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":
@@ -114,11 +120,31 @@ class Pipeline:
         window (top, left, height, width), in latent pixels: that part of the latent_hw noise."""
         h, w = latent_hw
         c = self.family.latent_channels()
-        noise = torch.cat([torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+        draws = [torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+        noise = draws[0] if len(draws) == 1 else torch.cat(draws)
         if window is not None:
             top, left, wh, ww = window
             noise = noise[:, :, top:top + wh, left:left + ww]
         return noise.to(self.model.device, self.model.dtype)  # [B, C, h, w]
+
+    def _upload(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Input frames as [B, H, W, 3] uint8 on the model's device. On CUDA they are staged in a
+        pinned host buffer kept for the shape, so the upload is one DMA instead of a copy through
+        the driver's pageable bounce buffers. Reusing the buffer is safe: run() synchronises before
+        it returns, so the last upload from it has finished."""
+        shape = (len(images), *images[0].shape)
+        if self.model.device.type != "cuda":
+            return torch.from_numpy(np.stack(images))
+        buf = self._pinned.pop(shape, None)
+        if buf is None:
+            buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+            if len(self._pinned) >= PINNED_SHAPES:
+                del self._pinned[next(iter(self._pinned))]  # the least recently used shape
+        self._pinned[shape] = buf
+        view = buf.numpy()
+        for i, img in enumerate(images):
+            view[i] = img
+        return buf.to(self.model.device, non_blocking=True)
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return self.family.uses_cfg and guidance_scale > 1.0
@@ -175,9 +201,14 @@ class Pipeline:
             # Image-to-image: start part-way down the schedule from the noised input latents.
             begin = batch.steps - min(int(batch.steps * batch.strength), batch.steps)
             timesteps = timesteps[begin * scheduler.order:]
-            pixels = torch.from_numpy(np.stack([fr.init_image for fr in batch.frames]))
-            x = pixels.to(m.device).permute(0, 3, 1, 2).to(m.dtype) / 127.5 - 1.0  # [B, 3, H, W] in [-1, 1]
-            init = fam.to_model_layout(fam.encode_image(x))
+            pixels = self._upload([fr.init_image for fr in batch.frames])
+
+            def encode_of(p):
+                x = p.permute(0, 3, 1, 2).to(m.dtype) / 127.5 - 1.0  # [B, 3, H, W] in [-1, 1]
+                return fam.to_model_layout(fam.encode_image(x))
+
+            # A graph: the encoder's dozens of small eager launches held the GPU idle on the host.
+            init = self._graphed(("encode", tuple(pixels.shape)), encode_of, pixels)
         if hasattr(scheduler, "set_begin_index"):
             # A known start spares the scheduler a search of its timesteps (a device sync, which
             # a captured graph cannot contain).

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Speed and fidelity of each quality knob against the exact pipeline: samplers and step counts,
-FP8 linears, and adaptive steps, on the same weights, prompt and seed.
+the step cache, FP8 linears, and adaptive steps, on the same weights, prompt and seed.
 
 Every row runs the engine's Pipeline (with its fast paths and CUDA graphs, as a replica serves it)
 on one text-to-image frame, plus one image-to-image row (1 step of a 2-step schedule at strength
@@ -9,8 +9,9 @@ captures the graphs), speedup against the reference, PSNR and SSIM of the frame 
 reference, and on CUDA watts and joules per frame (NVML energy over the timed runs).
 
 References: for samplers and steps, 8 steps of the same sampler (the adaptive-steps reference);
-for FP8, the same sampler and steps in bf16. Adaptive rows run engine/adaptive_steps.py's
-calibration for several targets and report the steps it chose and what measuring cost.
+for the step cache, the same steps uncached; for FP8, the same sampler and steps in bf16. Adaptive
+rows run engine/adaptive_steps.py's calibration for several targets and report the steps it chose
+and what measuring cost.
 
 Synthetic presets have seeded random weights: their images are structured noise, so the PSNR
 figures say how far a knob moves the output of this network, not how a trained model's images
@@ -23,6 +24,7 @@ look. The fidelity method is the same for real checkpoints (--source DIR).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -42,6 +44,7 @@ from sharding import _energy  # noqa: E402
 PROMPT = "a lighthouse on a cliff at dusk"
 # Spread over what 1-8 steps measure on the presets (tiny: 32-41 dB, SDXL with random weights: 45-54)
 TARGETS_DB = (30.0, 35.0, 40.0, 45.0, 48.0, 52.0, 60.0)
+STEP_CACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)
 SEED = 21
 
 
@@ -84,9 +87,15 @@ def main() -> int:
     cfg = FastPathConfig()
     print(f"# {source} on {device} ({time.perf_counter() - t_load:.0f} s to load); fast paths: {fp.report}", flush=True)
 
+    last_times = {}  # the latest run's StageTimes (the step cache's reuse count)
+
     def pipeline(graphs) -> callable:
         pipe = Pipeline(model, 4, graphs, cfg.loop_graph_max_steps)
-        return lambda b: pipe.run(b, [PROMPT] * len(b.frames), [""] * len(b.frames))[0][0]
+
+        def run(b):
+            images, last_times["t"] = pipe.run(b, [PROMPT] * len(b.frames), [""] * len(b.frames))
+            return images[0]
+        return run
 
     compute = pipeline(fp.graphs)
 
@@ -122,11 +131,19 @@ def main() -> int:
     row("image-to-image", f"{samplers[0]}, 1 step (2 at strength 0.5)", image, ms, joules, i2i_ref, i2i_ref_ms,
         f"{samplers[0]}, 4 steps (8 at strength 0.5)")
 
+    for steps in (4, REFERENCE_STEPS):
+        ref, ref_ms = bf16[samplers[0], steps]
+        for threshold in STEP_CACHE_THRESHOLDS:
+            b = dataclasses.replace(batch(steps, samplers[0]), step_cache=threshold)
+            image, ms, joules = timed(compute, b, args.runs, device)
+            row("step cache", f"{samplers[0]}, {steps} steps, threshold {threshold:g}", image, ms, joules, ref, ref_ms,
+                f"{samplers[0]}, {steps} steps, uncached", steps_reused=last_times["t"].steps_reused)
+
     adaptive = []
     for target in TARGETS_DB:
         cal = StepCalibrator(audit_every=0)
         t = time.perf_counter()
-        chosen, c = cal.choose(dataclass_replace(batch(REFERENCE_STEPS, samplers[0]), target), compute)
+        chosen, c = cal.choose(dataclasses.replace(batch(REFERENCE_STEPS, samplers[0]), target_psnr_db=target), compute)
         a = {"target_db": target, "steps": chosen.steps, "psnr_db": c.psnr_db if np.isfinite(c.psnr_db) else None,
              "calibration_s": time.perf_counter() - t,
              "measured_db": {str(k): (v if np.isfinite(v) else None) for k, v in c.measured.items()},
@@ -153,12 +170,6 @@ def main() -> int:
     return 0
 
 
-def dataclass_replace(b, target: float):
-    import dataclasses
-
-    return dataclasses.replace(b, target_psnr_db=target)
-
-
 def markdown(r: dict) -> str:
     f = lambda v, d=1: "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [f"# Quality knobs: {r['source']} {r['size']}x{r['size']}, VAE {r['vae']}", "",
@@ -170,6 +181,8 @@ def markdown(r: dict) -> str:
         lines.append(f"| {x['knob']} | {x['setting']} | {f(x['ms'])} | {f(x['fps'])} | {x['reference']} | "
                      f"{f(x['x_reference'], 2)} | {f(x['psnr_db'])} | {f(x['ssim'], 3)} | {f(x['watts'], 0)} | "
                      f"{f(x['joules_per_frame'], 2)} |")
+    lines += ["", "Step cache rows: steps reused (the backbone skipped) "
+              + ", ".join(f"{x['setting']}: {x['steps_reused']}" for x in r["rows"] if x["knob"] == "step cache") + "."]
     lines += ["", "## Adaptive steps (calibrated on this frame, first sampler)", "",
               "| target dB | steps chosen | its PSNR dB vs 8 steps | calibration s | ms/frame at those steps |",
               "|--:|--:|--:|--:|--:|"]

@@ -150,6 +150,9 @@ def _request_args(p) -> None:
     p.add_argument("--sampler", default="", help="a sampler `rtdiff models` lists (default: the checkpoint's own)")
     p.add_argument("--target-psnr", type=float, default=0.0,
                    help="adaptive steps: the fewest steps, at most --steps (default 8), within this PSNR in dB of 8 steps")
+    p.add_argument("--step-cache", type=float, default=0.0,
+                   help="UNet step cache: reuse the last prediction while the first block changed less than this "
+                        "fraction (e.g. 0.1; 0: off)")
 
 
 def _client(args):
@@ -186,7 +189,8 @@ def cmd_generate(args) -> int:
                               guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num_images,
                               output_format=args.format, negative_prompt=args.negative_prompt,
                               input_image=_input_image(args.input_image), strength=args.strength,
-                              sampler=args.sampler, target_psnr_db=args.target_psnr)
+                              sampler=args.sampler, target_psnr_db=args.target_psnr,
+                              step_cache_threshold=args.step_cache)
     except grpc.RpcError as e:
         return _rpc_error(e)
     out = Path(args.output)
@@ -196,7 +200,8 @@ def cmd_generate(args) -> int:
         print(f"wrote {path} ({img.width}x{img.height}, seed {img.seed})")
     a = resp.applied
     adaptive = f", {a.psnr_db_vs_reference:.1f} dB vs 8 steps" if args.target_psnr else ""
-    print(f"{a.steps} steps, sampler {a.sampler}{adaptive}")
+    reused = f", {a.steps_reused} reused by the step cache" if args.step_cache else ""
+    print(f"{a.steps} steps, sampler {a.sampler}{adaptive}{reused}")
     t = resp.timing
     print(f"total {t.total_ms:.1f} ms (queue {t.queue_ms:.1f}, batch wait {t.batch_wait_ms:.1f}, text {t.text_encode_ms:.1f}, "
           f"denoise {t.denoise_ms:.1f}, decode {t.decode_ms:.1f}, encode {t.encode_ms:.1f})")
@@ -257,7 +262,8 @@ def run_stream(client, args, out_dir: Path | None, live: bool) -> dict:
                                 target_psnr_db=getattr(args, "target_psnr", 0.0),
                                 target_fps=getattr(args, "target_fps", 0.0), min_steps=getattr(args, "min_steps", 0),
                                 max_cache_threshold=getattr(args, "max_cache_threshold", 0.0),
-                                cache_threshold=getattr(args, "cache_threshold", 0.0))
+                                cache_threshold=getattr(args, "cache_threshold", 0.0),
+                                step_cache_threshold=getattr(args, "step_cache", 0.0))
             if frame_image is not None:
                 f.input_image.CopyFrom(frame_image)
             yield f

@@ -146,3 +146,15 @@ def test_adaptive_steps_through_the_server_match_the_explicit_steps(gateway):
     if a.steps < 8:
         assert psnr(image_pixels(adaptive.images[0]), image_pixels(reference.images[0])) == pytest.approx(
             a.psnr_db_vs_reference, abs=0.01)
+
+
+def test_step_cache_through_the_server_reports_the_steps_it_reused(gateway):
+    with RtdiffClient(gateway.target, timeout_s=120) as c:
+        exact = c.generate("a harbour", width=64, height=64, steps=4, seed=8, output_format="raw")
+        none = c.generate("a harbour", width=64, height=64, steps=4, seed=8, output_format="raw",
+                          step_cache_threshold=1e-9)
+        loose = c.generate("a harbour", width=64, height=64, steps=4, seed=8, output_format="raw",
+                           step_cache_threshold=0.99)
+    assert exact.applied.steps_reused == none.applied.steps_reused == 0
+    assert np.array_equal(image_pixels(none.images[0]), image_pixels(exact.images[0]))
+    assert 1 <= loose.applied.steps_reused <= 3

@@ -80,7 +80,10 @@ def test_every_sampler_under_graphs_matches_plain_modules(source):
         for _ in range(2):  # the first run captures (or finds it cannot), the second replays
             assert_images_close(frame(fast, 256, 3, sampler=sampler), frame(plain, 256, 3, sampler=sampler),
                                 f"{source} {sampler}")
+    # Steps graphed one by one after DDIM's (integer timesteps) still capture for Euler's float ones.
+    assert_images_close(frame(fast, 256, 12, sampler="euler"), frame(plain, 256, 12, sampler="euler"), "euler 12 steps")
     assert fast._uncapturable_loops <= {"ddim"}, fast._uncapturable_loops
+    assert all(k[:2] == ("loop", "ddim") for k in fast._eager_keys), fast._eager_keys
 
 
 @pytest.mark.parametrize("source", ["synthetic:tiny-sdxl", "synthetic:tiny-flux"])

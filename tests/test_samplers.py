@@ -28,7 +28,7 @@ def pipelines():
     from rtdiff_cluster.parallel import groups
 
     groups.init_single(torch.device("cpu"))
-    yield {src: Pipeline(load_model(ModelConfig(source=src)), prompt_cache_size=4)
+    yield {src: Pipeline(load_model(ModelConfig(source=src, device="cpu")), prompt_cache_size=4)
            for src in ("synthetic:tiny", "synthetic:tiny-flux")}
     groups.destroy()
 

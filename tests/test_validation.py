@@ -51,6 +51,7 @@ BAD_REQUESTS = {
     "sampler of another family": (dict(sampler="flow-euler"), "sampler"),
     "target PSNR negative": (dict(target_psnr_db=-1.0), "target_psnr_db"),
     "target PSNR NaN": (dict(target_psnr_db=float("nan")), "target_psnr_db"),
+    "step cache threshold of 1": (dict(step_cache_threshold=1.0), "step_cache_threshold"),
     "strength leaves no step": (
         dict(input_image=pb.Image(format=pb.IMAGE_FORMAT_PNG, data=png(64, 64)), strength=0.4), "strength"),
     "input strength out of range": (

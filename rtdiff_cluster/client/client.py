@@ -70,11 +70,12 @@ class RtdiffClient:
                  guidance_scale: float = 0.0, seed: int = 0, num_images: int = 1, output_format: str = "png",
                  negative_prompt: str = "", input_image: pb.Image | None = None, strength: float = 0.0,
                  jpeg_quality: int = 0, sampler: str = "", target_psnr_db: float = 0.0,
-                 timeout_s: float | None = None) -> pb.GenerateResponse:
+                 step_cache_threshold: float = 0.0, timeout_s: float | None = None) -> pb.GenerateResponse:
         req = pb.GenerateRequest(model=model, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                                  steps=steps, guidance_scale=guidance_scale, seed=seed, num_images=num_images,
                                  output_format=FORMATS[output_format], jpeg_quality=jpeg_quality, strength=strength,
-                                 sampler=sampler, target_psnr_db=target_psnr_db)
+                                 sampler=sampler, target_psnr_db=target_psnr_db,
+                                 step_cache_threshold=step_cache_threshold)
         if input_image is not None:
             req.input_image.CopyFrom(input_image)
         return self.stub.Generate(req, timeout=timeout_s or self.timeout_s, metadata=self._metadata)

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from rtdiff_cluster.engine.step_cache import unet_first_block
 from rtdiff_cluster.models.base import LoadedModel
 
 Cond = tuple[torch.Tensor, ...]  # one prompt's conditioning tensors, without a batch dim
@@ -118,10 +119,7 @@ class Family:
         stays outside captured graphs of a single step)."""
         return scheduler.scale_model_input(x, t)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], extra: dict) -> torch.Tensor:
-        """The backbone's output for scaled latents x [B, ...] at timestep t (a 0-d tensor) under
-        conditioning tensors cond (each [B, ...]); a pure function of its tensors, so it can be
-        captured in a CUDA graph."""
+    def _unet_kwargs(self, x: torch.Tensor, cond: Sequence[torch.Tensor], extra: dict) -> dict:
         kwargs = {}
         if self.m.kind == "sdxl":
             time_ids = extra["time_ids"]
@@ -129,7 +127,19 @@ class Family:
             kwargs["added_cond_kwargs"] = {"text_embeds": cond[1], "time_ids": time_ids}
         if "timestep_cond" in extra:
             kwargs["timestep_cond"] = extra["timestep_cond"]
-        return self.m.backbone(x, t, encoder_hidden_states=cond[0], **kwargs).sample
+        return kwargs
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], extra: dict) -> torch.Tensor:
+        """The backbone's output for scaled latents x [B, ...] at timestep t (a 0-d tensor) under
+        conditioning tensors cond (each [B, ...]); a pure function of its tensors, so it can be
+        captured in a CUDA graph."""
+        return self.m.backbone(x, t, encoder_hidden_states=cond[0], **self._unet_kwargs(x, cond, extra)).sample
+
+    supports_step_cache = True
+
+    def first_block(self, x: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], extra: dict) -> torch.Tensor:
+        """The step cache's probe (engine/step_cache.py): the backbone's first block on forward's inputs."""
+        return unet_first_block(self.m.backbone, x, t, cond[0], **self._unet_kwargs(x, cond, extra))
 
 
 def guidance_embedding(w: float, batch: int, dim: int, device, dtype) -> torch.Tensor:
@@ -150,6 +160,7 @@ class FluxFamily(Family):
     take the guidance scale as an input instead of a second pass."""
 
     uses_cfg = False
+    supports_step_cache = False  # the gateway refuses it for DiTs (no probe written for them yet)
 
     def __init__(self, model: LoadedModel):
         super().__init__(model)

@@ -25,6 +25,7 @@ from rtdiff_cluster.cache.prompt_cache import PromptCache
 from rtdiff_cluster.engine.families import family_for
 from rtdiff_cluster.engine.graphs import GraphCache
 from rtdiff_cluster.engine.samplers import scheduler_for
+from rtdiff_cluster.engine.step_cache import StepCache
 from rtdiff_cluster.models.base import LoadedModel
 from rtdiff_cluster.parallel import groups
 
@@ -61,6 +62,7 @@ class BatchSpec:
     crop: tuple[int, int, int, int] | None = None
     sampler: str = ""  # engine/samplers.py; "": the checkpoint's own scheduler
     target_psnr_db: float = 0.0  # > 0: the replica picks the fewest steps, up to `steps`, within this PSNR of 8 steps
+    step_cache: float = 0.0  # > 0: skip a step's backbone call when its probe changed less than this (step_cache.py)
 
 
 @dataclass
@@ -68,6 +70,7 @@ class StageTimes:
     text_encode_s: float = 0.0
     denoise_s: float = 0.0
     decode_s: float = 0.0
+    steps_reused: int = 0  # step cache: steps that took the last prediction instead of calling the backbone
 
 
 # Input shapes whose pinned staging buffers a pipeline keeps: a stream alternates between its
@@ -246,7 +249,8 @@ class Pipeline:
         inputs = (*cond, *(extra[k] for k in names))
         shapes = (_shapes((latents, *inputs)), mode, h, w)  # what a captured step depends on
         whole_loop = (decode and self.graphs is not None and mode != "split" and len(timesteps) <= self.loop_graph_max_steps
-                      and _noise_free_step(scheduler) and batch.sampler not in self._uncapturable_loops)
+                      and _noise_free_step(scheduler) and batch.sampler not in self._uncapturable_loops
+                  and batch.step_cache <= 0)  # the step cache decides on the host between steps
         if whole_loop:
             template = scheduler
 
@@ -267,9 +271,22 @@ class Pipeline:
             times.denoise_s = t2 - t1  # one graph: the decode's share is not separable
         else:
             stochastic = not _noise_free_step(scheduler)
+            # Single-rank replicas only: each rank would decide on its own probe, and they must agree.
+            cache = (StepCache(batch.step_cache) if batch.step_cache > 0 and fam.supports_step_cache
+                     and groups.layout().world == 1 else None)
+            # The probe sees the conditional branch only: under CFG the second half of each tensor.
+            probe_cond = tuple(c[n:] for c in cond) if mode == "cfg" else cond
             for t in timesteps:
                 x = fam.scale_input(scheduler, latents, t)
-                eps = self._graphed(("step",) + shapes, eps_of, x, t, guidance, *inputs)
+                probe = fam.first_block(x, t, probe_cond, extra) if cache is not None else None
+                if cache is not None and cache.reuse(probe):
+                    eps = cache.prediction
+                    times.steps_reused += 1
+                else:
+                    # The timestep's dtype is part of the graph's inputs: DDIM's are integers, Euler's floats.
+                    eps = self._graphed(("step", t.dtype) + shapes, eps_of, x, t, guidance, *inputs)
+                    if cache is not None:
+                        cache.store(probe, eps)
                 latents = scheduler.step(eps, t, latents, **step_kwargs(stochastic)).prev_sample
             self._sync()
             t2 = time.perf_counter()

@@ -37,7 +37,7 @@ from rtdiff_cluster.cache.chunk_cache import CacheCounters, StreamCaches
 from rtdiff_cluster.config import ModelConfig
 from rtdiff_cluster.engine.adaptive_steps import StepCalibrator
 from rtdiff_cluster.engine.link import LinkAddress, LinkServer, current_peer, new_key, node_host
-from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline, StageTimes
+from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
 from rtdiff_cluster.engine.stream_frames import CachedFrame, cache_settings, run_cached
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
@@ -94,6 +94,7 @@ class FrameResult:
     steps: int = 0  # the schedule's length it ran (adaptive steps may have chosen fewer than asked)
     psnr_db: float = 0.0  # adaptive steps: the chosen steps' measured PSNR against 8 steps; 0: not adaptive
     cache_threshold: float = 0.0  # chunk cache: the threshold applied; 0: not cached
+    steps_reused: int = 0  # step cache: steps that reused the last prediction
 
 
 @dataclass
@@ -314,7 +315,7 @@ class EngineRank:
         return chosen, cal.psnr_db, time.perf_counter() - t0
 
     def _run_plain(self, batch: BatchSpec, prompts: list[str], negatives: list[str]):
-        """On the compute thread: (images, times, steps run, their PSNR against 8 steps or 0)."""
+        """On the compute thread: (images, times, steps of the schedule, their PSNR against 8 steps or 0)."""
         batch, psnr_db, measuring_s = self._adapt(batch, prompts[0], negatives[0])
         images, times = self._lead(_Work(batch, prompts, negatives))
         times.denoise_s += measuring_s  # the frames waited for it
@@ -340,7 +341,7 @@ class EngineRank:
         done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings)
         self.stream_caches.account(fr.stream_id, before, cache.nbytes)
         self.stream_caches.count(done.plan)
-        done.times = StageTimes(done.times.text_encode_s, done.times.denoise_s + measuring_s, done.times.decode_s)
+        done.times = dataclasses.replace(done.times, denoise_s=done.times.denoise_s + measuring_s)
         return done, one.steps, psnr_db, settings.threshold
 
     async def run_batch(self, batch: BatchSpec) -> BatchResult:
@@ -350,7 +351,8 @@ class EngineRank:
         keep, prompts, negatives, failed = self._resolve_prompts(batch)
         pixels: dict[int, object] = {}
         cache_info: dict[int, tuple[bool, float, tuple[float, float, float]]] = {}
-        applied: dict[int, tuple[int, float, float]] = {}  # frame -> steps run, their PSNR vs 8 steps, cache threshold
+        # frame -> steps of its schedule, their PSNR vs 8 steps, chunk threshold, steps the step cache reused
+        applied: dict[int, tuple[int, float, float, int]] = {}
         text_s = denoise_s = decode_s = 0.0
         cached = [self._cached(batch, i) for i in keep]
         plain = [k for k in range(len(keep)) if not cached[k]]
@@ -367,14 +369,14 @@ class EngineRank:
         if plain_run is not None:
             images, times, plain_steps, plain_psnr = await plain_run
             pixels.update((keep[k], img) for k, img in zip(plain, images))
-            applied.update((keep[k], (plain_steps, plain_psnr, 0.0)) for k in plain)
+            applied.update((keep[k], (plain_steps, plain_psnr, 0.0, times.steps_reused)) for k in plain)
             text_s, denoise_s, decode_s = times.text_encode_s, times.denoise_s, times.decode_s
             self.frames_computed += len(plain)
             self.batches += 1
         for i, run in cached_runs:
             done, steps, psnr_db, threshold = await run
             pixels[i] = done.pixels
-            applied[i] = (steps, psnr_db, threshold)
+            applied[i] = (steps, psnr_db, threshold, done.times.steps_reused)
             t = done.times
             cache_info[i] = (done.plan.kind == "cache", done.plan.recomputed_fraction,
                              (t.text_encode_s, t.denoise_s, t.decode_s))
@@ -390,10 +392,10 @@ class EngineRank:
             t = time.perf_counter()
             data = imaging.encode(image, fr.output_format, fr.jpeg_quality)
             from_cache, fraction, stages = cache_info.get(i, (False, 1.0, None))
-            steps, psnr_db, threshold = applied[i]
+            steps, psnr_db, threshold, reused = applied[i]
             return FrameResult(data, batch.width, batch.height, fr.output_format, fr.seed, time.perf_counter() - t,
                                from_cache=from_cache, recomputed_fraction=fraction, stage_s=stages, steps=steps,
-                               psnr_db=psnr_db, cache_threshold=threshold)
+                               psnr_db=psnr_db, cache_threshold=threshold, steps_reused=reused)
 
         order = sorted(pixels)
         encoded = await asyncio.gather(*(loop.run_in_executor(self.encoder, encode, i, pixels[i]) for i in order))

@@ -37,6 +37,7 @@ class BatchKey:
     strength: float
     sampler: str = "default"
     target_psnr_db: float = 0.0  # > 0: adaptive steps, `steps` is the budget
+    step_cache: float = 0.0  # > 0: the step cache's threshold
 
 
 @dataclass
@@ -238,7 +239,7 @@ class ModelScheduler:
                 j.pin.replica, j.pin.generation = replica, replica.generation
         key = jobs[0].key
         spec = BatchSpec(key.width, key.height, key.steps, key.guidance_scale, key.strength, [j.spec for j in jobs],
-                         sampler=key.sampler, target_psnr_db=key.target_psnr_db)
+                         sampler=key.sampler, target_psnr_db=key.target_psnr_db, step_cache=key.step_cache)
         work = float(len(jobs) * key.steps * key.width * key.height)
         replica.begin(work)
         self.series.batch_size.observe(len(jobs))

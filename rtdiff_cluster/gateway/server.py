@@ -228,7 +228,7 @@ class Gateway:
 def _applied(o: FrameOutcome, sampler: str, governed: bool = False) -> pb.Applied:
     r = o.result
     return pb.Applied(steps=r.steps, sampler=sampler, cache_threshold=r.cache_threshold, governed=governed,
-                      psnr_db_vs_reference=r.psnr_db)
+                      psnr_db_vs_reference=r.psnr_db, steps_reused=r.steps_reused)
 
 
 def _image(o: FrameOutcome) -> pb.Image:
@@ -236,11 +236,16 @@ def _image(o: FrameOutcome) -> pb.Image:
     return pb.Image(format=r.format, data=r.data, width=r.width, height=r.height, channels=3, seed=r.seed)
 
 
-async def _check(req, lim: ModelLimits, prompt_required: bool):
+async def _check(req, served: ServedModel, lim: ModelLimits, prompt_required: bool):
     # Decoding an input frame costs milliseconds of CPU: keep it off the event loop.
     if req.HasField("input_image"):
-        return await asyncio.to_thread(check_settings, req, lim, prompt_required)
-    return check_settings(req, lim, prompt_required)
+        checked = await asyncio.to_thread(check_settings, req, lim, prompt_required)
+    else:
+        checked = check_settings(req, lim, prompt_required)
+    if checked.key.step_cache and served.config.ranks > 1:
+        raise invalid("step_cache_threshold", f"needs a single-GPU replica; {lim.name} runs on {served.config.ranks} "
+                                              f"ranks (tp={served.config.tp}, cfg-parallel={served.config.cfg_parallel})")
+    return checked
 
 
 class _Servicer(pb_grpc.DiffusionServicer):
@@ -256,7 +261,7 @@ class _Servicer(pb_grpc.DiffusionServicer):
         try:
             served, lim = gw.served(request.model)
             call.model = lim.name
-            checked = await _check(request, lim, prompt_required=True)
+            checked = await _check(request, served, lim, prompt_required=True)
             n = check_num_images(request.num_images, lim)
             if checked.seed + n - 1 > MAX_SEED:
                 raise invalid("seed", f"seed + num_images - 1 exceeds {MAX_SEED}")
@@ -329,7 +334,7 @@ class _Servicer(pb_grpc.DiffusionServicer):
                         if req.model and req.model != call.model:
                             raise invalid("model", f"a stream keeps its model: {call.model!r}, got {req.model!r}")
                         pin.check()
-                    c = await _check(req, lim, prompt_required=first)
+                    c = await _check(req, served, lim, prompt_required=first)
                     threshold = check_cache_threshold(req.cache_threshold)
                     cache_config = served.config.stream_cache
                     limits = check_governor(req, c, lim, threshold, cache_config.threshold, cache_config.enabled)

@@ -55,7 +55,7 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., batch_wait_ms: _Optional[float] = ..., text_encode_ms: _Optional[float] = ..., denoise_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., replica_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "output_format", "jpeg_quality", "input_image", "strength", "sampler", "target_psnr_db")
+    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "output_format", "jpeg_quality", "input_image", "strength", "sampler", "target_psnr_db", "step_cache_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class GenerateRequest(_message.Message):
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     TARGET_PSNR_DB_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -86,7 +87,8 @@ class GenerateRequest(_message.Message):
     strength: float
     sampler: str
     target_psnr_db: float
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., input_image: _Optional[_Union[Image, _Mapping]] = ..., strength: _Optional[float] = ..., sampler: _Optional[str] = ..., target_psnr_db: _Optional[float] = ...) -> None: ...
+    step_cache_threshold: float
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., input_image: _Optional[_Union[Image, _Mapping]] = ..., strength: _Optional[float] = ..., sampler: _Optional[str] = ..., target_psnr_db: _Optional[float] = ..., step_cache_threshold: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("model", "images", "timing", "synthetic", "applied")
@@ -103,21 +105,23 @@ class GenerateResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., synthetic: _Optional[bool] = ..., applied: _Optional[_Union[Applied, _Mapping]] = ...) -> None: ...
 
 class Applied(_message.Message):
-    __slots__ = ("steps", "sampler", "cache_threshold", "governed", "psnr_db_vs_reference")
+    __slots__ = ("steps", "sampler", "cache_threshold", "governed", "psnr_db_vs_reference", "steps_reused")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     GOVERNED_FIELD_NUMBER: _ClassVar[int]
     PSNR_DB_VS_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_REUSED_FIELD_NUMBER: _ClassVar[int]
     steps: int
     sampler: str
     cache_threshold: float
     governed: bool
     psnr_db_vs_reference: float
-    def __init__(self, steps: _Optional[int] = ..., sampler: _Optional[str] = ..., cache_threshold: _Optional[float] = ..., governed: _Optional[bool] = ..., psnr_db_vs_reference: _Optional[float] = ...) -> None: ...
+    steps_reused: int
+    def __init__(self, steps: _Optional[int] = ..., sampler: _Optional[str] = ..., cache_threshold: _Optional[float] = ..., governed: _Optional[bool] = ..., psnr_db_vs_reference: _Optional[float] = ..., steps_reused: _Optional[int] = ...) -> None: ...
 
 class FrameRequest(_message.Message):
-    __slots__ = ("model", "frame_id", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "output_format", "jpeg_quality", "input_image", "strength", "cache_threshold", "sampler", "target_psnr_db", "target_fps", "min_steps", "max_cache_threshold")
+    __slots__ = ("model", "frame_id", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "output_format", "jpeg_quality", "input_image", "strength", "cache_threshold", "sampler", "target_psnr_db", "target_fps", "min_steps", "max_cache_threshold", "step_cache_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +141,7 @@ class FrameRequest(_message.Message):
     TARGET_FPS_FIELD_NUMBER: _ClassVar[int]
     MIN_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     frame_id: int
     prompt: str
@@ -156,7 +161,8 @@ class FrameRequest(_message.Message):
     target_fps: float
     min_steps: int
     max_cache_threshold: float
-    def __init__(self, model: _Optional[str] = ..., frame_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., input_image: _Optional[_Union[Image, _Mapping]] = ..., strength: _Optional[float] = ..., cache_threshold: _Optional[float] = ..., sampler: _Optional[str] = ..., target_psnr_db: _Optional[float] = ..., target_fps: _Optional[float] = ..., min_steps: _Optional[int] = ..., max_cache_threshold: _Optional[float] = ...) -> None: ...
+    step_cache_threshold: float
+    def __init__(self, model: _Optional[str] = ..., frame_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., input_image: _Optional[_Union[Image, _Mapping]] = ..., strength: _Optional[float] = ..., cache_threshold: _Optional[float] = ..., sampler: _Optional[str] = ..., target_psnr_db: _Optional[float] = ..., target_fps: _Optional[float] = ..., min_steps: _Optional[int] = ..., max_cache_threshold: _Optional[float] = ..., step_cache_threshold: _Optional[float] = ...) -> None: ...
 
 class FrameResponse(_message.Message):
     __slots__ = ("frame_id", "image", "timing", "replica", "from_cache", "recomputed_fraction", "applied")

@@ -45,15 +45,22 @@ def load_engine(args):
     return model, fastpaths.apply(model, FastPathConfig(), world=1)
 
 
-def write_results(benchmark: str, device: str, fields: dict, out_dir: str, markdown: Callable[[dict], str]) -> dict:
-    """Stamps fields with the device, library versions and date, writes <benchmark>-<date>-<device>.{json,md}
-    under out_dir, prints the markdown and returns the result."""
+def source_tag(args) -> str:
+    """"" for the device's default model, else the model's name as a file-name suffix."""
+    default = DEFAULTS["cuda" if args.device == "cuda" else "cpu"][0]
+    return "" if args.source == default else re.sub(r"[^a-z0-9]+", "-", args.source.lower()).strip("-")
+
+
+def write_results(benchmark: str, device: str, fields: dict, out_dir: str, markdown: Callable[[dict], str],
+                  tag: str = "") -> dict:
+    """Stamps fields with the device, library versions and date, writes
+    <benchmark>-<date>-<device>[-<tag>].{json,md} under out_dir, prints the markdown and returns the result."""
     st = stamp(device)
     slug = re.sub(r"[^a-z0-9]+", "-", f"{device}-{st['gpu_name'] or st['cpu'] or 'unknown'}".lower()).strip("-")
     result = {"benchmark": benchmark, **st, "device_slug": slug, "date": st["date_utc"][:10], **fields}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{benchmark}-{result['date']}-{slug}"
+    name = f"{benchmark}-{result['date']}-{slug}" + (f"-{tag}" if tag else "")
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     text = markdown(result)
     (out / f"{name}.md").write_text(text)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine_bench import add_model_args, load_engine, resolve_model_args, write_results  # noqa: E402
+from engine_bench import add_model_args, load_engine, resolve_model_args, source_tag, write_results  # noqa: E402
 from sharding import _energy  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk"
@@ -165,7 +165,7 @@ def main() -> int:
 
     write_results("knobs", device.type, {"source": source, "vae": vae or "model's", "size": size, "runs": args.runs,
                                          "fast_paths": fp.report, "fp8": fp8_report, "rows": rows,
-                                         "adaptive": adaptive}, args.out_dir, markdown)
+                                         "adaptive": adaptive}, args.out_dir, markdown, tag=source_tag(args))
     groups.destroy()
     return 0
 

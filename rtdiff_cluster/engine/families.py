@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from rtdiff_cluster.engine.step_cache import unet_first_block
+from rtdiff_cluster.engine.step_cache import flux_first_block, unet_first_block
 from rtdiff_cluster.models.base import LoadedModel
 
 Cond = tuple[torch.Tensor, ...]  # one prompt's conditioning tensors, without a batch dim
@@ -135,8 +135,6 @@ class Family:
         captured in a CUDA graph."""
         return self.m.backbone(x, t, encoder_hidden_states=cond[0], **self._unet_kwargs(x, cond, extra)).sample
 
-    supports_step_cache = True
-
     def first_block(self, x: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], extra: dict) -> torch.Tensor:
         """The step cache's probe (engine/step_cache.py): the backbone's first block on forward's inputs."""
         return unet_first_block(self.m.backbone, x, t, cond[0], **self._unet_kwargs(x, cond, extra))
@@ -160,7 +158,6 @@ class FluxFamily(Family):
     take the guidance scale as an input instead of a second pass."""
 
     uses_cfg = False
-    supports_step_cache = False  # the gateway refuses it for DiTs (no probe written for them yet)
 
     def __init__(self, model: LoadedModel):
         super().__init__(model)
@@ -219,13 +216,18 @@ class FluxFamily(Family):
     def scale_input(self, scheduler, x: torch.Tensor, t) -> torch.Tensor:
         return x  # flow matching feeds the latents unscaled
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], extra: dict) -> torch.Tensor:
+    def _flux_kwargs(self, x: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], extra: dict) -> dict:
         seq, pooled = cond
         m = self.m
-        return m.backbone(hidden_states=x, timestep=(t / 1000).expand(x.shape[0]).to(x.dtype), guidance=extra.get("guidance"),
-                          pooled_projections=pooled, encoder_hidden_states=seq,
-                          txt_ids=torch.zeros(seq.shape[1], 3, device=m.device, dtype=m.dtype),
-                          img_ids=extra["img_ids"]).sample
+        return dict(hidden_states=x, timestep=(t / 1000).expand(x.shape[0]).to(x.dtype), guidance=extra.get("guidance"),
+                    pooled_projections=pooled, encoder_hidden_states=seq,
+                    txt_ids=torch.zeros(seq.shape[1], 3, device=m.device, dtype=m.dtype), img_ids=extra["img_ids"])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], extra: dict) -> torch.Tensor:
+        return self.m.backbone(**self._flux_kwargs(x, t, cond, extra)).sample
+
+    def first_block(self, x: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], extra: dict) -> torch.Tensor:
+        return flux_first_block(self.m.backbone, **self._flux_kwargs(x, t, cond, extra))
 
 
 def family_for(model: LoadedModel) -> Family:

@@ -272,8 +272,7 @@ class Pipeline:
         else:
             stochastic = not _noise_free_step(scheduler)
             # Single-rank replicas only: each rank would decide on its own probe, and they must agree.
-            cache = (StepCache(batch.step_cache) if batch.step_cache > 0 and fam.supports_step_cache
-                     and groups.layout().world == 1 else None)
+            cache = StepCache(batch.step_cache) if batch.step_cache > 0 and groups.layout().world == 1 else None
             # The probe sees the conditional branch only: under CFG the second half of each tensor.
             probe_cond = tuple(c[n:] for c in cond) if mode == "cfg" else cond
             for t in timesteps:

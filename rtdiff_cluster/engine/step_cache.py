@@ -1,16 +1,18 @@
-"""Step caching for UNet backbones: skip a denoising step's backbone call when its input barely
-moved, reusing the last computed prediction (First-Block-Cache's test, applied to a UNet).
+"""Step caching: skip a denoising step's backbone call when its input barely moved, reusing the
+last computed prediction (First-Block-Cache's test).
 
-Before each step the probe runs the UNet's time embedding, conv_in and first down block (about 5%
-of a step at 1024) and compares that output with the one of the last step that ran in full: when
+Before each step the probe runs the backbone's embeddings and first block (a UNet's time
+embedding, conv_in and first down block, about 5% of a step at 1024; a Flux transformer's
+embedders and first dual-stream block, 1 of 57 blocks) and compares that output with the one of the last step that ran in full: when
 the mean absolute change, relative to the magnitude, is under the threshold, the backbone's last
 prediction is reused. Comparing with the last *computed* step, not the previous one, adds up
 small changes, so a run of skipped steps ends when they amount to the threshold.
 
-diffusers' own FirstBlockCache hooks transformer blocks (DiTs) and runs eagerly. Our UNet steps are
-CUDA graphs, so the probe runs beside the graph and only the decision syncs (one scalar per step).
-The prologue below mirrors UNet2DConditionModel.forward's first lines, which diffusers offers as
-no separate call; it is checked against the full forward in tests/test_step_cache.py.
+diffusers' own FirstBlockCache hooks transformer blocks and runs eagerly, inside the forward. Our
+steps are CUDA graphs, so the probe runs beside the graph and only the decision syncs (one scalar
+per step). The prologues below mirror the first lines of UNet2DConditionModel.forward and
+FluxTransformer2DModel.forward, which diffusers offers as no separate call; tests/test_step_cache.py
+checks each against the full forward.
 """
 
 from __future__ import annotations
@@ -38,6 +40,25 @@ def unet_first_block(unet, x: torch.Tensor, t: torch.Tensor, encoder_hidden_stat
     else:
         h, _ = block(hidden_states=h, temb=emb)
     return h
+
+
+@torch.inference_mode()
+def flux_first_block(transformer, hidden_states: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor | None,
+                     pooled_projections: torch.Tensor, encoder_hidden_states: torch.Tensor, txt_ids: torch.Tensor,
+                     img_ids: torch.Tensor) -> torch.Tensor:
+    """The first dual-stream block's image tokens for packed latents [B, tokens, C] (Flux); the
+    arguments are FluxTransformer2DModel.forward's."""
+    x = transformer.x_embedder(hidden_states)
+    timestep = timestep.to(x.dtype) * 1000
+    if guidance is None:
+        temb = transformer.time_text_embed(timestep, pooled_projections)
+    else:
+        temb = transformer.time_text_embed(timestep, guidance.to(x.dtype) * 1000, pooled_projections)
+    context = transformer.context_embedder(encoder_hidden_states)
+    rotary = transformer.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+    _, x = transformer.transformer_blocks[0](hidden_states=x, encoder_hidden_states=context, temb=temb,
+                                             image_rotary_emb=rotary)
+    return x
 
 
 def relative_change(now: torch.Tensor, before: torch.Tensor) -> float:

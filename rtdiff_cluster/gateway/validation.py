@@ -105,8 +105,6 @@ def check_settings(req, lim: ModelLimits, prompt_required: bool) -> Checked:
     step_cache = req.step_cache_threshold
     if not math.isfinite(step_cache) or step_cache < 0 or step_cache >= 1:
         raise invalid("step_cache_threshold", f"{step_cache} is outside [0, 1) (a relative change; 0: off)")
-    if step_cache and lim.family != "unet":
-        raise invalid("step_cache_threshold", f"step caching is for UNet models; {lim.name} is a {lim.family}")
     return Checked(BatchKey(width, height, steps, guidance, strength, sampler, round(target_psnr, 2),
                             round(step_cache, 4)),
                    prompt_text or None, negative, req.seed, fmt, quality, image)

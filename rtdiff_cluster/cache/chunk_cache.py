@@ -144,10 +144,13 @@ class StreamFrameCache:
         assert plan.kind == "region" and plan.region is not None and self.output is not None
         r, c = s.chunk_px, plan.region
         h, w = new.shape[:2]
-        changed = np.kron(plan.changed, np.ones((r, r), bool))[:h, :w]  # [H, W]: pixels of changed chunks
-        self.ref_input = torch.where(torch.from_numpy(changed).to(self.device)[..., None], plan.frame, self.ref_input)
-        inside = c.crop(changed)  # the region covers every changed chunk
-        c.crop(self.output)[inside] = computed[inside]
+        # The chunk grid is widened to pixels where it is used: on the device for the reference
+        # input (only the [rows, cols] grid crosses), on the host for the region alone.
+        grid = torch.from_numpy(plan.changed).to(self.device)
+        pixels = grid.repeat_interleave(r, 0).repeat_interleave(r, 1)[:h, :w]  # [H, W]: pixels of changed chunks
+        self.ref_input = torch.where(pixels[..., None], plan.frame, self.ref_input)
+        inside = c.crop(np.repeat(np.repeat(plan.changed, r, 0), r, 1)[:h, :w])
+        np.copyto(c.crop(self.output), computed, where=inside[..., None])  # the region covers every changed chunk
         return self.output.copy()
 
 

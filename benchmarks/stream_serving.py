@@ -9,7 +9,8 @@ sees them. Cases, all image-to-image at strength 0.5 from rtdiff_cluster/clips.p
                real-time target (60 fps, p99 under 40 ms at 1024 with the tiny VAE, one GPU)
   1-step cached  the same on the 10%-moving clip with the chunk cache on
   governed     8-step schedule (4 steps at strength 0.5) with --target-fps, min 2 steps, cache
-               threshold up to 8, on the moving clip; against the same stream ungoverned
+               threshold up to 8, on the moving clip, then also down to half size; against the same
+               stream ungoverned
 
 Each setting runs once unmeasured first (CUDA graph captures of its shapes and step counts). Before
 the gateway cases, the engine alone (engine/pipeline.py with its fast paths, no gateway or
@@ -107,7 +108,10 @@ def main() -> int:
         cases += [("1-step, chunk cache", dict(window=2, steps=2, clip="moving")),
                   ("4 steps, ungoverned", dict(window=2, steps=8, clip="moving")),
                   (f"4 steps, governed to {args.target_fps:g} fps",
-                   dict(window=2, steps=8, clip="moving", target_fps=args.target_fps, min_steps=4, max_cache_threshold=8))]
+                   dict(window=2, steps=8, clip="moving", target_fps=args.target_fps, min_steps=4, max_cache_threshold=8)),
+                  (f"4 steps, governed to {args.target_fps:g} fps, down to half size",
+                   dict(window=2, steps=8, clip="moving", target_fps=args.target_fps, min_steps=4, max_cache_threshold=8,
+                        min_scale=0.5))]
         warmed = set()
         for name, kw in cases:
             # A first, unmeasured run captures the CUDA graphs the case's shapes and step counts need
@@ -156,13 +160,14 @@ def markdown(r: dict) -> str:
              "Client: `rtdiff stream` in its own process on the same machine; image-to-image at strength 0.5.", "",
              f"Engine alone (pipeline, no gateway), 1-step frame: {e['ms_p50']:.1f} ms p50, {e['ms_p99']:.1f} ms p99, "
              f"{e['fps']:.1f} fps.", "",
-             "| case | window | fps | p50 ms | p95 ms | p99 ms | steps (schedule) | governed frames | "
-             "server p50 ms: queue / batch wait / denoise+decode / encode / replica / total |",
-             "|---|--:|--:|--:|--:|--:|---|--:|---|"]
+             "| case | window | fps | p50 ms | p95 ms | p99 ms | steps (schedule) | smallest computed width | "
+             "governed frames | server p50 ms: queue / batch wait / denoise+decode / encode / replica / total |",
+             "|---|--:|--:|--:|--:|--:|---|--:|--:|---|"]
     for x in r["rows"]:
         t = x["server_p50_ms"]
         lines.append(f"| {x['case']} | {x['window']} | {x['fps']:.1f} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
-                     f"{x['p99_ms']:.1f} | {x['steps_min']}..{x['steps_max']} | {x.get('governed_frames', 0)} | "
+                     f"{x['p99_ms']:.1f} | {x['steps_min']}..{x['steps_max']} | {x.get('computed_width_min', '-')} | "
+                     f"{x.get('governed_frames', 0)} | "
                      f"{t['queue_ms']:.1f} / {t['batch_wait_ms']:.1f} / {t['denoise_ms'] + t['decode_ms']:.1f} / "
                      f"{t['encode_ms']:.1f} / {t['replica_ms']:.1f} / {t['total_ms']:.1f} |")
     o = overlap(r["rows"])

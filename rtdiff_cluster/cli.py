@@ -262,6 +262,7 @@ def run_stream(client, args, out_dir: Path | None, live: bool) -> dict:
                                 target_psnr_db=getattr(args, "target_psnr", 0.0),
                                 target_fps=getattr(args, "target_fps", 0.0), min_steps=getattr(args, "min_steps", 0),
                                 max_cache_threshold=getattr(args, "max_cache_threshold", 0.0),
+                                min_scale=getattr(args, "min_scale", 0.0),
                                 cache_threshold=getattr(args, "cache_threshold", 0.0),
                                 step_cache_threshold=getattr(args, "step_cache", 0.0))
             if frame_image is not None:
@@ -274,6 +275,7 @@ def run_stream(client, args, out_dir: Path | None, live: bool) -> dict:
     first_at = None
     replica = ""
     steps: list[int] = []
+    widths: list[int] = []  # the size each frame was computed at (the governor may shrink it)
     governed = 0
     stages: dict[str, list[float]] = {k: [] for k in TIMING_FIELDS}
     try:
@@ -283,6 +285,7 @@ def run_stream(client, args, out_dir: Path | None, live: bool) -> dict:
             first_at = first_at or now
             replica = resp.replica
             steps.append(resp.applied.steps)
+            widths.append(resp.applied.width)
             for k in TIMING_FIELDS:
                 stages[k].append(getattr(resp.timing, k))
             governed += resp.applied.governed
@@ -303,6 +306,7 @@ def run_stream(client, args, out_dir: Path | None, live: bool) -> dict:
     return {"frames": len(latencies), "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
             "p99_ms": percentile(latencies, 99), "fps": steady, "elapsed_s": elapsed, "replica": replica,
             "steps_min": min(steps, default=0), "steps_max": max(steps, default=0), "governed_frames": governed,
+            "computed_width_min": min(widths, default=0),
             # the server's own breakdown, p50 per field; client p50 minus total_ms is gRPC and the client
             "server_p50_ms": {k: percentile(v, 50) for k, v in stages.items()}}
 
@@ -443,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="governor: hold each frame under 1/FPS by lowering steps, then raising the cache threshold")
     p.add_argument("--min-steps", type=int, default=0, help="governor: lowest steps allowed")
     p.add_argument("--max-cache-threshold", type=float, default=0.0, help="governor: highest chunk cache threshold allowed")
+    p.add_argument("--min-scale", type=float, default=0.0,
+                   help="governor: smallest fraction of the size it may compute frames at (0.5 or 0.75; 0: never)")
     p.add_argument("--clip", choices=["moving", "static", "cut"], default="",
                    help="image-to-image from a generated test clip (10%% of the frame moving, nothing moving, a new "
                         "scene every frame) at --width x --height, one seed for all frames")

@@ -53,3 +53,12 @@ def decode(data: bytes, fmt: int, width: int, height: int) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot decode {FORMAT_NAMES[fmt]} data: {e}") from None
     return rgb
+
+
+def resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """[H, W, 3] uint8 resampled to [height, width, 3] (bilinear; the governor's resolution steps)."""
+    from PIL import Image
+
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR))

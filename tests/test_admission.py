@@ -54,7 +54,9 @@ def test_full_queue_answers_resource_exhausted_at_once(make_gateway):
         assert blocker.result().images[0].width == 768
         assert [q.result().images[0].seed for q in queued] == [0, 1]
         assert len(c.stub.Generate(pb.GenerateRequest(**SMALL), timeout=60).images) == 1
-    m = gw.metrics()
+    # A call is counted just after its answer leaves: wait for the last one's count.
+    m = wait_until(lambda: (s := gw.metrics()) and metric(s, "rtdiff_requests_total", code="OK") >= 4 and s,
+                   what="the requests counted")
     assert metric(m, "rtdiff_requests_total", code="RESOURCE_EXHAUSTED") == 2
     assert metric(m, "rtdiff_requests_total", code="OK") == 4
 

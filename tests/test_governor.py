@@ -29,6 +29,8 @@ def test_ladder_lowers_steps_first_then_raises_the_threshold_within_limits():
     assert ladder(limits(max_cache_threshold=6.0))[-2:] == [Rung(2, 4.0), Rung(2, 6.0)]
     assert ladder(limits(cache_on=False)) == [Rung(4, None), Rung(3, None), Rung(2, None)]
     assert ladder(limits(max_cache_threshold=0.0, min_steps=4)) == [Rung(4, None)]
+    assert ladder(limits(min_scale=0.5))[-3:] == [Rung(2, 8.0), Rung(2, 8.0, 0.75), Rung(2, 8.0, 0.5)]
+    assert ladder(limits(min_scale=0.6, cache_on=False))[-2:] == [Rung(2, None), Rung(2, None, 0.75)]
 
 
 def test_governor_degrades_one_rung_per_change_and_recovers_with_headroom():
@@ -108,6 +110,8 @@ def test_governor_leaves_a_stream_with_headroom_alone(gateway):
 
 
 @pytest.mark.parametrize("fields,name", [
+    (dict(target_fps=10, min_scale=1.5), "min_scale"),
+    (dict(min_scale=0.5), "min_scale"),
     (dict(target_fps=10, min_steps=5), "min_steps"),
     (dict(min_steps=2), "min_steps"),
     (dict(max_cache_threshold=4), "max_cache_threshold"),
@@ -158,3 +162,19 @@ def test_step_cache_through_the_server_reports_the_steps_it_reused(gateway):
     assert exact.applied.steps_reused == none.applied.steps_reused == 0
     assert np.array_equal(image_pixels(none.images[0]), image_pixels(exact.images[0]))
     assert 1 <= loose.applied.steps_reused <= 3
+
+
+def test_governor_shrinks_the_computed_size_last_and_returns_the_asked_size(gateway):
+    # Out of reach again, with one rung of steps and none of threshold: 4 -> 3 steps, then the frame
+    # computed at 3/4 and 1/2 of 256 (192, 128); every image still comes back 256x256.
+    moving = list(clips.moving(SIZE, SIZE, 6, area=0.1, step_px=8))
+    window = FrameWindow((frame(i, f, target_fps=1000, min_steps=3, min_scale=0.5, cache_threshold=-1)
+                          for i, f in enumerate(moving)), window=1)
+    out = []
+    with RtdiffClient(gateway.target, timeout_s=120) as c:
+        for r in c.stream(window.requests(), timeout_s=120):
+            window.done()
+            out.append(r)
+    computed = [(r.applied.steps, r.applied.width) for r in out]
+    assert computed[:4] == [(4, 256), (3, 256), (3, 192), (3, 128)] and computed[-1] == (3, 128)
+    assert all(image_pixels(r.image).shape == (SIZE, SIZE, 3) for r in out)

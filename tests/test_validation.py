@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import metric
+from conftest import metric, wait_until
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
 
 
@@ -81,6 +81,8 @@ def test_invalid_requests_are_counted_by_code(shared_gateway, client):
     before = shared_gateway.metrics()
     with pytest.raises(grpc.RpcError):
         client.stub.Generate(pb.GenerateRequest(**{**GOOD, "width": 100}), timeout=30)
-    after = shared_gateway.metrics()
     key = dict(method="Generate", code="INVALID_ARGUMENT")
+    # The status reaches the client before the handler's finally block counts it: wait for the count.
+    after = wait_until(lambda: (m := shared_gateway.metrics()) and metric(m, "rtdiff_requests_total", **key)
+                       > metric(before, "rtdiff_requests_total", **key) and m, what="the request counted")
     assert metric(after, "rtdiff_requests_total", **key) - metric(before, "rtdiff_requests_total", **key) == 1

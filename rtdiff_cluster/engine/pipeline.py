@@ -44,6 +44,7 @@ class FrameSpec:
     jpeg_quality: int = 90
     stream_id: str | None = None
     cache_threshold: float | None = None  # chunk cache of a stream frame: None the model's threshold, < 0 off
+    output_size: tuple[int, int] | None = None  # (width, height) to resize the output to; None: the batch's size
 
 
 @dataclass

@@ -390,10 +390,12 @@ class EngineRank:
         def encode(i: int, image) -> FrameResult:
             fr = batch.frames[i]
             t = time.perf_counter()
+            if fr.output_size is not None:  # computed smaller by the governor: the client gets the size it asked
+                image = imaging.resize(image, *fr.output_size)
             data = imaging.encode(image, fr.output_format, fr.jpeg_quality)
             from_cache, fraction, stages = cache_info.get(i, (False, 1.0, None))
             steps, psnr_db, threshold, reused = applied[i]
-            return FrameResult(data, batch.width, batch.height, fr.output_format, fr.seed, time.perf_counter() - t,
+            return FrameResult(data, image.shape[1], image.shape[0], fr.output_format, fr.seed, time.perf_counter() - t,
                                from_cache=from_cache, recomputed_fraction=fraction, stage_s=stages, steps=steps,
                                psnr_db=psnr_db, cache_threshold=threshold, steps_reused=reused)
 
@@ -404,7 +406,8 @@ class EngineRank:
             results[i] = r
         for i, why in failed.items():
             fr = batch.frames[i]
-            results[i] = FrameResult(b"", batch.width, batch.height, fr.output_format, fr.seed, 0.0, error=why)
+            width, height = fr.output_size or (batch.width, batch.height)
+            results[i] = FrameResult(b"", width, height, fr.output_format, fr.seed, 0.0, error=why)
         return BatchResult(results, text_s, denoise_s, decode_s, time.perf_counter() - t0)
 
     async def close_stream(self, stream_id: str) -> bool:

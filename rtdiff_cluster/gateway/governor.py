@@ -3,7 +3,8 @@
 
 The settings form a ladder, from what the client asked (level 0) to the cheapest it allows:
 fewer steps one at a time down to min_steps, then the chunk cache's threshold doubled step by step
-up to max_cache_threshold (more chunks reused). While frames take longer than the interval the
+up to max_cache_threshold (more chunks reused), then the frame computed at 3/4 and 1/2 of its size
+down to min_scale (the output is resized back to the asked size). While frames take longer than the interval the
 governor climbs one rung (judged on a smoothed latency, so it reacts within a frame or two); when
 PATIENCE frames in a row take under HEADROOM of it, it steps back down. Only frames admitted after
 the last change are judged, so frames already in flight under the old settings do not trigger a
@@ -22,10 +23,14 @@ PATIENCE = 3  # ...for this many frames in a row
 SMOOTHING = 0.5  # weight of the newest frame in the latency average
 
 
+SCALES = (0.75, 0.5)  # resolution rungs, as fractions of the asked width and height
+
+
 @dataclass(frozen=True)
 class Rung:
     steps: int
     cache_threshold: float | None  # None: the model's (or the frame's own) threshold
+    scale: float = 1.0  # the computed frame's size as a fraction of the asked size
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class GovernorLimits:
     base_threshold: float  # the model's default chunk threshold
     max_cache_threshold: float  # 0: the threshold is not raised
     cache_on: bool  # the frame goes through the chunk cache (image-to-image, cache not turned off)
+    min_scale: float = 1.0  # lowest resolution rung allowed (1: the size is never changed)
 
 
 def ladder(lim: GovernorLimits) -> list[Rung]:
@@ -49,6 +55,8 @@ def ladder(lim: GovernorLimits) -> list[Rung]:
             rungs.append(Rung(lim.min_steps, t))
         if rungs[-1].cache_threshold is None or rungs[-1].cache_threshold < lim.max_cache_threshold:
             rungs.append(Rung(lim.min_steps, lim.max_cache_threshold))
+    bottom = rungs[-1]
+    rungs += [Rung(bottom.steps, bottom.cache_threshold, sc) for sc in SCALES if sc >= lim.min_scale]
     return rungs
 
 

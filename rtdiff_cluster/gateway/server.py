@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from rtdiff_cluster import imaging
 from rtdiff_cluster.config import ModelConfig, ServerConfig
 from rtdiff_cluster.engine import samplers
 from rtdiff_cluster.engine.group import spawn_replicas
@@ -27,9 +28,9 @@ from rtdiff_cluster.gateway.auth import TokenAuthInterceptor, load_tokens, serve
 from rtdiff_cluster.gateway.errors import RequestError, invalid
 from rtdiff_cluster.gateway.governor import FrameRateGovernor
 from rtdiff_cluster.gateway.router import ReplicaSet
-from rtdiff_cluster.gateway.scheduler import FrameJob, FrameOutcome, ModelScheduler, StreamPin
+from rtdiff_cluster.gateway.scheduler import BatchKey, FrameJob, FrameOutcome, ModelScheduler, StreamPin
 from rtdiff_cluster.gateway.validation import (MAX_SEED, check_cache_threshold, check_governor, check_num_images,
-                                               check_settings, frame_specs)
+                                               check_settings, frame_specs, scaled_size)
 from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
@@ -225,10 +226,10 @@ class Gateway:
             series.stage[stage].observe(v)
 
 
-def _applied(o: FrameOutcome, sampler: str, governed: bool = False) -> pb.Applied:
+def _applied(o: FrameOutcome, key: BatchKey, governed: bool = False) -> pb.Applied:
     r = o.result
-    return pb.Applied(steps=r.steps, sampler=sampler, cache_threshold=r.cache_threshold, governed=governed,
-                      psnr_db_vs_reference=r.psnr_db, steps_reused=r.steps_reused)
+    return pb.Applied(steps=r.steps, sampler=key.sampler, cache_threshold=r.cache_threshold, governed=governed,
+                      psnr_db_vs_reference=r.psnr_db, steps_reused=r.steps_reused, width=key.width, height=key.height)
 
 
 def _image(o: FrameOutcome) -> pb.Image:
@@ -276,7 +277,7 @@ class _Servicer(pb_grpc.DiffusionServicer):
             timings = [gw.observe(lim.name, o, total) for o in outcomes]
             slowest = max(timings, key=lambda t: t.denoise_ms + t.decode_ms + t.encode_ms + t.queue_ms)
             return pb.GenerateResponse(model=lim.name, images=[_image(o) for o in outcomes], timing=slowest,
-                                       synthetic=lim.synthetic, applied=_applied(outcomes[0], checked.key.sampler))
+                                       synthetic=lim.synthetic, applied=_applied(outcomes[0], checked.key))
         except RequestError as e:
             call.code = e.code
             await context.abort(e.code, e.message)
@@ -338,13 +339,21 @@ class _Servicer(pb_grpc.DiffusionServicer):
                     threshold = check_cache_threshold(req.cache_threshold)
                     cache_config = served.config.stream_cache
                     limits = check_governor(req, c, lim, threshold, cache_config.threshold, cache_config.enabled)
-                    governed, epoch = False, -1
+                    governed, epoch, output_size = False, -1, None
                     if limits is not None:
                         rung, governed, epoch = governor.settings(limits)
                         c.key = dataclasses.replace(c.key, steps=rung.steps)
                         threshold = rung.cache_threshold
+                        if rung.scale < 1:
+                            size = scaled_size(c.key.width, c.key.height, rung.scale, lim)
+                            if size != (c.key.width, c.key.height):
+                                output_size = (c.key.width, c.key.height)
+                                c.key = dataclasses.replace(c.key, width=size[0], height=size[1])
+                                if c.input_image is not None:
+                                    c.input_image = await asyncio.to_thread(imaging.resize, c.input_image, *size)
                     first = False
-                    spec = frame_specs(c, 1, stream_id=pin.stream_id, cache_threshold=threshold)[0]
+                    spec = frame_specs(c, 1, stream_id=pin.stream_id, cache_threshold=threshold,
+                                       output_size=output_size)[0]
                     job = FrameJob(spec, c.key, t0, gw.deadline(context, t0), loop.create_future(), pin=pin)
                     call.jobs.append(job)
                     served.scheduler.admit([job])
@@ -377,7 +386,7 @@ class _Servicer(pb_grpc.DiffusionServicer):
                 yield pb.FrameResponse(frame_id=frame_id, image=_image(outcome), timing=gw.observe(call.model, outcome, total),
                                        replica=outcome.replica, from_cache=outcome.result.from_cache,
                                        recomputed_fraction=outcome.result.recomputed_fraction,
-                                       applied=_applied(outcome, job.key.sampler, governed))
+                                       applied=_applied(outcome, job.key, governed))
         except RequestError as e:
             call.code = e.code
             await context.abort(e.code, e.message)

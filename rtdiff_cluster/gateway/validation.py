@@ -136,12 +136,18 @@ def check_cache_threshold(value: float) -> float | None:
     return None if value == 0 else float(value)
 
 
-def frame_specs(c: Checked, count: int, stream_id: str | None = None,
-                cache_threshold: float | None = None) -> list[FrameSpec]:
+def frame_specs(c: Checked, count: int, stream_id: str | None = None, cache_threshold: float | None = None,
+                output_size: tuple[int, int] | None = None) -> list[FrameSpec]:
     return [FrameSpec(prompt=c.prompt, negative_prompt=c.negative_prompt, seed=c.seed + i, init_image=c.input_image,
                       output_format=c.output_format, jpeg_quality=c.jpeg_quality, stream_id=stream_id,
-                      cache_threshold=cache_threshold)
+                      cache_threshold=cache_threshold, output_size=output_size)
             for i in range(count)]
+
+
+def scaled_size(width: int, height: int, scale: float, lim: ModelLimits) -> tuple[int, int]:
+    """width x height times scale, each rounded to the model's size multiple and kept within its minimum."""
+    m = lim.size_multiple
+    return tuple(max(lim.min_size, m, int(round(v * scale / m)) * m) for v in (width, height))
 
 
 def check_num_images(n: int, lim: ModelLimits) -> int:
@@ -168,8 +174,10 @@ def check_governor(req, c: Checked, lim: ModelLimits, threshold: float | None, b
     top = req.max_cache_threshold
     if not math.isfinite(top) or top < 0 or top > 255:
         raise invalid("max_cache_threshold", f"{top} is not a change in 0-255 levels (0: not raised)")
+    if not math.isfinite(req.min_scale) or not 0 <= req.min_scale <= 1:
+        raise invalid("min_scale", f"{req.min_scale} is outside (0, 1] (0: the size is never changed)")
     if fps == 0:
-        for name, value in (("min_steps", req.min_steps), ("max_cache_threshold", top)):
+        for name, value in (("min_steps", req.min_steps), ("max_cache_threshold", top), ("min_scale", req.min_scale)):
             if value:
                 raise invalid(name, "only applies with target_fps > 0")
         return None
@@ -182,4 +190,4 @@ def check_governor(req, c: Checked, lim: ModelLimits, threshold: float | None, b
     if top and cache_on and (threshold if threshold is not None else base_threshold) > top:
         raise invalid("max_cache_threshold", f"{top} is below the frame's cache threshold "
                                              f"{threshold if threshold is not None else base_threshold}")
-    return GovernorLimits(fps, steps, floor, threshold, base_threshold, top, cache_on)
+    return GovernorLimits(fps, steps, floor, threshold, base_threshold, top, cache_on, req.min_scale or 1.0)

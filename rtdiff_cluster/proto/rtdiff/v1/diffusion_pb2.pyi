@@ -105,23 +105,27 @@ class GenerateResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., synthetic: _Optional[bool] = ..., applied: _Optional[_Union[Applied, _Mapping]] = ...) -> None: ...
 
 class Applied(_message.Message):
-    __slots__ = ("steps", "sampler", "cache_threshold", "governed", "psnr_db_vs_reference", "steps_reused")
+    __slots__ = ("steps", "sampler", "cache_threshold", "governed", "psnr_db_vs_reference", "steps_reused", "width", "height")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     GOVERNED_FIELD_NUMBER: _ClassVar[int]
     PSNR_DB_VS_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     STEPS_REUSED_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
     steps: int
     sampler: str
     cache_threshold: float
     governed: bool
     psnr_db_vs_reference: float
     steps_reused: int
-    def __init__(self, steps: _Optional[int] = ..., sampler: _Optional[str] = ..., cache_threshold: _Optional[float] = ..., governed: _Optional[bool] = ..., psnr_db_vs_reference: _Optional[float] = ..., steps_reused: _Optional[int] = ...) -> None: ...
+    width: int
+    height: int
+    def __init__(self, steps: _Optional[int] = ..., sampler: _Optional[str] = ..., cache_threshold: _Optional[float] = ..., governed: _Optional[bool] = ..., psnr_db_vs_reference: _Optional[float] = ..., steps_reused: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class FrameRequest(_message.Message):
-    __slots__ = ("model", "frame_id", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "output_format", "jpeg_quality", "input_image", "strength", "cache_threshold", "sampler", "target_psnr_db", "target_fps", "min_steps", "max_cache_threshold", "step_cache_threshold")
+    __slots__ = ("model", "frame_id", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "output_format", "jpeg_quality", "input_image", "strength", "cache_threshold", "sampler", "target_psnr_db", "target_fps", "min_steps", "max_cache_threshold", "step_cache_threshold", "min_scale")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +146,7 @@ class FrameRequest(_message.Message):
     MIN_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     STEP_CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCALE_FIELD_NUMBER: _ClassVar[int]
     model: str
     frame_id: int
     prompt: str
@@ -162,7 +167,8 @@ class FrameRequest(_message.Message):
     min_steps: int
     max_cache_threshold: float
     step_cache_threshold: float
-    def __init__(self, model: _Optional[str] = ..., frame_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., input_image: _Optional[_Union[Image, _Mapping]] = ..., strength: _Optional[float] = ..., cache_threshold: _Optional[float] = ..., sampler: _Optional[str] = ..., target_psnr_db: _Optional[float] = ..., target_fps: _Optional[float] = ..., min_steps: _Optional[int] = ..., max_cache_threshold: _Optional[float] = ..., step_cache_threshold: _Optional[float] = ...) -> None: ...
+    min_scale: float
+    def __init__(self, model: _Optional[str] = ..., frame_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., input_image: _Optional[_Union[Image, _Mapping]] = ..., strength: _Optional[float] = ..., cache_threshold: _Optional[float] = ..., sampler: _Optional[str] = ..., target_psnr_db: _Optional[float] = ..., target_fps: _Optional[float] = ..., min_steps: _Optional[int] = ..., max_cache_threshold: _Optional[float] = ..., step_cache_threshold: _Optional[float] = ..., min_scale: _Optional[float] = ...) -> None: ...
 
 class FrameResponse(_message.Message):
     __slots__ = ("frame_id", "image", "timing", "replica", "from_cache", "recomputed_fraction", "applied")

@@ -83,18 +83,23 @@ def frame(i: int, img: np.ndarray | None = None, **kw) -> pb.FrameRequest:
     return pb.FrameRequest(**{**fields, **kw})
 
 
-def test_governor_lowers_steps_and_raises_the_threshold_when_a_stream_falls_behind(gateway):
-    # 1000 fps is out of reach on CPU: every judged frame is too slow, so the governor walks the whole
-    # ladder the client allowed (4 -> 2 steps, then the threshold 2 -> 4 -> 8) and stays at its bottom.
-    # One frame in flight, as a live client keeps it: each frame is judged on the settings it had.
-    moving = list(clips.moving(SIZE, SIZE, 8, area=0.1, step_px=8))
-    window = FrameWindow((frame(i, f, target_fps=1000, min_steps=2, max_cache_threshold=8)
-                          for i, f in enumerate(moving)), window=1)
+def stream_one_in_flight(gateway, frames: int, **fields) -> list:
+    """The moving clip as one stream with one frame in flight, as a live client keeps it: each frame
+    is judged on the settings it had."""
+    moving = clips.moving(SIZE, SIZE, frames, area=0.1, step_px=8)
+    window = FrameWindow((frame(i, f, **fields) for i, f in enumerate(moving)), window=1)
     out = []
     with RtdiffClient(gateway.target, timeout_s=120) as c:
         for r in c.stream(window.requests(), timeout_s=120):
             window.done()
             out.append(r)
+    return out
+
+
+def test_governor_lowers_steps_and_raises_the_threshold_when_a_stream_falls_behind(gateway):
+    # 1000 fps is out of reach on CPU: every judged frame is too slow, so the governor walks the whole
+    # ladder the client allowed (4 -> 2 steps, then the threshold 2 -> 4 -> 8) and stays at its bottom.
+    out = stream_one_in_flight(gateway, 8, target_fps=1000, min_steps=2, max_cache_threshold=8)
     applied = [(r.applied.steps, r.applied.cache_threshold) for r in out]
     assert applied[0] == (4, CACHE.threshold) and not out[0].applied.governed
     assert applied[-1] == (2, 8.0) and out[-1].applied.governed
@@ -167,14 +172,7 @@ def test_step_cache_through_the_server_reports_the_steps_it_reused(gateway):
 def test_governor_shrinks_the_computed_size_last_and_returns_the_asked_size(gateway):
     # Out of reach again, with one rung of steps and none of threshold: 4 -> 3 steps, then the frame
     # computed at 3/4 and 1/2 of 256 (192, 128); every image still comes back 256x256.
-    moving = list(clips.moving(SIZE, SIZE, 6, area=0.1, step_px=8))
-    window = FrameWindow((frame(i, f, target_fps=1000, min_steps=3, min_scale=0.5, cache_threshold=-1)
-                          for i, f in enumerate(moving)), window=1)
-    out = []
-    with RtdiffClient(gateway.target, timeout_s=120) as c:
-        for r in c.stream(window.requests(), timeout_s=120):
-            window.done()
-            out.append(r)
+    out = stream_one_in_flight(gateway, 6, target_fps=1000, min_steps=3, min_scale=0.5, cache_threshold=-1)
     computed = [(r.applied.steps, r.applied.width) for r in out]
     assert computed[:4] == [(4, 256), (3, 256), (3, 192), (3, 128)] and computed[-1] == (3, 128)
     assert all(image_pixels(r.image).shape == (SIZE, SIZE, 3) for r in out)

@@ -3,7 +3,32 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 import torch
+
+
+def bench_args(doc: str, name: str) -> argparse.Namespace:
+    """--out and --no-compile; exits 2 where there is no GPU (the kernels are timed on the device only)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves its compile time)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print(f"{name}: needs a CUDA GPU (the kernels are benchmarked on the device only)", file=sys.stderr)
+        raise SystemExit(2)
+    return args
+
+
+def compile_per_shape(fn):
+    """torch.compile(fn, dynamic=False), the peer of our fixed-shape kernels. It recompiles per
+    shape, so the recompile cap (default 8) is lifted above the shapes a benchmark times: past it,
+    later shapes would silently run eagerly."""
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    return torch.compile(fn, dynamic=False)
 
 
 def bench_us(fn) -> float:
@@ -25,6 +50,16 @@ def matmul_rate(dtype: torch.dtype = torch.bfloat16) -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
     b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
     return 2 * 8192**3 / (bench_us(lambda: a @ b) * 1e-6)
+
+
+def time_peers(ours, eager, compiled) -> tuple[float, float, float | None]:
+    """Median microseconds of ours(), eager() and compiled() (None when not compiled; it runs once
+    first, so the compile is not timed)."""
+    compiled_us = None
+    if compiled is not None:
+        compiled()
+        compiled_us = bench_us(compiled)
+    return bench_us(ours), bench_us(eager), compiled_us
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

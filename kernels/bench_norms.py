@@ -14,14 +14,13 @@ per byte copied):
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
 import torch
 import triton
-from rtdiff_kernels._bench import bench_us as bench, copy_bandwidth, max_err
+from rtdiff_kernels._bench import bench_args, compile_per_shape, copy_bandwidth, max_err, time_peers
 
 try:
     from rtdiff_kernels.ada_layer_norm import layer_norm_modulate, layer_norm_modulate_reference
@@ -60,13 +59,7 @@ def row(kind, shape, layout, floor_bytes, peak, ours_us, eager_us, compiled_us, 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves its compile time)")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_norms: needs a CUDA GPU (the kernels are benchmarked on the device only)", file=sys.stderr)
-        return 2
+    args = bench_args(__doc__, "bench_norms")
 
     t_start = time.monotonic()
     torch.manual_seed(0)
@@ -75,13 +68,8 @@ def main() -> int:
 
     compiled_gn = compiled_ln = None
     if not args.no_compile:
-        # One compiled function each; dynamic=False recompiles per shape, so lift the recompile cap
-        # (default 8) above the number of shapes or later shapes would silently run eagerly.
-        for name in ("cache_size_limit", "recompile_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, 64)
-        compiled_gn = torch.compile(group_norm_silu_reference, dynamic=False)
-        compiled_ln = torch.compile(layer_norm_modulate_reference, dynamic=False)
+        compiled_gn = compile_per_shape(group_norm_silu_reference)
+        compiled_ln = compile_per_shape(layer_norm_modulate_reference)
 
     rows = []
     for shape in GN_SHAPES:
@@ -94,12 +82,8 @@ def main() -> int:
             b = torch.randn(shape[1], device="cuda", dtype=DTYPE)
             call = (x, GN_GROUPS, w, b, GN_EPS)
             err = max_err(group_norm_silu(*call), group_norm_silu_reference(x.float(), GN_GROUPS, w.float(), b.float(), GN_EPS))
-            ours = bench(lambda: group_norm_silu(*call))
-            eager = bench(lambda: group_norm_silu_reference(*call))
-            comp = None
-            if compiled_gn is not None:
-                compiled_gn(*call)
-                comp = bench(lambda: compiled_gn(*call))
+            ours, eager, comp = time_peers(lambda: group_norm_silu(*call), lambda: group_norm_silu_reference(*call),
+                                           compiled_gn and (lambda: compiled_gn(*call)))
             rows.append(row("group_norm_silu", shape, layout, 3 * x.numel() * x.element_size(), peak,
                             ours, eager, comp, err))
             print(f"  gn {shape} {layout}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -113,12 +97,8 @@ def main() -> int:
         shift, scale = emb.chunk(6, dim=1)[:2]
         call = (x, shift, scale, LN_EPS)
         err = max_err(layer_norm_modulate(*call), layer_norm_modulate_reference(x.float(), shift.float(), scale.float(), LN_EPS))
-        ours = bench(lambda: layer_norm_modulate(*call))
-        eager = bench(lambda: layer_norm_modulate_reference(*call))
-        comp = None
-        if compiled_ln is not None:
-            compiled_ln(*call)
-            comp = bench(lambda: compiled_ln(*call))
+        ours, eager, comp = time_peers(lambda: layer_norm_modulate(*call), lambda: layer_norm_modulate_reference(*call),
+                                       compiled_ln and (lambda: compiled_ln(*call)))
         floor_bytes = 2 * x.numel() * x.element_size() + 2 * bsz * d * x.element_size()
         rows.append(row("layer_norm_modulate", shape, "contiguous", floor_bytes, peak, ours, eager, comp, err))
         print(f"  ln {shape}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)

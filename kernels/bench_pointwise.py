@@ -14,14 +14,13 @@ Floors, measured on the same device in the same run:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
 import torch
 import triton
-from rtdiff_kernels._bench import bench_us as bench, copy_bandwidth, max_err, matmul_rate
+from rtdiff_kernels._bench import bench_args, compile_per_shape, copy_bandwidth, matmul_rate, max_err, time_peers
 
 try:
     from rtdiff_kernels.activations import geglu, geglu_reference, linear_gelu_tanh, linear_gelu_tanh_reference
@@ -36,24 +35,12 @@ GEGLU_SHAPES = [(2, 4096, 10240), (2, 1024, 20480)]  # SDXL FF at 64x64 and 32x3
 FLUX_FF = (4096, 3072, 12288)  # M tokens, K, N
 
 
-
-
-
-
-
-
-
-
 def measure(kernel, shape, unit, work, ceiling, ours, eager, compiled, ref32) -> dict:
     """work: bytes (unit GB/s) or FLOPs (unit TFLOP/s); ceiling: bytes/s or FLOP/s."""
     out_ours, out_eager = ours(), eager()
     err, eager_err = max_err(out_ours, ref32), max_err(out_eager, ref32)
     del out_ours, out_eager
-    ours_us, eager_us = bench(ours), bench(eager)
-    comp_us = None
-    if compiled is not None:
-        compiled()  # compile outside the timing
-        comp_us = bench(compiled)
+    ours_us, eager_us, comp_us = time_peers(ours, eager, compiled)
     floor_us = work / ceiling * 1e6
     scale = 1e9 if unit == "GB/s" else 1e12
     return {
@@ -73,13 +60,7 @@ def measure(kernel, shape, unit, work, ceiling, ours, eager, compiled, ref32) ->
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves its compile time)")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_pointwise: needs a CUDA GPU (the kernels are benchmarked on the device only)", file=sys.stderr)
-        return 2
+    args = bench_args(__doc__, "bench_pointwise")
 
     t_start = time.monotonic()
     torch.manual_seed(0)
@@ -89,11 +70,7 @@ def main() -> int:
 
     compiled = {}
     if not args.no_compile:
-        # dynamic=False recompiles per shape; lift the recompile cap so no shape silently runs eagerly.
-        for name in ("cache_size_limit", "recompile_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, 64)
-        compiled = {fn.__name__: torch.compile(fn, dynamic=False)
+        compiled = {fn.__name__: compile_per_shape(fn)
                     for fn in (rms_norm_rope_reference, geglu_reference, linear_gelu_tanh_reference)}
 
     def comp(name, *a):

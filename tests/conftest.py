@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from rtdiff_cluster.config import BatchingConfig, ModelConfig, ServerConfig
+from rtdiff_cluster.config import BatchingConfig, ModelConfig, ServerConfig, StreamCacheConfig
 from rtdiff_cluster.gateway.background import BackgroundGateway
 
 TINY = "synthetic:tiny"
@@ -110,6 +110,22 @@ def make_gateway(tiny_actors):
     yield make
     for g in made:
         g.stop()
+
+
+# Small chunks, so the tests' small frames hold many of them.
+FINE_CHUNKS = StreamCacheConfig(chunk_px=32, halo_px=32)
+
+
+@pytest.fixture(scope="module")
+def fine_chunks_gateway(ray_cluster):
+    """A gateway over its own tiny replica whose stream chunk cache uses FINE_CHUNKS."""
+    actors = spawn(1, stream_cache=FINE_CHUNKS)
+    g = GatewayThread(gateway_config(model=ModelConfig(source=TINY, warmup=False, stream_cache=FINE_CHUNKS)),
+                      {TINY: actors})
+    yield g
+    g.stop()
+    for a in actors:
+        a.kill()
 
 
 @pytest.fixture(scope="session")

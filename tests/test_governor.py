@@ -6,10 +6,9 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import TINY, GatewayThread, gateway_config, spawn
+from conftest import FINE_CHUNKS
 from rtdiff_cluster import clips
 from rtdiff_cluster.client.client import FrameWindow, RtdiffClient, image_pixels
-from rtdiff_cluster.config import ModelConfig, StreamCacheConfig
 from rtdiff_cluster.gateway.governor import PATIENCE, FrameRateGovernor, GovernorLimits, Rung, ladder
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
 
@@ -62,17 +61,12 @@ def test_governor_degrades_one_rung_per_change_and_recovers_with_headroom():
 # ---- through the server ---------------------------------------------------------------------
 
 SIZE = 256
-CACHE = StreamCacheConfig(chunk_px=32, halo_px=32)
+CACHE = FINE_CHUNKS
 
 
 @pytest.fixture(scope="module")
-def gateway(ray_cluster):
-    actors = spawn(1, stream_cache=CACHE)
-    g = GatewayThread(gateway_config(model=ModelConfig(source=TINY, warmup=False, stream_cache=CACHE)), {TINY: actors})
-    yield g
-    g.stop()
-    for a in actors:
-        a.kill()
+def gateway(fine_chunks_gateway):
+    return fine_chunks_gateway
 
 
 def frame(i: int, img: np.ndarray | None = None, **kw) -> pb.FrameRequest:

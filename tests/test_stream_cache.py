@@ -6,25 +6,19 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import TINY, GatewayThread, gateway_config, metric, spawn, wait_until
+from conftest import FINE_CHUNKS, TINY, metric, wait_until
 from rtdiff_cluster import clips
 from rtdiff_cluster.client.client import RtdiffClient, image_pixels
-from rtdiff_cluster.config import ModelConfig, StreamCacheConfig
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
 
 RAW = pb.IMAGE_FORMAT_RAW_RGB8
 SIZE = 512
-CACHE = StreamCacheConfig(chunk_px=32, halo_px=32)
+CACHE = FINE_CHUNKS
 
 
 @pytest.fixture(scope="module")
-def gateway(ray_cluster):
-    actors = spawn(1, stream_cache=CACHE)
-    g = GatewayThread(gateway_config(model=ModelConfig(source=TINY, warmup=False, stream_cache=CACHE)), {TINY: actors})
-    yield g
-    g.stop()
-    for a in actors:
-        a.kill()
+def gateway(fine_chunks_gateway):
+    return fine_chunks_gateway
 
 
 def request(i: int, img: np.ndarray, **kw) -> pb.FrameRequest:

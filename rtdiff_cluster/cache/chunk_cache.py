@@ -36,6 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Frames decoded from a request are read-only arrays; the cache never writes into them (commit builds
+# new tensors), so PyTorch's warning about wrapping non-writable arrays does not apply. Set once
+# here: warnings.catch_warnings() per frame would race with the replica's other threads.
+warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+
 
 @dataclass(frozen=True)
 class Region:
@@ -117,11 +122,7 @@ class StreamFrameCache:
     def plan(self, new: np.ndarray, s: CacheSettings) -> Plan:
         h, w = new.shape[:2]
         grid = (-(-h // s.chunk_px), -(-w // s.chunk_px))
-        with warnings.catch_warnings():
-            # Frames decoded from a request are read-only; the cache never writes into them (commit
-            # builds new tensors), so PyTorch's warning about non-writable arrays does not apply.
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-            frame = torch.from_numpy(new).to(self.device, non_blocking=True)
+        frame = torch.from_numpy(new).to(self.device, non_blocking=True)
         if self.ref_input is None or tuple(self.ref_input.shape) != new.shape:
             return Plan("full", np.ones(grid, dtype=bool), frame=frame)
         changed = _chunk_change(frame, self.ref_input, s.chunk_px) > s.threshold

@@ -13,6 +13,7 @@ the CFG all-gather meet inside it); only the leader decodes.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import time
@@ -92,6 +93,11 @@ def _noise_free_step(scheduler) -> bool:
     if name == "DPMSolverMultistepScheduler":
         return "sde" not in c.get("algorithm_type", "")
     return "generator" not in inspect.signature(scheduler.step).parameters
+
+
+@functools.cache
+def _step_takes_generator(scheduler_class: type) -> bool:
+    return "generator" in inspect.signature(scheduler_class.step).parameters
 
 
 def _shapes(tensors) -> tuple:
@@ -240,7 +246,7 @@ class Pipeline:
             images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             return images.permute(0, 2, 3, 1).contiguous()  # [B, H, W, 3]
 
-        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        takes_generator = _step_takes_generator(type(scheduler))
 
         def step_kwargs(stochastic: bool) -> dict:
             if stochastic and takes_generator:  # ancestral samplers draw fresh noise each step: per frame, seeded

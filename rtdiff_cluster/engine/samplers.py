@@ -14,6 +14,7 @@ step results sharp.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -72,5 +73,10 @@ def scheduler_for(name: str, scheduler_class: type, scheduler_config: dict):
     if s.overrides.get("use_flow_sigmas") and "shift" in config:
         config.setdefault("flow_shift", config["shift"])
     config.update(s.overrides)
-    accepted = inspect.signature(cls.__init__).parameters  # other classes' keys would only log warnings
+    accepted = _init_keys(cls)  # other classes' keys would only log warnings
     return cls.from_config({k: v for k, v in config.items() if k in accepted})
+
+
+@functools.cache
+def _init_keys(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.__init__).parameters)

@@ -19,12 +19,12 @@ path is, if anything, closer to the fp32 result than eager (no rounding of the p
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from rtdiff_kernels._launch import triton_runs
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,10 +51,6 @@ def _block_n(n: int) -> int:
     return min(1024, triton.next_power_of_2(n))
 
 
-def _triton_ok(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def geglu(h: torch.Tensor) -> torch.Tensor:
     """h [..., 2N] -> [..., N] = h[..., :N] * gelu(h[..., N:]) (exact erf GELU), computed in fp32,
     returned in h.dtype. Any leading shape; leading strides need not be contiguous. Off CUDA (and
@@ -65,7 +61,7 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"h must be float32, float16 or bfloat16, got {h.dtype}")
     if h.shape[-1] % 2:
         raise ValueError(f"h: the last dim must be even (hidden and gate halves), got {h.shape[-1]}")
-    if not _triton_ok(h):
+    if not triton_runs(h):
         return geglu_reference(h)
     n = h.shape[-1] // 2
     out = torch.empty((*h.shape[:-1], n), device=h.device, dtype=h.dtype)

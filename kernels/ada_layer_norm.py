@@ -16,19 +16,32 @@ hits after the first program of a sample). For Flux at 1024x1024 (x [1, 4096, 30
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from rtdiff_kernels._checks import check_eps, check_vector
+from rtdiff_kernels._launch import sm_count, triton_runs
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE_ELEMS = 8192  # rows * BLOCK_D per program: 2 Flux rows (BLOCK_D 4096) at 8 warps
 _MIN_PROGRAMS_PER_SM = 2  # fewer rows per program rather than idle SMs on short sequences
+
+
+@triton.jit
+def _layer_norm_rows(x, mask, cols, col_ok, D, eps, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """LayerNorm of each row of a register tile x [ROWS, BLOCK_D] (fp32; lanes outside mask are
+    ignored): two passes over the tile, the mean and then the centred variance, then the affine."""
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)  # padded lanes must not add to the variance
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y *= tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return y
 
 
 @triton.jit
@@ -48,14 +61,7 @@ def _ln_modulate_kernel(
 
     x_offs = bidx.to(tl.int64) * sx_b + rows.to(tl.int64)[:, None] * sx_l + cols[None, :]
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)  # [ROWS, BLOCK_D]
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean[:, None], 0.0)  # padded lanes must not add to the variance
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-    y = xc * rstd[:, None]
-    if HAS_W:
-        y *= tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_B:
-        y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = _layer_norm_rows(x, mask, cols, col_ok, D, eps, w_ptr, b_ptr, HAS_W, HAS_B)
 
     shift = tl.load(shift_ptr + bidx.to(tl.int64) * s_shift_b + cols * s_shift_d, mask=col_ok, other=0.0)
     scale = tl.load(scale_ptr + bidx.to(tl.int64) * s_scale_b + cols * s_scale_d, mask=col_ok, other=0.0)
@@ -64,15 +70,6 @@ def _ln_modulate_kernel(
     # Output is contiguous [B, L, D].
     y_offs = (bidx.to(tl.int64) * L + rows.to(tl.int64))[:, None] * D + cols[None, :]
     tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def _triton_ok(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _check(x, shift, scale, eps, weight, bias):
@@ -103,7 +100,7 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     tensor of x.dtype. Off CUDA (and outside Triton's interpreter) this runs the PyTorch reference.
     """
     _check(x, shift, scale, eps, weight, bias)
-    if not _triton_ok(x):
+    if not triton_runs(x):
         return layer_norm_modulate_reference(x, shift, scale, eps, weight, bias)
     bsz, seq, d = x.shape
     y = torch.empty((bsz, seq, d), device=x.device, dtype=x.dtype)
@@ -113,7 +110,7 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
         x = x.contiguous()
     block_d = triton.next_power_of_2(d)
     rows = max(1, _TILE_ELEMS // block_d)
-    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 4
+    sms = sm_count(x)
     rows = min(rows, triton.next_power_of_2(seq))
     while rows > 1 and bsz * triton.cdiv(seq, rows) < _MIN_PROGRAMS_PER_SM * sms:
         rows //= 2

@@ -1,14 +1,18 @@
-"""Micro-benchmark: group_norm_silu and layer_norm_modulate against eager PyTorch and
-torch.compile of the same reference, at SDXL / Flux 1024x1024 shapes (bf16).
+"""Micro-benchmark: group_norm_silu, layer_norm_modulate and add_layer_norm against eager PyTorch
+and torch.compile of the same reference, at SDXL / Flux 1024x1024 shapes (bf16).
 
     python kernels/bench_norms.py --out norms.json [--no-compile]
 
-GPU only. Times are medians of triton.testing.do_bench (warmup 25 ms, rep 100 ms). The memory
+GPU only. Times are per call inside a CUDA graph of 20 back-to-back calls (kernels/_bench.py
+bench_us: median of do_bench over the replays), as our captured steps run them. The memory
 floor uses the copy bandwidth measured in the same run (a 1 GiB tensor `.copy_`, 2 bytes moved
 per byte copied):
   group_norm_silu       floor bytes = 3 * numel * itemsize (read x twice - statistics, then
                         normalise - and write y once; see the kernel's docstring)
   layer_norm_modulate   floor bytes = 2 * numel * itemsize + shift and scale (read x, write y)
+  add_layer_norm        floor bytes = 4 * numel * itemsize (read x and the residual, write the
+                        sum and its norm); also at a 384x384 chunk-cache region's shape, where
+                        launch latency, not bytes, sets the time
 `ours_over_eager` / `ours_over_compiled` are time ratios: below 1 means the kernel is faster.
 """
 
@@ -24,22 +28,19 @@ from rtdiff_kernels._bench import bench_args, compile_per_shape, copy_bandwidth,
 
 try:
     from rtdiff_kernels.ada_layer_norm import layer_norm_modulate, layer_norm_modulate_reference
+    from rtdiff_kernels.add_layer_norm import add_layer_norm, add_layer_norm_reference
     from rtdiff_kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
 except ImportError:  # run as a script from a checkout without the editable install: kernels/ is on sys.path
     from ada_layer_norm import layer_norm_modulate, layer_norm_modulate_reference
+    from add_layer_norm import add_layer_norm, add_layer_norm_reference
     from group_norm_silu import group_norm_silu, group_norm_silu_reference
 
 GN_SHAPES = [(2, 320, 128, 128), (2, 640, 64, 64), (2, 1280, 32, 32), (2, 640, 128, 128), (2, 2560, 32, 32)]
 GN_GROUPS, GN_EPS = 32, 1e-5
 LN_SHAPES = [(1, 4096, 3072), (1, 512, 3072)]
 LN_EPS = 1e-6
+ADD_LN_SHAPES = [(1, 4096, 640), (1, 1024, 1280), (1, 144, 1280)]  # SDXL at 1024 (two levels); a 384 region
 DTYPE = torch.bfloat16
-
-
-
-
-
-
 
 
 def row(kind, shape, layout, floor_bytes, peak, ours_us, eager_us, compiled_us, err) -> dict:
@@ -66,10 +67,11 @@ def main() -> int:
     peak = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}  copy bandwidth {peak / 1e9:.0f} GB/s", flush=True)
 
-    compiled_gn = compiled_ln = None
+    compiled_gn = compiled_ln = compiled_add_ln = None
     if not args.no_compile:
         compiled_gn = compile_per_shape(group_norm_silu_reference)
         compiled_ln = compile_per_shape(layer_norm_modulate_reference)
+        compiled_add_ln = compile_per_shape(add_layer_norm_reference)
 
     rows = []
     for shape in GN_SHAPES:
@@ -103,6 +105,17 @@ def main() -> int:
         rows.append(row("layer_norm_modulate", shape, "contiguous", floor_bytes, peak, ours, eager, comp, err))
         print(f"  ln {shape}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
 
+    for shape in ADD_LN_SHAPES:
+        t0 = time.monotonic()
+        x, r = torch.randn(shape, device="cuda", dtype=DTYPE), torch.randn(shape, device="cuda", dtype=DTYPE)
+        w, b = torch.randn(shape[-1], device="cuda", dtype=DTYPE), torch.randn(shape[-1], device="cuda", dtype=DTYPE)
+        call = (x, r, w, b, 1e-5)
+        err = max_err(add_layer_norm(*call)[1], add_layer_norm_reference(x.float(), r.float(), w.float(), b.float(), 1e-5)[1])
+        ours, eager, comp = time_peers(lambda: add_layer_norm(*call), lambda: add_layer_norm_reference(*call),
+                                       compiled_add_ln and (lambda: compiled_add_ln(*call)))
+        rows.append(row("add_layer_norm", shape, "contiguous", 4 * x.numel() * x.element_size(), peak, ours, eager, comp, err))
+        print(f"  add+ln {shape}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
@@ -121,7 +134,7 @@ def main() -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "copy_bandwidth_GBps": peak / 1e9,
-        "do_bench": {"warmup_ms": 25, "rep_ms": 100, "return_mode": "median"},
+        "timing": "per call in a CUDA graph of 20 calls, do_bench median of replays (warmup 25 ms, rep 100 ms)",
         "compiled": compiled_gn is not None,
         "wall_s": time.monotonic() - t_start,
         "rows": rows,

@@ -3,7 +3,8 @@ torch.compile of the same reference, at Flux / SDXL 1024x1024 shapes (bf16).
 
     python kernels/bench_pointwise.py --out pointwise.json [--no-compile]
 
-GPU only. Times are medians of triton.testing.do_bench (warmup 25 ms, rep 100 ms), inputs random.
+GPU only. Times are per call inside a CUDA graph of 20 back-to-back calls (kernels/_bench.py
+bench_us), inputs random.
 Floors, measured on the same device in the same run:
   memory-bound kernels: floor bytes / copy bandwidth (a 1 GiB `.copy_`, 2 bytes moved per byte)
     rms_norm_rope     read x + write out + cos/sin rows once + weight
@@ -131,7 +132,7 @@ def main() -> int:
     result = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "copy_bandwidth_GBps": bandwidth / 1e9, "bf16_matmul_TFLOPs": flops / 1e12,
-        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
+        "timing": "per call in a CUDA graph of 20 calls, do_bench median of replays (warmup 25 ms, rep 100 ms)",
         "rows": rows, "wall_s": time.monotonic() - t_start,
     }
     with open(args.out, "w") as f:

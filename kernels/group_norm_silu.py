@@ -32,7 +32,6 @@ loads stay coalesced. The output has x's memory format.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ import triton
 import triton.language as tl
 
 from rtdiff_kernels._checks import check_eps, check_vector
+from rtdiff_kernels._launch import sm_count, triton_runs
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -222,15 +222,6 @@ def _gn_apply_kernel(
         tl.store(y_base + hw_i * sy_hw + c_i * sy_c, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _triton_ok(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _channel_blocking(groups: int, cg: int, c_fastest: bool) -> tuple[int, int, int, int]:
     """(groups per block, slices per group, channels per slice, BLOCK_C).
 
@@ -337,7 +328,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     Off CUDA (and outside Triton's interpreter) this runs the PyTorch reference.
     """
     _check(x, num_groups, weight, bias, eps)
-    if not _triton_ok(x):
+    if not triton_runs(x):
         return group_norm_silu_reference(x, num_groups, weight, bias, eps, silu)
     y = torch.empty_like(x)  # keeps x's memory format (contiguous or channels_last)
     if x.numel() == 0:
@@ -349,7 +340,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         x3, y3 = _hw_view(x), _hw_view(y)
     n, c, hw = x3.shape
     c_fastest = c > 1 and x3.stride(1) < x3.stride(2)  # channels_last (or [N, L, C] transposed)
-    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 4
+    sms = sm_count(x)
     grid, sub_c, chunks, hw_per_chunk, block_p, meta = _plan(n, c, hw, num_groups, c_fastest, sms, _knobs())
     groups, cg, subs = num_groups, c // num_groups, meta["SUBS"]
 

@@ -87,7 +87,8 @@ class StreamCacheConfig:
     moving object reuses a few shapes (each one CUDA graph) instead of one per frame."""
     memory_mb: int = 1024
     """Cache memory per replica, in MiB: a 1024x1024 stream holds 3 MiB of reference input on the
-    model's device (where changes are measured) and 3 MiB of output in host memory. The least
+    model's device (where changes are measured), 3 MiB of output in host memory and, on a GPU,
+    3 MiB of pinned host memory its frames are uploaded from. The least
     recently used streams are dropped beyond it and start again with a whole frame."""
 
     def validate(self, path: str) -> None:

@@ -4,6 +4,8 @@ cancellation freeing the cache)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,37 @@ def test_static_frame_is_answered_from_cache_and_moving_chunks_are_found():
     means = diff.reshape(16, 32, 16, 32).mean(axis=(1, 3))
     assert np.array_equal(plan.changed, means > SETTINGS.threshold)
     assert 0 < plan.recomputed_fraction < 0.2
+
+
+def test_commit_pastes_exactly_the_changed_chunks():
+    """Two changes in one chunk row with static chunks between them, and one in another row at the
+    frame's ragged edge: only those chunks take the region's pixels; everything else keeps the
+    cached output, and the returned frame is a copy the next frame cannot change."""
+    settings = dataclasses.replace(SETTINGS, max_region_fraction=1.0)  # the region spans most of this frame
+    rng = np.random.default_rng(5)
+    first = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    cache = StreamFrameCache()
+    old_output = rng.integers(0, 256, first.shape, dtype=np.uint8)
+    cache.commit(cache.plan(first, settings), first, old_output, settings)
+    new = first.copy()
+    new[70:90, 10:20] ^= 0xFF   # chunk (2, 0)
+    new[70:90, 140:150] ^= 0xFF  # chunk (2, 4): chunks 1-3 of row 2 are unchanged
+    new[192:200, 290:300] ^= 0xFF  # chunk (6, 9): the ragged bottom-right corner (8 x 12 pixels)
+    plan = cache.plan(new, settings)
+    assert plan.kind == "region"
+    expect_changed = np.zeros_like(plan.changed)
+    expect_changed[2, 0] = expect_changed[2, 4] = expect_changed[6, 9] = True
+    assert np.array_equal(plan.changed, expect_changed)
+    r = plan.region
+    computed = rng.integers(0, 256, (r.height, r.width, 3), dtype=np.uint8)
+    out = cache.commit(plan, new, computed, settings)
+    mask = chunk_mask(plan.changed, 32, new.shape)
+    full = np.zeros_like(new)
+    full[r.top:r.top + r.height, r.left:r.left + r.width] = computed
+    assert np.array_equal(out[mask], full[mask])
+    assert np.array_equal(out[~mask], old_output[~mask])
+    out[...] = 0
+    assert cache.output.any()  # the caller's frame is its own copy
 
 
 def test_region_covers_changed_chunks_with_halo_on_model_multiples():

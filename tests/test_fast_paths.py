@@ -72,10 +72,32 @@ def test_fused_kernels_match_diffusers_modules(model):
 
     ours = copy.deepcopy(model.backbone)
     done = install_fused(ours)
-    expected = {"resnet group_norm+silu", "geglu", "group_norm"} if model.kind == "sdxl" else {"linear+gelu_tanh", "adaln_zero",
-                                                                                 "adaln_continuous"}
+    expected = ({"resnet group_norm+silu", "geglu", "group_norm", "transformer block add+layer_norm",
+                 "transformer2d channels-last output"} if model.kind == "sdxl"
+                else {"linear+gelu_tanh", "adaln_zero", "adaln_continuous"})
     assert expected <= set(done), done
     assert_close(backbone_output(model, ours), backbone_output(model, model.backbone), "fused modules")
+
+
+def test_fused_unet_keeps_channels_last_through_its_transformers():
+    """On the fast paths the UNet runs channels-last: each transformer's output must come back in
+    that layout (diffusers' own forward returns NCHW, which cost a copy, a strided add and a
+    conversion in front of the next convolution), with the same numbers."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from rtdiff_cluster.ops.fused import install_fused
+
+    model = load_model(ModelConfig(source="synthetic:tiny-sdxl", device="cpu"))
+    ours = copy.deepcopy(model.backbone).to(memory_format=torch.channels_last)
+    install_fused(ours)
+    layouts = []
+    for m in ours.modules():
+        if isinstance(m, Transformer2DModel):
+            m.register_forward_hook(lambda mod, args, out: layouts.append(
+                (args[0].shape[-1] > 1 and out[0].is_contiguous(memory_format=torch.channels_last),
+                 out[0].is_contiguous())))
+    assert_close(backbone_output(model, ours), backbone_output(model, model.backbone), "channels-last UNet")
+    assert layouts and all(cl and not nchw for cl, nchw in layouts), layouts
 
 
 def test_fused_vae_decoder_matches(model):

@@ -1,4 +1,4 @@
-"""GroupNorm(+SiLU) and adaLN LayerNorm-modulate kernels against their PyTorch references.
+"""GroupNorm(+SiLU), adaLN LayerNorm-modulate and add+LayerNorm kernels against their PyTorch references.
 
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
 at small, awkward sizes; with CUDA the same small cases run on the GPU and the full SDXL / Flux
@@ -25,6 +25,7 @@ import torch
 
 import rtdiff_kernels.group_norm_silu as gn_mod
 from rtdiff_kernels.ada_layer_norm import layer_norm_modulate, layer_norm_modulate_reference
+from rtdiff_kernels.add_layer_norm import add_layer_norm, add_layer_norm_reference
 from rtdiff_kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
 
 CUDA = torch.cuda.is_available()
@@ -263,3 +264,74 @@ def test_layer_norm_modulate_bad_input(kwargs, name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_layer_norm_modulate_flux_shapes(b, l, d, affine, dtype):
     _check_ln(b, l, d, dtype, affine)
+
+
+# ---------------------------------------------------------------------------- residual add + LayerNorm
+
+def _check_add_ln(shape, dtype, affine, eps=1e-5, seed=0, inputs=None):
+    g = torch.Generator().manual_seed(seed)
+    d = shape[-1]
+    if inputs is None:
+        # The residual stream is large next to the block's output it receives, as in a UNet.
+        x = (torch.randn(*shape, generator=g) * 0.5).to(dtype).to(DEVICE)
+        r = (torch.randn(*shape, generator=g) * 4 + 2).to(dtype).to(DEVICE)
+        w = (torch.randn(d, generator=g) * 0.2 + 1).to(dtype).to(DEVICE) if affine else None
+        b = (torch.randn(d, generator=g) * 0.2).to(dtype).to(DEVICE) if affine else None
+    else:
+        x, r, w, b = inputs
+    h, y = add_layer_norm(x, r, w, b, eps)
+    assert h.is_contiguous() and y.is_contiguous() and h.shape == y.shape == x.shape
+    up = (lambda t: None if t is None else t.float())
+    h32, y32 = add_layer_norm_reference(up(x), up(r), up(w), up(b), eps)
+    native = (None, None) if dtype == torch.float32 else add_layer_norm_reference(x, r, w, b, eps)
+    assert_close_to_reference(h, h32, native[0], dtype)
+    assert_close_to_reference(y, y32, native[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,affine", [((2, 5, 72), True), ((1, 7, 200), False), ((3, 4, 17), True),
+                                          ((1, 1, 1), True), ((11, 40), True), ((2, 3, 9, 96), True)])
+def test_add_layer_norm_small(shape, affine, dtype):
+    _check_add_ln(shape, dtype, affine)
+
+
+def test_add_layer_norm_noncontiguous_inputs():
+    """Transposed inputs are copied to contiguous ones; the outputs are still the sum and its norm."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 6, generator=g).to(DEVICE).transpose(1, 2)
+    r = torch.randn(2, 40, 6, generator=g).to(DEVICE).transpose(1, 2)
+    assert not x.is_contiguous()
+    _check_add_ln(tuple(x.shape), torch.float32, False, inputs=(x, r, None, None))
+
+
+def test_add_layer_norm_empty():
+    x = torch.empty(2, 0, 8, device=DEVICE)
+    h, y = add_layer_norm(x, x, None, None, 1e-5)
+    assert h.shape == y.shape == (2, 0, 8)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"x": torch.ones(2, 4, 8, dtype=torch.int64)}, "x"),
+    ({"residual": torch.randn(2, 4, 7)}, "residual"),
+    ({"residual": torch.randn(2, 4, 8, dtype=torch.float64)}, "residual"),
+    ({"weight": torch.ones(9)}, "weight"),
+    ({"bias": torch.ones(4)}, "bias"),
+    ({"eps": -1.0}, "eps"),
+])
+def test_add_layer_norm_bad_input(kwargs, name):
+    args = {"x": torch.randn(2, 4, 8), "residual": torch.randn(2, 4, 8), "weight": None, "bias": None, "eps": 1e-5} | kwargs
+    with pytest.raises(ValueError, match=name):
+        add_layer_norm(**args)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [
+    (1, 4096, 640),  # SDXL transformer tokens at 1024x1024, second level
+    (1, 1024, 1280),  # third level
+    (2, 1024, 1280),  # batch 2 (classifier-free guidance)
+    (1, 144, 1280),  # a 384x384 chunk-cache region, third level
+    (3, 1000, 1000),  # ragged
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_add_layer_norm_sdxl_shapes(shape, dtype):
+    _check_add_ln(shape, dtype, affine=True)

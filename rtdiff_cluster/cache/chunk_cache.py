@@ -113,16 +113,35 @@ class StreamFrameCache:
         self.device = torch.device(device)
         self.ref_input: torch.Tensor | None = None  # per chunk: the input it was last computed from
         self.output: np.ndarray | None = None
+        # CUDA: the frame is staged in pinned memory, so its upload is one DMA rather than a copy
+        # through the driver's pageable buffers (0.5-1 ms for a 1024 frame); the event says when
+        # the last upload from it is done and it may be overwritten.
+        self._staging: torch.Tensor | None = None
+        self._staged: torch.cuda.Event | None = None
 
     @property
     def nbytes(self) -> int:
         n = self.ref_input.numel() if self.ref_input is not None else 0
+        n += self._staging.numel() if self._staging is not None else 0
         return n + (self.output.nbytes if self.output is not None else 0)
+
+    def _upload(self, new: np.ndarray) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.from_numpy(new).to(self.device)
+        if self._staging is None or tuple(self._staging.shape) != new.shape:
+            self._staging, self._staged = torch.empty(new.shape, dtype=torch.uint8, pin_memory=True), None
+        if self._staged is not None:
+            self._staged.synchronize()
+        self._staging.numpy()[...] = new
+        frame = self._staging.to(self.device, non_blocking=True)
+        self._staged = torch.cuda.Event()
+        self._staged.record()
+        return frame
 
     def plan(self, new: np.ndarray, s: CacheSettings) -> Plan:
         h, w = new.shape[:2]
         grid = (-(-h // s.chunk_px), -(-w // s.chunk_px))
-        frame = torch.from_numpy(new).to(self.device, non_blocking=True)
+        frame = self._upload(new)
         if self.ref_input is None or tuple(self.ref_input.shape) != new.shape:
             return Plan("full", np.ones(grid, dtype=bool), frame=frame)
         changed = _chunk_change(frame, self.ref_input, s.chunk_px) > s.threshold
@@ -150,9 +169,21 @@ class StreamFrameCache:
         grid = torch.from_numpy(plan.changed).to(self.device)
         pixels = grid.repeat_interleave(r, 0).repeat_interleave(r, 1)[:h, :w]  # [H, W]: pixels of changed chunks
         self.ref_input = torch.where(pixels[..., None], plan.frame, self.ref_input)
-        inside = c.crop(np.repeat(np.repeat(plan.changed, r, 0), r, 1)[:h, :w])
-        np.copyto(c.crop(self.output), computed, where=inside[..., None])  # the region covers every changed chunk
+        # The changed chunks are pasted as runs of a chunk row, slice copies (a masked copy of the
+        # region measured 3 ms per 1024 frame on the H200's host); the region covers them all.
+        for row, (start, stop) in _runs(plan.changed):
+            y0, y1, x0, x1 = row * r, min(h, (row + 1) * r), start * r, min(w, stop * r)
+            self.output[y0:y1, x0:x1] = computed[y0 - c.top:y1 - c.top, x0 - c.left:x1 - c.left]
         return self.output.copy()
+
+
+def _runs(changed: np.ndarray):
+    """(row, (first, last + 1)) for each run of consecutive True chunks in each row of the grid."""
+    for row in np.flatnonzero(changed.any(axis=1)):
+        cols = np.flatnonzero(changed[row])
+        breaks = np.flatnonzero(np.diff(cols) > 1)
+        for a, b in zip(np.r_[0, breaks + 1], np.r_[breaks, len(cols) - 1]):
+            yield int(row), (int(cols[a]), int(cols[b]) + 1)
 
 
 @dataclass

@@ -43,7 +43,8 @@ def run_cached(compute: Compute, cache: StreamFrameCache, batch: BatchSpec, sett
         images, times = compute(batch)
         return CachedFrame(cache.commit(plan, new, images[0], settings), plan, times)
     r = plan.region
+    # The region is cut from the frame the plan uploaded to measure changes: no second upload.
     region = dataclasses.replace(batch, width=r.width, height=r.height, crop=(new.shape[0], new.shape[1], r.top, r.left),
-                                 frames=[dataclasses.replace(frame, init_image=np.ascontiguousarray(r.crop(new)))])
+                                 frames=[dataclasses.replace(frame, init_image=r.crop(plan.frame))])
     images, times = compute(region)
     return CachedFrame(cache.commit(plan, new, images[0], settings), plan, times)

@@ -4,6 +4,11 @@ the same thing through the kernel:
 
     ResnetBlock2D (UNet)      GroupNorm -> SiLU, twice per block, as one kernel each
     GroupNorm elsewhere       (in front of UNet transformers, the output head) the same kernel
+    BasicTransformerBlock     residual add -> LayerNorm before the cross-attention and before
+      (UNet)                  the feed-forward, as one kernel each
+    Transformer2DModel (UNet) proj_out's tokens go back to the residual's channels-last layout
+                              as a view; diffusers makes them NCHW-contiguous, which cost a copy,
+                              a strided add and a conversion back in front of the next convolution
     GEGLU (UNet feed-forward) proj -> chunk -> x * gelu(gate), the gating as one kernel
     GELU tanh (Flux ff)       proj -> tanh-GELU with the GELU in the GEMM's epilogue
     AdaLayerNormZero[Single], AdaLayerNormContinuous (Flux)
@@ -44,12 +49,51 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None,
     hidden = self.conv2(self.dropout(hidden))
     if self.conv_shortcut is not None:
         input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + hidden) / self.output_scale_factor
+    out = input_tensor + hidden
+    # A division by 1 is still a pass over the tensor (and a launch): SDXL's factor is 1.
+    return out / self.output_scale_factor if self.output_scale_factor != 1 else out
 
 
 def _resnet_fusable(block) -> bool:
     return (block.time_embedding_norm == "default" and isinstance(block.nonlinearity, nn.SiLU)
             and isinstance(block.norm1, nn.GroupNorm) and isinstance(block.norm2, nn.GroupNorm))
+
+
+def _transformer_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                               encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
+                               class_labels=None, added_cond_kwargs=None):
+    """diffusers' BasicTransformerBlock.forward for norm_type="layer_norm" (self-attention,
+    cross-attention, feed-forward, each pre-normed with a residual add), the add in front of
+    norm2 and norm3 fused with the norm. Calls with cross_attention_kwargs (GLIGEN, LoRA scales)
+    take diffusers' forward."""
+    if cross_attention_kwargs or hidden_states.dim() != 3:
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                  timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+    from rtdiff_kernels.add_layer_norm import add_layer_norm
+
+    attn = self.attn1(self.norm1(hidden_states), attention_mask=attention_mask)  # [B, L, C]
+    h, normed = add_layer_norm(attn, hidden_states, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+    attn = self.attn2(normed, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
+    h, normed = add_layer_norm(attn, h, self.norm3.weight, self.norm3.bias, self.norm3.eps)
+    return self.ff(normed) + h
+
+
+def _transformer_block_fusable(block) -> bool:
+    return (block.norm_type == "layer_norm" and block.pos_embed is None and not block.only_cross_attention
+            and block.attn2 is not None and block._chunk_size is None
+            and all(_plain_layer_norm(n) for n in (block.norm1, block.norm2, block.norm3)))
+
+
+def _transformer2d_output(self, hidden_states, residual, batch_size, height, width, inner_dim):
+    """diffusers' Transformer2DModel._get_output_for_continuous_inputs (linear projections):
+    proj_out's [B, H*W, C] tokens viewed as [B, C, H, W] with channels-last strides, which is
+    the residual's layout on our fast paths, so the add needs no copy and its result stays
+    channels-last for the convolutions that follow."""
+    if not (self.use_linear_projection and residual.is_contiguous(memory_format=torch.channels_last)):
+        return type(self)._get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height, width,
+                                                           inner_dim)
+    out = self.proj_out(hidden_states).view(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+    return out + residual
 
 
 def _geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -104,8 +148,10 @@ def _plain_layer_norm(norm) -> bool:
 def install_fused(backbone: nn.Module) -> dict[str, int]:
     """Patches every module the kernels cover; returns how many of each kind."""
     from diffusers.models.activations import GEGLU, GELU
+    from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
     from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     done: Counter[str] = Counter()
     in_resnets = {id(m) for r in backbone.modules() if isinstance(r, ResnetBlock2D) and _resnet_fusable(r)
@@ -118,6 +164,11 @@ def install_fused(backbone: nn.Module) -> dict[str, int]:
     for module in backbone.modules():
         if isinstance(module, ResnetBlock2D) and _resnet_fusable(module):
             patch(module, _resnet_forward, "resnet group_norm+silu")
+        elif isinstance(module, BasicTransformerBlock) and _transformer_block_fusable(module):
+            patch(module, _transformer_block_forward, "transformer block add+layer_norm")
+        elif type(module) is Transformer2DModel and module.is_input_continuous:
+            module._get_output_for_continuous_inputs = types.MethodType(_transformer2d_output, module)
+            done["transformer2d channels-last output"] += 1
         elif type(module) is nn.GroupNorm and id(module) not in in_resnets:
             patch(module, _group_norm_forward, "group_norm")
         elif isinstance(module, GEGLU):

@@ -64,7 +64,8 @@ class UNetAttnProcessor:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        # Dividing by 1 (SDXL's factor) would still be a pass over the tensor and a launch.
+        return hidden_states / attn.rescale_output_factor if attn.rescale_output_factor != 1 else hidden_states
 
 
 def _qk_norm_rope(norm, x: torch.Tensor, rope, fused: bool) -> torch.Tensor:

@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Where one SDXL UNet step's GPU time goes on our fast paths, kernel by kernel, at each size asked:
+the measure before a fusion is chosen (METHOD.md: count before optimising).
+
+Per size (batch 1, random weights, synthetic preset): the step's wall time as the replica runs it
+(one CUDA graph, median of CUDA-event timings after warm-up), the number of kernels one step
+launches, the sum of their GPU times (eager, torch.profiler), and the kernels grouped by name with
+count and total time, largest first. The gap between the graph's wall time and the kernels' sum is
+time the GPU spends between kernels.
+
+    python benchmarks/unet_profile.py --sizes 1024,512 [--out-dir DIR]
+    python benchmarks/unet_profile.py --device cpu --source synthetic:tiny-sdxl --sizes 128   # a dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+for p in (REPO, REPO / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+
+from engine_bench import load_engine, write_results  # noqa: E402
+from sharding import _inputs  # noqa: E402
+
+
+def _step(unet, x: dict):
+    return lambda: unet(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"],
+                        added_cond_kwargs=x["added_cond_kwargs"]).sample
+
+
+def graphed_ms(fp, key, fn, device, calls: int = 50) -> float | None:
+    if device.type != "cuda" or fp.graphs is None:
+        return None
+    run = lambda: fp.graphs.call(key, lambda *_: fn())  # noqa: E731
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(calls):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        times.append((a, b))
+    torch.cuda.synchronize(device)
+    return statistics.median(a.elapsed_time(b) for a, b in times)
+
+
+def kernel_table(fn, device) -> tuple[int, float, list[dict]]:
+    """(kernels launched, their summed GPU ms, [{name, count, ms}] largest first) of one eager call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with profile(activities=[activity]) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    rows = {}
+    for e in prof.events():
+        if device.type == "cuda" and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = (getattr(e, "device_time", None) or getattr(e, "cuda_time", 0) or 0) if device.type == "cuda" else e.cpu_time
+        r = rows.setdefault(e.name, {"name": e.name, "count": 0, "ms": 0.0})
+        r["count"] += 1
+        r["ms"] += t / 1e3
+    table = sorted(rows.values(), key=lambda r: -r["ms"])
+    return sum(r["count"] for r in table), sum(r["ms"] for r in table), table
+
+
+def markdown(res: dict, top: int = 30) -> str:
+    lines = [f"# SDXL UNet step, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
+             f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, batch 1, fast paths on", ""]
+    for s in res["sizes"]:
+        lines += [f"## {s['size']}x{s['size']}", "",
+                  f"graphed step {s['graph_ms']:.2f} ms; eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms of kernel time"
+                  if s["graph_ms"] is not None else f"eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms", "",
+                  "| kernel | count | ms | us each |", "|---|--:|--:|--:|"]
+        for r in s["table"][:top]:
+            name = r["name"].replace("|", "/")
+            lines.append(f"| `{name[:140]}` | {r['count']} | {r['ms']:.3f} | {1e3 * r['ms'] / r['count']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--source", default="synthetic:sdxl")
+    ap.add_argument("--sizes", default="1024,512")
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    args = ap.parse_args()
+    args.vae = ""
+    model, fp = load_engine(args)
+    device = torch.device(args.device)
+    name = args.source.removeprefix("synthetic:")
+    sizes = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        x = _inputs(name, 1, size, device, model.dtype)
+        fn = _step(model.backbone, x)
+        ms = graphed_ms(fp, ("profile", size), fn, device)
+        n, kms, table = kernel_table(fn, device)
+        sizes.append({"size": size, "graph_ms": ms, "kernels": n, "kernel_ms": kms, "table": table})
+        print(f"{size}: graph {ms} ms, {n} kernels, {kms:.2f} ms", file=sys.stderr, flush=True)
+    write_results("unet_profile", args.device, {"source": args.source, "sizes": sizes}, args.out_dir, markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -173,10 +173,10 @@ def markdown(r: dict) -> str:
     o = overlap(r["rows"])
     if o:
         lines += ["", f"Overlap (1-step, cache off): one frame in flight takes {o['serial_ms']:.1f} ms end to end, "
-                  f"{o['compute_ms']:.1f} ms of it the replica's compute (host and GPU). "
+                  f"{o['compute_ms']:.1f} ms of it the frame's GPU work. "
                   + "".join(f"With {w} in flight a frame leaves every {v['interval_ms']:.1f} ms: {v['hidden']:.0%} of "
                             "the serial time hidden. " for w, v in o["by_window"].items() if w > 1)
-                  + f"At most {o['bound']:.0%} can be hidden while the compute itself stays serial."]
+                  + f"At most {o['bound']:.0%} can be hidden while frames are computed one at a time (window 3 batches two)."]
     t = r["target"]
     lines += ["", f"Target: {t['fps']:g} fps with p99 under {t['p99_ms']:g} ms (1-step, best window "
               f"{t['best_window']}): {'met' if t['met'] else 'NOT met'}.",

@@ -101,6 +101,25 @@ def test_image_to_image_with_a_graphed_encoder_matches_plain_modules(source):
     assert any(k[0] == "encode" for k in fp.graphs._graphs), "the encoder was not captured"
 
 
+def test_batches_launched_back_to_back_equal_each_run_alone():
+    """Pipeline.launch returns before the GPU is done, so the replica can prepare the next batch
+    while this one runs: three image-to-image frames launched before any is collected replay the
+    same graphs, refill the same pinned upload buffer and must each still get their own images,
+    equal to the frame computed on its own."""
+    from rtdiff_cluster import clips
+
+    _, fast, _ = pipelines("synthetic:tiny-sdxl")
+    batches = [BatchSpec(256, 256, 2, 0.0, 0.5, [FrameSpec("a lighthouse", seed=7 + i, init_image=clips.texture(256, 256, seed=i))])
+               for i in range(3)]
+    alone = [fast.run(b, ["a lighthouse"], [""])[0] for b in batches]  # also captures the graphs
+    launched = [fast.launch(b, ["a lighthouse"], [""]) for b in batches]
+    for i, (pending, want) in enumerate(zip(launched, alone)):
+        got, times = pending.result()
+        assert np.array_equal(got, want), f"frame {i} changed when launched behind the others"
+        assert times.denoise_s > 0
+    assert not np.array_equal(alone[0], alone[1])  # the frames differ, so a mix-up would show
+
+
 def test_graph_cache_drops_least_recently_used_within_its_budget():
     _, fast, fp = pipelines("synthetic:tiny-sdxl", max_graphs=2)
     for size in (256, 320, 384):

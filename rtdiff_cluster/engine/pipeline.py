@@ -110,6 +110,53 @@ def _shapes(tensors) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in tensors)
 
 
+class _Marks:
+    """Stage boundaries of one batch: CUDA events on a GPU (read once the batch is done, so that
+    the host never waits for a stage), the wall clock on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.points: dict[str, object] = {}
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.points[name] = event
+        else:
+            self.points[name] = time.perf_counter()
+
+    def wait(self) -> None:
+        if self.cuda and self.points:
+            self.points[list(self.points)[-1]].synchronize()
+
+    def seconds(self, a: str, b: str) -> float:
+        if a not in self.points or b not in self.points:
+            return 0.0
+        if self.cuda:
+            return self.points[a].elapsed_time(self.points[b]) / 1e3
+        return self.points[b] - self.points[a]
+
+
+class Launched:
+    """A batch whose work is queued on the device; result() waits for it."""
+
+    def __init__(self, images: torch.Tensor | np.ndarray | None, marks: _Marks, times: StageTimes):
+        self._images, self._marks, self._times = images, marks, times
+        self._marks.mark("done")
+
+    def result(self) -> tuple[np.ndarray | None, StageTimes]:
+        """Images [B, H, W, 3] uint8 (None when the batch was not decoded) and its stage times:
+        on a GPU the device's time between the stages' boundaries."""
+        self._marks.wait()
+        m, t = self._marks, self._times
+        t.text_encode_s = m.seconds("start", "text")
+        t.denoise_s = m.seconds("text", "denoise")
+        t.decode_s = m.seconds("denoise", "done")
+        images = self._images
+        return (images.numpy() if isinstance(images, torch.Tensor) else images), t
+
+
 class Pipeline:
     def __init__(self, model: LoadedModel, prompt_cache_size: int, graphs: GraphCache | None = None,
                  loop_graph_max_steps: int = 8):
@@ -124,12 +171,9 @@ class Pipeline:
         # Samplers whose step cannot be captured (DDIM reads the timestep on the host): their loops
         # run step by step, each backbone call still a captured graph.
         self._uncapturable_loops: set[str] = set()
-        self._pinned: dict[tuple, torch.Tensor] = {}  # input frames' host staging buffers (CUDA), by shape
+        # Input frames' pinned host staging buffers (CUDA) by shape, with the event of their last upload.
+        self._pinned: dict[tuple, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self._noise: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (seed, c, h, w) -> [1, c, h, w] on the device
-
-    def _sync(self) -> None:
-        if self.model.device.type == "cuda":
-            torch.cuda.synchronize(self.model.device)
 
     def initial_noise(self, seeds: list[int], latent_hw: tuple[int, int],
                       window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
@@ -154,27 +198,32 @@ class Pipeline:
         self._noise[key] = noise
         return noise
 
-    def _upload(self, images: list[np.ndarray]) -> torch.Tensor:
+    def _upload(self, images: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
         """Input frames as [B, H, W, 3] uint8 on the model's device. On CUDA they are staged in a
         pinned host buffer kept for the shape, so the upload is one DMA instead of a copy through
-        the driver's pageable bounce buffers. Reusing the buffer is safe: run() synchronises before
-        it returns, so the last upload from it has finished. Frames already on the device (chunk-
-        cache regions) are only stacked there."""
+        the driver's pageable bounce buffers. A buffer is refilled only once its last upload has
+        finished (its event): the batch that used it may still be running when the next one is
+        launched. Frames already on the device (chunk-cache regions) are only stacked there."""
         shape = (len(images), *images[0].shape)
         if all(isinstance(img, torch.Tensor) for img in images):
             return torch.stack([img.to(self.model.device) for img in images])
         if self.model.device.type != "cuda":
             return torch.from_numpy(np.stack(images))
-        buf = self._pinned.pop(shape, None)
+        buf, uploaded = self._pinned.pop(shape, (None, None))
         if buf is None:
             buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
             if len(self._pinned) >= PINNED_SHAPES:
                 del self._pinned[next(iter(self._pinned))]  # the least recently used shape
-        self._pinned[shape] = buf
+        elif uploaded is not None:
+            uploaded.synchronize()
         view = buf.numpy()
         for i, img in enumerate(images):
             view[i] = img
-        return buf.to(self.model.device, non_blocking=True)
+        pixels = buf.to(self.model.device, non_blocking=True)
+        uploaded = torch.cuda.Event()
+        uploaded.record()
+        self._pinned[shape] = (buf, uploaded)
+        return pixels
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return self.family.uses_cfg and guidance_scale > 1.0
@@ -191,13 +240,21 @@ class Pipeline:
             torch.cuda.synchronize(self.model.device)
             return fn(*inputs)
 
-    @torch.inference_mode()
     def run(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str],
             decode: bool = True) -> tuple[np.ndarray | None, StageTimes]:
         """Images [B, H, W, 3] uint8 (None when decode is False) and the stage times of the batch."""
+        return self.launch(batch, prompts, negative_prompts, decode).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str],
+               decode: bool = True) -> Launched:
+        """Queues the batch's GPU work and returns without waiting for it (where nothing in the
+        schedule needs a value on the host): the caller may prepare and launch the next batch
+        while this one runs, and collects this one's images with result()."""
         m, fam = self.model, self.family
         times = StageTimes()
-        t0 = time.perf_counter()
+        marks = _Marks(m.device)
+        marks.mark("start")
         n = len(batch.frames)
         cfg = self.uses_cfg(batch.guidance_scale)
         cfg_split = cfg and groups.cfg_size() == 2  # this rank computes one branch; the other rank the other
@@ -209,9 +266,7 @@ class Pipeline:
         else:
             neg, pos = self.prompts.get_many(negative_prompts, fam.encode), self.prompts.get_many(prompts, fam.encode)
             cond = tuple(torch.cat([a, b]) for a, b in zip(neg, pos))  # [2B, ...]: unconditional first
-        self._sync()
-        t1 = time.perf_counter()
-        times.text_encode_s = t1 - t0
+        marks.mark("text")
 
         scheduler = scheduler_for(batch.sampler, m.scheduler_class, m.scheduler_config)
         f = m.limits.vae_scale_factor
@@ -293,9 +348,8 @@ class Pipeline:
             images = self._graphed(key, loop_of, latents, guidance, *inputs)
             if key in self._eager_keys:
                 self._uncapturable_loops.add(batch.sampler)
-            self._sync()
-            t2 = time.perf_counter()
-            times.denoise_s = t2 - t1  # one graph: the decode's share is not separable
+            marks.mark("denoise")  # one graph: the decode's share is not separable
+            marks.mark("decode")
         else:
             stochastic = not _noise_free_step(scheduler)
             # Single-rank replicas only: each rank would decide on its own probe, and they must agree.
@@ -314,12 +368,14 @@ class Pipeline:
                     if cache is not None:
                         cache.store(probe, eps)
                 latents = scheduler.step(eps, t, latents, **step_kwargs(stochastic)).prev_sample
-            self._sync()
-            t2 = time.perf_counter()
-            times.denoise_s = t2 - t1
+            marks.mark("denoise")
             if not decode:
-                return None, times
+                return Launched(None, marks, times)
             images = self._graphed(("decode", tuple(latents.shape), h, w), decode_of, latents)
-        out = images.cpu().numpy()
-        times.decode_s = time.perf_counter() - t2
-        return out, times
+            marks.mark("decode")
+        if m.device.type != "cuda":
+            return Launched(images.numpy(), marks, times)
+        # Copied out now, in stream order: the next batch's replay of this graph overwrites its output.
+        host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+        host.copy_(images, non_blocking=True)
+        return Launched(host, marks, times)

@@ -10,8 +10,11 @@ encodes. Every rank counts its GPU's energy during batches (metrics/gpu_sampler.
 divides the replica's sum by the frames computed for joules per frame.
 
 The actor is asyncio-based: torch work runs on one compute thread (so batches execute in arrival
-order, which keeps each stream's frames in order), image encoding on a small CPU pool. With two
-batches in flight the next batch computes while the previous one encodes.
+order, which keeps each stream's frames in order), image encoding on a small CPU pool. On a
+single-GPU replica the compute thread only queues a plain batch's GPU work (Pipeline.launch) and
+moves on: the next batch's host work (its upload, noise, graph launches) overlaps this batch's
+GPU work, a waiter thread collects the images, and the encoder pool encodes them while later
+batches compute.
 
 Ray carries the control calls (start, info, warmup, stats, lifeline); batches and stream closes
 come over the link. run_batch and close_stream stay callable through Ray too, for scripts that
@@ -164,6 +167,7 @@ class EngineRank:
         self.stats_interval_s = stats_interval_s
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="rtdiff-compute")
         self.encoder = ThreadPoolExecutor(2, thread_name_prefix="rtdiff-encode")
+        self.waiter = ThreadPoolExecutor(2, thread_name_prefix="rtdiff-wait")  # collects launched batches
         self.started: asyncio.Future | None = None
         self.model = self.pipeline = self.gpu = None
         self.streams: OrderedDict[str, _StreamState] = OrderedDict()
@@ -315,11 +319,26 @@ class EngineRank:
         return chosen, cal.psnr_db, time.perf_counter() - t0
 
     def _run_plain(self, batch: BatchSpec, prompts: list[str], negatives: list[str]):
-        """On the compute thread: (images, times, steps of the schedule, their PSNR against 8 steps or 0)."""
+        """On the compute thread: (collect, seconds spent choosing the steps, steps of the schedule,
+        their PSNR against 8 steps or 0). collect() returns (images, times); on a single-GPU
+        replica it waits for GPU work that is still running, so call it off the compute thread."""
         batch, psnr_db, measuring_s = self._adapt(batch, prompts[0], negatives[0])
-        images, times = self._lead(_Work(batch, prompts, negatives))
-        times.denoise_s += measuring_s  # the frames waited for it
-        return images, times, batch.steps, psnr_db
+        if groups.layout().world > 1:  # the ranks run each batch in lockstep, to the end
+            done = self._lead(_Work(batch, prompts, negatives))
+            return (lambda: done), measuring_s, batch.steps, psnr_db
+        self.gpu.mark_batch(True)
+        try:
+            launched = self.pipeline.launch(batch, prompts, negatives)
+        except BaseException:
+            self.gpu.mark_batch(False)
+            raise
+
+        def collect():
+            try:
+                return launched.result()
+            finally:
+                self.gpu.mark_batch(False)
+        return collect, measuring_s, batch.steps, psnr_db
 
     def _cached(self, batch: BatchSpec, i: int) -> bool:
         """Whether frame i goes through its stream's chunk cache."""
@@ -367,7 +386,9 @@ class EngineRank:
         cached_runs = [(i, loop.run_in_executor(self.compute, self._run_cached, batch, i, prompts[k], negatives[k]))
                        for k, i in enumerate(keep) if cached[k]]
         if plain_run is not None:
-            images, times, plain_steps, plain_psnr = await plain_run
+            collect, measuring_s, plain_steps, plain_psnr = await plain_run
+            images, times = await loop.run_in_executor(self.waiter, collect)
+            times.denoise_s += measuring_s  # the frames waited for it
             pixels.update((keep[k], img) for k, img in zip(plain, images))
             applied.update((keep[k], (plain_steps, plain_psnr, 0.0, times.steps_reused)) for k in plain)
             text_s, denoise_s, decode_s = times.text_encode_s, times.denoise_s, times.decode_s

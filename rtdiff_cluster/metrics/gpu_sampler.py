@@ -39,7 +39,7 @@ class GpuSampler:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._marks: queue.SimpleQueue = queue.SimpleQueue()
-        self.batch_energy_joules = 0.0  # summed over batches, start to end mark
+        self.batch_energy_joules = 0.0  # summed over the periods with at least one batch in flight
         if device.type != "cuda":
             self.disabled_reason = f"the replica runs on {device.type}, so there is no GPU to sample"
             return
@@ -103,17 +103,22 @@ class GpuSampler:
             self._marks.put(started)
 
     def _read_marks(self) -> None:
-        start = None
+        # Batches overlap (the next one is launched while the last one's GPU work runs): energy is
+        # counted while at least one is in flight, from the first start to the last end.
+        start, active = None, 0
         while not self._stop.is_set():
             started = self._marks.get()
+            active = active + 1 if started else max(0, active - 1)
+            if started and active > 1:
+                continue
             try:
                 now = self._energy()
-            except Exception:  # a transient NVML error loses one batch's energy, nothing more
+            except Exception:  # a transient NVML error loses one busy period's energy, nothing more
                 start = None
                 continue
             if started:
                 start = now
-            elif start is not None:
+            elif active == 0 and start is not None:
                 with self._lock:
                     self.batch_energy_joules += now - start
                 start = None

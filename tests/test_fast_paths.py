@@ -73,7 +73,7 @@ def test_fused_kernels_match_diffusers_modules(model):
     ours = copy.deepcopy(model.backbone)
     done = install_fused(ours)
     expected = ({"resnet group_norm+silu", "geglu", "group_norm", "transformer block add+layer_norm",
-                 "transformer2d channels-last output"} if model.kind == "sdxl"
+                 "transformer2d channels-last output", "transformer2d chained blocks"} if model.kind == "sdxl"
                 else {"linear+gelu_tanh", "adaln_zero", "adaln_continuous"})
     assert expected <= set(done), done
     assert_close(backbone_output(model, ours), backbone_output(model, model.backbone), "fused modules")

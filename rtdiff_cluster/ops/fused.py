@@ -5,7 +5,8 @@ the same thing through the kernel:
     ResnetBlock2D (UNet)      GroupNorm -> SiLU, twice per block, as one kernel each
     GroupNorm elsewhere       (in front of UNet transformers, the output head) the same kernel
     BasicTransformerBlock     residual add -> LayerNorm before the cross-attention and before
-      (UNet)                  the feed-forward, as one kernel each
+      (UNet)                  the feed-forward, as one kernel each; inside a Transformer2DModel
+                              also the feed-forward's add with the next block's norm1
     Transformer2DModel (UNet) proj_out's tokens go back to the residual's channels-last layout
                               as a view; diffusers makes them NCHW-contiguous, which cost a copy,
                               a strided add and a conversion back in front of the next convolution
@@ -59,23 +60,56 @@ def _resnet_fusable(block) -> bool:
             and isinstance(block.norm1, nn.GroupNorm) and isinstance(block.norm2, nn.GroupNorm))
 
 
+def _block_chain(block, h, pending, encoder_hidden_states, attention_mask=None, encoder_attention_mask=None):
+    """diffusers' BasicTransformerBlock (norm_type="layer_norm": self-attention, cross-attention,
+    feed-forward, each pre-normed with a residual add) with each residual add fused into the norm
+    that follows it. Returns (h, ff): the block's output is ff + h, an add left to the next block's
+    norm1 (or to the caller). pending: the previous block's ff, or None."""
+    from rtdiff_kernels.add_layer_norm import add_layer_norm
+
+    if pending is None:
+        normed = block.norm1(h)
+    else:
+        h, normed = add_layer_norm(pending, h, block.norm1.weight, block.norm1.bias, block.norm1.eps)
+    attn = block.attn1(normed, attention_mask=attention_mask)  # [B, L, C]
+    h, normed = add_layer_norm(attn, h, block.norm2.weight, block.norm2.bias, block.norm2.eps)
+    attn = block.attn2(normed, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
+    h, normed = add_layer_norm(attn, h, block.norm3.weight, block.norm3.bias, block.norm3.eps)
+    return h, block.ff(normed)
+
+
 def _transformer_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                                encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
                                class_labels=None, added_cond_kwargs=None):
-    """diffusers' BasicTransformerBlock.forward for norm_type="layer_norm" (self-attention,
-    cross-attention, feed-forward, each pre-normed with a residual add), the add in front of
-    norm2 and norm3 fused with the norm. Calls with cross_attention_kwargs (GLIGEN, LoRA scales)
-    take diffusers' forward."""
+    """diffusers' BasicTransformerBlock.forward through _block_chain. Calls with
+    cross_attention_kwargs (GLIGEN, LoRA scales) take diffusers' forward."""
     if cross_attention_kwargs or hidden_states.dim() != 3:
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
-    from rtdiff_kernels.add_layer_norm import add_layer_norm
+    h, ff = _block_chain(self, hidden_states, None, encoder_hidden_states, attention_mask, encoder_attention_mask)
+    return ff + h
 
-    attn = self.attn1(self.norm1(hidden_states), attention_mask=attention_mask)  # [B, L, C]
-    h, normed = add_layer_norm(attn, hidden_states, self.norm2.weight, self.norm2.bias, self.norm2.eps)
-    attn = self.attn2(normed, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
-    h, normed = add_layer_norm(attn, h, self.norm3.weight, self.norm3.bias, self.norm3.eps)
-    return self.ff(normed) + h
+
+def _transformer2d_forward(self, hidden_states, encoder_hidden_states=None, timestep=None, added_cond_kwargs=None,
+                           class_labels=None, cross_attention_kwargs=None, attention_mask=None,
+                           encoder_attention_mask=None, return_dict=True):
+    """diffusers' Transformer2DModel.forward for continuous inputs whose blocks all fuse: each
+    block's last residual add goes into the next block's norm1 (_block_chain). Masks, extra
+    attention kwargs and gradient checkpointing take diffusers' forward."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    if (cross_attention_kwargs or attention_mask is not None or encoder_attention_mask is not None
+            or (torch.is_grad_enabled() and self.gradient_checkpointing)):
+        return type(self).forward(self, hidden_states, encoder_hidden_states, timestep, added_cond_kwargs, class_labels,
+                                  cross_attention_kwargs, attention_mask, encoder_attention_mask, return_dict)
+    batch, _, height, width = hidden_states.shape
+    residual = hidden_states
+    h, inner_dim = self._operate_on_continuous_inputs(hidden_states)  # [B, H*W, C]
+    ff = None
+    for block in self.transformer_blocks:
+        h, ff = _block_chain(block, h, ff, encoder_hidden_states)
+    out = self._get_output_for_continuous_inputs(ff + h, residual, batch, height, width, inner_dim)
+    return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
 def _transformer_block_fusable(block) -> bool:
@@ -169,6 +203,9 @@ def install_fused(backbone: nn.Module) -> dict[str, int]:
         elif type(module) is Transformer2DModel and module.is_input_continuous:
             module._get_output_for_continuous_inputs = types.MethodType(_transformer2d_output, module)
             done["transformer2d channels-last output"] += 1
+            if len(module.transformer_blocks) and all(isinstance(b, BasicTransformerBlock) and _transformer_block_fusable(b)
+                                                      for b in module.transformer_blocks):
+                patch(module, _transformer2d_forward, "transformer2d chained blocks")
         elif type(module) is nn.GroupNorm and id(module) not in in_resnets:
             patch(module, _group_norm_forward, "group_norm")
         elif isinstance(module, GEGLU):

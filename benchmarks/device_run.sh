@@ -9,6 +9,7 @@
 #   stream-cache  benchmarks/stream_cache.py (SDXL 1024, tiny VAE: the chunk cache's speed and fidelity)
 #   knobs         benchmarks/knobs.py (SDXL 1024, tiny VAE: samplers x steps, fp8, adaptive steps vs the exact pipeline)
 #   stream-serving  benchmarks/stream_serving.py (live 1024 streams through the gateway: 1-step fps/p99, governor)
+#   unet-profile  benchmarks/unet_profile.py (an SDXL step's kernels one by one at 1024, 512 and 384)
 # Run from the repo root on the device machine with .whl carried (../shared/tools/device-wheels.sh
 # grpcio==1.85.1 protobuf==7.36.2). Results land in $OUT.
 set -uo pipefail
@@ -39,6 +40,8 @@ for part in $parts; do
     knobs) timeout 540 python3 benchmarks/knobs.py --device cuda --runs 5 --out-dir "$OUT" 2>&1 | tee "$OUT/knobs.log" ;;
     stream-serving) timeout 580 python3 benchmarks/stream_serving.py --device cuda --frames 240 --out-dir "$OUT" 2>&1 \
       | grep -v WARNING | tee "$OUT/stream_serving.log" ;;
+    unet-profile) timeout 300 python3 benchmarks/unet_profile.py --sizes 1024,512,384 --out-dir "$OUT" 2>&1 \
+      | grep -v "^USDT" | tee "$OUT/unet_profile.log" ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -10,6 +10,10 @@ time the GPU spends between kernels.
 
     python benchmarks/unet_profile.py --sizes 1024,512 [--out-dir DIR]
     python benchmarks/unet_profile.py --device cpu --source synthetic:tiny-sdxl --sizes 128   # a dry run
+
+On a CPU the rows are PyTorch's operators, nested ones included (aten::conv2d and the
+aten::convolution inside it), so counts and times overlap: the dry run checks the script, not a
+step.
 """
 
 from __future__ import annotations

@@ -51,3 +51,12 @@ def test_stream_serving_runs_every_case_through_the_cli(tmp_path):
     assert all(row["frames"] == 6 and row["fps"] > 0 for row in r["rows"])
     governed = r["rows"][-1]
     assert governed["target_fps"] > 0 and governed["steps_min"] >= governed["min_steps"]
+
+
+def test_unet_profile_lists_the_step_kernels_by_size(tmp_path):
+    r = run("unet_profile.py", tmp_path, "--device", "cpu", "--source", "synthetic:tiny-sdxl", "--sizes", "64,128")
+    assert [s["size"] for s in r["sizes"]] == [64, 128]
+    for s in r["sizes"]:
+        assert s["kernels"] == sum(row["count"] for row in s["table"]) > 0
+        assert math.isclose(s["kernel_ms"], sum(row["ms"] for row in s["table"]), rel_tol=1e-6)
+        assert [row["ms"] for row in s["table"]] == sorted((row["ms"] for row in s["table"]), reverse=True)

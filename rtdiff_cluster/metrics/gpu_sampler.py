@@ -109,7 +109,7 @@ class GpuSampler:
         while not self._stop.is_set():
             started = self._marks.get()
             active = active + 1 if started else max(0, active - 1)
-            if started and active > 1:
+            if active > (1 if started else 0):  # inside a busy period: no counter read needed
                 continue
             try:
                 now = self._energy()

@@ -9,7 +9,7 @@ import pytest
 from conftest import FINE_CHUNKS
 from rtdiff_cluster import clips
 from rtdiff_cluster.client.client import FrameWindow, RtdiffClient, image_pixels
-from rtdiff_cluster.gateway.governor import PATIENCE, FrameRateGovernor, GovernorLimits, Rung, ladder
+from rtdiff_cluster.gateway.governor import PATIENCE, SIZE_WARMUP, FrameRateGovernor, GovernorLimits, Rung, ladder
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
 
 RAW = pb.IMAGE_FORMAT_RAW_RGB8
@@ -56,6 +56,34 @@ def test_governor_degrades_one_rung_per_change_and_recovers_with_headroom():
     for _ in range(PATIENCE):
         g.observe(0.01, g.settings(lim)[2])
     assert g.settings(lim)[0] == Rung(2, None)
+
+
+def test_failed_steps_back_need_longer_calm_and_new_sizes_warm_up_unjudged():
+    g = FrameRateGovernor()
+    lim = limits(max_cache_threshold=0.0, min_steps=3)  # rungs: 4 steps, 3 steps
+    observe = lambda latency: g.observe(latency, g.settings(lim)[2])  # noqa: E731
+    observe(0.25)
+    assert g.settings(lim)[0] == Rung(3, None)
+    for _ in range(PATIENCE):
+        observe(0.01)
+    assert g.settings(lim)[0] == Rung(4, None)  # stepped back...
+    observe(0.25)
+    assert g.settings(lim)[0] == Rung(3, None)  # ...and it did not hold:
+    for _ in range(2 * PATIENCE - 1):  # the next step back waits twice as long
+        observe(0.01)
+    assert g.settings(lim)[0] == Rung(3, None) and g.patience == 2 * PATIENCE
+    observe(0.01)
+    assert g.settings(lim)[0] == Rung(4, None)
+
+    g = FrameRateGovernor()
+    lim = limits(max_cache_threshold=0.0, min_steps=4, min_scale=0.5)  # rungs: full size, 3/4, 1/2
+    observe(0.25)
+    assert g.settings(lim)[0].scale == 0.75
+    for _ in range(SIZE_WARMUP):  # the new size's first frames (a capture, a whole frame) are not judged
+        observe(5.0)
+    assert g.settings(lim)[0].scale == 0.75
+    observe(0.25)
+    assert g.settings(lim)[0].scale == 0.5
 
 
 # ---- through the server ---------------------------------------------------------------------
@@ -165,8 +193,29 @@ def test_step_cache_through_the_server_reports_the_steps_it_reused(gateway):
 
 def test_governor_shrinks_the_computed_size_last_and_returns_the_asked_size(gateway):
     # Out of reach again, with one rung of steps and none of threshold: 4 -> 3 steps, then the frame
-    # computed at 3/4 and 1/2 of 256 (192, 128); every image still comes back 256x256.
-    out = stream_one_in_flight(gateway, 6, target_fps=1000, min_steps=3, min_scale=0.5, cache_threshold=-1)
+    # computed at 3/4 and 1/2 of 256 (192, 128), each new size's first SIZE_WARMUP frames unjudged;
+    # every image still comes back 256x256.
+    out = stream_one_in_flight(gateway, 9, target_fps=1000, min_steps=3, min_scale=0.5, cache_threshold=-1)
     computed = [(r.applied.steps, r.applied.width) for r in out]
-    assert computed[:4] == [(4, 256), (3, 256), (3, 192), (3, 128)] and computed[-1] == (3, 128)
+    at_192 = [(3, 192)] * (SIZE_WARMUP + 1)
+    assert computed[:3 + SIZE_WARMUP] == [(4, 256), (3, 256)] + at_192 and computed[-1] == (3, 128)
     assert all(image_pixels(r.image).shape == (SIZE, SIZE, 3) for r in out)
+
+
+def test_device_resize_of_a_smaller_computed_frame_matches_the_host_resize():
+    """A plain frame computed at a governor's smaller size comes back at its asked size, resampled
+    where it was computed; the host's PIL bilinear is the reference (rounding differs by a level)."""
+    from rtdiff_cluster import fidelity, imaging
+    from rtdiff_cluster.config import ModelConfig
+    from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
+    from rtdiff_cluster.models.registry import load_model
+
+    pipe = Pipeline(load_model(ModelConfig(source="synthetic:tiny-sdxl", device="cpu")), 4)
+    for out_size in ((96, 80), (48, 40)):  # up and down from the computed 64x64
+        batch = BatchSpec(64, 64, 2, 0.0, 0.0, [FrameSpec("a fox", seed=3, output_size=out_size)])
+        small, _ = pipe.run(batch, ["a fox"], [""])
+        resized, _ = pipe.launch(batch, ["a fox"], [""], resize_output=True).result()
+        assert small.shape == (1, 64, 64, 3) and resized.shape == (1, out_size[1], out_size[0], 3)
+        want = imaging.resize(small[0], *out_size)
+        assert np.abs(resized[0].astype(int) - want.astype(int)).max() <= 3
+        assert fidelity.psnr(resized[0], want) >= 45.0

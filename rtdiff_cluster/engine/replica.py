@@ -328,7 +328,7 @@ class EngineRank:
             return (lambda: done), measuring_s, batch.steps, psnr_db
         self.gpu.mark_batch(True)
         try:
-            launched = self.pipeline.launch(batch, prompts, negatives)
+            launched = self.pipeline.launch(batch, prompts, negatives, resize_output=True)
         except BaseException:
             self.gpu.mark_batch(False)
             raise

@@ -10,6 +10,15 @@ PATIENCE frames in a row take under HEADROOM of it, it steps back down. Only fra
 the last change are judged, so frames already in flight under the old settings do not trigger a
 second change (no overshoot).
 
+Two guards against oscillation, which a live stream showed between the size rungs (16 fps and a
+1.3 s p99 on the H200, benchmarks/NOTES.md):
+  - the first SIZE_WARMUP frames at a new computed size are not judged: each pays a CUDA graph
+    capture for its shape and restarts the stream's chunk cache with a whole frame, so their
+    latency says nothing about the rung;
+  - a step back that fails (the next change climbs again) doubles the calm frames the next step
+    back needs, up to MAX_PATIENCE; a step back that holds (the next change is another step back)
+    resets it.
+
 Latency here is the gateway's total for the frame (admission to answer), so a replica shared with
 other streams, which makes frames queue, counts as falling behind too.
 """
@@ -20,6 +29,8 @@ from dataclasses import dataclass
 
 HEADROOM = 0.7  # step back down only when frames take under 70% of the interval...
 PATIENCE = 3  # ...for this many frames in a row
+MAX_PATIENCE = 48  # the most calm frames a step back can come to need after failed ones
+SIZE_WARMUP = 2  # frames not judged after a change of the computed size
 SMOOTHING = 0.5  # weight of the newest frame in the latency average
 
 
@@ -69,6 +80,9 @@ class FrameRateGovernor:
         self.latency_s: float | None = None  # smoothed, over frames of the current epoch
         self._calm = 0
         self.changes = 0
+        self.patience = PATIENCE  # calm frames the next step back needs
+        self._unjudged = 0  # frames of this epoch still to pass before judging (a new size warming up)
+        self._last_move = 0
 
     def settings(self, limits: GovernorLimits) -> tuple[Rung, bool, int]:
         """The rung for a frame about to be admitted, whether it differs from what the frame asked,
@@ -83,6 +97,9 @@ class FrameRateGovernor:
         """A frame's latency, measured when it was answered."""
         if self.limits is None or epoch != self.epoch:
             return
+        if self._unjudged > 0:
+            self._unjudged -= 1
+            return
         self.latency_s = latency_s if self.latency_s is None else (
             SMOOTHING * latency_s + (1 - SMOOTHING) * self.latency_s)
         interval = 1.0 / self.limits.target_fps
@@ -90,14 +107,21 @@ class FrameRateGovernor:
             self._move(+1)
         elif latency_s < HEADROOM * interval and self.level > 0:
             self._calm += 1
-            if self._calm >= PATIENCE:
+            if self._calm >= self.patience:
                 self._move(-1)
         else:
             self._calm = 0
 
     def _move(self, by: int) -> None:
+        if by > 0 and self._last_move < 0:  # the last step back did not hold
+            self.patience = min(2 * self.patience, MAX_PATIENCE)
+        elif by < 0 and self._last_move < 0:  # it did: the next one needs no more than usual
+            self.patience = PATIENCE
+        scale = self.rungs[self.level].scale
         self.level += by
         self.epoch += 1
         self.latency_s = None
         self._calm = 0
         self.changes += 1
+        self._last_move = by
+        self._unjudged = SIZE_WARMUP if self.rungs[self.level].scale != scale else 0

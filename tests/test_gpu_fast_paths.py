@@ -120,6 +120,22 @@ def test_batches_launched_back_to_back_equal_each_run_alone():
     assert not np.array_equal(alone[0], alone[1])  # the frames differ, so a mix-up would show
 
 
+def test_pinned_uploads_reuse_a_buffer_only_after_its_last_upload():
+    """Back-to-back uploads of one shape share a pinned buffer: each must arrive intact, and a
+    new shape beyond the bound evicts the least recently used one."""
+    from rtdiff_cluster.pinned import PinnedUploads
+
+    rng = np.random.default_rng(0)
+    up = PinnedUploads("cuda", max_shapes=1)
+    frames = [rng.integers(0, 256, (512, 512, 3), dtype=np.uint8) for _ in range(4)]
+    on_device = [up.upload([f]) for f in frames]
+    for f, d in zip(frames, on_device):
+        assert np.array_equal(d.cpu().numpy()[0], f)
+    assert up.nbytes == frames[0].nbytes
+    up.upload([frames[0][:256]])
+    assert up.nbytes == frames[0][:256].nbytes
+
+
 def test_graph_cache_drops_least_recently_used_within_its_budget():
     _, fast, fp = pipelines("synthetic:tiny-sdxl", max_graphs=2)
     for size in (256, 320, 384):

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rtdiff_cluster.pinned import PinnedUploads
+
 # Frames decoded from a request are read-only arrays; the cache never writes into them (commit builds
 # new tensors), so PyTorch's warning about wrapping non-writable arrays does not apply. Set once
 # here: warnings.catch_warnings() per frame would race with the replica's other threads.
@@ -113,35 +115,18 @@ class StreamFrameCache:
         self.device = torch.device(device)
         self.ref_input: torch.Tensor | None = None  # per chunk: the input it was last computed from
         self.output: np.ndarray | None = None
-        # CUDA: the frame is staged in pinned memory, so its upload is one DMA rather than a copy
-        # through the driver's pageable buffers (0.5-1 ms for a 1024 frame); the event says when
-        # the last upload from it is done and it may be overwritten.
-        self._staging: torch.Tensor | None = None
-        self._staged: torch.cuda.Event | None = None
+        self._uploads = PinnedUploads(self.device, 1)  # the frame, uploaded to measure its changes
 
     @property
     def nbytes(self) -> int:
         n = self.ref_input.numel() if self.ref_input is not None else 0
-        n += self._staging.numel() if self._staging is not None else 0
+        n += self._uploads.nbytes
         return n + (self.output.nbytes if self.output is not None else 0)
-
-    def _upload(self, new: np.ndarray) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return torch.from_numpy(new).to(self.device)
-        if self._staging is None or tuple(self._staging.shape) != new.shape:
-            self._staging, self._staged = torch.empty(new.shape, dtype=torch.uint8, pin_memory=True), None
-        if self._staged is not None:
-            self._staged.synchronize()
-        self._staging.numpy()[...] = new
-        frame = self._staging.to(self.device, non_blocking=True)
-        self._staged = torch.cuda.Event()
-        self._staged.record()
-        return frame
 
     def plan(self, new: np.ndarray, s: CacheSettings) -> Plan:
         h, w = new.shape[:2]
         grid = (-(-h // s.chunk_px), -(-w // s.chunk_px))
-        frame = self._upload(new)
+        frame = self._uploads.upload([new])[0]
         if self.ref_input is None or tuple(self.ref_input.shape) != new.shape:
             return Plan("full", np.ones(grid, dtype=bool), frame=frame)
         changed = _chunk_change(frame, self.ref_input, s.chunk_px) > s.threshold

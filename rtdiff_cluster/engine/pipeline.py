@@ -31,6 +31,7 @@ from rtdiff_cluster.engine.samplers import scheduler_for
 from rtdiff_cluster.engine.step_cache import StepCache
 from rtdiff_cluster.models.base import LoadedModel
 from rtdiff_cluster.parallel import groups
+from rtdiff_cluster.pinned import PinnedUploads
 
 log = logging.getLogger("rtdiff.pipeline")
 
@@ -135,9 +136,9 @@ class _Marks:
         else:
             self.points[name] = time.perf_counter()
 
-    def wait(self) -> None:
-        if self.cuda and self.points:
-            self.points[list(self.points)[-1]].synchronize()
+    def wait(self, name: str) -> None:
+        if self.cuda:
+            self.points[name].synchronize()
 
     def seconds(self, a: str, b: str) -> float:
         if a not in self.points or b not in self.points:
@@ -157,7 +158,7 @@ class Launched:
     def result(self) -> tuple[np.ndarray | None, StageTimes]:
         """Images [B, H, W, 3] uint8 (None when the batch was not decoded) and its stage times:
         on a GPU the device's time between the stages' boundaries."""
-        self._marks.wait()
+        self._marks.wait("done")
         m, t = self._marks, self._times
         t.text_encode_s = m.seconds("start", "text")
         t.denoise_s = m.seconds("text", "denoise")
@@ -180,8 +181,7 @@ class Pipeline:
         # Samplers whose step cannot be captured (DDIM reads the timestep on the host): their loops
         # run step by step, each backbone call still a captured graph.
         self._uncapturable_loops: set[str] = set()
-        # Input frames' pinned host staging buffers (CUDA) by shape, with the event of their last upload.
-        self._pinned: dict[tuple, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self._uploads = PinnedUploads(model.device, PINNED_SHAPES)  # input frames' staging buffers
         self._noise: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (seed, c, h, w) -> [1, c, h, w] on the device
 
     def initial_noise(self, seeds: list[int], latent_hw: tuple[int, int],
@@ -208,31 +208,12 @@ class Pipeline:
         return noise
 
     def _upload(self, images: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
-        """Input frames as [B, H, W, 3] uint8 on the model's device. On CUDA they are staged in a
-        pinned host buffer kept for the shape, so the upload is one DMA instead of a copy through
-        the driver's pageable bounce buffers. A buffer is refilled only once its last upload has
-        finished (its event): the batch that used it may still be running when the next one is
-        launched. Frames already on the device (chunk-cache regions) are only stacked there."""
-        shape = (len(images), *images[0].shape)
+        """Input frames as [B, H, W, 3] uint8 on the model's device, through pinned staging
+        buffers (rtdiff_cluster/pinned.py). Frames already on the device (chunk-cache regions)
+        are only stacked there."""
         if all(isinstance(img, torch.Tensor) for img in images):
             return torch.stack([img.to(self.model.device) for img in images])
-        if self.model.device.type != "cuda":
-            return torch.from_numpy(np.stack(images))
-        buf, uploaded = self._pinned.pop(shape, (None, None))
-        if buf is None:
-            buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-            if len(self._pinned) >= PINNED_SHAPES:
-                del self._pinned[next(iter(self._pinned))]  # the least recently used shape
-        elif uploaded is not None:
-            uploaded.synchronize()
-        view = buf.numpy()
-        for i, img in enumerate(images):
-            view[i] = img
-        pixels = buf.to(self.model.device, non_blocking=True)
-        uploaded = torch.cuda.Event()
-        uploaded.record()
-        self._pinned[shape] = (buf, uploaded)
-        return pixels
+        return self._uploads.upload(images)
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return self.family.uses_cfg and guidance_scale > 1.0
@@ -346,7 +327,7 @@ class Pipeline:
         shapes = (_shapes((latents, *inputs)), mode, h, w)  # what a captured step depends on
         whole_loop = (decode and self.graphs is not None and mode != "split" and len(timesteps) <= self.loop_graph_max_steps
                       and _noise_free_step(scheduler) and batch.sampler not in self._uncapturable_loops
-                  and batch.step_cache <= 0)  # the step cache decides on the host between steps
+                      and batch.step_cache <= 0)  # the step cache decides on the host between steps
         if whole_loop:
             template = scheduler
 
@@ -362,8 +343,7 @@ class Pipeline:
             images = self._graphed(key, loop_of, latents, guidance, *inputs)
             if key in self._eager_keys:
                 self._uncapturable_loops.add(batch.sampler)
-            marks.mark("denoise")  # one graph: the decode's share is not separable
-            marks.mark("decode")
+            marks.mark("denoise")  # one graph: the decode's share is not separable (decode_s is the copy out)
         else:
             stochastic = not _noise_free_step(scheduler)
             # Single-rank replicas only: each rank would decide on its own probe, and they must agree.
@@ -386,7 +366,6 @@ class Pipeline:
             if not decode:
                 return Launched(None, marks, times)
             images = self._graphed(("decode", tuple(latents.shape), h, w), decode_of, latents)
-            marks.mark("decode")
         sizes = {fr.output_size for fr in batch.frames}
         if resize_output and len(sizes) == 1 and None not in sizes and sizes != {(batch.width, batch.height)}:
             images = resize_images(images, *sizes.pop())

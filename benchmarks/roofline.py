@@ -290,7 +290,10 @@ def part_frame(ctx: Ctx, plain, fast, fp, source: str, compiled_unet, fp8: bool)
     tiny = make_tiny()
     fast_tiny = make_tiny()
     fast_tiny.load_state_dict(tiny.state_dict())
-    if ctx.device.type == "cuda":
+    if ctx.device.type == "cuda":  # as engine/fastpaths.py prepares a tiny VAE
+        from rtdiff_cluster.ops.fused import install_fused
+
+        install_fused(fast_tiny)
         fast_tiny.to(memory_format=torch.channels_last)
     groups.init_single(ctx.device)
     eager_pipe = Pipeline(dataclasses.replace(plain, vae=tiny), 4)
@@ -360,6 +363,9 @@ def part_vae(ctx: Ctx) -> None:
             from rtdiff_cluster.engine.graphs import GraphCache
 
             if name == "tiny VAE":  # what engine/fastpaths.py does: the KL VAE stays as loaded, in a graph
+                from rtdiff_cluster.ops.fused import install_fused
+
+                install_fused(ours_vae)
                 ours_vae.to(memory_format=torch.channels_last)
             graphs = GraphCache(ctx.device, 4, 1 << 40)
             run = _graph(graphs, name, lambda x: ours_vae.decode(x).sample, z)

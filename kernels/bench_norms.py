@@ -8,7 +8,8 @@ bench_us: median of do_bench over the replays), as our captured steps run them. 
 floor uses the copy bandwidth measured in the same run (a 1 GiB tensor `.copy_`, 2 bytes moved
 per byte copied):
   group_norm_silu       floor bytes = 3 * numel * itemsize (read x twice - statistics, then
-                        normalise - and write y once; see the kernel's docstring)
+                        normalise - and write y once; see the kernel's docstring); the same
+                        with a per-channel offset added first (a resnet's time embedding)
   layer_norm_modulate   floor bytes = 2 * numel * itemsize + shift and scale (read x, write y)
   add_layer_norm        floor bytes = 4 * numel * itemsize (read x and the residual, write the
                         sum and its norm); also at a 384x384 chunk-cache region's shape, where
@@ -36,6 +37,7 @@ except ImportError:  # run as a script from a checkout without the editable inst
     from group_norm_silu import group_norm_silu, group_norm_silu_reference
 
 GN_SHAPES = [(2, 320, 128, 128), (2, 640, 64, 64), (2, 1280, 32, 32), (2, 640, 128, 128), (2, 2560, 32, 32)]
+GN_OFFSET_SHAPES = [(1, 320, 128, 128), (1, 1280, 32, 32)]
 GN_GROUPS, GN_EPS = 32, 1e-5
 LN_SHAPES = [(1, 4096, 3072), (1, 512, 3072)]
 LN_EPS = 1e-6
@@ -90,6 +92,21 @@ def main() -> int:
                             ours, eager, comp, err))
             print(f"  gn {shape} {layout}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
             del x
+
+    # A resnet's norm2 with its time-embedding add folded in (batch 1, channels-last, as served);
+    # the peers run the reference, which adds first.
+    for shape in GN_OFFSET_SHAPES:
+        x = torch.randn(shape, device="cuda", dtype=DTYPE).to(memory_format=torch.channels_last)
+        w, b = torch.randn(shape[1], device="cuda", dtype=DTYPE), torch.randn(shape[1], device="cuda", dtype=DTYPE)
+        t = torch.randn(shape[0], shape[1], device="cuda", dtype=DTYPE)
+        call = (x, GN_GROUPS, w, b, GN_EPS, True, t)
+        err = max_err(group_norm_silu(*call),
+                      group_norm_silu_reference(x.float(), GN_GROUPS, w.float(), b.float(), GN_EPS, True, t.float()))
+        ours, eager, comp = time_peers(lambda: group_norm_silu(*call), lambda: group_norm_silu_reference(*call),
+                                       compiled_gn and (lambda: compiled_gn(*call)))
+        rows.append(row("group_norm_silu+offset", shape, "channels_last", 3 * x.numel() * x.element_size(), peak,
+                        ours, eager, comp, err))
+        del x
 
     for shape in LN_SHAPES:
         t0 = time.monotonic()

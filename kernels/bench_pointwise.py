@@ -1,4 +1,4 @@
-"""Micro-benchmark: rms_norm_rope, geglu and linear_gelu_tanh against eager PyTorch and
+"""Micro-benchmark: rms_norm_rope, geglu, linear_gelu_tanh and upsample_nearest against eager PyTorch and
 torch.compile of the same reference, at Flux / SDXL 1024x1024 shapes (bf16).
 
     python kernels/bench_pointwise.py --out pointwise.json [--no-compile]
@@ -9,6 +9,8 @@ Floors, measured on the same device in the same run:
   memory-bound kernels: floor bytes / copy bandwidth (a 1 GiB `.copy_`, 2 bytes moved per byte)
     rms_norm_rope     read x + write out + cos/sin rows once + weight
     geglu             read h [.., 2N] + write out [.., N]
+    upsample_nearest  read x once + write the S*S times larger output (tiny VAE decoder at 1024,
+                      SDXL UNet's last upsampling; channels-last, as served)
   linear_gelu_tanh: 2*M*N*K FLOPs / the bf16 matmul rate of torch.mm at 8192^3 (reported in TFLOP/s)
 `ours_over_eager` / `ours_over_compiled` are time ratios: below 1 means ours is faster.
 """
@@ -26,14 +28,17 @@ from rtdiff_kernels._bench import bench_args, compile_per_shape, copy_bandwidth,
 try:
     from rtdiff_kernels.activations import geglu, geglu_reference, linear_gelu_tanh, linear_gelu_tanh_reference
     from rtdiff_kernels.rms_norm_rope import rms_norm_rope, rms_norm_rope_reference
+    from rtdiff_kernels.upsample_nearest import upsample_nearest, upsample_nearest_reference
 except ImportError:  # run as a script from a checkout without the editable install: kernels/ is on sys.path
     from activations import geglu, geglu_reference, linear_gelu_tanh, linear_gelu_tanh_reference
     from rms_norm_rope import rms_norm_rope, rms_norm_rope_reference
+    from upsample_nearest import upsample_nearest, upsample_nearest_reference
 
 DTYPE = torch.bfloat16
 FLUX_QK = (1, 4608, 24, 128)  # 4096 image + 512 text tokens, 24 heads of 128
 GEGLU_SHAPES = [(2, 4096, 10240), (2, 1024, 20480)]  # SDXL FF at 64x64 and 32x32 latents
 FLUX_FF = (4096, 3072, 12288)  # M tokens, K, N
+UPSAMPLE_SHAPES = [(1, 64, 512, 512), (1, 64, 256, 256), (1, 640, 64, 64)]  # tiny VAE's last two; SDXL's last
 
 
 def measure(kernel, shape, unit, work, ceiling, ours, eager, compiled, ref32) -> dict:
@@ -72,7 +77,8 @@ def main() -> int:
     compiled = {}
     if not args.no_compile:
         compiled = {fn.__name__: compile_per_shape(fn)
-                    for fn in (rms_norm_rope_reference, geglu_reference, linear_gelu_tanh_reference)}
+                    for fn in (rms_norm_rope_reference, geglu_reference, linear_gelu_tanh_reference,
+                               upsample_nearest_reference)}
 
     def comp(name, *a):
         return (lambda: compiled[name](*a)) if name in compiled else None
@@ -104,6 +110,13 @@ def main() -> int:
             rows.append(measure("geglu", list(shape), "GB/s", work, bandwidth, lambda: geglu(hh),
                                 lambda: geglu_reference(hh), comp("geglu_reference", hh), ref32))
             print(f"  geglu {shape}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+
+        for shape in UPSAMPLE_SHAPES:
+            xu = torch.randn(shape, device="cuda", dtype=DTYPE).to(memory_format=torch.channels_last)
+            work = xu.numel() * xu.element_size() * 5  # read once, write 4x
+            rows.append(measure("upsample_nearest x2", list(shape), "GB/s", work, bandwidth,
+                                lambda: upsample_nearest(xu, 2), lambda: upsample_nearest_reference(xu, 2),
+                                comp("upsample_nearest_reference", xu, 2), upsample_nearest_reference(xu.float(), 2)))
 
         t0 = time.monotonic()
         m, k, n = FLUX_FF

@@ -24,6 +24,12 @@ walks the chunks in reverse order to meet the most recently read ones first. Par
 KB. Eager GroupNorm (statistics pass + normalise pass) followed by SiLU moves ~5 * numel *
 itemsize.
 
+An optional per-(sample, channel) offset t, added to x before the norm, is folded in: it moves
+each channel's mean (the stats kernel adds it to the channel means before merging them into
+groups; the spread within a channel does not change) and enters the apply kernel's per-channel
+shift. This is a UNet resnet's time-embedding add (hidden + temb[:, :, None, None] in front of
+norm2), which eagerly is one more broadcast pass over the tensor.
+
 Layouts: contiguous (NCHW) and channels_last are both handled through strides (element (n, c, hw)
 at n*sN + c*sC + hw*sHW); the tile's fast axis follows whichever of c and hw has unit stride so
 loads stay coalesced. The output has x's memory format.
@@ -93,12 +99,12 @@ def _channel_block(cb, G, CG, SUB_C, GPB: tl.constexpr, SUBS: tl.constexpr, C_AL
 
 @triton.jit
 def _gn_stats_kernel(
-    x_ptr, part_ptr,  # x: [N, C, HW] by strides; part: [N, G, SUBS, K, 2] fp32 (mean, M2)
+    x_ptr, t_ptr, part_ptr,  # x: [N, C, HW] by strides; t: [N, C] offsets; part: [N, G, SUBS, K, 2] fp32 (mean, M2)
     HW, G, CG, SUB_C, K, HW_PER_CHUNK,
-    s_n, s_c, s_hw,
+    s_n, s_c, s_hw, st_n, st_c,
     GPB: tl.constexpr, SUBS: tl.constexpr, C_ALIGN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr,
-    C_FASTEST: tl.constexpr,
+    C_FASTEST: tl.constexpr, HAS_T: tl.constexpr,
 ):
     cb = tl.program_id(0)
     k = tl.program_id(1)
@@ -143,6 +149,8 @@ def _gn_stats_kernel(
         ch_mean = tl.sum(lane_cnt * mean, axis=1) / n_hw_f
         dev = mean - ch_mean[:, None]
         ch_m2 = tl.sum(m2 + lane_cnt * dev * dev, axis=1)
+    if HAS_T:  # x + t: every value of the channel moves by t, its spread stays
+        ch_mean += tl.load(t_ptr + n * st_n + (c0 + offs_c) * st_c, mask=offs_c < n_ch, other=0.0).to(tl.float32)
 
     ch_per_group = tl.minimum(SUB_C, n_ch).to(tl.float32)
     offs_g = tl.arange(0, BLOCK_G)
@@ -159,12 +167,12 @@ def _gn_stats_kernel(
 
 @triton.jit
 def _gn_apply_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, part_ptr,
+    x_ptr, t_ptr, y_ptr, w_ptr, b_ptr, part_ptr,
     HW, G, CG, SUB_C, K, HW_PER_CHUNK, eps,
-    sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
+    sx_n, sx_c, sx_hw, st_n, st_c, sy_n, sy_c, sy_hw,
     GPB: tl.constexpr, SUBS: tl.constexpr, C_ALIGN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
-    C_FASTEST: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    C_FASTEST: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, HAS_T: tl.constexpr,
 ):
     cb = tl.program_id(0)
     # Walk (n, chunk) in the reverse of the stats kernel's launch order: what it read last is the
@@ -204,6 +212,8 @@ def _gn_apply_kernel(
     shift = -c_mean * scale
     if HAS_B:
         shift += tl.load(b_ptr + c0 + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    if HAS_T:  # (x + t) * scale + shift
+        shift += tl.load(t_ptr + n * st_n + (c0 + offs_c) * st_c, mask=c_ok, other=0.0).to(tl.float32) * scale
     scale = _per_channel(scale, C_FASTEST)
     shift = _per_channel(shift, C_FASTEST)
 
@@ -304,6 +314,17 @@ def _plan(n: int, c: int, hw: int, groups: int, c_fastest: bool, sms: int, knobs
     return (n_cblocks, chunks, n), sub_c, chunks, hw_per_chunk, block_p, meta
 
 
+def _check_offset(offset, x) -> None:
+    if offset is None:
+        return
+    n, c = x.shape[:2]
+    if not isinstance(offset, torch.Tensor) or offset.dim() != 2 or offset.shape[1] != c or offset.shape[0] not in (1, n):
+        raise ValueError(f"channel_offset must be [N, C] or [1, C] = [{n}, {c}] or [1, {c}] for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(getattr(offset, 'shape', ())) or type(offset).__name__}")
+    if not offset.is_floating_point() or offset.device != x.device:
+        raise ValueError(f"channel_offset must be a float tensor on {x.device}, got {offset.dtype} on {offset.device}")
+
+
 def _check(x, num_groups, weight, bias, eps):
     if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
         raise ValueError(f"x must be a 3-D [N, C, L] or 4-D [N, C, H, W] tensor, got {getattr(x, 'shape', type(x))}")
@@ -320,16 +341,19 @@ def _check(x, num_groups, weight, bias, eps):
 
 
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                    eps: float, silu: bool = True) -> torch.Tensor:
-    """silu(group_norm(x)) (or just group_norm(x) when silu=False), statistics in fp32.
+                    eps: float, silu: bool = True, channel_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(group_norm(x + channel_offset)) (or without the SiLU when silu=False), statistics in fp32.
 
     x: [N, C, H, W] (contiguous or channels_last) or [N, C, L], fp32/fp16/bf16.
-    weight, bias: [C] of any float dtype, or None. Returns x's shape, dtype and memory format.
+    weight, bias: [C] of any float dtype, or None. channel_offset: [N, C] or [1, C] (one row for
+    every sample), added to every position of its (sample, channel) in fp32, or None.
+    Returns x's shape, dtype and memory format.
     Off CUDA (and outside Triton's interpreter) this runs the PyTorch reference.
     """
     _check(x, num_groups, weight, bias, eps)
+    _check_offset(channel_offset, x)
     if not triton_runs(x):
-        return group_norm_silu_reference(x, num_groups, weight, bias, eps, silu)
+        return group_norm_silu_reference(x, num_groups, weight, bias, eps, silu, channel_offset)
     y = torch.empty_like(x)  # keeps x's memory format (contiguous or channels_last)
     if x.numel() == 0:
         return y
@@ -344,20 +368,29 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     grid, sub_c, chunks, hw_per_chunk, block_p, meta = _plan(n, c, hw, num_groups, c_fastest, sms, _knobs())
     groups, cg, subs = num_groups, c // num_groups, meta["SUBS"]
 
+    t = channel_offset if channel_offset is not None else x3
+    st_n = 0 if channel_offset is None or t.shape[0] == 1 else t.stride(0)  # one row: every sample reads it
+    st_c = t.stride(1) if channel_offset is not None else 0
+    has_t = channel_offset is not None
     part = torch.empty((n, groups, subs, chunks, 2), device=x.device, dtype=torch.float32)
-    _gn_stats_kernel[grid](x3, part, hw, groups, cg, sub_c, chunks, hw_per_chunk,
-                           x3.stride(0), x3.stride(1), x3.stride(2), **meta)
+    _gn_stats_kernel[grid](x3, t, part, hw, groups, cg, sub_c, chunks, hw_per_chunk,
+                           x3.stride(0), x3.stride(1), x3.stride(2), st_n, st_c, HAS_T=has_t, **meta)
     w = weight.contiguous() if weight is not None else x3
     b = bias.contiguous() if bias is not None else x3
-    _gn_apply_kernel[grid](x3, y3, w, b, part, hw, groups, cg, sub_c, chunks, hw_per_chunk, float(eps),
-                           x3.stride(0), x3.stride(1), x3.stride(2), y3.stride(0), y3.stride(1), y3.stride(2),
-                           BLOCK_P=block_p, HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu), **meta)
+    _gn_apply_kernel[grid](x3, t, y3, w, b, part, hw, groups, cg, sub_c, chunks, hw_per_chunk, float(eps),
+                           x3.stride(0), x3.stride(1), x3.stride(2), st_n, st_c, y3.stride(0), y3.stride(1), y3.stride(2),
+                           BLOCK_P=block_p, HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu),
+                           HAS_T=has_t, **meta)
     return y
 
 
 def group_norm_silu_reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
-                              bias: torch.Tensor | None, eps: float, silu: bool = True) -> torch.Tensor:
-    """F.group_norm then F.silu, in x's dtype (weight/bias cast to it, as a module in that dtype has)."""
+                              bias: torch.Tensor | None, eps: float, silu: bool = True,
+                              channel_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """x + offset, F.group_norm, then F.silu, in x's dtype (weight/bias/offset cast to it, as a
+    module in that dtype has)."""
+    if channel_offset is not None:
+        x = x + channel_offset.to(x.dtype).reshape(*channel_offset.shape, *([1] * (x.dim() - 2)))
     w = weight.to(x.dtype) if weight is not None else None
     b = bias.to(x.dtype) if bias is not None else None
     y = F.group_norm(x, num_groups, w, b, eps)

@@ -73,7 +73,8 @@ def test_fused_kernels_match_diffusers_modules(model):
     ours = copy.deepcopy(model.backbone)
     done = install_fused(ours)
     expected = ({"resnet group_norm+silu", "geglu", "group_norm", "transformer block add+layer_norm",
-                 "transformer2d channels-last output", "transformer2d chained blocks"} if model.kind == "sdxl"
+                 "transformer2d channels-last output", "transformer2d chained blocks", "upsample2d nearest"}
+                if model.kind == "sdxl"
                 else {"linear+gelu_tanh", "adaln_zero", "adaln_continuous"})
     assert expected <= set(done), done
     assert_close(backbone_output(model, ours), backbone_output(model, model.backbone), "fused modules")
@@ -108,6 +109,27 @@ def test_fused_vae_decoder_matches(model):
     z = torch.randn(1, model.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert_close(vae.decode(z).sample, model.vae.decode(z).sample, "VAE decoder with fused resnets")
+
+
+def test_fused_tiny_vae_matches_diffusers():
+    """The tiny VAE's patched blocks (cuDNN's fused calls on a GPU, diffusers' formula here) and
+    upsamplings (our kernel, in the interpreter) against the unpatched decoder and encoder."""
+    import diffusers
+
+    from rtdiff_cluster.ops.fused import install_fused
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderTiny(latent_channels=4, decoder_block_out_channels=(16, 16, 16, 16),
+                                    encoder_block_out_channels=(16, 16, 16, 16)).eval()
+    ours = copy.deepcopy(vae).to(memory_format=torch.channels_last)
+    done = install_fused(ours)
+    # TAESD's shape: 10 blocks in the encoder and 10 in the decoder, 3 upsamplings in the decoder.
+    assert done.get("tiny vae block conv+bias+relu") == 20 and done.get("upsample nearest") == 3, done
+    g = torch.Generator().manual_seed(1)
+    z, img = torch.randn(1, 4, 6, 5, generator=g), torch.rand(1, 3, 48, 40, generator=g) * 2 - 1
+    with torch.inference_mode():
+        assert_close(ours.decode(z).sample, vae.decode(z).sample, "tiny VAE decoder")
+        assert_close(ours.encode(img).latents, vae.encode(img).latents, "tiny VAE encoder")
 
 
 def test_cpu_replica_keeps_diffusers_modules_and_says_why():

@@ -156,3 +156,47 @@ def test_fp8_backbone_stays_close_to_bf16():
     assert fp.report["fp8"].startswith("on") and not fp.report["fp8"].startswith("on: 0 "), fp.report
     diff = np.abs(frame(fast, 256, 2) - frame(plain, 256, 2))
     assert diff.mean() < 8, diff.mean()
+
+
+def test_fused_tiny_vae_within_policy_and_capturable():
+    """The tiny VAE's fused blocks (cuDNN conv+bias+add+ReLU) and upsampling kernel in bf16,
+    channels-last, at an awkward size: their error against the fp32 modules may be at most twice
+    the unpatched bf16 modules' error plus one bf16 ulp at the output's scale (the tolerance
+    policy); and they replay inside a CUDA graph to the same bits as eagerly."""
+    import copy
+
+    import diffusers
+
+    from rtdiff_cluster.ops.fused import install_fused
+
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderTiny(latent_channels=4).cuda().eval().requires_grad_(False)
+    plain = copy.deepcopy(ref).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    ours = copy.deepcopy(plain)
+    done = install_fused(ours)
+    assert done.get("tiny vae block conv+bias+relu") == 20 and done.get("upsample nearest") == 3, done
+    g = torch.Generator(device="cuda").manual_seed(3)
+    z = torch.randn(1, 4, 40, 24, device="cuda", generator=g)
+    img = torch.rand(1, 3, 320, 192, device="cuda", generator=g) * 2 - 1
+    cases = {"decode": (lambda m, t: m.decode(t).sample, z), "encode": (lambda m, t: m.encode(t).latents, img)}
+    with torch.inference_mode():
+        for what, (run, x) in cases.items():
+            low = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            want = run(ref, x)
+            torch_err = (run(plain, low).float() - want).abs().max().item()
+            got = run(ours, low)
+            err = (got.float() - want).abs().max().item()
+            ulp = torch.finfo(torch.bfloat16).eps * want.abs().max().item()
+            assert err <= 2 * torch_err + ulp, f"{what}: error {err:.3g} > 2 x {torch_err:.3g} + {ulp:.3g}"
+
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                run(ours, low)  # warm-up off the capture (cuDNN picks its plans)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run(ours, low)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, got), f"{what}: the graph replay differs from the eager call"

@@ -71,12 +71,22 @@ def _gn_inputs(shape, dtype, channels_last, affine, device=DEVICE, seed=0):
     return to(x), to(w), to(b)
 
 
-def _check_group_norm(shape, groups, dtype, channels_last, affine, silu, eps=1e-5):
+def _offset(shape, rows, dtype, device=DEVICE, seed=5):
+    """A [rows, C] per-(sample, channel) offset (a resnet's time embedding), large enough to move
+    the group statistics; None for rows=0."""
+    if not rows:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, shape[1], generator=g) * 4).to(dtype).to(device)
+
+
+def _check_group_norm(shape, groups, dtype, channels_last, affine, silu, eps=1e-5, offset_rows=0):
     x, w, b = _gn_inputs(shape, dtype, channels_last, affine)
-    ours = group_norm_silu(x, groups, w, b, eps, silu)
+    t = _offset(shape, offset_rows, dtype)
+    ours = group_norm_silu(x, groups, w, b, eps, silu, channel_offset=t)
     up = (lambda t: None if t is None else t.float())
-    ref32 = group_norm_silu_reference(up(x), groups, up(w), up(b), eps, silu)
-    native = None if dtype == torch.float32 else group_norm_silu_reference(x, groups, w, b, eps, silu)
+    ref32 = group_norm_silu_reference(up(x), groups, up(w), up(b), eps, silu, up(t))
+    native = None if dtype == torch.float32 else group_norm_silu_reference(x, groups, w, b, eps, silu, t)
     assert_close_to_reference(ours, ref32, native, dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert ours.is_contiguous(memory_format=fmt), f"output strides {ours.stride()} lost x's memory format"
@@ -95,6 +105,24 @@ GN_SMALL = [  # (shape, groups, affine, silu)
 @pytest.mark.parametrize("shape,groups,affine,silu", GN_SMALL)
 def test_group_norm_small(shape, groups, affine, silu, channels_last, dtype):
     _check_group_norm(shape, groups, dtype, channels_last, affine, silu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("rows", [2, 1], ids=["per_sample", "shared"])
+def test_group_norm_with_channel_offset(rows, channels_last, dtype):
+    """silu(group_norm(x + t[:, :, None, None])): the resnet's time-embedding add folded into norm2,
+    with t per sample or one row for all."""
+    _check_group_norm((2, 12, 5, 7), 3, dtype, channels_last, True, True, offset_rows=rows)
+
+
+def test_group_norm_offset_on_split_paths(monkeypatch):
+    """The offset moves channel means before the merges across chunks and across slices of a group."""
+    monkeypatch.setattr(gn_mod, "_TILE_ELEMS", 16)
+    monkeypatch.setattr(gn_mod, "_MAX_BLOCK_C_NCHW", 5)
+    monkeypatch.setattr(gn_mod, "_MAX_BLOCK_C_CL", 5)
+    for channels_last in (False, True):
+        _check_group_norm((2, 13, 5, 7), 1, torch.float32, channels_last, True, False, offset_rows=2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -164,6 +192,10 @@ def test_group_norm_empty():
     ({"x": torch.randn(1, 2, 12, 3, 3)}, "x"),
     ({"x": torch.ones(2, 12, 3, 3, dtype=torch.int32)}, "x"),
     ({"eps": -1.0}, "eps"),
+    ({"channel_offset": torch.ones(2, 11)}, "channel_offset"),
+    ({"channel_offset": torch.ones(3, 12)}, "channel_offset"),
+    ({"channel_offset": torch.ones(2, 12, 1, 1)}, "channel_offset"),
+    ({"channel_offset": torch.ones(2, 12, dtype=torch.int64)}, "channel_offset"),
 ])
 def test_group_norm_bad_input(kwargs, name):
     args = {"x": torch.randn(2, 12, 3, 3), "num_groups": 3, "weight": torch.ones(12), "bias": torch.zeros(12),
@@ -184,6 +216,7 @@ GN_SDXL = [(2, 320, 128, 128, 32), (2, 640, 128, 128, 32), (2, 960, 128, 128, 32
 @pytest.mark.parametrize("n,c,h,w,groups", GN_SDXL, ids=lambda v: str(v))
 def test_group_norm_sdxl_shapes(n, c, h, w, groups, channels_last):
     _check_group_norm((n, c, h, w), groups, torch.bfloat16, channels_last, True, True)
+    _check_group_norm((n, c, h, w), groups, torch.bfloat16, channels_last, True, True, offset_rows=n)
 
 
 @needs_cuda

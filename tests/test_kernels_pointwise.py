@@ -1,4 +1,5 @@
-"""Fused RMSNorm+rotary (Flux QK-norm), GEGLU and linear+tanh-GELU against their PyTorch references
+"""Fused RMSNorm+rotary (Flux QK-norm), GEGLU, linear+tanh-GELU, residual add with biases and nearest
+upsampling against their PyTorch references
 and against diffusers' own modules.
 
 Tolerance policy. For float16/bfloat16 a fast path must stay within
@@ -17,6 +18,7 @@ to nearest (triton/runtime/interpreter.py, _convert_float). The RMSNorm+rotary k
 hand there (its three roundings would otherwise add up past the bound); GEGLU's single final cast
 may be one ulp off in the interpreter, still inside the bound. On the GPU casts round to nearest.
 For float32 the bound is fixed and tight: 1e-5 * max|reference| + 1e-6.
+Nearest upsampling computes nothing: it must equal PyTorch's output bit for bit, in every dtype.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rtdiff_kernels.add_bias import add_bias, add_bias_reference
 from rtdiff_kernels.activations import geglu, geglu_reference, linear_gelu_tanh, linear_gelu_tanh_reference
 from rtdiff_kernels.rms_norm_rope import rms_norm_rope, rms_norm_rope_reference
+from rtdiff_kernels.upsample_nearest import upsample_nearest, upsample_nearest_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -245,6 +249,99 @@ def test_linear_gelu_tanh_bad_input():
         linear_gelu_tanh(3.0, w, b)
 
 
+# --- residual add with per-channel biases ---------------------------------------------------------------
+
+def _add_bias_inputs(shape, dtype, layout, biases, device="cpu"):
+    g = seeded("add_bias", shape, layout, biases)
+    a, b = (torch.randn(shape, generator=g) * 3).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    if layout == "channels_last":
+        a, b = a.to(memory_format=torch.channels_last), b.to(memory_format=torch.channels_last)
+    bias = [torch.randn(shape[1], generator=g) if i < biases else None for i in range(2)]
+    bias[0] = bias[0].to(dtype) if bias[0] is not None else None  # conv2's, in the model's dtype; the other fp32
+    to = (lambda t: None if t is None else t.to(device))
+    return to(a), to(b), to(bias[0]), to(bias[1])
+
+
+def _check_add_bias(shape, dtype, layout, biases, device="cpu"):
+    a, b, b1, b2 = _add_bias_inputs(shape, dtype, layout, biases, device)
+    ours = add_bias(a, b, b1, b2)
+    up = (lambda t: None if t is None else t.float())
+    check(ours, add_bias_reference(a, b, b1, b2), add_bias_reference(up(a), up(b), up(b1), up(b2)), dtype,
+          f"add_bias {shape} {layout}")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert ours.is_contiguous(memory_format=fmt), f"{layout}: output strides {ours.stride()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape,biases", [((2, 5, 3, 7), 2), ((1, 3, 4, 1), 1), ((2, 20, 3, 5), 0), ((1, 130, 2, 3), 2)])
+def test_add_bias_matches_reference(shape, biases, layout, dtype):
+    _check_add_bias(shape, dtype, layout, biases)
+
+
+def test_add_bias_mixed_layouts_fall_back_and_3d_runs():
+    a, b, b1, _ = _add_bias_inputs((2, 6, 3, 5), torch.float32, "channels_last", 1)
+    mixed = add_bias(a, b.contiguous(), b1)
+    assert torch.allclose(mixed, add_bias_reference(a, b.contiguous(), b1))
+    x, y = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+    assert torch.allclose(add_bias(x, y, b1), x + y + b1[:, None], atol=1e-6)
+
+
+def test_add_bias_bad_input():
+    a = torch.randn(1, 4, 3, 3)
+    with pytest.raises(ValueError, match="^a and b must match"):
+        add_bias(a, torch.randn(1, 4, 3, 2))
+    with pytest.raises(ValueError, match="^bias1 must be"):
+        add_bias(a, a, torch.randn(3))
+    with pytest.raises(ValueError, match="^bias2 must be"):
+        add_bias(a, a, None, torch.randn(4, 1))
+    with pytest.raises(ValueError, match="^a must be float32"):
+        add_bias(a.int(), a.int())
+
+
+# --- nearest upsampling ------------------------------------------------------------------------------
+
+def _upsample_input(shape, dtype, layout, device="cpu"):
+    x = torch.randn(shape, generator=seeded("upsample", shape, layout)).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":  # a view: every other column of a wider tensor
+        x = torch.randn(*shape[:3], 2 * shape[3], generator=seeded("upsample", shape)).to(dtype)[..., ::2]
+    return x.to(device)
+
+
+def _check_upsample(shape, scale, dtype, layout, device="cpu"):
+    x = _upsample_input(shape, dtype, layout, device)
+    ours = upsample_nearest(x, scale)
+    ref = upsample_nearest_reference(x, scale)
+    assert ours.shape == ref.shape and torch.equal(ours, ref), (shape, scale, layout)
+    fmt = torch.channels_last if layout == "channels_last" and shape[1] > 1 else torch.contiguous_format
+    assert ours.is_contiguous(memory_format=fmt), f"{layout}: output strides {ours.stride()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("shape,scale", [((2, 5, 3, 7), 2), ((1, 3, 4, 1), 2), ((1, 20, 3, 5), 3), ((2, 6, 2, 3), 1)])
+def test_upsample_nearest_equals_pytorch(shape, scale, layout, dtype):
+    _check_upsample(shape, scale, dtype, layout)
+
+
+def test_upsample_nearest_bad_input():
+    x = torch.randn(1, 4, 3, 3)
+    with pytest.raises(ValueError, match="^scale must be"):
+        upsample_nearest(x, 0)
+    with pytest.raises(ValueError, match="^scale must be"):
+        upsample_nearest(x, 2.0)
+    with pytest.raises(ValueError, match="^x must be a 4-D"):
+        upsample_nearest(torch.randn(4, 3, 3), 2)
+    with pytest.raises(ValueError, match="^x must be float32"):
+        upsample_nearest(x.to(torch.int32), 2)
+
+
+def test_upsample_nearest_empty():
+    assert upsample_nearest(torch.empty(0, 4, 3, 3), 2).shape == (0, 4, 6, 6)
+
+
 # --- GPU, full model sizes ----------------------------------------------------------------------------
 
 def flux_rope(text: int, side: int, device):
@@ -352,3 +449,23 @@ def test_gpu_addmm_activation_is_tanh_gelu():
         with torch.inference_mode():
             assert torch.equal(linear_gelu_tanh(xl[None], wl, bl)[0],
                                torch._addmm_activation(bl, xl, wl.t(), use_gelu=True))
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 64, 512, 512), (1, 64, 128, 128), (2, 1280, 32, 32), (1, 640, 64, 64), (1, 3, 17, 9)])
+def test_gpu_upsample_nearest(dtype, shape):
+    """The tiny VAE decoder's upsamplings at 1024 output and the SDXL UNet's, in both layouts."""
+    for layout in ("channels_last", "nchw"):
+        _check_upsample(shape, 2, dtype, layout, "cuda")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 320, 128, 128), (1, 1280, 32, 32), (2, 640, 64, 64), (1, 3, 17, 9)])
+def test_gpu_add_bias(dtype, shape):
+    """SDXL's resnet outputs at 1024 (conv2's bias and the shortcut's), in both layouts."""
+    for layout in ("channels_last", "nchw"):
+        _check_add_bias(shape, dtype, layout, 2, "cuda")

@@ -104,13 +104,16 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
         # fused GroupNorm reads either layout. Flux's backbone has no convolutions. The KL VAE
         # keeps diffusers' modules: with them fused and NHWC its 1024 decode measured 127 ms
         # against 85 ms as loaded (H200, benchmarks/results/roofline-*-vae-flux.md); the tiny
-        # VAE (plain convolutions) gains from NHWC.
+        # VAE (plain convolutions) gains from NHWC, and its blocks and upsamplings are fused.
         layouts = {} if model.kind == "flux" else {"backbone": backbone}
+        vae_done = ""
         if type(vae).__name__ == "AutoencoderTiny":
             layouts["tiny vae"] = vae
+            vae_done = f"; tiny vae: {_counts(fused.install_fused(vae))}"
         for module in layouts.values():
             module.to(memory_format=torch.channels_last)
-        r["kernels"] = f"on: {_counts(done)}; channels-last convolutions in {' and '.join(layouts) or 'nothing'}"
+        r["kernels"] = (f"on: {_counts(done)}{vae_done}; channels-last convolutions in "
+                        f"{' and '.join(layouts) or 'nothing'}")
     else:
         r["kernels"] = why_not_kernels
 

@@ -2,7 +2,9 @@
 loaded backbone, sharded or not, by replacing those modules' `forward` with one that computes
 the same thing through the kernel:
 
-    ResnetBlock2D (UNet)      GroupNorm -> SiLU, twice per block, as one kernel each
+    ResnetBlock2D (UNet)      GroupNorm -> SiLU, twice per block, as one kernel each; conv1's
+                              bias and the time-embedding add folded into the second; conv2's
+                              and the shortcut's biases folded into the residual add
     GroupNorm elsewhere       (in front of UNet transformers, the output head) the same kernel
     BasicTransformerBlock     residual add -> LayerNorm before the cross-attention and before
       (UNet)                  the feed-forward, as one kernel each; inside a Transformer2DModel
@@ -14,6 +16,10 @@ the same thing through the kernel:
     GELU tanh (Flux ff)       proj -> tanh-GELU with the GELU in the GEMM's epilogue
     AdaLayerNormZero[Single], AdaLayerNormContinuous (Flux)
                               LayerNorm -> * (1 + scale) + shift as one kernel
+    Upsample2D (UNet), nn.Upsample (tiny VAE decoder)
+                              nearest x2 as our copy kernel (PyTorch's channels-last one is slow)
+    AutoencoderTinyBlock      conv -> bias -> ReLU (twice), conv -> bias -> + skip -> ReLU, each
+      (tiny VAE)              as one cuDNN fused call (torch.cudnn_convolution_[add_]relu)
 
 diffusers' modules stay the readable reference: tests/test_fused_modules.py holds every patched
 module to its unpatched output. A module whose configuration the kernel does not cover (another
@@ -33,6 +39,7 @@ from torch import nn
 def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
     """diffusers' ResnetBlock2D.forward for time_embedding_norm="default" with SiLU, each
     GroupNorm -> SiLU pair fused."""
+    from rtdiff_kernels.add_bias import add_bias
     from rtdiff_kernels.group_norm_silu import group_norm_silu
 
     n1, n2 = self.norm1, self.norm2
@@ -41,18 +48,33 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None,
         input_tensor, hidden = self.upsample(input_tensor), self.upsample(hidden)
     elif self.downsample is not None:
         input_tensor, hidden = self.downsample(input_tensor), self.downsample(hidden)
-    hidden = self.conv1(hidden)
+    # conv1's bias and the time embedding are per-(sample, channel) offsets of conv1's output:
+    # norm2's kernel adds them ([N, C] or [1, C]) as it reads it. Eagerly each is a broadcast pass
+    # over the activation (channels-last convolutions add their bias in a separate kernel).
+    hidden, bias1 = _conv_without_bias(self.conv1, hidden)
+    offset = bias1[None] if bias1 is not None else None
     if self.time_emb_proj is not None:
-        temb = self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))[:, :, None, None]
-    if temb is not None:
+        temb = self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))  # [N, C]
+        offset = temb if offset is None else temb + offset
+    elif temb is not None:
         hidden = hidden + temb
-    hidden = group_norm_silu(hidden, n2.num_groups, n2.weight, n2.bias, n2.eps)
-    hidden = self.conv2(self.dropout(hidden))
+    hidden = self.dropout(group_norm_silu(hidden, n2.num_groups, n2.weight, n2.bias, n2.eps, channel_offset=offset))
+    # conv2's and the 1x1 shortcut's biases go into the residual add's one pass.
+    hidden, bias2 = _conv_without_bias(self.conv2, hidden)
+    shortcut_bias = None
     if self.conv_shortcut is not None:
-        input_tensor = self.conv_shortcut(input_tensor)
-    out = input_tensor + hidden
+        input_tensor, shortcut_bias = _conv_without_bias(self.conv_shortcut, input_tensor)
+    out = add_bias(input_tensor, hidden, bias2, shortcut_bias)
     # A division by 1 is still a pass over the tensor (and a launch): SDXL's factor is 1.
     return out / self.output_scale_factor if self.output_scale_factor != 1 else out
+
+
+def _conv_without_bias(conv, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(conv(x) without its bias, the bias) for a plain zero-padded nn.Conv2d; (conv(x), None) for
+    anything else (a row-parallel, LoRA-wrapped or quantised convolution adds its own)."""
+    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros":
+        return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups), conv.bias
+    return conv(x), None
 
 
 def _resnet_fusable(block) -> bool:
@@ -175,6 +197,67 @@ def _group_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, silu=False)
 
 
+def _upsample_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """nn.Upsample, nearest, by an integer factor (the tiny VAE decoder's)."""
+    from rtdiff_kernels.upsample_nearest import upsample_nearest
+
+    return upsample_nearest(x, int(self.scale_factor))
+
+
+def _upsample_fusable(m: nn.Upsample) -> bool:
+    sf = m.scale_factor
+    return (m.mode == "nearest" and m.size is None and isinstance(sf, (int, float)) and float(sf).is_integer()
+            and sf >= 1 and not m.recompute_scale_factor)
+
+
+def _upsample2d_forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+    """diffusers' Upsample2D (nearest x2, then its convolution) with the upsampling as our kernel."""
+    from rtdiff_kernels.upsample_nearest import upsample_nearest
+
+    h, w = hidden_states.shape[-2:]
+    if output_size is not None and tuple(output_size) != (2 * h, 2 * w):
+        hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
+    else:
+        hidden_states = upsample_nearest(hidden_states, 2)
+    return self.conv(hidden_states)
+
+
+def _upsample2d_fusable(m) -> bool:
+    return (m.norm is None and not m.use_conv_transpose and m.interpolate and m.use_conv and m.name == "conv"
+            and isinstance(m.conv, nn.Conv2d))
+
+
+def _cudnn_conv_args(conv: nn.Conv2d) -> tuple:
+    return conv.stride, conv.padding, conv.dilation, conv.groups
+
+
+def _tiny_block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' AutoencoderTinyBlock, relu(conv3(relu(conv2(relu(conv1(x))))) + skip(x)), with
+    each convolution's bias, ReLU and (for the last) the skip add in cuDNN's fused
+    convolution-bias-add-activation call. Eagerly a channels-last convolution adds its bias in a
+    separate broadcast pass (PyTorch's slow strided elementwise kernel) and each ReLU and the add
+    are passes of their own: seven passes over the activation per block, here none."""
+    c1, _, c2, _, c3 = self.conv
+    skip = self.skip(x)
+    if not x.is_cuda:  # cuDNN's fused calls exist on CUDA only
+        return self.fuse(self.conv(x) + skip)
+    h = torch.cudnn_convolution_relu(x, c1.weight, c1.bias, *_cudnn_conv_args(c1))
+    h = torch.cudnn_convolution_relu(h, c2.weight, c2.bias, *_cudnn_conv_args(c2))
+    return torch.cudnn_convolution_add_relu(h, c3.weight, skip, 1.0, c3.bias, *_cudnn_conv_args(c3))
+
+
+def _plain_conv(m) -> bool:
+    return (type(m) is nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
+            and m.weight.dim() == 4)
+
+
+def _tiny_block_fusable(block) -> bool:
+    parts = list(block.conv)
+    return (len(parts) == 5 and all(_plain_conv(parts[i]) for i in (0, 2, 4))
+            and all(type(parts[i]) is nn.ReLU for i in (1, 3)) and type(block.fuse) is nn.ReLU
+            and (type(block.skip) is nn.Identity or _plain_conv(block.skip)))
+
+
 def _plain_layer_norm(norm) -> bool:
     return type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
 
@@ -186,6 +269,8 @@ def install_fused(backbone: nn.Module) -> dict[str, int]:
     from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
+    from diffusers.models.upsampling import Upsample2D
 
     done: Counter[str] = Counter()
     in_resnets = {id(m) for r in backbone.modules() if isinstance(r, ResnetBlock2D) and _resnet_fusable(r)
@@ -218,4 +303,10 @@ def install_fused(backbone: nn.Module) -> dict[str, int]:
             patch(module, _ada_zero_single_forward, "adaln_zero")
         elif isinstance(module, AdaLayerNormContinuous) and _plain_layer_norm(module.norm):
             patch(module, _ada_continuous_forward, "adaln_continuous")
+        elif type(module) is AutoencoderTinyBlock and _tiny_block_fusable(module):
+            patch(module, _tiny_block_forward, "tiny vae block conv+bias+relu")
+        elif type(module) is nn.Upsample and _upsample_fusable(module):
+            patch(module, _upsample_forward, "upsample nearest")
+        elif type(module) is Upsample2D and _upsample2d_fusable(module):
+            patch(module, _upsample2d_forward, "upsample2d nearest")
     return dict(done)

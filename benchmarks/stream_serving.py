@@ -12,7 +12,8 @@ sees them. Cases, all image-to-image at strength 0.5 from rtdiff_cluster/clips.p
                threshold up to 8, on the moving clip, then also down to half size; against the same
                stream ungoverned
 
-Each setting runs once unmeasured first (CUDA graph captures of its shapes and step counts). Before
+Each setting runs once unmeasured first (CUDA graph captures of its shapes and step counts); the
+graph captures that still happen during the measured run are reported (each one a stall). Before
 the gateway cases, the engine alone (engine/pipeline.py with its fast paths, no gateway or
 Ray) times the 1-step frame on the same device in the same run: the gateway's share is the gap.
 
@@ -77,6 +78,21 @@ def stream(target: str, args, **kw) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+STATS_SETTLE_S = 1.5  # the gateway polls replica stats every second (ServerConfig.stats_interval_s)
+
+
+def graph_captures(metrics_port: int, settle_s: float = 0.0) -> float:
+    """The replicas' CUDA graph captures so far, from the server's /metrics (after settle_s, so
+    that the last stats poll has seen the case's end). A capture in a measured run is a stall:
+    a shape or step count whose graph was never captured or was evicted from the cache."""
+    import urllib.request
+
+    time.sleep(settle_s)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("rtdiff_cuda_graph_captures_total{"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(ap, "cuda")
@@ -93,10 +109,10 @@ def main() -> int:
     engine = engine_alone(args)
     print(json.dumps({"engine alone, 1 step": engine}), flush=True)
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "rtdiff_cluster.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", "-1", "--model", args.source, "--device", args.device, "--log-level", "WARNING"]
+           "--metrics-port", str(metrics_port), "--model", args.source, "--device", args.device, "--log-level", "WARNING"]
     if args.vae:
         cmd += ["--vae", args.vae]
     server = subprocess.Popen(cmd)
@@ -121,7 +137,9 @@ def main() -> int:
             if setting not in warmed:
                 stream(target, args, frames=min(n, 60), **kw)
                 warmed.add(setting)
+            before = graph_captures(metrics_port)
             r = {"case": name, **kw, **stream(target, args, frames=n, **kw)}
+            r["graph_captures"] = graph_captures(metrics_port, settle_s=STATS_SETTLE_S) - before
             rows.append(r)
             print(json.dumps(r), flush=True)
     finally:
@@ -161,13 +179,13 @@ def markdown(r: dict) -> str:
              f"Engine alone (pipeline, no gateway), 1-step frame: {e['ms_p50']:.1f} ms p50, {e['ms_p99']:.1f} ms p99, "
              f"{e['fps']:.1f} fps.", "",
              "| case | window | fps | p50 ms | p95 ms | p99 ms | steps (schedule) | smallest computed width | "
-             "governed frames | server p50 ms: queue / batch wait / denoise+decode / encode / replica / total |",
-             "|---|--:|--:|--:|--:|--:|---|--:|--:|---|"]
+             "governed frames | graph captures | server p50 ms: queue / batch wait / denoise+decode / encode / replica / total |",
+             "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|---|"]
     for x in r["rows"]:
         t = x["server_p50_ms"]
         lines.append(f"| {x['case']} | {x['window']} | {x['fps']:.1f} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
                      f"{x['p99_ms']:.1f} | {x['steps_min']}..{x['steps_max']} | {x.get('computed_width_min', '-')} | "
-                     f"{x.get('governed_frames', 0)} | "
+                     f"{x.get('governed_frames', 0)} | {x.get('graph_captures', '-')} | "
                      f"{t['queue_ms']:.1f} / {t['batch_wait_ms']:.1f} / {t['denoise_ms'] + t['decode_ms']:.1f} / "
                      f"{t['encode_ms']:.1f} / {t['replica_ms']:.1f} / {t['total_ms']:.1f} |")
     o = overlap(r["rows"])

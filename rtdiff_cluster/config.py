@@ -44,10 +44,12 @@ class FastPathConfig:
     1280->10240 1.26x, 3072->12288 1.54x)."""
     cuda_graphs: bool = True
     """Capture the step, the decode and short noise-free loops as CUDA graphs per shape bucket."""
-    max_graphs: int = 16
-    """Captured graphs kept (least recently used dropped first)."""
+    max_graphs: int = 64
+    """Captured graphs kept (least recently used dropped first). They share one memory pool, so a
+    graph costs its static inputs and outputs beyond the largest working set."""
     graph_memory_mb: int = 16384
-    """Device memory the kept graphs may hold, in MiB."""
+    """Device memory the kept graphs may hold (their shared pool, inputs and outputs), in MiB;
+    beyond it every graph is dropped and the pool starts over."""
     loop_graph_max_steps: int = 8
     """Schedules of at most this many steps run as one graph with the decode."""
 

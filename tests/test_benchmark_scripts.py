@@ -51,6 +51,7 @@ def test_stream_serving_runs_every_case_through_the_cli(tmp_path):
     assert all(row["frames"] == 6 and row["fps"] > 0 for row in r["rows"])
     governed = r["rows"][-1]
     assert governed["target_fps"] > 0 and governed["steps_min"] >= governed["min_steps"]
+    assert all(row["graph_captures"] == 0 for row in r["rows"])  # scraped from /metrics; a CPU replica has no graphs
 
 
 def test_unet_profile_lists_the_step_kernels_by_size(tmp_path):

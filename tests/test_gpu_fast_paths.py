@@ -136,6 +136,52 @@ def test_pinned_uploads_reuse_a_buffer_only_after_its_last_upload():
     assert up.nbytes == frames[0][:256].nbytes
 
 
+def test_graphs_share_one_pool_and_replay_in_any_order():
+    """Graphs share a memory pool: a second graph reuses the first one's intermediates instead of
+    growing the pool by its own working set, and each graph's outputs (buffers outside the pool)
+    survive the other graph's replay."""
+    from rtdiff_cluster.engine.graphs import GraphCache
+
+    def fn(x):  # large intermediates, a small output
+        h = torch.relu(x @ x.T) * 2
+        return (h @ x).sum(1)
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    big, small = (lambda: torch.randn(2048, 256, device="cuda", generator=g)), (lambda: torch.randn(1024, 128, device="cuda", generator=g))
+    alone = GraphCache(torch.device("cuda"), 4, 1 << 34)
+    alone.call("small", fn, small())
+    cache = GraphCache(torch.device("cuda"), 4, 1 << 34)
+    cache.call("big", fn, big())
+    pool_after_big = cache._pool_bytes
+    cache.call("small", fn, small())
+    assert cache._pool_bytes - pool_after_big < alone._pool_bytes, (cache._pool_bytes, pool_after_big, alone._pool_bytes)
+    for _ in range(3):
+        xs, xb = small(), big()
+        ys = cache.call("small", fn, xs)
+        yb = cache.call("big", fn, xb)  # replayed while the small graph's output is still held
+        torch.testing.assert_close(ys, fn(xs), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(yb, fn(xb), rtol=1e-4, atol=1e-3)
+    assert cache.stats().captures == 2
+
+    # A function a graph cannot hold fails its capture; later captures still work (a new pool).
+    def host_read(x):
+        return x * x.sum().item()
+
+    with pytest.raises(Exception):
+        cache.call("host read", host_read, small())
+    xs = small()
+    torch.testing.assert_close(cache.call("after", lambda x: fn(x) + 1, xs), fn(xs) + 1, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(cache.call("big", fn, xb), fn(xb), rtol=1e-4, atol=1e-3)
+
+    # Over the byte budget everything but the graph just captured goes, with the pool's other users.
+    tight = GraphCache(torch.device("cuda"), 4, 1)
+    tight.call("big", fn, big())
+    tight.call("small", fn, small())
+    assert "big" not in tight and "small" in tight and tight.stats().graphs == 1
+    torch.testing.assert_close(tight.call("big", fn, xb), fn(xb), rtol=1e-4, atol=1e-3)
+    assert tight.stats().captures == 3
+
+
 def test_graph_cache_drops_least_recently_used_within_its_budget():
     _, fast, fp = pipelines("synthetic:tiny-sdxl", max_graphs=2)
     for size in (256, 320, 384):
@@ -200,3 +246,37 @@ def test_fused_tiny_vae_within_policy_and_capturable():
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, got), f"{what}: the graph replay differs from the eager call"
+
+
+def test_chunk_cached_frames_computed_smaller_come_back_at_the_asked_size():
+    """The governor's size rungs: a chunk-cached frame computed at half size is resized on the GPU,
+    whether computed whole, from a region or answered from the cache, to within rounding of the
+    host's bilinear resize; the cache itself keeps the computed size."""
+    from rtdiff_cluster import clips, imaging
+    from rtdiff_cluster.cache.chunk_cache import CacheSettings, StreamFrameCache
+    from rtdiff_cluster.engine.pipeline import StageTimes
+    from rtdiff_cluster.engine.stream_frames import run_cached
+
+    def compute(b):  # a deterministic image-to-image function standing in for the model
+        img = b.frames[0].init_image
+        img = img.cpu().numpy() if isinstance(img, torch.Tensor) else img
+        return (255 - img)[None], StageTimes()
+
+    cache = StreamFrameCache("cuda")
+    settings = CacheSettings(chunk_px=32, threshold=2.0, halo_px=16, max_region_fraction=0.6, region_buckets=4,
+                             multiple=8)
+    first = clips.texture(128, 128, seed=4)
+    moved = first.copy()
+    moved[40:70, 50:90] = 255 - moved[40:70, 50:90]
+    kinds = []
+    for frame in (first, first, moved):
+        batch = BatchSpec(128, 128, 2, 0.0, 0.5, [FrameSpec("x", seed=1, init_image=frame, stream_id="s",
+                                                            output_size=(256, 192))])
+        done = run_cached(compute, cache, batch, settings)
+        kinds.append(done.plan.kind)
+        assert done.pixels.shape == (192, 256, 3)
+        want = imaging.resize(cache.output, 256, 192).astype(int)
+        diff = np.abs(done.pixels.astype(int) - want)
+        assert diff.mean() < 0.5 and diff.max() <= 2, (done.plan.kind, diff.mean(), diff.max())
+        assert cache.output.shape == (128, 128, 3)
+    assert kinds == ["full", "cache", "region"], kinds

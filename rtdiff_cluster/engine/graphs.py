@@ -7,9 +7,15 @@ input shapes, so the cache is keyed by the bucket (what the shapes depend on: ba
 and width, and for a captured loop the schedule); a new resolution costs one capture (warm-up
 runs plus the capture, seconds at most), not a recompilation.
 
-Each graph has its own memory pool; the bytes it holds (the pool's reservation plus the static
-inputs) are measured at capture, and the least recently used graphs are dropped when a new one
-would exceed the count or byte budget. `torch.cuda.graphs.make_graphed_callables` targets
+All graphs share one memory pool. Inside each graph its outputs are copied into buffers allocated
+outside the pool, so what the pool holds is only intermediates, dead after every replay: any
+graph may reuse another's, whatever the order of replays (they never run concurrently: one stream).
+The pool then grows to about the largest graph's working set, not the sum of them all, so a
+stream whose governor walks sizes, step counts and chunk-cache regions can keep every graph it
+needs (with a pool per graph and at most 16 graphs, a governed SDXL stream allowed down to half
+size recaptured 20 graphs in 240 measured frames, p99 1.0 s). The least recently
+used graph is dropped beyond the count budget; beyond the byte budget (the pool plus every
+graph's static inputs and outputs) all are dropped and the pool starts over. `torch.cuda.graphs.make_graphed_callables` targets
 autograd training steps (it captures a backward too); inference needs only capture and replay,
 with the inputs copied into static buffers, which is what this does.
 """
@@ -66,6 +72,8 @@ class GraphCache:
         self.max_bytes = max_bytes
         self.warmup_runs = warmup_runs
         self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
+        self._pool = None  # the shared pool's handle, made at the first capture
+        self._pool_bytes = 0  # what the captures grew the device reservation by
         self.captures = 0
         self.evictions = 0
 
@@ -74,7 +82,8 @@ class GraphCache:
 
     def stats(self) -> GraphStats:
         g = list(self._graphs.values())  # a snapshot: the replica's stats call reads it from another thread
-        return GraphStats(len(g), sum(c.bytes for c in g), self.captures, self.evictions, sum(c.replays for c in g))
+        return GraphStats(len(g), self._pool_bytes + sum(c.bytes for c in g), self.captures, self.evictions,
+                          sum(c.replays for c in g))
 
     def call(self, key: Hashable, fn: Fn, *inputs: torch.Tensor):
         entry = self._graphs.get(key)
@@ -100,21 +109,33 @@ class GraphCache:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _ in range(self.warmup_runs):
-                fn(*static)
+            for _ in range(max(1, self.warmup_runs)):
+                out = fn(*static)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        single = isinstance(out, torch.Tensor)
+        # The outputs' buffers, outside the pool: the graph's last kernels copy into them.
+        outputs = tuple(torch.empty_like(o) for o in ((out,) if single else out))
+        del out
         torch.cuda.synchronize(self.device)
         # torch.cuda.graph empties the allocator's cache on entry; doing it first makes the
-        # reservation's growth during capture the graph's own pool.
+        # reservation's growth during capture the shared pool's.
         torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn(*static)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = fn(*static)
+                for dst, src in zip(outputs, (out,) if single else out):
+                    dst.copy_(src)
+                del out, src
+        except BaseException:
+            self._abandon_pool()
+            raise
         torch.cuda.synchronize(self.device)
-        single = isinstance(out, torch.Tensor)
-        outputs = (out,) if single else tuple(out)
-        held = torch.cuda.memory_reserved(self.device) - reserved + sum(x.numel() * x.element_size() for x in static)
+        self._pool_bytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
+        held = sum(x.numel() * x.element_size() for x in (*static, *outputs))
         entry = _Captured(graph, static, outputs, single, held, time.perf_counter() - t0, fn)
         self._graphs[key] = entry
         self.captures += 1
@@ -125,19 +146,40 @@ class GraphCache:
 
     def _evict(self, keep_room_for_one: bool) -> None:
         limit = self.max_graphs - (1 if keep_room_for_one else 0)
-        freed = False
-        while self._graphs and (len(self._graphs) > limit or self.stats().bytes > self.max_bytes):
-            if not keep_room_for_one and len(self._graphs) == 1:
-                break  # the graph just captured stays, even when it alone exceeds the byte budget
+        while len(self._graphs) > limit:
             key, entry = self._graphs.popitem(last=False)
             self.evictions += 1
-            freed = True
-            log.info("dropped CUDA graph %s (%.0f MiB, %d replays): over the graph budget", key, entry.bytes / 2**20,
-                     entry.replays)
-            del entry
-        if freed:
-            torch.cuda.empty_cache()  # returns the dropped graphs' pools to the device
+            log.info("dropped CUDA graph %s (%d replays): over the count budget of %d", key, entry.replays,
+                     self.max_graphs)
+        # The pool is shared: a dropped graph's intermediates stay in it. Over the byte budget the
+        # whole cache starts over (the graph just captured stays, even alone over the budget).
+        if self.stats().bytes > self.max_bytes and (keep_room_for_one or len(self._graphs) > 1):
+            kept = None if keep_room_for_one else self._graphs.popitem(last=True)
+            log.info("dropped %d CUDA graphs and their pool (%.0f MiB): over the byte budget of %.0f MiB",
+                     len(self._graphs), self.stats().bytes / 2**20, self.max_bytes / 2**20)
+            self.evictions += len(self._graphs)
+            self._graphs.clear()
+            if kept is None:
+                self._pool, self._pool_bytes = None, 0
+                torch.cuda.empty_cache()  # the pool's memory goes back once no graph uses it
+            else:  # the pool's other users are gone; its reservation is now the kept graph's alone
+                self._graphs[kept[0]] = kept[1]
+                torch.cuda.empty_cache()
+
+    def _abandon_pool(self) -> None:
+        """After a failed capture (fn did something a graph cannot hold, e.g. read a device value on
+        the host): PyTorch's capture_end raises before it stops routing the capture stream's
+        allocations to the pool, and every later capture into that pool fails ("already recording
+        to mempool_id"). The graphs captured so far keep the old pool; later ones get a new one."""
+        end = getattr(torch._C, "_cuda_endAllocateToPool", None)  # private: closes the stuck recording where it exists
+        if end is not None:
+            try:
+                end(self.device.index if self.device.index is not None else torch.cuda.current_device(), self._pool)
+            except Exception:  # noqa: BLE001 - best effort; the new pool below is what matters
+                pass
+        self._pool = None
 
     def clear(self) -> None:
         self._graphs.clear()
+        self._pool, self._pool_bytes = None, 0
         torch.cuda.empty_cache()

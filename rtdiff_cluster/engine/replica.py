@@ -411,7 +411,7 @@ class EngineRank:
         def encode(i: int, image) -> FrameResult:
             fr = batch.frames[i]
             t = time.perf_counter()
-            if fr.output_size is not None:  # computed smaller by the governor: the client gets the size it asked
+            if fr.output_size is not None:  # computed smaller by the governor (a GPU replica resized it already)
                 image = imaging.resize(image, *fr.output_size)
             data = imaging.encode(image, fr.output_format, fr.jpeg_quality)
             from_cache, fraction, stages = cache_info.get(i, (False, 1.0, None))

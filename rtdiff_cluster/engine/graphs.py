@@ -13,11 +13,13 @@ graph may reuse another's, whatever the order of replays (they never run concurr
 The pool then grows to about the largest graph's working set, not the sum of them all, so a
 stream whose governor walks sizes, step counts and chunk-cache regions can keep every graph it
 needs (with a pool per graph and at most 16 graphs, a governed SDXL stream allowed down to half
-size recaptured 20 graphs in 240 measured frames, p99 1.0 s). The least recently
-used graph is dropped beyond the count budget; beyond the byte budget (the pool plus every
-graph's static inputs and outputs) all are dropped and the pool starts over. `torch.cuda.graphs.make_graphed_callables` targets
-autograd training steps (it captures a backward too); inference needs only capture and replay,
-with the inputs copied into static buffers, which is what this does.
+size recaptured 20 graphs in 240 measured frames, p99 1.0 s). The least recently used graph is
+dropped beyond the count budget; beyond the byte budget (the pool plus every graph's static
+inputs and outputs) all are dropped and the pool starts over.
+
+`torch.cuda.graphs.make_graphed_callables` targets autograd training steps (it captures a
+backward too); inference needs only capture and replay, with the inputs copied into static
+buffers, which is what this does.
 """
 
 from __future__ import annotations
@@ -162,9 +164,8 @@ class GraphCache:
             if kept is None:
                 self._pool, self._pool_bytes = None, 0
                 torch.cuda.empty_cache()  # the pool's memory goes back once no graph uses it
-            else:  # the pool's other users are gone; its reservation is now the kept graph's alone
+            else:  # the pool cannot shrink while the kept graph uses it: the next capture starts over
                 self._graphs[kept[0]] = kept[1]
-                torch.cuda.empty_cache()
 
     def _abandon_pool(self) -> None:
         """After a failed capture (fn did something a graph cannot hold, e.g. read a device value on

@@ -21,8 +21,8 @@ the same thing through the kernel:
     AutoencoderTinyBlock      conv -> bias -> ReLU (twice), conv -> bias -> + skip -> ReLU, each
       (tiny VAE)              as one cuDNN fused call (torch.cudnn_convolution_[add_]relu)
 
-diffusers' modules stay the readable reference: tests/test_fused_modules.py holds every patched
-module to its unpatched output. A module whose configuration the kernel does not cover (another
+diffusers' modules stay the readable reference: tests/test_fast_paths.py (CPU) and
+tests/test_gpu_fast_paths.py hold the patched modules to their unpatched outputs. A module whose configuration the kernel does not cover (another
 norm type, an up/down-sampling variant the forward below does not know) keeps diffusers' forward.
 """
 
@@ -39,7 +39,7 @@ from torch import nn
 def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
     """diffusers' ResnetBlock2D.forward for time_embedding_norm="default" with SiLU, each
     GroupNorm -> SiLU pair fused."""
-    from rtdiff_kernels.add_bias import add_bias
+    from rtdiff_kernels.add_bias import add_bias, add_bias_reference
     from rtdiff_kernels.group_norm_silu import group_norm_silu
 
     n1, n2 = self.norm1, self.norm2
@@ -64,7 +64,10 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None,
     shortcut_bias = None
     if self.conv_shortcut is not None:
         input_tensor, shortcut_bias = _conv_without_bias(self.conv_shortcut, input_tensor)
-    out = add_bias(input_tensor, hidden, bias2, shortcut_bias)
+    if input_tensor.shape == hidden.shape and input_tensor.dtype == hidden.dtype:
+        out = add_bias(input_tensor, hidden, bias2, shortcut_bias)
+    else:  # PyTorch's promotion and broadcasting rules, as diffusers' forward would apply them
+        out = add_bias_reference(input_tensor, hidden, bias2, shortcut_bias)
     # A division by 1 is still a pass over the tensor (and a launch): SDXL's factor is 1.
     return out / self.output_scale_factor if self.output_scale_factor != 1 else out
 

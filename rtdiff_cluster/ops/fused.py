@@ -22,8 +22,9 @@ the same thing through the kernel:
       (tiny VAE)              as one cuDNN fused call (torch.cudnn_convolution_[add_]relu)
 
 diffusers' modules stay the readable reference: tests/test_fast_paths.py (CPU) and
-tests/test_gpu_fast_paths.py hold the patched modules to their unpatched outputs. A module whose configuration the kernel does not cover (another
-norm type, an up/down-sampling variant the forward below does not know) keeps diffusers' forward.
+tests/test_gpu_fast_paths.py hold the patched modules to their unpatched outputs. A module whose
+configuration the kernel does not cover (another norm type, an up/down-sampling variant the
+forward below does not know) keeps diffusers' forward.
 """
 
 from __future__ import annotations

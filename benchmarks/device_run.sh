@@ -10,6 +10,10 @@
 #   knobs         benchmarks/knobs.py (SDXL 1024, tiny VAE: samplers x steps, fp8, adaptive steps vs the exact pipeline)
 #   stream-serving  benchmarks/stream_serving.py (live 1024 streams through the gateway: 1-step fps/p99, governor)
 #   unet-profile  benchmarks/unet_profile.py (an SDXL step's kernels one by one at 1024, 512 and 384)
+#   scaling-1024 / scaling-video / scaling-serving   issue 7's run, one part per call: synthetic:flux-40b
+#                 (80 GB in bf16) with true CFG at tp=1,2,4,8 and tp=4 x cfg-parallel 2 (those the GPUs allow),
+#                 at 1024 and at 16,384 image tokens, tp against tp; then a tp=<all GPUs> replica through the
+#                 gateway with 4-step sampling
 # Run from the repo root on the device machine with .whl carried (../shared/tools/device-wheels.sh
 # grpcio==1.85.1 protobuf==7.36.2). Results land in $OUT.
 set -uo pipefail
@@ -42,6 +46,13 @@ for part in $parts; do
       | grep -v WARNING | tee "$OUT/stream_serving.log" ;;
     unet-profile) timeout 300 python3 benchmarks/unet_profile.py --sizes 1024,512,384 --out-dir "$OUT" 2>&1 \
       | grep -v "^USDT" | tee "$OUT/unet_profile.log" ;;
+    scaling-1024) timeout 590 python3 benchmarks/sharding.py --models flux-40b --tps 1,2,4,8 --dit-cfg --size 1024 \
+      --steps 5 --warmup 2 --no-fp32-reference --timeout 240 --out-dir "$OUT" 2>&1 | tee "$OUT/scaling_1024.log" ;;
+    scaling-video) timeout 590 python3 benchmarks/sharding.py --models flux-40b --tps 2,4,8 --dit-cfg --tokens 16384 \
+      --steps 3 --warmup 1 --no-fp32-reference --timeout 240 --out-dir "$OUT" 2>&1 | tee "$OUT/scaling_video.log" ;;
+    scaling-serving) timeout 590 python3 benchmarks/stream_serving.py --device cuda --source synthetic:flux-40b \
+      --tp "$(python3 -c 'import torch; print(torch.cuda.device_count())')" --cases "4 steps, ungoverned" \
+      --frames 60 --out-dir "$OUT" 2>&1 | grep -v WARNING | tee "$OUT/scaling_serving.log" ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -19,6 +19,13 @@ and conditional) per step at tp-only layouts and 1 per rank group at cfg-paralle
 
     python benchmarks/sharding.py --models sdxl,flux-dev [--size 1024] [--steps 10] [--out-dir DIR]
     python benchmarks/sharding.py --models tiny-flux --device cpu --size 128   # a dry run on CPU (gloo)
+
+The 8-GPU scaling run (issue 7; `device_run.sh scaling-1024 scaling-video`): a 40 B DiT with
+true CFG at tp=1, 2, 4 and 8 and tp=4 x cfg-parallel 2, at 1024 and at a video-sized token count;
+its float32 weights fit no GPU, so each layout is checked against the lowest tp that ran:
+
+    python benchmarks/sharding.py --models flux-40b --tps 1,2,4,8 --dit-cfg --no-fp32-reference
+    python benchmarks/sharding.py --models flux-40b --tps 2,4,8 --dit-cfg --tokens 16384 --no-fp32-reference
 """
 
 from __future__ import annotations
@@ -47,7 +54,9 @@ SEED = 1
 
 # ---- one rank --------------------------------------------------------------------------------
 
-def _inputs(name: str, batch: int, size: int, device, dtype) -> dict:
+def _inputs(name: str, batch: int, size: int, device, dtype, tokens: int = 0) -> dict:
+    """A step's inputs at size x size, or for a DiT at `tokens` image tokens (a grid 64 tokens tall:
+    a video-sized sequence) when tokens > 0."""
     from rtdiff_cluster.models.synthetic import PRESETS
 
     p = PRESETS[f"synthetic:{name}"]
@@ -56,10 +65,11 @@ def _inputs(name: str, batch: int, size: int, device, dtype) -> dict:
     latent = size // 8
     if p.kind == "flux":
         cfg = p.backbone
-        tokens = (latent // 2) ** 2
-        ids = torch.zeros(latent // 2, latent // 2, 3)
-        ids[..., 1] = torch.arange(latent // 2)[:, None]
-        ids[..., 2] = torch.arange(latent // 2)[None, :]
+        rows, cols = (64, tokens // 64) if tokens else (latent // 2, latent // 2)
+        tokens = rows * cols
+        ids = torch.zeros(rows, cols, 3)
+        ids[..., 1] = torch.arange(rows)[:, None]
+        ids[..., 2] = torch.arange(cols)[None, :]
         text = p.extras["max_sequence_length"]
         return dict(hidden_states=r(batch, tokens, cfg["in_channels"]), encoder_hidden_states=r(batch, text, cfg["joint_attention_dim"]),
                     pooled_projections=r(batch, cfg["pooled_projection_dim"]), timestep=torch.full((batch,), 0.7, device=device, dtype=dtype),
@@ -175,7 +185,7 @@ def run_layout(rank: int, world: int, port: int, job: dict, queue) -> None:
         load_s = time.perf_counter() - t0
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         batch = job["batch"]
-        x = _inputs(job["model"], batch, job["size"], device, dtype)
+        x = _inputs(job["model"], batch, job["size"], device, dtype, job.get("tokens", 0))
         sync = (lambda: torch.cuda.synchronize(device)) if use_cuda else (lambda: None)
 
         def step():
@@ -276,23 +286,34 @@ def run_job(job: dict, timeout_s: float) -> dict:
 
 # ---- the run ---------------------------------------------------------------------------------
 
-def layouts(model: str, gpus: int, cuda: bool) -> list[dict]:
-    """(tp, cfg, batch, peer, shard_resnets) per layout the GPUs allow; SDXL steps carry CFG's batch."""
+def layouts(model: str, gpus: int, cuda: bool, tps: list[int] | None = None, dit_cfg: bool = False) -> list[dict]:
+    """(tp, cfg, batch, peer, shard_resnets) per layout the GPUs allow; steps with guidance carry
+    CFG's batch (SDXL always; a DiT with dit_cfg, as a true-CFG model runs).
+
+    tps: the tensor-parallel degrees to run (default: 1 and 2). A DiT also runs tp=tps[-1]/2 x
+    cfg-parallel 2 when dit_cfg is set and that fits the GPUs, and, at tp=2 on CUDA, diffusers'
+    own tensor parallelism as the peer."""
     from rtdiff_cluster.models.synthetic import PRESETS
 
-    unet = PRESETS[f"synthetic:{model}"].kind != "flux"
-    batch = 2 if unet else 1  # SDXL with guidance: unconditional and conditional in one batch
-    out = [dict(tp=1, cfg=1, batch=batch, label="tp=1 (diffusers eager)")]
-    if gpus >= 2:
-        out.append(dict(tp=2, cfg=1, batch=batch, label="tp=2"))
-        if unet:
+    p = PRESETS[f"synthetic:{model}"]
+    unet = p.kind != "flux"
+    batch = 2 if unet or dit_cfg else 1  # unconditional and conditional in one batch
+    heads = None if unet else p.backbone["num_attention_heads"]
+    tps = [t for t in (tps or [1, 2]) if t <= gpus and (heads is None or heads % t == 0)]
+    out = []
+    for tp in tps:
+        out.append(dict(tp=tp, cfg=1, batch=batch, label="tp=1 (diffusers eager)" if tp == 1 else f"tp={tp}"))
+        if tp == 2 and unet:
             out.append(dict(tp=2, cfg=1, batch=batch, label="tp=2, ResNets replicated", shard_resnets=False))
             out.append(dict(tp=1, cfg=2, batch=1, label="cfg-parallel 2"))
-        elif cuda:
+        elif tp == 2 and cuda:
             out.append(dict(tp=2, cfg=1, batch=batch, label="tp=2 diffusers enable_parallelism (DTensor)",
                             peer="diffusers-dtensor"))
     if gpus >= 4 and unet:
         out.append(dict(tp=2, cfg=2, batch=1, label="tp=2 x cfg-parallel 2"))
+    if dit_cfg and not unet and tps and tps[-1] >= 2 and tps[-1] <= gpus:
+        half = tps[-1] // 2
+        out.append(dict(tp=half, cfg=2, batch=1, label=f"tp={half} x cfg-parallel 2"))
     return out
 
 
@@ -313,7 +334,8 @@ def stamp(device: str) -> dict:
             "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
-def summarize(job: dict, res: dict, base_ms: float | None) -> dict:
+def summarize(job: dict, res: dict, base: tuple[float, int] | None) -> dict:
+    """base: (ms, GPUs) of the layout that speedup and scaling efficiency are measured against."""
     row = {k: job[k] for k in ("model", "label", "tp", "cfg", "batch", "size")}
     if "error" in res:
         row["error"] = res["error"].splitlines()[0][:300]
@@ -331,27 +353,44 @@ def summarize(job: dict, res: dict, base_ms: float | None) -> dict:
         row["allreduce_ms"] = r0["comm"]["allreduce_us"] / 1e3
         row["allreduce_overlap_ms"] = r0["comm"]["overlap_us"] / 1e3
         row["allreduce_kernels"] = r0["comm"]["allreduce_kernels"]
-    if base_ms:
-        row["speedup"] = base_ms / ms
-        row["scaling_efficiency"] = base_ms / (n * ms)
+    if base:
+        row["speedup"] = base[0] / ms
+        row["scaling_efficiency"] = base[0] * base[1] / (n * ms)
     return row
+
+
+def compare_layouts(saved: list[tuple[dict, Path]]) -> None:
+    """Each tp-only layout's bf16 output against the lowest tp that ran (same seed and inputs):
+    the numerical check that holds where no float32 reference fits (tp=8 against tp=4 or 2)."""
+    if len(saved) < 2:
+        return
+    base_row, base_path = min(saved, key=lambda rp: rp[0]["tp"])
+    base = torch.load(base_path).float()
+    for row, path in saved:
+        if row is base_row:
+            continue
+        diff = torch.load(path).float() - base
+        row["vs_lowest_tp"] = {"against": base_row["label"], "rel_l2": (diff.norm() / base.norm()).item(),
+                               "max_abs": diff.abs().max().item()}
 
 
 def markdown(result: dict) -> str:
     st = result["device"]
+    shape = (f"{result['tokens']} image tokens" if result.get("tokens")
+             else f"{result['size']}x{result['size']}")
     lines = [f"# Sharding — {st['date_utc']}", "",
              f"Device: {st['gpus']} x {st['gpu_name']} ({st['cpu_cores']} CPU cores); torch {st['torch']}, "
              f"diffusers {st['diffusers']}, NCCL {st['nccl']}.", "",
-             f"Backbone step at {result['size']}x{result['size']}, bf16, synthetic weights; median of "
+             f"Backbone step at {shape}, bf16, synthetic weights; median of "
              f"{result['steps']} timed steps after {result['warmup']} warm-up steps, CUDA events on rank 0.", "",
              "| model | layout | GPUs | batch/group | ms/step | TFLOP/s | speedup | scaling eff. | all-reduce ms (overlapped) "
-             "| weights GB/rank | peak GB/rank | W/GPU | J/step | rel. error vs fp32 (bf16 tp=1's) |",
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "| weights GB/rank | peak GB/rank | W/GPU | J/step | rel. error vs fp32 (bf16 tp=1's) | rel. error vs lowest tp |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     dash = "-"
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['label']} | {r['tp'] * r['cfg']} | {r['batch']} | failed: {r['error']} "
-                         "| | | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         flops = result["flops"].get(r["model"])
         tflops = f"{flops / (r['ms'] / 1e3) / 1e12:.0f}" if flops else dash
@@ -360,14 +399,21 @@ def markdown(result: dict) -> str:
         err_s = f"{err['rel_l2']:.2e} ({base_err:.2e})" if err and base_err else dash
         watts = ", ".join(f"{w:.0f}" for w in r["watts_per_gpu"] if w) or dash
         joules = f"{r['joules_per_step']:.1f}" if r.get("joules_per_step") else dash
+        vs = r.get("vs_lowest_tp")
+        vs_s = f"{vs['rel_l2']:.2e} ({vs['against']})" if vs else dash
+        speedup = f"{r['speedup']:.2f}" if "speedup" in r else dash
+        eff = f"{r['scaling_efficiency']:.2f}" if "scaling_efficiency" in r else dash
         lines.append(f"| {r['model']} | {r['label']} | {r['gpus']} | {r['batch']} | {r['ms']:.1f} | {tflops} "
-                     f"| {r.get('speedup', 1):.2f} | {r.get('scaling_efficiency', 1):.2f} | {ar} "
-                     f"| {max(r['weight_gb_per_rank']):.2f} | {max(r['peak_gb_per_rank']):.1f} | {watts} | {joules} | {err_s} |")
+                     f"| {speedup} | {eff} | {ar} "
+                     f"| {max(r['weight_gb_per_rank']):.2f} | {max(r['peak_gb_per_rank']):.1f} | {watts} | {joules} | {err_s} "
+                     f"| {vs_s} |")
     lines += ["", "TFLOP/s: the step's FLOPs (counted once at tp=1 with FlopCounterMode) over its time, for the whole group. "
-              "speedup and scaling efficiency T(1) / (n T(n)) are against tp=1 of the same model in this run. "
+              "speedup and scaling efficiency k T(k) / (n T(n)) are against the lowest layout that ran (k GPUs: tp=1 "
+              "where the model fits one GPU) of the same model in this run. "
               "all-reduce ms: NCCL kernel time per step on rank 0 and, in parentheses, how much of it ran while other "
               "kernels did. rel. error: ||out - out_fp32|| / ||out_fp32|| of the step's output against a float32 tp=1 "
-              "reference, next to the same for bf16 at tp=1 (the policy: at most about twice it)."]
+              "reference, next to the same for bf16 at tp=1 (the policy: at most about twice it); vs lowest tp: the "
+              "same measure against the bf16 output of the lowest tensor-parallel degree that ran, same seed."]
     for r in result["rows"]:
         split = r.get("module_split_ms")
         if split and r.get("ms"):
@@ -391,7 +437,24 @@ def main() -> int:
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--timeout", type=float, default=900, help="seconds per layout")
     ap.add_argument("--oversized", default="", help="a preset to try at tp=1 and, with 2 GPUs, tp=2 (e.g. flux-80b)")
+    ap.add_argument("--tps", default="1,2", help="tensor-parallel degrees to run, e.g. 1,2,4,8 (those the GPUs and "
+                                                 "the model's heads allow)")
+    ap.add_argument("--tokens", type=int, default=0,
+                    help="DiTs: image tokens per step instead of --size's (a video-sized sequence, e.g. 32768)")
+    ap.add_argument("--dit-cfg", action="store_true",
+                    help="DiTs: steps carry true CFG's batch of 2, and tp=max/2 x cfg-parallel 2 runs too")
+    ap.add_argument("--no-fp32-reference", action="store_true",
+                    help="skip the float32 tp=1 reference (a model whose float32 weights do not fit one GPU); the "
+                         "bf16 layouts are still compared with the lowest tp that ran")
     args = ap.parse_args()
+    try:
+        tps = sorted({int(t) for t in args.tps.split(",") if t.strip()})
+    except ValueError:
+        ap.error(f"--tps: comma-separated integers, got {args.tps!r}")
+    if not tps or any(t < 1 or t & (t - 1) for t in tps):
+        ap.error(f"--tps: powers of two >= 1, got {args.tps!r}")
+    if args.tokens and (args.tokens < 64 or args.tokens % 64):
+        ap.error(f"--tokens: a positive multiple of 64, got {args.tokens}")
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
@@ -401,41 +464,49 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / ".sharding-tmp"
     tmp.mkdir(exist_ok=True)
-    result = {"benchmark": "sharding", "device": stamp(args.device), "size": args.size, "steps": args.steps,
-              "warmup": args.warmup, "rows": [], "flops": {}, "bf16_error": {}, "notes": []}
+    result = {"benchmark": "sharding", "device": stamp(args.device), "size": args.size, "tokens": args.tokens,
+              "steps": args.steps, "warmup": args.warmup, "rows": [], "flops": {}, "bf16_error": {}, "notes": []}
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         base = None
         ref_path = tmp / f"{model}-fp32.pt"
         # float32 tp=1 reference output, then every layout compared against it.
-        common = dict(model=model, size=args.size, device=args.device, warmup=1, steps=1)
-        print(f"[{model}] float32 reference", file=sys.stderr, flush=True)
-        ref_job = dict(common, tp=1, cfg=1, batch=layouts(model, gpus, cuda)[0]["batch"], label="fp32 reference",
-                       save_output=str(ref_path))
-        if cuda:  # a float32 run needs the dtype switch: run_layout picks bf16 on CUDA, so ask for it explicitly
-            ref_job["dtype_override"] = "float32"
-        ref = run_job(ref_job, args.timeout)
+        common = dict(model=model, size=args.size, tokens=args.tokens, device=args.device, warmup=1, steps=1)
+        plan = layouts(model, gpus, cuda, tps, args.dit_cfg)
+        ref = {"error": "skipped (--no-fp32-reference)"}
+        if not args.no_fp32_reference:
+            print(f"[{model}] float32 reference", file=sys.stderr, flush=True)
+            ref_job = dict(common, tp=1, cfg=1, batch=plan[0]["batch"], label="fp32 reference", save_output=str(ref_path))
+            if cuda:  # a float32 run needs the dtype switch: run_layout picks bf16 on CUDA, so ask for it explicitly
+                ref_job["dtype_override"] = "float32"
+            ref = run_job(ref_job, args.timeout)
         if "error" in ref:
             result["notes"].append(f"{model}: no float32 reference ({ref['error'].splitlines()[0][:200]})")
-        for lay in layouts(model, gpus, cuda):
+        saved: list[tuple[dict, Path]] = []  # bf16 outputs of the tp-only layouts, for the tp-against-tp check
+        for i, lay in enumerate(plan):
             if lay["cfg"] > 1:
                 continue_with_ref = False  # a cfg-parallel step computes one branch per rank: other input batch
             else:
                 continue_with_ref = "error" not in ref
             first = lay["tp"] == 1 and lay["cfg"] == 1
+            out_path = tmp / f"{model}-layout{i}.pt" if lay["cfg"] == 1 and "peer" not in lay else None
             job = dict(common, **lay, warmup=args.warmup, steps=args.steps, count_flops=first, module_split=first,
-                       reference=str(ref_path) if continue_with_ref else None)
+                       reference=str(ref_path) if continue_with_ref else None,
+                       save_output=str(out_path) if out_path else None)
             print(f"[{model}] {lay['label']}", file=sys.stderr, flush=True)
             res = run_job(job, args.timeout)
             if "error" not in res and job["count_flops"]:
                 result["flops"][model] = res["ranks"][0]["flops"]
             row = summarize(job, res, base)
-            if lay["tp"] == 1 and lay["cfg"] == 1 and "error" not in row:
-                base = row["ms"]
+            if base is None and lay["cfg"] == 1 and "peer" not in lay and "error" not in row:
+                base = (row["ms"], row["gpus"])  # tp=1, or the lowest tp where the model did not fit one GPU
                 row["speedup"], row["scaling_efficiency"] = 1.0, 1.0
-                if row.get("reference_error"):
-                    result["bf16_error"][model] = row["reference_error"]["rel_l2"]
+            if first and row.get("reference_error"):
+                result["bf16_error"][model] = row["reference_error"]["rel_l2"]
             result["rows"].append(row)
+            if out_path is not None and "error" not in row:
+                saved.append((row, out_path))
             print(f"[{model}] {lay['label']}: {row.get('ms', row.get('error'))}", file=sys.stderr, flush=True)
+        compare_layouts(saved)
     if args.oversized:
         for tp in [1] + ([2] if gpus >= 2 else []):
             job = dict(model=args.oversized, size=args.size, device=args.device, tp=tp, cfg=1, batch=1, warmup=1, steps=2,

@@ -61,3 +61,31 @@ def test_unet_profile_lists_the_step_kernels_by_size(tmp_path):
         assert s["kernels"] == sum(row["count"] for row in s["table"]) > 0
         assert math.isclose(s["kernel_ms"], sum(row["ms"] for row in s["table"]), rel_tol=1e-6)
         assert [row["ms"] for row in s["table"]] == sorted((row["ms"] for row in s["table"]), reverse=True)
+
+
+def test_sharding_runs_the_scaling_layouts_and_checks_tp_against_tp(tmp_path):
+    """The 8-GPU scaling run's layouts in miniature (gloo ranks on CPU): tp=1, 2 and 4 and
+    tp=2 x cfg-parallel 2 at a video-style token count, each tp-only layout's output held to the
+    lowest tp's (fp32 here: only summation order differs)."""
+    r = run("sharding.py", tmp_path, "--models", "tiny-flux", "--device", "cpu", "--gpus", "4", "--tps", "1,2,4",
+            "--dit-cfg", "--size", "128", "--tokens", "128", "--steps", "1", "--warmup", "1", "--no-fp32-reference",
+            timeout=600)
+    rows = {row["label"]: row for row in r["rows"]}
+    assert set(rows) == {"tp=1 (diffusers eager)", "tp=2", "tp=4", "tp=2 x cfg-parallel 2"}, list(rows)
+    assert all("error" not in row and row["ms"] > 0 for row in rows.values())
+    assert [rows[k]["gpus"] for k in ("tp=2", "tp=4", "tp=2 x cfg-parallel 2")] == [2, 4, 4]
+    assert rows["tp=1 (diffusers eager)"]["batch"] == 2 and rows["tp=2 x cfg-parallel 2"]["batch"] == 1  # CFG's batch
+    for k in ("tp=2", "tp=4"):
+        assert rows[k]["vs_lowest_tp"]["against"] == "tp=1 (diffusers eager)"
+        assert rows[k]["vs_lowest_tp"]["rel_l2"] < 1e-5, rows[k]["vs_lowest_tp"]
+        assert rows[k]["scaling_efficiency"] > 0
+    assert r["tokens"] == 128 and any("no float32 reference" in n for n in r["notes"])
+
+
+def test_stream_serving_through_a_sharded_replica(tmp_path):
+    """The scaling run's end-to-end part: one case through a tp=2 replica (gloo ranks on CPU)."""
+    r = run("stream_serving.py", tmp_path, "--device", "cpu", "--frames", "6", "--size", "128", "--tp", "2",
+            "--cases", "4 steps, ungoverned", timeout=600)
+    assert r["tp"] == 2 and r["engine_alone"] is None and r["target"] is None
+    assert [row["case"] for row in r["rows"]] == ["4 steps, ungoverned"]
+    assert r["rows"][0]["frames"] == 6 and r["rows"][0]["fps"] > 0 and r["rows"][0]["steps_min"] == 8

@@ -9,6 +9,8 @@ serving path are the real ones. The backbone goes through the same sharded loade
     synthetic:tiny-flux   Flux's structure in miniature (CLIP + T5, double and single blocks, guidance input)
     synthetic:sdxl        SDXL base 1.0's exact configs (UNet 2.6 B, CLIP ViT-L + OpenCLIP bigG, SDXL VAE)
     synthetic:flux-dev    FLUX.1-dev's exact configs (transformer 11.9 B, CLIP ViT-L + T5-XXL, 16-channel VAE)
+    synthetic:flux-40b    a Flux-shaped transformer of 40.1 B parameters (hidden 6144, 16 + 32 blocks):
+                          80 GB in bf16, over one H100's memory; the scaling run's backbone (tp=8)
     synthetic:flux-80b    a Flux-shaped transformer of 79.7 B parameters (hidden 6144, 32 + 64 blocks):
                           160 GB in bf16, more than one H200 holds, servable at tp=2
 """
@@ -142,6 +144,12 @@ PRESETS: dict[str, Preset] = {
     "synthetic:flux-dev": Preset(
         "flux", "FluxTransformer2DModel", FLUX_DEV, (CLIP_L, T5_XXL), FLUX_VAE, "FlowMatchEulerDiscreteScheduler",
         FLOW_MATCH, dict(FLUX_LIMITS, default_width=1024, default_height=1024),
+        extras=dict(max_sequence_length=512), token_lengths=(77, 512)),
+    "synthetic:flux-40b": Preset(
+        "flux", "FluxTransformer2DModel",
+        dict(FLUX_DEV, num_layers=16, num_single_layers=32, num_attention_heads=48),  # hidden 48 x 128 = 6144
+        (CLIP_L, T5_XXL), FLUX_VAE, "FlowMatchEulerDiscreteScheduler", FLOW_MATCH,
+        dict(FLUX_LIMITS, default_width=1024, default_height=1024),
         extras=dict(max_sequence_length=512), token_lengths=(77, 512)),
     "synthetic:flux-80b": Preset(
         "flux", "FluxTransformer2DModel",

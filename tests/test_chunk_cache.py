@@ -177,6 +177,28 @@ def test_recomputed_and_static_chunks_against_the_uncached_frames(pipeline):
     assert kinds == ["full", "region", "region"]
 
 
+def test_flux_region_follows_the_whole_frames_schedule():
+    """Flux shifts its sigmas by the token count: a 512 region of a 1024 frame computed on the
+    region's own schedule starts from another noise level (28.4 dB against the whole frame's
+    pixels, inside the region away from its edges); on the whole frame's schedule, 39.1 dB."""
+    from rtdiff_cluster.parallel import groups
+
+    groups.init_single(torch.device("cpu"))
+    try:
+        pipe = Pipeline(load_model(ModelConfig(source="synthetic:tiny-flux", device="cpu")), prompt_cache_size=2)
+        img = clips.texture(1024, 1024, seed=1)
+        whole, _ = pipe.run(BatchSpec(1024, 1024, 4, 0.0, 0.5, [FrameSpec("a fox", seed=3, init_image=img)]),
+                            ["a fox"], [""])
+        top, left, size = 256, 320, 512
+        cut = np.ascontiguousarray(img[top:top + size, left:left + size])
+        region, _ = pipe.run(BatchSpec(size, size, 4, 0.0, 0.5, [FrameSpec("a fox", seed=3, init_image=cut)],
+                                       crop=(1024, 1024, top, left)), ["a fox"], [""])
+    finally:
+        groups.destroy()
+    inner = (slice(64, -64), slice(64, -64))  # away from the region's edge, where its cut-off context shows
+    assert fidelity.psnr(region[0][inner], whole[0, top:top + size, left:left + size][inner]) >= STATIC_MIN_PSNR
+
+
 def test_model_settings_and_frame_threshold():
     s = cache_settings(StreamCacheConfig(chunk_px=48, threshold=3.0), 16)
     assert (s.chunk_px, s.threshold, s.multiple) == (48, 3.0, 16)

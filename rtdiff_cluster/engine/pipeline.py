@@ -266,7 +266,10 @@ class Pipeline:
         scheduler = scheduler_for(batch.sampler, m.scheduler_class, m.scheduler_config)
         f = m.limits.vae_scale_factor
         h, w = batch.height // f, batch.width // f
-        fam.set_timesteps(scheduler, batch.steps, h, w)
+        # A chunk-cache region follows its whole frame's schedule: Flux shifts its sigmas by the
+        # token count, and the region's pixels are pasted among the whole frame's.
+        sched_h, sched_w = (batch.crop[0] // f, batch.crop[1] // f) if batch.crop is not None else (h, w)
+        fam.set_timesteps(scheduler, batch.steps, sched_h, sched_w)
         timesteps = scheduler.timesteps
         begin = 0
         seeds = [fr.seed for fr in batch.frames]
@@ -339,7 +342,9 @@ class Pipeline:
                     x = s.step(eps_of(fam.scale_input(s, x, t), t, g, *tensors), t, x).prev_sample
                 return decode_of(x)
 
-            key = ("loop", batch.sampler, batch.steps, begin) + shapes
+            # The schedule is frozen into the loop: the key holds what it depends on (a region's
+            # follows its whole frame's size).
+            key = ("loop", batch.sampler, batch.steps, begin, sched_h, sched_w) + shapes
             images = self._graphed(key, loop_of, latents, guidance, *inputs)
             if key in self._eager_keys:
                 self._uncapturable_loops.add(batch.sampler)

@@ -92,6 +92,12 @@ class StreamCacheConfig:
     model's device (where changes are measured), 3 MiB of output in host memory and, on a GPU,
     3 MiB of pinned host memory its frames are uploaded from. The least
     recently used streams are dropped beyond it and start again with a whole frame."""
+    dit_token_kv: bool = False
+    """DiTs (Flux) on a single-GPU replica: a region's attention also sees the keys and values of
+    the frame's static image tokens, recorded by the stream's last whole frame (cache/token_kv.py).
+    At one step the region's tokens then get exactly the whole frame's output. Costs device memory
+    per stream, counted in memory_mb: for Flux-dev at 1024, about 2.9 GiB per denoising step. Off
+    until measured on a GPU."""
 
     def validate(self, path: str) -> None:
         _check(8 <= self.chunk_px <= 1024, f"{path}.chunk_px", f"must be in 8..1024, got {self.chunk_px}")

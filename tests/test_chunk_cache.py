@@ -199,6 +199,68 @@ def test_flux_region_follows_the_whole_frames_schedule():
     assert fidelity.psnr(region[0][inner], whole[0, top:top + size, left:left + size][inner]) >= STATIC_MIN_PSNR
 
 
+@pytest.fixture(scope="module")
+def flux_with_processors():
+    """tiny-flux with our attention processors (a GPU replica's; a CPU replica keeps diffusers')."""
+    from rtdiff_cluster.ops import processors
+    from rtdiff_cluster.ops.attention import AttentionRegistry
+
+    model = load_model(ModelConfig(source="synthetic:tiny-flux", device="cpu"))
+    # PyTorch's SDPA: the Triton backend would run in the interpreter here (slow, and not what is tested).
+    processors.install(model.backbone, AttentionRegistry(allowed=["sdpa"]), fused=False)
+    return model
+
+
+def test_region_with_recorded_token_kv_equals_the_whole_frame(flux_with_processors):
+    """A DiT region whose attention also sees the whole frame's recorded keys and values gives its
+    tokens exactly the whole frame's output (one step, fp32: only summation order differs); alone,
+    without the static tokens, it is 1.5% off."""
+    from rtdiff_cluster.cache import token_kv
+    from rtdiff_cluster.engine.families import family_for
+
+    fam = family_for(flux_with_processors)
+    cond = [torch.stack(p) for p in zip(*fam.encode(["a fox"]))]
+    x = fam.to_model_layout(torch.randn(1, fam.latent_channels(), 64, 64, generator=torch.Generator().manual_seed(0)))
+    t = torch.tensor(500.0)
+    kv = token_kv.TokenKV((32, 32), ("one step",))
+    top, left, rows, cols = 8, 12, 12, 10  # a block of tokens of the 32 x 32 grid
+    index = token_kv.region_index((32, 32), top, left, rows, cols, "cpu")
+    region_inputs = fam.extra_inputs(1, cols * 16, rows * 16, 3.5, rows * 2, cols * 2, (top * 2, left * 2))
+    with torch.inference_mode():
+        with token_kv.recording(kv):
+            whole = fam.forward(x, t, cond, fam.extra_inputs(1, 512, 512, 3.5, 64, 64))
+        alone = fam.forward(x[:, index], t, cond, region_inputs)
+        with token_kv.extending(kv, index):
+            extended = fam.forward(x[:, index], t, cond, region_inputs)
+    want = whole[:, index]
+    rel = lambda a: ((a - want).norm() / want.norm()).item()  # noqa: E731
+    assert rel(extended) < 1e-5 and rel(alone) > 1e-3, (rel(extended), rel(alone))
+    assert kv.nbytes == 2 * 4 * 32 * 32 * 64 * 4  # (K, V) x 4 attention modules x 1,024 tokens x 64 x fp32
+
+
+def test_dit_stream_records_keys_and_values_and_regions_use_them(flux_with_processors):
+    from rtdiff_cluster.parallel import groups
+
+    groups.init_single(torch.device("cpu"))
+    try:
+        pipe = Pipeline(flux_with_processors, prompt_cache_size=2)
+        compute = _compute(pipe)
+        settings = dataclasses.replace(SETTINGS, multiple=16)
+        cache = StreamFrameCache()
+        kinds, frames = [], list(clips.moving(256, 256, 3, area=0.1, step_px=8))
+        for img, steps in zip(frames, (4, 4, 2)):
+            batch = BatchSpec(256, 256, steps, 0.0, 0.5, [FrameSpec("a stream", seed=3, init_image=img)])
+            done = run_cached(compute, cache, batch, settings, token_px=16)
+            kinds.append(done.plan.kind)
+            assert cache.kv is not None and cache.kv.grid == (16, 16) and cache.kv.schedule[0] == steps
+        # The last record: the 2-step schedule runs 1 step at strength 0.5; (K, V) per step and attention module.
+        assert len(cache.kv.store) == 1 * 4 and cache.nbytes > cache.kv.nbytes > 0
+        # A region of another schedule (2 steps) has nothing recorded for it: that frame is computed whole.
+        assert kinds == ["full", "region", "full"], kinds
+    finally:
+        groups.destroy()
+
+
 def test_model_settings_and_frame_threshold():
     s = cache_settings(StreamCacheConfig(chunk_px=48, threshold=3.0), 16)
     assert (s.chunk_px, s.threshold, s.multiple) == (48, 3.0, 16)

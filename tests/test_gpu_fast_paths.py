@@ -280,3 +280,28 @@ def test_chunk_cached_frames_computed_smaller_come_back_at_the_asked_size():
         assert diff.mean() < 0.5 and diff.max() <= 2, (done.plan.kind, diff.mean(), diff.max())
         assert cache.output.shape == (128, 128, 3)
     assert kinds == ["full", "cache", "region"], kinds
+
+
+def test_dit_stream_regions_attend_to_recorded_keys_and_values_on_the_fast_paths():
+    """stream_cache.dit_token_kv on a GPU: a Flux stream's whole frame records its image tokens'
+    keys and values (eagerly: a graph would freeze one stream's tensors), and its regions attend to
+    them; the frames stay close to the uncached ones."""
+    from rtdiff_cluster import clips, fidelity
+    from rtdiff_cluster.cache.chunk_cache import CacheSettings, StreamFrameCache
+    from rtdiff_cluster.engine.stream_frames import run_cached
+
+    _, fast, fp = pipelines("synthetic:tiny-flux")
+    settings = CacheSettings(chunk_px=32, threshold=2.0, halo_px=32, max_region_fraction=0.5, region_buckets=4,
+                             multiple=16)
+    cache = StreamFrameCache("cuda")
+    kinds = []
+    for img in clips.moving(256, 256, 3, area=0.1, step_px=8):
+        batch = BatchSpec(256, 256, 4, 0.0, 0.5, [FrameSpec("a lighthouse", seed=3, init_image=img)])
+        done = run_cached(lambda b: fast.run(b, ["a lighthouse"], [""]), cache, batch, settings, token_px=16)
+        kinds.append(done.plan.kind)
+        want, _ = fast.run(batch, ["a lighthouse"], [""])
+        assert fidelity.psnr(done.pixels, want[0]) >= 25.0, done.plan.kind
+    assert kinds == ["full", "region", "region"], kinds
+    assert cache.kv.store and all(k.is_cuda for k, _ in cache.kv.store.values())
+    assert not any(k[0] in ("loop", "step") and k[-2:] != (32, 32) for k in fp.graphs._graphs if isinstance(k, tuple)), \
+        "a region's steps were captured"

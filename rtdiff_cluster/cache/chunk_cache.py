@@ -116,11 +116,12 @@ class StreamFrameCache:
         self.ref_input: torch.Tensor | None = None  # per chunk: the input it was last computed from
         self.output: np.ndarray | None = None
         self._uploads = PinnedUploads(self.device, 1)  # the frame, uploaded to measure its changes
+        self.kv = None  # a DiT stream's recorded image-token keys and values (cache/token_kv.py)
 
     @property
     def nbytes(self) -> int:
         n = self.ref_input.numel() if self.ref_input is not None else 0
-        n += self._uploads.nbytes
+        n += self._uploads.nbytes + (self.kv.nbytes if self.kv is not None else 0)
         return n + (self.output.nbytes if self.output is not None else 0)
 
     def plan(self, new: np.ndarray, s: CacheSettings) -> Plan:

@@ -101,8 +101,10 @@ class Family:
 
     # ---- the backbone ----------------------------------------------------------------------
 
-    def extra_inputs(self, batch_size: int, width: int, height: int, guidance_scale: float, h: int, w: int) -> dict:
-        """Inputs that depend on the batch but not on the step."""
+    def extra_inputs(self, batch_size: int, width: int, height: int, guidance_scale: float, h: int, w: int,
+                     origin: tuple[int, int] = (0, 0)) -> dict:
+        """Inputs that depend on the batch but not on the step. origin: the latent row and column a
+        chunk-cache region starts at in its whole frame (a DiT's token positions)."""
         m = self.m
         extra: dict = {}
         if m.kind == "sdxl":
@@ -203,11 +205,14 @@ class FluxFamily(Family):
             return scheduler.scale_noise(init, t0.repeat(noise.shape[0]), noise)
         return scheduler.add_noise(init, noise, t0.repeat(noise.shape[0]))  # DPM-Solver on flow sigmas: the same mix
 
-    def extra_inputs(self, batch_size: int, width: int, height: int, guidance_scale: float, h: int, w: int) -> dict:
+    def extra_inputs(self, batch_size: int, width: int, height: int, guidance_scale: float, h: int, w: int,
+                     origin: tuple[int, int] = (0, 0)) -> dict:
         m = self.m
+        # A region's tokens keep their whole-frame positions: the rotary embedding is relative, so
+        # alone they attend as before, and with a stream's recorded keys (cache/token_kv.py) they match.
         ids = torch.zeros(h // 2, w // 2, 3)
-        ids[..., 1] = torch.arange(h // 2)[:, None]
-        ids[..., 2] = torch.arange(w // 2)[None, :]
+        ids[..., 1] = torch.arange(h // 2)[:, None] + origin[0] // 2
+        ids[..., 2] = torch.arange(w // 2)[None, :] + origin[1] // 2
         extra = {"img_ids": ids.reshape(-1, 3).to(m.device, m.dtype)}
         if self.guidance_embeds:
             extra["guidance"] = torch.full((batch_size,), guidance_scale, device=m.device, dtype=torch.float32)

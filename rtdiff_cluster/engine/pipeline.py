@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rtdiff_cluster.cache import token_kv
 from rtdiff_cluster.cache.prompt_cache import PromptCache
 from rtdiff_cluster.engine.families import family_for
 from rtdiff_cluster.engine.graphs import GraphCache
@@ -220,7 +221,7 @@ class Pipeline:
 
     def _graphed(self, key, fn, *inputs):
         """fn(*inputs) through the graph cache when there is one and this bucket captures; else eager."""
-        if self.graphs is None or key in self._eager_keys:
+        if self.graphs is None or key in self._eager_keys or (key[0] == "step" and token_kv.active()):
             return fn(*inputs)
         try:
             return self.graphs.call(key, fn, *inputs)
@@ -297,7 +298,8 @@ class Pipeline:
             # a captured graph cannot contain).
             scheduler.set_begin_index(begin * scheduler.order)
         latents = fam.initial_latents(scheduler, noise, init, timesteps[:1])
-        extra = fam.extra_inputs(n, batch.width, batch.height, batch.guidance_scale, h, w)
+        origin = (batch.crop[2] // f, batch.crop[3] // f) if batch.crop is not None else (0, 0)
+        extra = fam.extra_inputs(n, batch.width, batch.height, batch.guidance_scale, h, w, origin)
         names = sorted(extra)
         guidance = torch.tensor(batch.guidance_scale, device=m.device, dtype=torch.float32)
         mode = "split" if cfg_split else "cfg" if cfg else "plain"
@@ -330,7 +332,8 @@ class Pipeline:
         shapes = (_shapes((latents, *inputs)), mode, h, w)  # what a captured step depends on
         whole_loop = (decode and self.graphs is not None and mode != "split" and len(timesteps) <= self.loop_graph_max_steps
                       and _noise_free_step(scheduler) and batch.sampler not in self._uncapturable_loops
-                      and batch.step_cache <= 0)  # the step cache decides on the host between steps
+                      and batch.step_cache <= 0  # the step cache decides on the host between steps
+                      and not token_kv.active())  # a stream's recorded K/V: graphs would freeze one stream's
         if whole_loop:
             template = scheduler
 
@@ -355,7 +358,8 @@ class Pipeline:
             cache = StepCache(batch.step_cache) if batch.step_cache > 0 and groups.layout().world == 1 else None
             # The probe sees the conditional branch only: under CFG the second half of each tensor.
             probe_cond = tuple(c[n:] for c in cond) if mode == "cfg" else cond
-            for t in timesteps:
+            for i, t in enumerate(timesteps):
+                token_kv.set_step(i)
                 x = fam.scale_input(scheduler, latents, t)
                 probe = fam.first_block(x, t, probe_cond, extra) if cache is not None else None
                 if cache is not None and cache.reuse(probe):

@@ -346,6 +346,18 @@ class EngineRank:
         return (self.config.stream_cache.enabled and batch.strength > 0 and fr.stream_id is not None
                 and fr.init_image is not None and (fr.cache_threshold is None or fr.cache_threshold >= 0))
 
+    def _token_px(self) -> int:
+        """Pixels per image token when a DiT stream's regions attend to recorded keys and values
+        (config stream_cache.dit_token_kv); 0 when they cannot: another family, a replica of
+        several ranks, or diffusers' own attention processor (a CPU replica), which has no hook."""
+        from rtdiff_cluster.ops.processors import FluxAttnProcessor
+
+        if not (self.config.stream_cache.dit_token_kv and self.model.kind == "flux" and groups.layout().world == 1):
+            return 0
+        if not any(isinstance(getattr(m, "processor", None), FluxAttnProcessor) for m in self.model.backbone.modules()):
+            return 0
+        return self.model.limits.vae_scale_factor * 2  # Flux packs 2x2 latent patches into a token
+
     def _run_cached(self, batch: BatchSpec, i: int, prompt: str,
                     negative: str) -> tuple[CachedFrame, int, float, float]:
         """On the compute thread, in arrival order: frames of one stream see each other's commits.
@@ -357,7 +369,9 @@ class EngineRank:
         settings = cache_settings(self.config.stream_cache, self.model.limits.size_multiple, fr.cache_threshold)
         cache = self.stream_caches.get(fr.stream_id)
         before = cache.nbytes
-        done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings)
+        # The step cache skips steps, whose keys and values then are never recorded.
+        token_px = self._token_px() if one.step_cache <= 0 else 0
+        done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings, token_px)
         self.stream_caches.account(fr.stream_id, before, cache.nbytes)
         self.stream_caches.count(done.plan)
         done.times = dataclasses.replace(done.times, denoise_s=done.times.denoise_s + measuring_s)

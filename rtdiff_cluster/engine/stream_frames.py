@@ -6,6 +6,7 @@ Shared by the replica and benchmarks/stream_cache.py, so the benchmark measures 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable
@@ -13,6 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rtdiff_cluster.cache import token_kv
 from rtdiff_cluster.cache.chunk_cache import CacheSettings, Plan, StreamFrameCache
 from rtdiff_cluster.config import StreamCacheConfig
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, StageTimes, resize_images
@@ -33,22 +35,40 @@ def cache_settings(config: StreamCacheConfig, size_multiple: int, threshold: flo
                          config.max_region_fraction, config.region_buckets, size_multiple)
 
 
-def run_cached(compute: Compute, cache: StreamFrameCache, batch: BatchSpec, settings: CacheSettings) -> CachedFrame:
+def run_cached(compute: Compute, cache: StreamFrameCache, batch: BatchSpec, settings: CacheSettings,
+               token_px: int = 0) -> CachedFrame:
     """batch: one frame of a stream, with its init_image (strength > 0). The output has the
-    frame's output_size where it has one and the cache is on a GPU (else the caller resizes)."""
+    frame's output_size where it has one and the cache is on a GPU (else the caller resizes).
+
+    token_px > 0 (a DiT whose image tokens cover token_px x token_px pixels, its attention through
+    our processor): whole frames record their image tokens' keys and values, and a region's
+    attention also sees the static tokens' (cache/token_kv.py). A region whose stream has no
+    record on its schedule is computed whole, to make one."""
     frame = batch.frames[0]
     new = frame.init_image
     plan = cache.plan(new, settings)
     if plan.kind == "cache":
         return CachedFrame(_sized(cache.output.copy(), frame, cache.device), plan, StageTimes())
+    schedule = (batch.steps, batch.strength, batch.sampler)
+    grid = (new.shape[0] // token_px, new.shape[1] // token_px) if token_px else None
+    if plan.kind == "region" and token_px and (cache.kv is None or (cache.kv.grid, cache.kv.schedule) != (grid, schedule)):
+        plan = dataclasses.replace(plan, kind="full", changed=np.ones_like(plan.changed), region=None)
     if plan.kind == "full":
-        images, times = compute(batch)
+        cache.kv = token_kv.TokenKV(grid, schedule) if token_px else None
+        with token_kv.recording(cache.kv) if token_px else contextlib.nullcontext():
+            images, times = compute(batch)
         return CachedFrame(_sized(cache.commit(plan, new, images[0], settings), frame, cache.device), plan, times)
     r = plan.region
     # The region is cut from the frame the plan uploaded to measure changes: no second upload.
     region = dataclasses.replace(batch, width=r.width, height=r.height, crop=(new.shape[0], new.shape[1], r.top, r.left),
                                  frames=[dataclasses.replace(frame, init_image=r.crop(plan.frame))])
-    images, times = compute(region)
+    extend = contextlib.nullcontext()
+    if token_px:
+        index = token_kv.region_index(grid, r.top // token_px, r.left // token_px, r.height // token_px,
+                                      r.width // token_px, cache.device)
+        extend = token_kv.extending(cache.kv, index)
+    with extend:
+        images, times = compute(region)
     return CachedFrame(_sized(cache.commit(plan, new, images[0], settings), frame, cache.device), plan, times)
 
 

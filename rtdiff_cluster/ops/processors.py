@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rtdiff_cluster.cache import token_kv
 from rtdiff_cluster.ops.attention import AttentionRegistry
 
 
@@ -113,6 +114,8 @@ class FluxAttnProcessor:
         else:
             query = _qk_norm_rope(attn.norm_q, query, image_rotary_emb, self.fused)
             key = _qk_norm_rope(attn.norm_k, key, image_rotary_emb, self.fused)
+        if token_kv.active():  # a chunk-cache stream frame: record, or extend with the static tokens' K/V
+            key, value = token_kv.apply(attn, key, value, text if joint else None)
         out = self.registry(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))  # [B, H, L, D]
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         if joint:

@@ -54,9 +54,11 @@ def run_cached(compute: Compute, cache: StreamFrameCache, batch: BatchSpec, sett
     if plan.kind == "region" and token_px and (cache.kv is None or (cache.kv.grid, cache.kv.schedule) != (grid, schedule)):
         plan = dataclasses.replace(plan, kind="full", changed=np.ones_like(plan.changed), region=None)
     if plan.kind == "full":
-        cache.kv = token_kv.TokenKV(grid, schedule) if token_px else None
-        with token_kv.recording(cache.kv) if token_px else contextlib.nullcontext():
+        kv = token_kv.TokenKV(grid, schedule) if token_px else None
+        cache.kv = None  # a record stands only once its frame computed to the end
+        with token_kv.recording(kv) if kv is not None else contextlib.nullcontext():
             images, times = compute(batch)
+        cache.kv = kv
         return CachedFrame(_sized(cache.commit(plan, new, images[0], settings), frame, cache.device), plan, times)
     r = plan.region
     # The region is cut from the frame the plan uploaded to measure changes: no second upload.

@@ -7,6 +7,7 @@
 #   kernel-bench  the kernels' micro-benchmarks (kernels/bench_*.py)
 #   roofline-sdxl / roofline-vae / roofline-flux   benchmarks/roofline.py, one part per call's budget
 #   stream-cache  benchmarks/stream_cache.py (SDXL 1024, tiny VAE: the chunk cache's speed and fidelity)
+#   stream-cache-flux  the same for Flux-dev at 1024, with the static tokens' recorded K/V as a setting
 #   knobs         benchmarks/knobs.py (SDXL 1024, tiny VAE: samplers x steps, fp8, adaptive steps vs the exact pipeline)
 #   stream-serving  benchmarks/stream_serving.py (live 1024 streams through the gateway: 1-step fps/p99, governor)
 #   unet-profile  benchmarks/unet_profile.py (an SDXL step's kernels one by one at 1024, 512 and 384)
@@ -41,6 +42,8 @@ for part in $parts; do
       --out-dir "$OUT" 2>&1 | tee "$OUT/$part.log" ;;
     stream-cache) timeout 500 python3 benchmarks/stream_cache.py --device cuda --frames 12 --out-dir "$OUT" 2>&1 \
       | tee "$OUT/stream_cache.log" ;;
+    stream-cache-flux) timeout 580 python3 benchmarks/stream_cache.py --device cuda --source synthetic:flux-dev \
+      --frames 8 --out-dir "$OUT" 2>&1 | tee "$OUT/stream_cache_flux.log" ;;
     knobs) timeout 540 python3 benchmarks/knobs.py --device cuda --runs 5 --out-dir "$OUT" 2>&1 | tee "$OUT/knobs.log" ;;
     stream-serving) timeout 580 python3 benchmarks/stream_serving.py --device cuda --frames 240 --out-dir "$OUT" 2>&1 \
       | grep -v WARNING | tee "$OUT/stream_serving.log" ;;

@@ -2,7 +2,8 @@
 """Chunk cache of image-to-image streams: speed and fidelity of each knob against the exact pipeline.
 
 For each clip (rtdiff_cluster/clips.py: 10% of the frame moving, a static scene, a cut every frame)
-and each setting (cache off; on with halo 32 or 64 px; a higher threshold), the clip's frames run
+and each setting (cache off; on with halo 32 or 64 px; a higher threshold; for a DiT on our
+attention processor, halo 32 with the static tokens' recorded keys and values), the clip's frames run
 through engine/stream_frames.run_cached, the code the replica serves them with. "off" computes every
 frame whole: it is both the baseline for speed and the exact output the cached frames are compared
 with (same weights, inputs, seed). Each setting runs the clip twice: a warm-up pass (CUDA graph
@@ -46,7 +47,7 @@ SETTINGS = {  # name -> StreamCacheConfig overrides; None: cache off
 }
 
 
-def run_pass(compute, frames, size, steps, strength, settings, device):
+def run_pass(compute, frames, size, steps, strength, settings, device, token_px=0):
     """One pass over the clip; returns outputs, per-frame ms, plans and joules."""
     from rtdiff_cluster.cache.chunk_cache import StreamFrameCache
     from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec
@@ -61,7 +62,7 @@ def run_pass(compute, frames, size, steps, strength, settings, device):
         if settings is None:
             out, plan = compute(batch)[0][0], None
         else:
-            done = run_cached(compute, cache, batch, settings)
+            done = run_cached(compute, cache, batch, settings, token_px)
             out, plan = done.pixels, done.plan
         ms.append((time.perf_counter() - t) * 1e3)  # the pipeline synchronises before it returns pixels
         outs.append(out)
@@ -84,7 +85,7 @@ def main() -> int:
     from rtdiff_cluster import clips, fidelity
     from rtdiff_cluster.config import StreamCacheConfig
     from rtdiff_cluster.engine.pipeline import Pipeline
-    from rtdiff_cluster.engine.stream_frames import cache_settings
+    from rtdiff_cluster.engine.stream_frames import cache_settings, dit_token_px
     from rtdiff_cluster.parallel import groups
 
     device = torch.device(args.device)
@@ -110,11 +111,17 @@ def main() -> int:
         static_mask = ~changed_ever
         exact = None
         base_ms = None
-        for name, overrides in SETTINGS.items():
+        # A DiT on our attention processor also runs with its regions attending to the recorded
+        # keys and values of the static tokens (stream_cache.dit_token_kv).
+        token_px = dit_token_px(model)
+        settings_run = list(SETTINGS.items()) + ([("on, halo 32, token K/V", dict(halo_px=32))] if token_px else [])
+        for name, overrides in settings_run:
             settings = None if overrides is None else cache_settings(
                 StreamCacheConfig(**overrides), model.limits.size_multiple)
-            run_pass(compute, frames, size, args.steps, args.strength, settings, device)  # warm-up, captures
-            outs, ms, plans, joules, wall = run_pass(compute, frames, size, args.steps, args.strength, settings, device)
+            kv_px = token_px if name.endswith("token K/V") else 0
+            run_pass(compute, frames, size, args.steps, args.strength, settings, device, kv_px)  # warm-up, captures
+            outs, ms, plans, joules, wall = run_pass(compute, frames, size, args.steps, args.strength, settings, device,
+                                                     kv_px)
             if exact is None:
                 exact = outs
             p50 = statistics.median(ms[1:])

@@ -41,7 +41,7 @@ from rtdiff_cluster.config import ModelConfig
 from rtdiff_cluster.engine.adaptive_steps import StepCalibrator
 from rtdiff_cluster.engine.link import LinkAddress, LinkServer, current_peer, new_key, node_host
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
-from rtdiff_cluster.engine.stream_frames import CachedFrame, cache_settings, run_cached
+from rtdiff_cluster.engine.stream_frames import CachedFrame, cache_settings, dit_token_px, run_cached
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.engine import fastpaths
@@ -348,15 +348,10 @@ class EngineRank:
 
     def _token_px(self) -> int:
         """Pixels per image token when a DiT stream's regions attend to recorded keys and values
-        (config stream_cache.dit_token_kv); 0 when they cannot: another family, a replica of
-        several ranks, or diffusers' own attention processor (a CPU replica), which has no hook."""
-        from rtdiff_cluster.ops.processors import FluxAttnProcessor
-
-        if not (self.config.stream_cache.dit_token_kv and self.model.kind == "flux" and groups.layout().world == 1):
+        (config stream_cache.dit_token_kv, single-rank replicas); else 0."""
+        if not self.config.stream_cache.dit_token_kv or groups.layout().world != 1:
             return 0
-        if not any(isinstance(getattr(m, "processor", None), FluxAttnProcessor) for m in self.model.backbone.modules()):
-            return 0
-        return self.model.limits.vae_scale_factor * 2  # Flux packs 2x2 latent patches into a token
+        return dit_token_px(self.model)
 
     def _run_cached(self, batch: BatchSpec, i: int, prompt: str,
                     negative: str) -> tuple[CachedFrame, int, float, float]:

@@ -35,6 +35,19 @@ def cache_settings(config: StreamCacheConfig, size_multiple: int, threshold: flo
                          config.max_region_fraction, config.region_buckets, size_multiple)
 
 
+def dit_token_px(model) -> int:
+    """Pixels per image token of a DiT whose attention runs through our processor (the hook that
+    records and extends keys and values, cache/token_kv.py); 0 for anything else (a UNet, or
+    diffusers' own processor as a CPU replica keeps)."""
+    from rtdiff_cluster.ops.processors import FluxAttnProcessor
+
+    if model.kind != "flux":
+        return 0
+    if not any(isinstance(getattr(m, "processor", None), FluxAttnProcessor) for m in model.backbone.modules()):
+        return 0
+    return model.limits.vae_scale_factor * 2  # Flux packs 2x2 latent patches into a token
+
+
 def run_cached(compute: Compute, cache: StreamFrameCache, batch: BatchSpec, settings: CacheSettings,
                token_px: int = 0) -> CachedFrame:
     """batch: one frame of a stream, with its init_image (strength > 0). The output has the

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -346,9 +347,11 @@ class EngineRank:
         return (self.config.stream_cache.enabled and batch.strength > 0 and fr.stream_id is not None
                 and fr.init_image is not None and (fr.cache_threshold is None or fr.cache_threshold >= 0))
 
+    @functools.cached_property
     def _token_px(self) -> int:
         """Pixels per image token when a DiT stream's regions attend to recorded keys and values
-        (config stream_cache.dit_token_kv, single-rank replicas); else 0."""
+        (config stream_cache.dit_token_kv, single-rank replicas); else 0. Fixed once the model
+        is loaded: read on the first cached frame, not walked per frame."""
         if not self.config.stream_cache.dit_token_kv or groups.layout().world != 1:
             return 0
         return dit_token_px(self.model)
@@ -365,7 +368,7 @@ class EngineRank:
         cache = self.stream_caches.get(fr.stream_id)
         before = cache.nbytes
         # The step cache skips steps, whose keys and values then are never recorded.
-        token_px = self._token_px() if one.step_cache <= 0 else 0
+        token_px = self._token_px if one.step_cache <= 0 else 0
         done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings, token_px)
         self.stream_caches.account(fr.stream_id, before, cache.nbytes)
         self.stream_caches.count(done.plan)

@@ -104,6 +104,16 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=25
                 layers_per_block=1, norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4)
 
+
+def _flux_scaled(double_blocks: int, single_blocks: int) -> Preset:
+    """Flux-dev's structure at hidden 6144 (48 heads of 128) with the blocks given: the scaling presets."""
+    return Preset("flux", "FluxTransformer2DModel",
+                  dict(FLUX_DEV, num_layers=double_blocks, num_single_layers=single_blocks, num_attention_heads=48),
+                  (CLIP_L, T5_XXL), FLUX_VAE, "FlowMatchEulerDiscreteScheduler", FLOW_MATCH,
+                  dict(FLUX_LIMITS, default_width=1024, default_height=1024),
+                  extras=dict(max_sequence_length=512), token_lengths=(77, 512))
+
+
 PRESETS: dict[str, Preset] = {
     "synthetic:tiny": Preset(
         "sd", "UNet2DConditionModel",
@@ -145,18 +155,8 @@ PRESETS: dict[str, Preset] = {
         "flux", "FluxTransformer2DModel", FLUX_DEV, (CLIP_L, T5_XXL), FLUX_VAE, "FlowMatchEulerDiscreteScheduler",
         FLOW_MATCH, dict(FLUX_LIMITS, default_width=1024, default_height=1024),
         extras=dict(max_sequence_length=512), token_lengths=(77, 512)),
-    "synthetic:flux-40b": Preset(
-        "flux", "FluxTransformer2DModel",
-        dict(FLUX_DEV, num_layers=16, num_single_layers=32, num_attention_heads=48),  # hidden 48 x 128 = 6144
-        (CLIP_L, T5_XXL), FLUX_VAE, "FlowMatchEulerDiscreteScheduler", FLOW_MATCH,
-        dict(FLUX_LIMITS, default_width=1024, default_height=1024),
-        extras=dict(max_sequence_length=512), token_lengths=(77, 512)),
-    "synthetic:flux-80b": Preset(
-        "flux", "FluxTransformer2DModel",
-        dict(FLUX_DEV, num_layers=32, num_single_layers=64, num_attention_heads=48),  # hidden 48 x 128 = 6144
-        (CLIP_L, T5_XXL), FLUX_VAE, "FlowMatchEulerDiscreteScheduler", FLOW_MATCH,
-        dict(FLUX_LIMITS, default_width=1024, default_height=1024),
-        extras=dict(max_sequence_length=512), token_lengths=(77, 512)),
+    "synthetic:flux-40b": _flux_scaled(16, 32),
+    "synthetic:flux-80b": _flux_scaled(32, 64),
 }
 
 TINY_AUTOENCODER = dict(latent_channels=4)  # AutoencoderTiny's defaults are TAESD's shape

@@ -42,7 +42,10 @@ def load_engine(args):
     device = torch.device(args.device)
     groups.init_single(device)
     model = load_model(ModelConfig(source=args.source, device=device.type, vae=args.vae))
-    return model, fastpaths.apply(model, FastPathConfig(), world=1)
+    fp8_min = getattr(args, "fp8_min_features", None)
+    cfg = FastPathConfig(quantization="fp8" if getattr(args, "fp8", False) else "none",
+                         **({"fp8_min_features": fp8_min} if fp8_min else {}))
+    return model, fastpaths.apply(model, cfg, world=1)
 
 
 def source_tag(args) -> str:

@@ -153,7 +153,7 @@ def main() -> int:
 
     fp8_report = "not run: needs CUDA compute capability 8.9+"
     if cuda and torch.cuda.get_device_capability(device) >= (8, 9):
-        q = fastpaths.fp8_linears(model.backbone, cfg)
+        q = fastpaths.fp8_linears(model.backbone, cfg, fused_inputs=cfg.kernels)
         fp8_report = f"{q['replaced']} linears in float8, {q['skipped']} left in bf16"
         compute = pipeline(GraphCache(device, cfg.max_graphs, cfg.graph_memory_mb << 20))  # graphs of the new weights
         sampler = samplers[0]

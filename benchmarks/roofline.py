@@ -181,7 +181,7 @@ def _to_fp8(model, fp, ctx: Ctx):
     if fp.graphs is not None:
         fp.graphs.clear()
         fp.graphs = GraphCache(ctx.device, 16, 1 << 40)
-    q = fp8_linears(model.backbone, FastPathConfig())
+    q = fp8_linears(model.backbone, FastPathConfig(), fused_inputs=True)
     ctx.notes.append(f"{model.limits.name} fp8: {q}")
     return fp
 
@@ -426,7 +426,7 @@ def part_flux(ctx: Ctx) -> None:
         from rtdiff_cluster.config import FastPathConfig
         from rtdiff_cluster.engine.fastpaths import fp8_linears
 
-        q = fp8_linears(model, FastPathConfig())
+        q = fp8_linears(model, FastPathConfig(), fused_inputs=True)
         ctx.notes.append(f"{work} fp8: {q}")
         graphs = GraphCache(ctx.device, 4, 1 << 40)
         run = _graph(graphs, "flux8", call(model), *tensors)

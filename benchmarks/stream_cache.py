@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine_bench import add_model_args, load_engine, resolve_model_args, write_results  # noqa: E402
+from engine_bench import add_model_args, load_engine, resolve_model_args, source_tag, write_results  # noqa: E402
 from sharding import _energy  # noqa: E402
 
 SETTINGS = {  # name -> StreamCacheConfig overrides; None: cache off
@@ -151,7 +151,7 @@ def main() -> int:
     write_results("stream_cache", device.type, {"source": source, "vae": vae or "model's", "size": size,
                                                 "steps": args.steps, "strength": args.strength, "rows": rows,
                                                 "graphs": dataclasses.asdict(fp.graphs.stats()) if fp.graphs else None},
-                  args.out_dir, markdown)
+                  args.out_dir, markdown, tag=source_tag(args))
     groups.destroy()
     return 0
 

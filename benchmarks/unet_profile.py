@@ -31,6 +31,7 @@ for p in (REPO, REPO / "benchmarks"):
 import torch  # noqa: E402
 
 from engine_bench import load_engine, write_results  # noqa: E402
+from rtdiff_cluster.config import FastPathConfig  # noqa: E402
 from sharding import _inputs  # noqa: E402
 
 
@@ -83,7 +84,8 @@ def kernel_table(fn, device) -> tuple[int, float, list[dict]]:
 
 def markdown(res: dict, top: int = 30) -> str:
     lines = [f"# SDXL UNet step, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
-             f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, batch 1, fast paths on", ""]
+             f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, batch 1, fast paths on, "
+             f"quantization {res.get('quantization', 'none')}", ""]
     for s in res["sizes"]:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"graphed step {s['graph_ms']:.2f} ms; eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms of kernel time"
@@ -102,6 +104,9 @@ def main() -> None:
     ap.add_argument("--source", default="synthetic:sdxl")
     ap.add_argument("--sizes", default="1024,512")
     ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--fp8", action="store_true", help="FP8 linears (fast_paths.quantization=fp8)")
+    ap.add_argument("--fp8-min-features", type=int, default=None,
+                    help="fast_paths.fp8_min_features (default: the config's)")
     args = ap.parse_args()
     args.vae = ""
     model, fp = load_engine(args)
@@ -115,7 +120,10 @@ def main() -> None:
         n, kms, table = kernel_table(fn, device)
         sizes.append({"size": size, "graph_ms": ms, "kernels": n, "kernel_ms": kms, "table": table})
         print(f"{size}: graph {ms} ms, {n} kernels, {kms:.2f} ms", file=sys.stderr, flush=True)
-    write_results("unet_profile", args.device, {"source": args.source, "sizes": sizes}, args.out_dir, markdown)
+    quant = (f"fp8 (linears with >= {args.fp8_min_features or FastPathConfig().fp8_min_features} output features)"
+             if args.fp8 else "none")
+    write_results("unet_profile", args.device, {"source": args.source, "quantization": quant, "sizes": sizes},
+                  args.out_dir, markdown, tag="fp8" if args.fp8 else "")
 
 
 if __name__ == "__main__":

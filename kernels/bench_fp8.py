@@ -6,6 +6,11 @@ F.linear (cuBLAS), Fp8Linear end to end (quantise + torch._scaled_mm), torch._sc
 (with and without fast accumulation), and torch.compile of the reference end to end (PyTorch
 quantisation + _scaled_mm). Plus the fidelity of the fp8 and bf16 outputs against an fp32 linear.
 
+Then the producers that write an FP8 linear's input already quantised (geglu_fp8,
+add_layer_norm_fp8) at SDXL's 1024 batch-1 shapes, timed inside CUDA graphs (kernels/_bench.py
+bench_us) against the unfused pair they replace (our bf16 kernel + quantize_per_token), eager
+PyTorch and torch.compile of the reference; floor: bytes read and written / copy bandwidth.
+
     python kernels/bench_fp8.py --out fp8.json
 """
 
@@ -94,6 +99,46 @@ def _measure(name, m, k, n, copy_gbps, peak, quant_compiled, e2e_compiled) -> di
     return row
 
 
+PRODUCER_SHAPES = [  # name, M tokens, row width (GEGLU: N of [M, 2N]; LayerNorm: D)
+    ("geglu_fp8", "sdxl 1280-ch ff", 1024, 5120),
+    ("geglu_fp8", "sdxl 640-ch ff", 4096, 2560),
+    ("add_layer_norm_fp8", "sdxl 1280-ch norm3", 1024, 1280),
+    ("add_layer_norm_fp8", "sdxl 640-ch norm3", 4096, 640),
+]
+
+
+def _measure_producer(kernel, name, m, n, copy_gbps) -> dict:
+    from rtdiff_kernels._bench import bench_us, compile_per_shape
+    from rtdiff_kernels.activations import geglu, geglu_fp8, geglu_fp8_reference
+    from rtdiff_kernels.add_layer_norm import add_layer_norm, add_layer_norm_fp8, add_layer_norm_fp8_reference
+    from rtdiff_kernels.fp8_quant import quantize_per_token
+
+    if kernel == "geglu_fp8":
+        h = torch.randn(m, 2 * n, device="cuda", dtype=torch.bfloat16)
+        ours, unfused = (lambda: geglu_fp8(h)), (lambda: quantize_per_token(geglu(h)))
+        ref = geglu_fp8_reference
+        eager, compiled_fn, args = (lambda: ref(h)), compile_per_shape(ref), (h,)
+        floor_bytes = m * 2 * n * 2 + m * n + 4 * m
+    else:
+        x, r = torch.randn(m, n, device="cuda", dtype=torch.bfloat16), torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        w, b = torch.ones(n, device="cuda", dtype=torch.bfloat16), torch.zeros(n, device="cuda", dtype=torch.bfloat16)
+
+        def unfused():
+            h, y = add_layer_norm(x, r, w, b, 1e-5)
+            return h, *quantize_per_token(y)
+        ours = lambda: add_layer_norm_fp8(x, r, w, b, 1e-5)  # noqa: E731
+        ref = add_layer_norm_fp8_reference
+        eager, compiled_fn, args = (lambda: ref(x, r, w, b, 1e-5)), compile_per_shape(ref), (x, r, w, b, 1e-5)
+        floor_bytes = 3 * m * n * 2 + m * n + 4 * m  # read x, r; write h (bf16), y (fp8), scales
+    compiled_fn(*args)
+    t = {"ours": bench_us(ours), "unfused": bench_us(unfused), "eager": bench_us(eager),
+         "compiled": bench_us(lambda: compiled_fn(*args))}
+    floor_us = floor_bytes / (copy_gbps * 1e3)
+    return {"kernel": kernel, "name": name, "M": m, "width": n, "floor_bytes": floor_bytes, "floor_us": floor_us,
+            **{f"{k}_us": v for k, v in t.items()}, "ours_frac_of_floor": floor_us / t["ours"],
+            "unfused_over_ours": t["unfused"] / t["ours"], "compiled_over_ours": t["compiled"] / t["ours"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file for the results")
@@ -127,6 +172,7 @@ def main() -> None:
         for shape in SHAPES:
             rows.append(_measure(*shape, copy_gbps, peak, quant_compiled, e2e_compiled))
             torch.cuda.empty_cache()
+        producers = [_measure_producer(*shape, copy_gbps) for shape in PRODUCER_SHAPES]
 
     print(f"\n{device_name}, torch {torch.__version__}, triton {triton.__version__}, copy {copy_gbps:.0f} GB/s\n")
     print("| quantize_per_token | M x K | ours us | eager us | compiled us | ours GB/s | of copy | vs eager | vs compiled |")
@@ -154,8 +200,16 @@ def main() -> None:
               f"{fd['fp8_vs_fp32']['cosine']:.5f} | {fd['fp8_fast_accum_vs_fp32']['rel_l2']:.4f} | "
               f"{fd['bf16_vs_fp32']['rel_l2']:.4f} | {fd['fp8_vs_bf16']['rel_l2']:.4f} |")
 
+    print("\n| fused producer (graph-timed) | M x width | ours us | unfused us | eager us | compiled us | floor us | "
+          "of floor | unfused / ours | compiled / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for p in producers:
+        print(f"| {p['kernel']} ({p['name']}) | {p['M']}x{p['width']} | {p['ours_us']:.1f} | {p['unfused_us']:.1f} | "
+              f"{p['eager_us']:.1f} | {p['compiled_us']:.1f} | {p['floor_us']:.1f} | {p['ours_frac_of_floor']:.2f} | "
+              f"{p['unfused_over_ours']:.2f}x | {p['compiled_over_ours']:.2f}x |")
+
     result = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
-              "copy_gbps": copy_gbps, "nominal_peak_tflops": peak, "shapes": rows}
+              "copy_gbps": copy_gbps, "nominal_peak_tflops": peak, "shapes": rows, "producers": producers}
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
     print(f"\nwrote {args.out}")

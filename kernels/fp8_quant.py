@@ -52,6 +52,27 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
+def _row_scales(amax):
+    # amax [ROWS] fp32 -> (scale, 1 / scale), both correctly rounded. 448.0 and 1e-12 are FP8_MAX
+    # and SCALE_FLOOR (a jitted function reads only constexpr globals).
+    zero = tl.zeros_like(amax)
+    scale = tl.maximum(tl.math.div_rn(amax, zero + 448.0), 1e-12)
+    return scale, tl.math.div_rn(zero + 1.0, scale)
+
+
+@triton.jit
+def _store_fp8_rows(y, mask, row_ok, q_ptrs, scale_ptrs):
+    """Quantises a register tile y [ROWS, BLOCK] (fp32; every lane outside mask must be 0) row by
+    row and stores it: the row scales at scale_ptrs [ROWS], the e4m3 values at q_ptrs. Producers
+    that hold whole rows in registers (a norm, an activation) call this instead of writing y and
+    having quantize_per_token read it back."""
+    scale, inv = _row_scales(tl.max(tl.abs(y), axis=1))
+    tl.store(scale_ptrs, scale, mask=row_ok)
+    v = tl.clamp(y * inv[:, None], -448.0, 448.0)
+    tl.store(q_ptrs, _round_to_e4m3(v), mask=mask)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_x, stride_q,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,21 +83,15 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_x, stride_q,
     if ONE_PASS:
         mask = row_ok[:, None] & (cols[None, :] < K)
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=1)
+        _store_fp8_rows(x, mask, row_ok, q_rows + cols[None, :], scale_ptr + rows)
     else:
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             m = row_ok[:, None] & (k0 + cols[None, :] < K)
             xk = tl.load(x_rows + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(xk), axis=1))
-    # 448.0 and 1e-12 are FP8_MAX and SCALE_FLOOR (a jitted function reads only constexpr globals).
-    scale = tl.maximum(tl.math.div_rn(amax, tl.full([BLOCK_M], 448.0, tl.float32)), 1e-12)
-    inv = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale)
-    tl.store(scale_ptr + rows, scale, mask=row_ok)
-    if ONE_PASS:
-        v = tl.clamp(x * inv[:, None], -448.0, 448.0)
-        tl.store(q_rows + cols[None, :], _round_to_e4m3(v), mask=mask)
-    else:
+        scale, inv = _row_scales(amax)
+        tl.store(scale_ptr + rows, scale, mask=row_ok)
         for k0 in range(0, K, BLOCK_K):
             m = row_ok[:, None] & (k0 + cols[None, :] < K)
             xk = tl.load(x_rows + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)

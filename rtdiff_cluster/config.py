@@ -36,12 +36,16 @@ class FastPathConfig:
     PyTorch flash, Triton); a backend's name: only that one, then the math reference."""
     quantization: str = "none"
     """`none` or `fp8`: the backbone's large linears in float8 (per-channel weights, per-token
-    activations; needs compute capability 8.9 or newer)."""
+    activations; needs compute capability 8.9 or newer). It pays on large token counts only: an
+    SDXL step on an H200 took 17.4 ms against 18.1 in bf16 at 1024x1024, and 9.5 against 8.6 at
+    512x512, where cuBLAS's FP8 matmuls of a few hundred tokens are slower than its bf16 ones
+    (benchmarks/results/unet_profile-2026-11-24-*-fp8.md)."""
     fp8_min_features: int = 2048
     """Linears with fewer output features stay in bf16. Quantising a linear's input per token costs
     in proportion to its input features K, the matmul it speeds up to K x N: small N does not pay
     (kernels/bench_fp8.py on an H200, end to end against bf16: 1280->1280 0.78x, 5120->1280 1.04x,
-    1280->10240 1.26x, 3072->12288 1.54x)."""
+    1280->10240 1.26x, 3072->12288 1.54x). With the fused kernels on, a GEGLU feed-forward's out
+    projection is converted whatever its width: the GEGLU kernel writes its input quantised."""
     cuda_graphs: bool = True
     """Capture the step, the decode and short noise-free loops as CUDA graphs per shape bucket."""
     max_graphs: int = 64

@@ -80,6 +80,71 @@ def test_fused_kernels_match_diffusers_modules(model):
     assert_close(backbone_output(model, ours), backbone_output(model, model.backbone), "fused modules")
 
 
+def test_fused_fp8_feed_forwards_hand_over_float8():
+    """With FP8 linears, norm3 and the GEGLU hand their outputs to the feed-forward's linears
+    already quantised (add_layer_norm_fp8, geglu_fp8), and fp8_linears converts the out
+    projections whatever their width. On CPU the FP8 products are dequantised fp32 matmuls.
+
+    Tolerances: one transformer block against diffusers' modules on the same fp8 weights differs
+    only in where its activations are quantised (from fp32 inside the kernels, with Triton's erf
+    for PyTorch's): an element's e4m3 rounding flips between neighbours only when the two land
+    on either side of a boundary, and each flip moves the block's output by about
+    2^-4 / sqrt(elements) relative (~1e-3 here); 5e-3 allows a few, where a lost, doubled or
+    misplaced scale costs order 1. A whole UNet is not compared that way: a chain of FP8
+    layers amplifies any perturbation to FP8's own noise (scaling its weights by 1 + 1e-6 moved
+    this tiny UNet's output by 1.8%), so the whole model is held to FP8's bound against fp32
+    (0.05, tests/test_fp8.py) and to running the fused kernels once per feed-forward."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the fused kernels run CPU tensors only in Triton's interpreter (this machine has a GPU)")
+    from diffusers.models.attention import BasicTransformerBlock, FeedForward
+
+    import rtdiff_kernels.activations as activations
+    import rtdiff_kernels.add_layer_norm as add_layer_norm
+    from rtdiff_cluster.engine.fastpaths import fp8_linears
+    from rtdiff_cluster.ops.fused import install_fused
+    from rtdiff_cluster.quant.fp8 import Fp8Linear, fidelity
+
+    model = load_model(ModelConfig(source="synthetic:tiny-sdxl", device="cpu"))
+    assert fp8_linears(copy.deepcopy(model.backbone), FastPathConfig(fp8_min_features=1 << 20),
+                       fused_inputs=False)["replaced"] == 0  # nothing is that wide
+    ours = copy.deepcopy(model.backbone)
+    fp8_linears(ours, FastPathConfig(fp8_min_features=1 << 20), fused_inputs=True)
+    ffs = [m for m in ours.modules() if isinstance(m, FeedForward)]
+    assert ffs and all(isinstance(m.net[2], Fp8Linear) and not isinstance(m.net[0].proj, Fp8Linear) for m in ffs)
+    fp8_linears(ours, FastPathConfig(fp8_min_features=16), fused_inputs=True)
+    assert all(isinstance(m.net[0].proj, Fp8Linear) for m in ffs)
+    block = copy.deepcopy(next(m for m in ours.modules() if isinstance(m, BasicTransformerBlock)))
+    reference_block = copy.deepcopy(block)
+    assert install_fused(ours)["feed-forward geglu"] == len(ffs)
+    install_fused(block)
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 64, block.norm1.normalized_shape[0], generator=g)
+    context = torch.randn(2, 7, block.attn2.to_k.in_features, generator=g)
+    with torch.inference_mode():
+        one = fidelity(reference_block(x, encoder_hidden_states=context), block(x, encoder_hidden_states=context))
+    assert one["rel_l2"] <= 5e-3, one
+
+    calls = {"geglu_fp8": 0, "add_layer_norm_fp8": 0}
+    saved = activations.geglu_fp8, add_layer_norm.add_layer_norm_fp8
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            calls[fn.__name__] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    activations.geglu_fp8, add_layer_norm.add_layer_norm_fp8 = map(counted, saved)
+    try:
+        out = backbone_output(model, ours)
+    finally:
+        activations.geglu_fp8, add_layer_norm.add_layer_norm_fp8 = saved
+    assert calls == {"geglu_fp8": len(ffs), "add_layer_norm_fp8": len(ffs)}, calls
+    assert fidelity(backbone_output(model, model.backbone), out)["rel_l2"] <= 0.05
+
+
 def test_fused_unet_keeps_channels_last_through_its_transformers():
     """On the fast paths the UNet runs channels-last: each transformer's output must come back in
     that layout (diffusers' own forward returns NCHW, which cost a copy, a strided add and a

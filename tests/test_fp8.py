@@ -25,6 +25,13 @@ bits, so each bound is derived here):
   Where the bias is added after a rounded product (row-parallel: the all-reduce comes first; or
   an output dtype that _scaled_mm cannot fuse a bias into) that product's rounding counts too,
   so |ref| becomes |ref| + |bias| (which bounds the product's magnitude).
+- Fused producers (geglu_fp8, add_layer_norm_fp8) vs their references, which quantise the same
+  values computed by PyTorch in fp32: the kernels' fp32 arithmetic (Triton's erf, the norm's
+  reduction order) can differ from PyTorch's in the last bits, which can move the row amax (and
+  so the scale) by a few fp32 ulps and an element across an e4m3 rounding boundary. So: scales
+  within rtol 2^-20 (8 ulps), every element at most one e4m3 step from the reference's, at most
+  1% of the values different, and, independently of any reference, every element within half a
+  step (plus the scale's slack) of the fp32 value divided by its scale.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import torch
 from torch import nn
 
 from rtdiff_cluster.quant.fp8 import Fp8Linear, fidelity, quantize_linears
+from rtdiff_kernels.activations import geglu_fp8, geglu_fp8_reference
+from rtdiff_kernels.add_layer_norm import add_layer_norm_fp8, add_layer_norm_fp8_reference, add_layer_norm_reference
 from rtdiff_kernels.fp8_quant import quantize_per_token, quantize_per_token_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -109,6 +118,77 @@ def test_quantize_bad_input():
         quantize_per_token(torch.randn(16, 4).t())
     with pytest.raises(ValueError, match="max_block_k"):
         quantize_per_token(torch.randn(4, 16), max_block_k=100)
+
+
+# ---------------------------------------------------------------- fused producers (CPU: interpreter)
+
+def _assert_fused_quantisation(q, scale, q_ref, scale_ref, exact_rows):
+    """q, scale from a fused kernel against the reference's; exact_rows [M, K] fp32, the values
+    that were quantised (see the policy above)."""
+    assert q.dtype == torch.float8_e4m3fn and q.shape == q_ref.shape
+    assert scale.dtype == torch.float32 and scale.shape == scale_ref.shape == (q.shape[0], 1)
+    assert torch.allclose(scale, scale_ref, rtol=2.0**-20, atol=0), (scale - scale_ref).abs().max()
+    a, b = q.float(), q_ref.float()
+    steps = (a - b).abs() / (torch.maximum(a.abs(), b.abs()) * 2.0**-3 + 2.0**-9)
+    assert steps.max().item() <= 1.0 + 1e-6, steps.max().item()
+    # Compared as numbers: where a product underflows to zero its sign may differ (+0 and -0 are
+    # different bytes, 2% of a GEGLU's output on the GPU, and the same value to the matmul).
+    assert (a != b).float().mean().item() <= 0.01
+    xs = exact_rows / scale
+    assert bool(((a - xs).abs() <= xs.abs() * (2.0**-4 + 1e-5) + 2.0**-9).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,n", [((37,), 96), ((2, 19), 160), ((1,), 1000), ((3,), 16), ((5,), 5120)],
+                         ids=["m37", "3d", "n1000", "n16", "sdxl-width"])
+def test_geglu_fp8_matches_reference(dtype, lead, n):
+    g = torch.Generator().manual_seed(2)
+    h = (torch.randn(*lead, 2 * n, generator=g) * torch.logspace(-3, 2, lead[-1])[:, None]).to(dtype)
+    q, scale = geglu_fp8(h)
+    q_ref, scale_ref = geglu_fp8_reference(h)
+    hidden, gate = h.float().reshape(-1, 2 * n).chunk(2, dim=-1)
+    _assert_fused_quantisation(q, scale, q_ref, scale_ref, hidden * torch.nn.functional.gelu(gate))
+
+
+def test_geglu_fp8_edges():
+    q, scale = geglu_fp8(torch.zeros(3, 64))  # all-zero rows: the floor scale, zero values
+    assert torch.all(scale == 1e-12) and not q.float().any()
+    q0, s0 = geglu_fp8(torch.randn(0, 4, 64))
+    assert q0.shape == (0, 32) and s0.shape == (0, 1)
+    with pytest.raises(ValueError, match="last dim must be even"):
+        geglu_fp8(torch.randn(4, 33))
+    with pytest.raises(ValueError, match="h must be float32"):
+        geglu_fp8(torch.ones(4, 32, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,affine", [((2, 5, 72), True), ((1, 7, 200), False), ((3, 4, 17), True),
+                                          ((11, 1280), True)])
+def test_add_layer_norm_fp8_matches_reference(dtype, shape, affine):
+    g = torch.Generator().manual_seed(4)
+    d = shape[-1]
+    x = (torch.randn(*shape, generator=g) * 0.5).to(dtype)
+    r = (torch.randn(*shape, generator=g) * 4 + 2).to(dtype)
+    w = (torch.randn(d, generator=g) * 0.2 + 1).to(dtype) if affine else None
+    b = (torch.randn(d, generator=g) * 0.2).to(dtype) if affine else None
+    h, q, scale = add_layer_norm_fp8(x, r, w, b, 1e-5)
+    h_ref = add_layer_norm_fp8_reference(x, r, w, b, 1e-5)[0]
+    _, q_ref, scale_ref = add_layer_norm_fp8_reference(h, torch.zeros_like(h), w, b, 1e-5)  # from the h it stored
+    # h: the same fp32 sum rounded once; Triton's interpreter rounds to bf16/fp16 towards zero, so
+    # one ulp of the dtype apart on CPU.
+    assert h.dtype == dtype and h.shape == x.shape
+    assert torch.allclose(h.float(), h_ref.float(), rtol=torch.finfo(dtype).eps, atol=0)
+    up = (lambda t: None if t is None else t.float())
+    _, y32 = add_layer_norm_reference(h.float(), torch.zeros_like(h, dtype=torch.float32), up(w), up(b), 1e-5)
+    _assert_fused_quantisation(q, scale, q_ref, scale_ref, y32.reshape(-1, d))
+
+
+def test_add_layer_norm_fp8_empty_and_bad_input():
+    x = torch.empty(2, 0, 8)
+    h, q, scale = add_layer_norm_fp8(x, x, None, None, 1e-5)
+    assert h.shape == (2, 0, 8) and q.shape == (0, 8) and scale.shape == (0, 1)
+    with pytest.raises(ValueError, match="residual"):
+        add_layer_norm_fp8(torch.randn(2, 8), torch.randn(2, 7), None, None, 1e-5)
 
 
 # ---------------------------------------------------------------- Fp8Linear (CPU: dequantised path)
@@ -413,3 +493,43 @@ def test_gpu_row_parallel_path_single_rank(exact_fp32_matmul):
             _gpu_close(f(x), f.forward_reference(x), f.bias)
     finally:
         groups.destroy()
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("m,n", [(1024, 5120), (4096, 2560), (37, 5120), (1000, 1000)])
+def test_gpu_geglu_fp8_matches_reference_and_feeds_scaled_mm(m, n, exact_fp32_matmul):
+    # SDXL's feed-forwards at 1024 (1280 and 640 channels), a short batch and an awkward width.
+    torch.manual_seed(0)
+    h = torch.randn(m, 2 * n, device="cuda", dtype=torch.bfloat16) * torch.logspace(-2, 1, m, device="cuda")[:, None].bfloat16()
+    q, scale = geglu_fp8(h)
+    q_ref, scale_ref = geglu_fp8_reference(h)
+    hidden, gate = h.float().chunk(2, dim=-1)
+    _assert_fused_quantisation(q, scale, q_ref, scale_ref, hidden * torch.nn.functional.gelu(gate))
+    if n % 16 == 0:
+        lin = nn.Linear(n, 1280, device="cuda", dtype=torch.bfloat16)
+        f = Fp8Linear.from_linear(lin)
+        with torch.no_grad():
+            fast = f.forward_fp8(q, scale, torch.bfloat16)
+            ref = f._dequantised(q, scale, torch.bfloat16)
+            exact = nn.functional.linear(hidden * torch.nn.functional.gelu(gate), lin.weight.float(), lin.bias.float())
+        # Element-wise (_gpu_close) the tensor cores' accumulation over K = 5120 of these heavy-
+        # tailed products exceeded that bound by up to 2.2x on outputs near zero (H200); as a
+        # whole the two paths must agree to a bf16 rounding, and a wrong or misplaced scale
+        # would cost order 1.
+        assert fidelity(ref, fast)["rel_l2"] <= 2.0**-8
+        assert fidelity(exact, fast)["rel_l2"] <= LINEAR_BOUND
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("m,d", [(1024, 1280), (4096, 640), (37, 3072), (1000, 1000)])
+def test_gpu_add_layer_norm_fp8_matches_reference(m, d):
+    torch.manual_seed(0)
+    x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16) * 0.5
+    r = torch.randn(m, d, device="cuda", dtype=torch.bfloat16) * 4 + 2
+    w = torch.randn(d, device="cuda", dtype=torch.bfloat16) * 0.2 + 1
+    b = torch.randn(d, device="cuda", dtype=torch.bfloat16) * 0.2
+    h, q, scale = add_layer_norm_fp8(x, r, w, b, 1e-5)
+    h_ref, q_ref, scale_ref = add_layer_norm_fp8_reference(x, r, w, b, 1e-5)
+    assert torch.equal(h, h_ref)  # the same fp32 sum, rounded to nearest even once on both sides
+    _, y32 = add_layer_norm_reference(h.float(), torch.zeros_like(h, dtype=torch.float32), w.float(), b.float(), 1e-5)
+    _assert_fused_quantisation(q, scale, q_ref, scale_ref, y32)

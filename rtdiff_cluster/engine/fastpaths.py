@@ -53,12 +53,17 @@ class FastPaths:
         return "; ".join(f"{k}: {v}" for k, v in self.registry.choices().items()) or "no call yet"
 
 
-def fp8_linears(backbone: torch.nn.Module, cfg: FastPathConfig) -> dict:
+def fp8_linears(backbone: torch.nn.Module, cfg: FastPathConfig, fused_inputs: bool) -> dict:
     """The backbone's linears wide enough to gain from FP8 (cfg.fp8_min_features output features;
-    any input width) in float8, in place; quantize_linears' report."""
+    any input width) in float8, in place; quantize_linears' report. fused_inputs (the fused kernels
+    are on): also the out projection of every GEGLU feed-forward, whatever its width, since its
+    input comes quantised from the GEGLU kernel (ops/fused.py)."""
+    from rtdiff_cluster.ops.fused import geglu_feed_forward_outputs
     from rtdiff_cluster.quant.fp8 import quantize_linears
 
-    return quantize_linears(backbone, min_features=16, min_out_features=cfg.fp8_min_features)
+    ff_outs = geglu_feed_forward_outputs(backbone) if fused_inputs else set()
+    return quantize_linears(backbone, min_features=16, min_out_features=cfg.fp8_min_features,
+                            any_width=lambda name, linear: id(linear) in ff_outs)
 
 
 def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
@@ -85,7 +90,7 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
         if (major, minor) < (8, 9):
             r["fp8"] = f"off: needs compute capability 8.9+, this GPU has {major}.{minor}"
         else:
-            q = fp8_linears(backbone, cfg)
+            q = fp8_linears(backbone, cfg, fused_inputs=why_not_kernels is None)
             r["fp8"] = (f"on: {q['replaced']} linears ({q['bytes_before'] / 2**30:.2f} -> "
                         f"{q['bytes_after'] / 2**30:.2f} GiB), {q['skipped']} left in {str(model.dtype).removeprefix('torch.')}")
     else:

@@ -13,6 +13,10 @@ the same thing through the kernel:
                               as a view; diffusers makes them NCHW-contiguous, which cost a copy,
                               a strided add and a conversion back in front of the next convolution
     GEGLU (UNet feed-forward) proj -> chunk -> x * gelu(gate), the gating as one kernel
+    FeedForward with a GEGLU  where its linears are FP8 (quant/fp8.py), their inputs come from
+                              the kernel before them already quantised: norm3's add+LayerNorm
+                              and the GEGLU write float8 and per-token scales, in place of a
+                              bf16 tensor that quantize_per_token would read back
     GELU tanh (Flux ff)       proj -> tanh-GELU with the GELU in the GEMM's epilogue
     AdaLayerNormZero[Single], AdaLayerNormContinuous (Flux)
                               LayerNorm -> * (1 + scale) + shift as one kernel
@@ -91,7 +95,7 @@ def _block_chain(block, h, pending, encoder_hidden_states, attention_mask=None, 
     feed-forward, each pre-normed with a residual add) with each residual add fused into the norm
     that follows it. Returns (h, ff): the block's output is ff + h, an add left to the next block's
     norm1 (or to the caller). pending: the previous block's ff, or None."""
-    from rtdiff_kernels.add_layer_norm import add_layer_norm
+    from rtdiff_kernels.add_layer_norm import add_layer_norm, add_layer_norm_fp8
 
     if pending is None:
         normed = block.norm1(h)
@@ -100,8 +104,13 @@ def _block_chain(block, h, pending, encoder_hidden_states, attention_mask=None, 
     attn = block.attn1(normed, attention_mask=attention_mask)  # [B, L, C]
     h, normed = add_layer_norm(attn, h, block.norm2.weight, block.norm2.bias, block.norm2.eps)
     attn = block.attn2(normed, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
-    h, normed = add_layer_norm(attn, h, block.norm3.weight, block.norm3.bias, block.norm3.eps)
-    return h, block.ff(normed)
+    ff, n3 = block.ff, block.norm3
+    if _takes_fp8_input(ff, h):
+        h, q, scale = add_layer_norm_fp8(attn, h, n3.weight, n3.bias, n3.eps)
+        proj = ff.net[0].proj
+        return h, _geglu_feed_forward(ff, proj.forward_fp8(q, scale, h.dtype).view(*h.shape[:-1], proj.out_features))
+    h, normed = add_layer_norm(attn, h, n3.weight, n3.bias, n3.eps)
+    return h, ff(normed)
 
 
 def _transformer_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
@@ -160,6 +169,54 @@ def _geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
     from rtdiff_kernels.activations import geglu
 
     return geglu(self.proj(hidden_states))
+
+
+def _feed_forward_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """diffusers' FeedForward with a GEGLU (proj, gating, dropout, out projection[, dropout]); the
+    dropouts are identities at inference. Training with dropout takes diffusers' forward."""
+    if self.training and any(m.p for m in self.net if isinstance(m, nn.Dropout)):
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    return _geglu_feed_forward(self, self.net[0].proj(hidden_states))
+
+
+def _geglu_feed_forward(ff, h: torch.Tensor) -> torch.Tensor:
+    """The rest of a GEGLU FeedForward from its projection h [..., 2N]: the gating, then the out
+    projection, which takes the gating's output in float8 when it is an Fp8Linear."""
+    from rtdiff_cluster.quant.fp8 import Fp8Linear
+    from rtdiff_kernels._launch import triton_runs
+    from rtdiff_kernels.activations import geglu, geglu_fp8
+
+    out = ff.net[2]
+    if isinstance(out, Fp8Linear) and triton_runs(h):
+        q, scale = geglu_fp8(h)
+        return out.forward_fp8(q, scale, h.dtype).view(*h.shape[:-1], out.out_features)
+    return out(geglu(h))
+
+
+def _takes_fp8_input(ff, h: torch.Tensor) -> bool:
+    """Whether ff (a FeedForward) runs our forward with an FP8 input projection, so the norm in
+    front of it can hand over its output quantised."""
+    from rtdiff_cluster.quant.fp8 import Fp8Linear
+    from rtdiff_kernels._launch import triton_runs
+
+    return (getattr(ff.forward, "__func__", None) is _feed_forward_forward and isinstance(ff.net[0].proj, Fp8Linear)
+            and not (ff.training and any(m.p for m in ff.net if isinstance(m, nn.Dropout))) and triton_runs(h))
+
+
+def _geglu_feed_forward_fusable(ff) -> bool:
+    from diffusers.models.activations import GEGLU
+
+    net = list(ff.net)
+    return (len(net) in (3, 4) and type(net[0]) is GEGLU and all(type(m) is nn.Dropout for m in net[1::2])
+            and isinstance(net[2], nn.Module) and hasattr(net[2], "out_features"))
+
+
+def geglu_feed_forward_outputs(backbone: nn.Module) -> set[int]:
+    """ids of the out projections of the GEGLU feed-forwards install_fused patches: FP8 linears
+    there take their input from geglu_fp8."""
+    from diffusers.models.attention import FeedForward
+
+    return {id(m.net[2]) for m in backbone.modules() if type(m) is FeedForward and _geglu_feed_forward_fusable(m)}
 
 
 def _gelu_tanh_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -269,7 +326,7 @@ def _plain_layer_norm(norm) -> bool:
 def install_fused(backbone: nn.Module) -> dict[str, int]:
     """Patches every module the kernels cover; returns how many of each kind."""
     from diffusers.models.activations import GEGLU, GELU
-    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention import BasicTransformerBlock, FeedForward
     from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -297,6 +354,8 @@ def install_fused(backbone: nn.Module) -> dict[str, int]:
                 patch(module, _transformer2d_forward, "transformer2d chained blocks")
         elif type(module) is nn.GroupNorm and id(module) not in in_resnets:
             patch(module, _group_norm_forward, "group_norm")
+        elif type(module) is FeedForward and _geglu_feed_forward_fusable(module):
+            patch(module, _feed_forward_forward, "feed-forward geglu")
         elif isinstance(module, GEGLU):
             patch(module, _geglu_forward, "geglu")
         elif isinstance(module, GELU) and module.approximate == "tanh":

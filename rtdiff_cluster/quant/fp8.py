@@ -154,36 +154,60 @@ class Fp8Linear(nn.Module):
         if x2.shape[0] == 0 or not _uses_scaled_mm(x2):
             return self.forward_reference(x)
         q, scale_x = quantize_per_token(x2)
-        bias = self._bias(x2.dtype)
+        return self.forward_fp8(q, scale_x, x2.dtype).view(*x.shape[:-1], self.out_features)
+
+    def forward_fp8(self, q: torch.Tensor, scale_x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The product of an input already quantised per token, by a kernel that produced it
+        (rtdiff_kernels: geglu_fp8, add_layer_norm_fp8) or by quantize_per_token: q [M, K]
+        float8_e4m3fn, scale_x [M, 1] float32 -> [M, N] in out_dtype. Off the FP8 tensor cores,
+        the dequantised fp32 product."""
+        if not isinstance(q, torch.Tensor) or q.dtype != torch.float8_e4m3fn or q.dim() != 2 \
+                or q.shape[1] != self.in_features or not q.is_contiguous():
+            raise ValueError(f"q must be a contiguous float8_e4m3fn [M, {self.in_features}], "
+                             f"got {getattr(q, 'dtype', type(q))} {tuple(getattr(q, 'shape', ()))}")
+        if not isinstance(scale_x, torch.Tensor) or scale_x.dtype != torch.float32 \
+                or tuple(scale_x.shape) != (q.shape[0], 1):
+            raise ValueError(f"scale_x must be float32 [{q.shape[0]}, 1], "
+                             f"got {getattr(scale_x, 'dtype', type(scale_x))} {tuple(getattr(scale_x, 'shape', ()))}")
+        if out_dtype not in _ACT_DTYPES:
+            raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+        if q.shape[0] == 0 or not _uses_scaled_mm(q):
+            return self._dequantised(q, scale_x, out_dtype)
+        bias = self._bias(out_dtype)
         y = _scaled_mm(q, self.weight, scale_x, self.weight_scale.view(1, -1), None if self.row_parallel else bias,
-                       x2.dtype, self.fast_accum)
+                       out_dtype, self.fast_accum)
         if self.row_parallel:
             y = groups.all_reduce_tp(y)
             if bias is not None:
                 y = y + bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return y
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same numbers by dequantising: (x_fp8 * scale_x) @ (W_fp8 * scale_w)^T (+ all-reduce)
         + bias, in fp32, cast to x.dtype. Runs anywhere (the CPU path, and the tests' reference)."""
         x2 = self._flatten(x)
         q, scale_x = quantize_per_token(x2)
+        return self._dequantised(q, scale_x, x2.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _dequantised(self, q: torch.Tensor, scale_x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         w = self.weight.float() * self.weight_scale[:, None]
         y = (q.float() * scale_x) @ w.t()
         if self.row_parallel:
             y = groups.all_reduce_tp(y)
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(x2.dtype).view(*x.shape[:-1], self.out_features)
+        return y.to(out_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"row_parallel={self.row_parallel}, fast_accum={self.fast_accum}")
 
 
-def _eligible(linear: nn.Linear, min_features: int, min_out_features: int) -> bool:
+def _eligible(linear: nn.Linear, min_features: int, min_out_features: int, any_width: bool = False) -> bool:
     n, k = linear.out_features, linear.in_features
-    if n < max(min_features, min_out_features) or k < min_features or n % ALIGN or k % ALIGN:
+    if n % ALIGN or k % ALIGN:
+        return False
+    if not any_width and (n < max(min_features, min_out_features) or k < min_features):
         return False
     if linear.weight.dtype not in _ACT_DTYPES or linear.weight.device.type == "meta":
         return False
@@ -191,13 +215,17 @@ def _eligible(linear: nn.Linear, min_features: int, min_out_features: int) -> bo
 
 
 def quantize_linears(module: nn.Module, min_features: int = 1024, min_out_features: int = 0,
-                     skip: Callable[[str, nn.Linear], bool] | None = None, fast_accum: bool = False) -> dict:
+                     skip: Callable[[str, nn.Linear], bool] | None = None, fast_accum: bool = False,
+                     any_width: Callable[[str, nn.Linear], bool] | None = None) -> dict:
     """Replaces, in place, every nn.Linear (RowParallelLinear included) under module whose in and
     out features are both >= min_features and multiples of 16, and whose out features are also >=
     min_out_features, unless skip(qualified_name, linear) says so, with an Fp8Linear. (The output
     width is what pays for the per-token quantisation of the input: that costs in proportion to K,
     the matmul it speeds up to K x N.) Subclasses that override forward are left alone. A Linear shared
-    by several parents becomes one Fp8Linear. Run it after the model has its device and dtype.
+    by several parents becomes one Fp8Linear. any_width(qualified_name, linear), when given and
+    true, waives the two minimums for that linear (one whose input arrives already quantised, so
+    the per-token pass that makes narrow layers lose is not paid). Run it after the model has its
+    device and dtype.
 
     Returns {"replaced": n, "skipped": n, "bytes_before": n, "bytes_after": n}: counts of distinct
     nn.Linear modules, and the weight + bias + scale bytes of the replaced ones.
@@ -219,7 +247,9 @@ def quantize_linears(module: nn.Module, min_features: int = 1024, min_out_featur
                 continue
             if id(child) not in done:
                 name = f"{parent_name}.{child_name}" if parent_name else child_name
-                if _eligible(child, min_features, min_out_features) and not (skip is not None and skip(name, child)):
+                wide_enough = any_width is not None and any_width(name, child)
+                if (_eligible(child, min_features, min_out_features, wide_enough)
+                        and not (skip is not None and skip(name, child))):
                     new = Fp8Linear.from_linear(child, fast_accum=fast_accum)
                     bias_bytes = 0 if child.bias is None else child.bias.numel() * child.bias.element_size()
                     report["replaced"] += 1

@@ -100,8 +100,10 @@ class StreamCacheConfig:
     """DiTs (Flux) on a single-GPU replica: a region's attention also sees the keys and values of
     the frame's static image tokens, recorded by the stream's last whole frame (cache/token_kv.py).
     At one step the region's tokens then get exactly the whole frame's output. Costs device memory
-    per stream, counted in memory_mb: for Flux-dev at 1024, about 2.9 GiB per denoising step. Off
-    until measured on a GPU."""
+    per stream, counted in memory_mb: for Flux-dev at 1024, about 2.9 GiB per denoising step, and
+    time: with 10% of the frame moving, Flux-dev at 1024 on an H200 ran 2.17x faster than whole
+    frames with it, 2.97x without, for +4.7 dB on the recomputed chunks (67.5 against 62.8). Off
+    by default: both are far above what a viewer sees, and the regions alone are faster."""
 
     def validate(self, path: str) -> None:
         _check(8 <= self.chunk_px <= 1024, f"{path}.chunk_px", f"must be in 8..1024, got {self.chunk_px}")

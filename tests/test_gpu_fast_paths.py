@@ -282,6 +282,43 @@ def test_chunk_cached_frames_computed_smaller_come_back_at_the_asked_size():
     assert kinds == ["full", "cache", "region"], kinds
 
 
+def test_chunk_cached_frames_launched_back_to_back_equal_frames_run_one_by_one():
+    """A single-GPU replica launches a stream's chunk-cache frames without waiting for them
+    (run_cached's launch): the next frame is planned on a side stream and launched while the last
+    one computes, each region is pasted into the cache's device output in stream order, and each
+    frame's pixels are copied out before the next paste. Every frame, collected only after all of
+    the clip is launched, must equal the same clip run frame by frame to the end (run_cached's
+    compute), bit for bit, and the output sizes the governor asks for must hold."""
+    from rtdiff_cluster import clips
+    from rtdiff_cluster.cache.chunk_cache import CacheSettings, StreamFrameCache
+    from rtdiff_cluster.engine.stream_frames import run_cached
+
+    _, fast, _ = pipelines("synthetic:tiny-sdxl")
+    settings = CacheSettings(chunk_px=32, threshold=2.0, halo_px=32, max_region_fraction=0.6, region_buckets=4,
+                             multiple=8)
+    frames = list(clips.moving(256, 256, 5, area=0.1, step_px=8))
+    frames.insert(2, frames[1])  # an unchanged frame: answered from the cache, on the device
+
+    def batch(img, out=None):
+        return BatchSpec(256, 256, 2, 0.0, 0.5, [FrameSpec("a lighthouse", seed=3, init_image=img, output_size=out)])
+
+    one_by_one, cache = [], StreamFrameCache("cuda")
+    for img in frames:
+        one_by_one.append(run_cached(lambda b: fast.run(b, ["a lighthouse"], [""]), cache, batch(img), settings))
+    launched, cache = [], StreamFrameCache("cuda")
+    for img in frames:
+        launched.append(run_cached(None, cache, batch(img), settings,
+                                   launch=lambda b: fast.launch(b, ["a lighthouse"], [""], copy_out=False)))
+    assert [d.plan.kind for d in launched] == [d.plan.kind for d in one_by_one] == \
+        ["full", "region", "cache", "region", "region", "region"], [d.plan.kind for d in launched]
+    for i, (a, b) in enumerate(zip(launched, one_by_one)):
+        assert np.array_equal(a.pixels, b.pixels), f"frame {i} ({a.plan.kind}) differs when launched back to back"
+    assert isinstance(cache.output, torch.Tensor) and cache.output.is_cuda
+    half = run_cached(None, cache, batch(frames[-1], out=(128, 96)), settings,
+                      launch=lambda b: fast.launch(b, ["a lighthouse"], [""], copy_out=False))
+    assert half.plan.kind == "cache" and half.pixels.shape == (96, 128, 3)
+
+
 def test_dit_stream_regions_attend_to_recorded_keys_and_values_on_the_fast_paths():
     """stream_cache.dit_token_kv on a GPU: a Flux stream's whole frame records its image tokens'
     keys and values (eagerly: a graph would freeze one stream's tensors), and its regions attend to

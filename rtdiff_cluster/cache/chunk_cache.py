@@ -26,7 +26,9 @@ tests/test_chunk_cache.py and benchmarks/stream_cache.py measure it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import threading
 import warnings
 from collections import OrderedDict
@@ -107,14 +109,26 @@ def _span(lo: int, hi: int, size: int, s: CacheSettings) -> tuple[int, int]:
     return start, length
 
 
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 class StreamFrameCache:
-    """One stream's reference inputs (on `device`, where changes are measured) and outputs (host
-    memory, where they are encoded), whole frames of uint8 RGB."""
+    """One stream's reference inputs (on `device`, where changes are measured) and outputs, whole
+    frames of uint8 RGB. The output lives where the computed frames arrive: on the device when
+    the replica hands over its graphs' outputs (launched frames, engine/stream_frames.py), in
+    host memory when it hands over finished images.
+
+    On a GPU the planning (the frame's upload, the change measure, whose result the host must
+    read) and the reference inputs' updates run on a side stream: on the compute stream they
+    would wait for every frame still queued there, so a stream's next frame could not be planned
+    while its last one computes."""
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.ref_input: torch.Tensor | None = None  # per chunk: the input it was last computed from
-        self.output: np.ndarray | None = None
+        self.output: np.ndarray | torch.Tensor | None = None
         self._uploads = PinnedUploads(self.device, 1)  # the frame, uploaded to measure its changes
         self.kv = None  # a DiT stream's recorded image-token keys and values (cache/token_kv.py)
 
@@ -124,12 +138,31 @@ class StreamFrameCache:
         n += self._uploads.nbytes + (self.kv.nbytes if self.kv is not None else 0)
         return n + (self.output.nbytes if self.output is not None else 0)
 
+    def _side(self):
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        # No wait for the compute stream: the side stream's inputs (the uploads, the reference
+        # inputs) are written on the side stream only, and the allocator keeps each stream's
+        # blocks apart.
+        return torch.cuda.stream(_side_stream(self.device))
+
     def plan(self, new: np.ndarray, s: CacheSettings) -> Plan:
         h, w = new.shape[:2]
         grid = (-(-h // s.chunk_px), -(-w // s.chunk_px))
-        frame = self._uploads.upload([new])[0]
-        if self.ref_input is None or tuple(self.ref_input.shape) != new.shape:
-            return Plan("full", np.ones(grid, dtype=bool), frame=frame)
+        with self._side():
+            frame = self._uploads.upload([new])[0]
+            if self.ref_input is None or tuple(self.ref_input.shape) != new.shape:
+                plan = Plan("full", np.ones(grid, dtype=bool), frame=frame)
+            else:
+                plan = self._plan_change(frame, new, grid, s)
+        if self.device.type == "cuda":  # the compute stream reads the frame after its upload
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(_side_stream(self.device))
+            frame.record_stream(main)
+        return plan
+
+    def _plan_change(self, frame: torch.Tensor, new: np.ndarray, grid, s: CacheSettings) -> Plan:
+        h, w = new.shape[:2]
         changed = _chunk_change(frame, self.ref_input, s.chunk_px) > s.threshold
         if not changed.any():
             return Plan("cache", changed)
@@ -140,27 +173,37 @@ class StreamFrameCache:
             return Plan("full", np.ones(grid, dtype=bool), frame=frame)
         return Plan("region", changed, Region(top, left, height, width), frame)
 
-    def commit(self, plan: Plan, new: np.ndarray, computed: np.ndarray, s: CacheSettings) -> np.ndarray:
+    def commit(self, plan: Plan, new: np.ndarray, computed: np.ndarray | torch.Tensor,
+               s: CacheSettings) -> np.ndarray | torch.Tensor:
         """Stores a computed frame (plan `full`) or region (plan `region`: `computed` is the
-        region's output) and returns the frame's output (a copy: the next frame updates the cache
-        while this one is still being encoded)."""
+        region's output) and returns the frame's output. computed: a host array (the returned
+        output is a copy: the next frame updates the cache while this one is still being
+        encoded), or a tensor on the device (the returned output is the cache's own tensor: the
+        caller copies it out in stream order, before the next frame's commit is queued)."""
+        on_device = isinstance(computed, torch.Tensor)
         if plan.kind == "full":
-            self.ref_input, self.output = plan.frame, computed.copy()
-            return computed
+            self.ref_input = plan.frame
+            self.output = computed.clone() if on_device else computed.copy()
+            return self.output if on_device else computed
         assert plan.kind == "region" and plan.region is not None and self.output is not None
+        if on_device and not isinstance(self.output, torch.Tensor):
+            self.output = torch.from_numpy(self.output).to(self.device)
+        elif not on_device and isinstance(self.output, torch.Tensor):
+            self.output = self.output.cpu().numpy()
         r, c = s.chunk_px, plan.region
         h, w = new.shape[:2]
-        # The chunk grid is widened to pixels where it is used: on the device for the reference
-        # input (only the [rows, cols] grid crosses), on the host for the region alone.
-        grid = torch.from_numpy(plan.changed).to(self.device)
-        pixels = grid.repeat_interleave(r, 0).repeat_interleave(r, 1)[:h, :w]  # [H, W]: pixels of changed chunks
-        self.ref_input = torch.where(pixels[..., None], plan.frame, self.ref_input)
+        with self._side():
+            # The chunk grid is widened to pixels where it is used: on the device for the reference
+            # input (only the [rows, cols] grid crosses), on the host for the region alone.
+            grid = torch.from_numpy(plan.changed).to(self.device)
+            pixels = grid.repeat_interleave(r, 0).repeat_interleave(r, 1)[:h, :w]  # [H, W]: pixels of changed chunks
+            self.ref_input = torch.where(pixels[..., None], plan.frame, self.ref_input)
         # The changed chunks are pasted as runs of a chunk row, slice copies (a masked copy of the
         # region measured 3 ms per 1024 frame on the H200's host); the region covers them all.
         for row, (start, stop) in _runs(plan.changed):
             y0, y1, x0, x1 = row * r, min(h, (row + 1) * r), start * r, min(w, stop * r)
             self.output[y0:y1, x0:x1] = computed[y0 - c.top:y1 - c.top, x0 - c.left:x1 - c.left]
-        return self.output.copy()
+        return self.output if on_device else self.output.copy()
 
 
 def _runs(changed: np.ndarray):

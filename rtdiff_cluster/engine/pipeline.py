@@ -150,10 +150,17 @@ class _Marks:
 
 
 class Launched:
-    """A batch whose work is queued on the device; result() waits for it."""
+    """A batch whose work is queued on the device; result() waits for it.
 
-    def __init__(self, images: torch.Tensor | np.ndarray | None, marks: _Marks, times: StageTimes):
+    output: the images as the batch left them, [B, H, W, 3] uint8, before result(): on a GPU
+    launched with copy_out=False the graph's own output tensor, valid only until the next launch
+    (whose replay overwrites it), so the caller reads it in stream order right away; on a CPU
+    the finished array."""
+
+    def __init__(self, images: torch.Tensor | np.ndarray | None, marks: _Marks, times: StageTimes,
+                 output: torch.Tensor | np.ndarray | None = None):
         self._images, self._marks, self._times = images, marks, times
+        self.output = output if output is not None else images
         self._marks.mark("done")
 
     def result(self) -> tuple[np.ndarray | None, StageTimes]:
@@ -238,7 +245,7 @@ class Pipeline:
 
     @torch.inference_mode()
     def launch(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str],
-               decode: bool = True, resize_output: bool = False) -> Launched:
+               decode: bool = True, resize_output: bool = False, copy_out: bool = True) -> Launched:
         """Queues the batch's GPU work and returns without waiting for it (where nothing in the
         schedule needs a value on the host): the caller may prepare and launch the next batch
         while this one runs, and collects this one's images with result().
@@ -246,7 +253,8 @@ class Pipeline:
         resize_output: frames computed smaller than their output_size (the governor's size rungs)
         come back at that size, resampled on the device (PIL's bilinear on the host took 17 ms per
         1024 frame on the H200's host). Not for chunk-cache frames: their cache holds the
-        computed size."""
+        computed size. copy_out=False (a GPU): the images stay on the device, as Launched.output,
+        and result() returns None for them (the chunk cache pastes them there)."""
         m, fam = self.model, self.family
         times = StageTimes()
         marks = _Marks(m.device)
@@ -380,6 +388,8 @@ class Pipeline:
             images = resize_images(images, *sizes.pop())
         if m.device.type != "cuda":
             return Launched(images.numpy(), marks, times)
+        if not copy_out:
+            return Launched(None, marks, times, output=images)
         # Copied out now, in stream order: the next batch's replay of this graph overwrites its output.
         host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
         host.copy_(images, non_blocking=True)

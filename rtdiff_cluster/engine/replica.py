@@ -34,6 +34,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from rtdiff_cluster import imaging
@@ -41,7 +42,7 @@ from rtdiff_cluster.cache.chunk_cache import CacheCounters, StreamCaches
 from rtdiff_cluster.config import ModelConfig
 from rtdiff_cluster.engine.adaptive_steps import StepCalibrator
 from rtdiff_cluster.engine.link import LinkAddress, LinkServer, current_peer, new_key, node_host
-from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
+from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline, StageTimes
 from rtdiff_cluster.engine.stream_frames import CachedFrame, cache_settings, dit_token_px, run_cached
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
@@ -357,10 +358,11 @@ class EngineRank:
         return dit_token_px(self.model)
 
     def _run_cached(self, batch: BatchSpec, i: int, prompt: str,
-                    negative: str) -> tuple[CachedFrame, int, float, float]:
+                    negative: str) -> tuple[CachedFrame, int, float, float, float]:
         """On the compute thread, in arrival order: frames of one stream see each other's commits.
-        Returns the frame, the steps its schedule had, their PSNR against 8 steps (0: not adaptive)
-        and the chunk threshold applied."""
+        Returns the frame (on a single-GPU replica still computing: collect it with
+        _collect_cached), the steps its schedule had, their PSNR against 8 steps (0: not
+        adaptive), the chunk threshold applied and the seconds spent choosing the steps."""
         fr = batch.frames[i]
         one = dataclasses.replace(batch, frames=[fr])
         one, psnr_db, measuring_s = self._adapt(one, prompt, negative)
@@ -369,11 +371,30 @@ class EngineRank:
         before = cache.nbytes
         # The step cache skips steps, whose keys and values then are never recorded.
         token_px = self._token_px if one.step_cache <= 0 else 0
-        done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings, token_px)
+        def launch(b: BatchSpec):
+            # Queued, not waited for: the paste and the copy out follow in stream order, and this
+            # thread goes on to the next frame (perhaps this stream's) while the GPU computes.
+            self.gpu.mark_batch(True)
+            try:
+                return self.pipeline.launch(b, [prompt], [negative], copy_out=False)
+            except BaseException:
+                self.gpu.mark_batch(False)
+                raise
+        single_gpu = groups.layout().world == 1 and self.model.device.type == "cuda"
+        done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings, token_px,
+                          launch if single_gpu else None)
         self.stream_caches.account(fr.stream_id, before, cache.nbytes)
         self.stream_caches.count(done.plan)
-        done.times = dataclasses.replace(done.times, denoise_s=done.times.denoise_s + measuring_s)
-        return done, one.steps, psnr_db, settings.threshold
+        return done, one.steps, psnr_db, settings.threshold, measuring_s
+
+    def _collect_cached(self, done: CachedFrame, measuring_s: float) -> tuple[np.ndarray, StageTimes]:
+        """Off the compute thread: a chunk-cache frame's pixels and times, once its GPU work is done."""
+        try:
+            pixels, times = done.result()
+        finally:
+            if done.launched:
+                self.gpu.mark_batch(False)
+        return pixels, dataclasses.replace(times, denoise_s=times.denoise_s + measuring_s)
 
     async def run_batch(self, batch: BatchSpec) -> BatchResult:
         t0 = time.perf_counter()
@@ -407,15 +428,14 @@ class EngineRank:
             self.frames_computed += len(plain)
             self.batches += 1
         for i, run in cached_runs:
-            done, steps, psnr_db, threshold = await run
-            pixels[i] = done.pixels
-            applied[i] = (steps, psnr_db, threshold, done.times.steps_reused)
-            t = done.times
+            done, steps, psnr_db, threshold, measuring_s = await run
+            pixels[i], t = await loop.run_in_executor(self.waiter, self._collect_cached, done, measuring_s)
+            applied[i] = (steps, psnr_db, threshold, t.steps_reused)
             cache_info[i] = (done.plan.kind == "cache", done.plan.recomputed_fraction,
                              (t.text_encode_s, t.denoise_s, t.decode_s))
-            text_s += done.times.text_encode_s
-            denoise_s += done.times.denoise_s
-            decode_s += done.times.decode_s
+            text_s += t.text_encode_s
+            denoise_s += t.denoise_s
+            decode_s += t.decode_s
             if done.plan.kind != "cache":
                 self.frames_computed += 1
                 self.batches += 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,16 +16,40 @@ import torch
 from rtdiff_cluster.cache import token_kv
 from rtdiff_cluster.cache.chunk_cache import CacheSettings, Plan, StreamFrameCache
 from rtdiff_cluster.config import StreamCacheConfig
-from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, StageTimes, resize_images
+from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Launched, StageTimes, resize_images
 
 Compute = Callable[[BatchSpec], tuple[np.ndarray, StageTimes]]  # a batch -> images [B, H, W, 3], times
+Launch = Callable[[BatchSpec], Launched]  # a batch -> its work queued (Pipeline.launch(..., copy_out=False))
 
 
-@dataclass
 class CachedFrame:
-    pixels: np.ndarray  # [H, W, 3] uint8, the frame's output
-    plan: Plan
-    times: StageTimes
+    """A chunk-cache frame: its plan, and its pixels and stage times from result(). A frame
+    launched on a GPU (run_cached's launch) is still computing when run_cached returns; its
+    output is being copied to pinned host memory, and result() waits for that copy."""
+
+    def __init__(self, plan: Plan, pixels: np.ndarray | None = None, times: StageTimes | None = None,
+                 launched: Launched | None = None, copied: torch.cuda.Event | None = None):
+        self.plan = plan
+        self._pixels, self._times, self._launched, self._copied = pixels, times or StageTimes(), launched, copied
+
+    @property
+    def launched(self) -> bool:
+        """Whether a batch was launched for it (result() then ends that batch)."""
+        return self._launched is not None
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return self.result()[0]
+
+    def result(self) -> tuple[np.ndarray, StageTimes]:
+        """([H, W, 3] uint8 at the frame's output size, stage times); waits for launched work."""
+        if self._launched is not None:
+            self._times = self._launched.result()[1]
+            self._launched = None
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+        return (self._pixels.numpy() if isinstance(self._pixels, torch.Tensor) else self._pixels), self._times
 
 
 def cache_settings(config: StreamCacheConfig, size_multiple: int, threshold: float | None = None) -> CacheSettings:
@@ -48,10 +71,15 @@ def dit_token_px(model) -> int:
     return model.limits.vae_scale_factor * 2  # Flux packs 2x2 latent patches into a token
 
 
-def run_cached(compute: Compute, cache: StreamFrameCache, batch: BatchSpec, settings: CacheSettings,
-               token_px: int = 0) -> CachedFrame:
+def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpec, settings: CacheSettings,
+               token_px: int = 0, launch: Launch | None = None) -> CachedFrame:
     """batch: one frame of a stream, with its init_image (strength > 0). The output has the
     frame's output_size where it has one and the cache is on a GPU (else the caller resizes).
+
+    compute runs a batch to the end; launch (a single-GPU replica, in place of compute) queues it
+    and leaves its images on the device, where the cache pastes them: the frame comes back still
+    computing, its pixels on their way to the host, so the caller can plan and launch the
+    stream's next frame meanwhile (CachedFrame.result() collects it).
 
     token_px > 0 (a DiT whose image tokens cover token_px x token_px pixels, its attention through
     our processor): whole frames record their image tokens' keys and values, and a region's
@@ -61,18 +89,20 @@ def run_cached(compute: Compute, cache: StreamFrameCache, batch: BatchSpec, sett
     new = frame.init_image
     plan = cache.plan(new, settings)
     if plan.kind == "cache":
-        return CachedFrame(_sized(cache.output.copy(), frame, cache.device), plan, StageTimes())
+        if isinstance(cache.output, torch.Tensor):
+            return _copied_out(plan, cache.output, frame, None)
+        return CachedFrame(plan, _sized(cache.output.copy(), frame, cache.device))
     schedule = (batch.steps, batch.strength, batch.sampler)
     grid = (new.shape[0] // token_px, new.shape[1] // token_px) if token_px else None
     if plan.kind == "region" and token_px and (cache.kv is None or (cache.kv.grid, cache.kv.schedule) != (grid, schedule)):
         plan = dataclasses.replace(plan, kind="full", changed=np.ones_like(plan.changed), region=None)
     if plan.kind == "full":
         kv = token_kv.TokenKV(grid, schedule) if token_px else None
-        cache.kv = None  # a record stands only once its frame computed to the end
+        cache.kv = None  # a record stands only once its frame computed (or was queued) to the end
         with token_kv.recording(kv) if kv is not None else contextlib.nullcontext():
-            images, times = compute(batch)
+            done = _run(compute, launch, batch)
         cache.kv = kv
-        return CachedFrame(_sized(cache.commit(plan, new, images[0], settings), frame, cache.device), plan, times)
+        return _committed(cache, plan, new, done, frame, settings)
     r = plan.region
     # The region is cut from the frame the plan uploaded to measure changes: no second upload.
     region = dataclasses.replace(batch, width=r.width, height=r.height, crop=(new.shape[0], new.shape[1], r.top, r.left),
@@ -83,8 +113,37 @@ def run_cached(compute: Compute, cache: StreamFrameCache, batch: BatchSpec, sett
                                       r.width // token_px, cache.device)
         extend = token_kv.extending(cache.kv, index)
     with extend:
-        images, times = compute(region)
-    return CachedFrame(_sized(cache.commit(plan, new, images[0], settings), frame, cache.device), plan, times)
+        done = _run(compute, launch, region)
+    return _committed(cache, plan, new, done, frame, settings)
+
+
+def _run(compute: Compute | None, launch: Launch | None, batch: BatchSpec) -> Launched | tuple[np.ndarray, StageTimes]:
+    if launch is not None:
+        return launch(batch)
+    return compute(batch)
+
+
+def _committed(cache: StreamFrameCache, plan: Plan, new: np.ndarray, done, frame: FrameSpec,
+               settings: CacheSettings) -> CachedFrame:
+    if isinstance(done, Launched):
+        output = cache.commit(plan, new, done.output[0], settings)
+        if isinstance(output, torch.Tensor):
+            return _copied_out(plan, output, frame, done)
+        return CachedFrame(plan, _sized(output, frame, cache.device), launched=done)  # a CPU pipeline's finished array
+    images, times = done
+    return CachedFrame(plan, _sized(cache.commit(plan, new, images[0], settings), frame, cache.device), times)
+
+
+def _copied_out(plan: Plan, output: torch.Tensor, frame: FrameSpec, launched: Launched | None) -> CachedFrame:
+    """The cache's device output (at the frame's output size) copied to pinned host memory in
+    stream order: the next frame's paste, queued after it, cannot change this frame's pixels."""
+    if frame.output_size is not None and tuple(output.shape[:2]) != (frame.output_size[1], frame.output_size[0]):
+        output = resize_images(output[None], *frame.output_size)[0]
+    host = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
+    host.copy_(output, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return CachedFrame(plan, host, launched=launched, copied=copied)
 
 
 def _sized(pixels: np.ndarray, frame: FrameSpec, device: torch.device) -> np.ndarray:

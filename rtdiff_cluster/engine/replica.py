@@ -371,18 +371,22 @@ class EngineRank:
         before = cache.nbytes
         # The step cache skips steps, whose keys and values then are never recorded.
         token_px = self._token_px if one.step_cache <= 0 else 0
+        launches = []
+
         def launch(b: BatchSpec):
             # Queued, not waited for: the paste and the copy out follow in stream order, and this
             # thread goes on to the next frame (perhaps this stream's) while the GPU computes.
             self.gpu.mark_batch(True)
-            try:
-                return self.pipeline.launch(b, [prompt], [negative], copy_out=False)
-            except BaseException:
-                self.gpu.mark_batch(False)
-                raise
+            launches.append(b)
+            return self.pipeline.launch(b, [prompt], [negative], copy_out=False)
         single_gpu = groups.layout().world == 1 and self.model.device.type == "cuda"
-        done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings, token_px,
-                          launch if single_gpu else None)
+        try:
+            done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings, token_px,
+                              launch if single_gpu else None)
+        except BaseException:
+            for _ in launches:  # no CachedFrame will end them
+                self.gpu.mark_batch(False)
+            raise
         self.stream_caches.account(fr.stream_id, before, cache.nbytes)
         self.stream_caches.count(done.plan)
         return done, one.steps, psnr_db, settings.threshold, measuring_s

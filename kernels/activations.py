@@ -38,24 +38,21 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _geglu_kernel(h_ptr, out_ptr, N, stride_h, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
-    row_ptr = h_ptr + row.to(tl.int64) * stride_h
-    hidden = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(row_ptr + N + cols, mask=mask, other=0.0).to(tl.float32)
+def _geglu_product(h_row, cols, mask, N):
+    """hidden * gelu(gate) in fp32 for the lanes cols of a row of h (0 where masked)."""
+    hidden = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(h_row + N + cols, mask=mask, other=0.0).to(tl.float32)
     # Exact GELU, as F.gelu's default: x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2))).
-    gelu = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-    out = hidden * gelu
-    tl.store(out_ptr + row.to(tl.int64) * N + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    return hidden * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
 
 
 @triton.jit
-def _geglu_product(h_row, cols, mask, N):
-    hidden = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(h_row + N + cols, mask=mask, other=0.0).to(tl.float32)
-    return hidden * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))  # 0 where masked
+def _geglu_kernel(h_ptr, out_ptr, N, stride_h, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    out = _geglu_product(h_ptr + row * stride_h, cols, mask, N)
+    tl.store(out_ptr + row * N + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

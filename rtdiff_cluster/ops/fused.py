@@ -171,10 +171,14 @@ def _geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
     return geglu(self.proj(hidden_states))
 
 
+def _dropout_active(ff) -> bool:
+    return ff.training and any(m.p for m in ff.net if isinstance(m, nn.Dropout))
+
+
 def _feed_forward_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """diffusers' FeedForward with a GEGLU (proj, gating, dropout, out projection[, dropout]); the
     dropouts are identities at inference. Training with dropout takes diffusers' forward."""
-    if self.training and any(m.p for m in self.net if isinstance(m, nn.Dropout)):
+    if _dropout_active(self):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     return _geglu_feed_forward(self, self.net[0].proj(hidden_states))
 
@@ -200,7 +204,7 @@ def _takes_fp8_input(ff, h: torch.Tensor) -> bool:
     from rtdiff_kernels._launch import triton_runs
 
     return (getattr(ff.forward, "__func__", None) is _feed_forward_forward and isinstance(ff.net[0].proj, Fp8Linear)
-            and not (ff.training and any(m.p for m in ff.net if isinstance(m, nn.Dropout))) and triton_runs(h))
+            and not _dropout_active(ff) and triton_runs(h))
 
 
 def _geglu_feed_forward_fusable(ff) -> bool:
@@ -208,7 +212,7 @@ def _geglu_feed_forward_fusable(ff) -> bool:
 
     net = list(ff.net)
     return (len(net) in (3, 4) and type(net[0]) is GEGLU and all(type(m) is nn.Dropout for m in net[1::2])
-            and isinstance(net[2], nn.Module) and hasattr(net[2], "out_features"))
+            and hasattr(net[2], "out_features"))
 
 
 def geglu_feed_forward_outputs(backbone: nn.Module) -> set[int]:

@@ -7,7 +7,7 @@ sees them. Cases, all image-to-image at strength 0.5 from rtdiff_cluster/clips.p
 
   1-step       2-step schedule at strength 0.5 (one denoising step), cache off, windows 1-3: the
                real-time target (60 fps, p99 under 40 ms at 1024 with the tiny VAE, one GPU)
-  1-step cached  the same on the 10%-moving clip with the chunk cache on
+  1-step cached  the same on the 10%-moving clip with the chunk cache on, windows 2 and 3
   governed     8-step schedule (4 steps at strength 0.5) with --target-fps, min 2 steps, cache
                threshold up to 8, on the moving clip, then also down to half size; against the same
                stream ungoverned
@@ -130,8 +130,8 @@ def main() -> int:
         wait_serving(target, 900, server)
         n = args.frames
         cases = [("1-step, cache off", dict(window=w, steps=2, clip="moving", cache_threshold=-1)) for w in (1, 2, 3)]
-        cases += [("1-step, chunk cache", dict(window=2, steps=2, clip="moving")),
-                  ("4 steps, ungoverned", dict(window=2, steps=8, clip="moving")),
+        cases += [("1-step, chunk cache", dict(window=w, steps=2, clip="moving")) for w in (2, 3)]
+        cases += [("4 steps, ungoverned", dict(window=2, steps=8, clip="moving")),
                   (f"4 steps, governed to {args.target_fps:g} fps",
                    dict(window=2, steps=8, clip="moving", target_fps=args.target_fps, min_steps=4, max_cache_threshold=8)),
                   (f"4 steps, governed to {args.target_fps:g} fps, down to half size",
@@ -158,13 +158,15 @@ def main() -> int:
     finally:
         stop_process(server, 60)
 
-    one_step = [r for r in rows if r["case"] == "1-step, cache off"]
-    best = max(one_step, key=lambda r: r["fps"]) if one_step else None
+    # The target counts a case that holds the p99 bound; among those, the fastest.
+    one_step = [r for r in rows if r["case"].startswith("1-step")]
+    best = max(one_step, key=lambda r: (r["p99_ms"] < TARGET_P99_MS, r["fps"])) if one_step else None
     write_results("stream_serving", "cuda" if cuda else "cpu", {
         "model": args.source, "vae": args.vae or "model's", "size": args.size, "frames": args.frames,
         "tp": args.tp, "cfg_parallel": args.cfg_parallel,
         "engine_alone": engine, "rows": rows, "overlap": overlap(rows), "runtime_s": time.perf_counter() - t0,
         "target": best and {"fps": TARGET_FPS, "p99_ms": TARGET_P99_MS, "best_window": best["window"],
+                            "best_case": best["case"], "best_fps": best["fps"], "best_p99_ms": best["p99_ms"],
                             "met": best["fps"] >= TARGET_FPS and best["p99_ms"] < TARGET_P99_MS}},
         args.out_dir, markdown, tag=f"tp{args.tp}x{args.cfg_parallel}" if sharded else "")
     return 0
@@ -215,8 +217,9 @@ def markdown(r: dict) -> str:
                   + f"At most {o['bound']:.0%} can be hidden while frames are computed one at a time (window 3 batches two)."]
     t = r["target"]
     if t:
-        lines += ["", f"Target: {t['fps']:g} fps with p99 under {t['p99_ms']:g} ms (1-step, best window "
-                  f"{t['best_window']}): {'met' if t['met'] else 'NOT met'}."]
+        lines += ["", f"Target: {t['fps']:g} fps with p99 under {t['p99_ms']:g} ms (best 1-step case: "
+                  f"{t.get('best_case', '1-step')}, window {t['best_window']}: {t.get('best_fps', 0):.1f} fps, p99 "
+                  f"{t.get('best_p99_ms', 0):.1f} ms): {'met' if t['met'] else 'NOT met'}."]
     lines += ["Steps column: the schedule length; at strength 0.5 half of it runs."]
     return "\n".join(lines) + "\n"
 

@@ -89,3 +89,11 @@ def test_stream_serving_through_a_sharded_replica(tmp_path):
     assert r["tp"] == 2 and r["engine_alone"] is None and r["target"] is None
     assert [row["case"] for row in r["rows"]] == ["4 steps, ungoverned"]
     assert r["rows"][0]["frames"] == 6 and r["rows"][0]["fps"] > 0 and r["rows"][0]["steps_min"] == 8
+
+
+def test_image_codec_times_pil_where_there_is_no_gpu(tmp_path):
+    r = run("image_codec.py", tmp_path, "--sizes", "64,96", "--n", "3")
+    assert [(x["size"], x["image"]) for x in r["rows"]] == [(s, i) for s in (64, 96) for i in ("clip frame", "grainy")]
+    for x in r["rows"]:
+        assert x["pil_encode_ms"] > 0 and x["pil_decode_ms"] > 0 and x["pil_444_bytes"] > x["pil_bytes"] > 0
+        assert "nvjpeg_encode_ms" not in x  # CPU only here: the GPU rows need the device

@@ -98,3 +98,86 @@ def test_full_size_preset_makes_a_frame_at_1024(source, vae):
     finally:
         groups.destroy()
         torch.cuda.empty_cache()
+
+
+def _jpeg_error(jpeg: bytes, raw) -> float:
+    """Mean absolute difference, in levels of 255, between a JPEG file and the pixels it encodes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg), formats=["JPEG"]) as img:
+        decoded = np.asarray(img.convert("RGB"))
+    assert decoded.shape == raw.shape
+    return float(np.abs(decoded.astype(int) - raw.astype(int)).mean())
+
+
+def _pil_444(raw, quality: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(raw).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
+# Tolerance policy for nvJPEG: its error against the exact pixels may be at most 1.5x (+0.5 level)
+# that of libjpeg (PIL) on the same pixels at the same quality and the same 4:4:4 sampling. Both
+# quantise with the standard tables scaled by quality; measured on the clip frame at 1024 and
+# quality 90: 4.3 levels for nvJPEG (benchmarks/image_codec.py, H200).
+JPEG_ERROR_RATIO = 1.5
+
+
+def test_gpu_jpeg_encodes_within_libjpegs_error():
+    from rtdiff_cluster import clips
+    from rtdiff_cluster.engine.gpu_jpeg import GpuJpeg
+
+    enc, why = GpuJpeg.probe(torch.device("cuda"))
+    assert enc is not None, why
+    for size in (1024, 200):  # 200: not a multiple of JPEG's 8 or 16 pixel blocks
+        raw = next(clips.moving(size, size + 24, 1))
+        for quality in (90, 60):
+            data = enc.encode(torch.from_numpy(raw).cuda(), quality)
+            assert data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
+            ours, pil = _jpeg_error(data, raw), _jpeg_error(_pil_444(raw, quality), raw)
+            assert ours <= JPEG_ERROR_RATIO * pil + 0.5, f"{size} q{quality}: nvJPEG {ours:.2f} vs libjpeg {pil:.2f} levels"
+
+
+def test_jpeg_frames_of_a_gpu_replica_come_from_nvjpeg_and_match_its_raw_frames(ray_cluster):
+    """Unary frames and a stream's launched chunk-cache frames (several in flight, so a frame is
+    encoded while the next ones compute): each JPEG decodes to its RAW twin within JPEG's error."""
+    from rtdiff_cluster import clips
+    from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
+
+    actors = spawn(1, device="cuda", num_gpus=1)
+    gw = GatewayThread(gateway_config(model=ModelConfig(source=TINY, device="cuda", warmup=True)), {TINY: actors})
+    try:
+        info = gw.call(lambda: gw.gateway.models[TINY].replicas.handles[0].info)
+        assert info.fast_paths["jpeg"].startswith("nvJPEG"), info.fast_paths
+        with RtdiffClient(gw.target, timeout_s=120) as c:
+            for seed in range(3):
+                kw = dict(width=512, height=384, steps=4, seed=seed)
+                raw = image_pixels(c.generate("jpeg", output_format="raw", **kw).images[0])
+                jpeg = c.generate("jpeg", output_format="jpeg", **kw).images[0]
+                assert jpeg.format == pb.IMAGE_FORMAT_JPEG and (jpeg.width, jpeg.height) == (512, 384)
+                assert _jpeg_error(jpeg.data, raw) <= JPEG_ERROR_RATIO * _jpeg_error(_pil_444(raw, 90), raw) + 0.5
+
+            clip = list(clips.moving(512, 512, 8))
+
+            def frames(fmt):
+                for i, px in enumerate(clip):
+                    yield pb.FrameRequest(frame_id=i, prompt="a stream" if i == 0 else "", width=512, height=512, steps=4,
+                                          seed=5, strength=0.5, output_format=fmt,
+                                          input_image=pb.Image(format=pb.IMAGE_FORMAT_RAW_RGB8, data=px.tobytes(),
+                                                               width=512, height=512))
+            raws = [image_pixels(r.image) for r in c.stream(frames(pb.IMAGE_FORMAT_RAW_RGB8), timeout_s=120)]
+            jpegs = list(c.stream(frames(pb.IMAGE_FORMAT_JPEG), timeout_s=120))
+            assert [r.frame_id for r in jpegs] == list(range(8)) and any(r.recomputed_fraction < 1 for r in jpegs[1:])
+            for raw, r in zip(raws, jpegs):
+                assert _jpeg_error(r.image.data, raw) <= JPEG_ERROR_RATIO * _jpeg_error(_pil_444(raw, 90), raw) + 0.5, r.frame_id
+    finally:
+        gw.stop()
+        for g in actors:
+            g.kill()

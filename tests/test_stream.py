@@ -109,3 +109,20 @@ def test_stream_flow_control_bounds_frames_in_flight(make_gateway):
         for r in c.stream([frame(0, "flow")] + [frame(i) for i in range(1, 12)], timeout_s=120):
             depths.append(metric(gw.metrics(), "rtdiff_queue_depth", model=TINY))
     assert len(depths) == 12 and max(depths) <= 2
+
+
+def test_lone_stream_frames_do_not_wait_for_a_batch_that_cannot_fill(make_gateway):
+    # A long max_queue_delay and a busy replica: a batch may wait to fill, but with no other
+    # caller sending frames nothing could join it, so each frame of the stream goes at once.
+    delay_ms = 3000
+    gw = make_gateway(batching=BatchingConfig(max_batch_size=4, max_queue_delay_ms=delay_ms, stream_max_inflight=2,
+                                              max_inflight_batches_per_replica=2))
+    with RtdiffClient(gw.target, timeout_s=120) as c:
+        # Frames long enough (256 px, 8 steps) that each arrives while the one before computes.
+        big = dict(width=256, height=256, steps=8)
+        out = list(c.stream([frame(0, "alone", **big)] + [frame(i, **big) for i in range(1, 6)], timeout_s=120))
+    assert [r.frame_id for r in out] == [1000 + i for i in range(6)]
+    # Before: a frame waited until the frame ahead of it finished (188-251 ms here), since the
+    # replica counted as busy; now it is sent as it is admitted (20 ms: slack for a slow host).
+    waits = [r.timing.batch_wait_ms for r in out]
+    assert max(waits) < 20, f"frames waited {waits} ms for a batch only they could fill"

@@ -3,7 +3,8 @@
 On CUDA, by default: attention through the backend registry (ops/attention.py), the fused Triton
 kernels in the backbone and the VAE (ops/fused.py, ops/processors.py), channels-last convolutions
 for UNets and VAEs, optionally FP8 linears (quant/fp8.py), and CUDA graphs per shape bucket
-(engine/graphs.py). Every path falls back cleanly: on a CPU replica, without Triton, on a GPU too
+(engine/graphs.py); its frames' JPEG encoding runs on the GPU (engine/gpu_jpeg.py). Every path
+falls back cleanly: on a CPU replica, without Triton, on a GPU too
 old for FP8, the model runs diffusers' modules as loaded, and the report says why.
 
 The report (path -> what was done, or "off: why") goes to the replica's log and, through
@@ -17,6 +18,7 @@ import logging
 import torch
 
 from rtdiff_cluster.config import FastPathConfig
+from rtdiff_cluster.engine.gpu_jpeg import GpuJpeg
 from rtdiff_cluster.engine.graphs import GraphCache
 from rtdiff_cluster.models.base import LoadedModel
 from rtdiff_cluster.ops.attention import AttentionRegistry
@@ -45,6 +47,7 @@ class FastPaths:
         self.report: dict[str, str] = {}
         self.registry: AttentionRegistry | None = None
         self.graphs: GraphCache | None = None
+        self.jpeg: GpuJpeg | None = None  # the frames' JPEG encoder on the GPU, where it runs
 
     def attention_choices(self) -> str:
         """After the warm-up: which backend each kind of attention call took."""
@@ -73,6 +76,7 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
     if model.device.type != "cuda":
         for path in ("attention", "kernels", "fp8", "cuda_graphs"):
             r[path] = "off: CPU replica (diffusers' modules as loaded)"
+        r["jpeg"] = "off: CPU replica (PIL on the host)"
         if cfg.quantization == "fp8":
             log.warning("%s: fast_paths.quantization=fp8 ignored: FP8 matmuls need a CUDA GPU", model.limits.name)
         return fp
@@ -132,6 +136,12 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
         fp.graphs = GraphCache(model.device, cfg.max_graphs, cfg.graph_memory_mb << 20)
         r["cuda_graphs"] = (f"on: per (batch, height, width) bucket, loops of <= {cfg.loop_graph_max_steps} noise-free "
                             f"steps with the decode; <= {cfg.max_graphs} graphs, {cfg.graph_memory_mb} MiB")
+    if not cfg.gpu_jpeg:
+        r["jpeg"] = "off: fast_paths.gpu_jpeg is false"
+    elif world > 1:
+        r["jpeg"] = f"off: replica spans {world} ranks (PIL on the host)"  # its frames come back in host memory
+    else:
+        fp.jpeg, r["jpeg"] = GpuJpeg.probe(model.device)
     for path, what in r.items():
         log.info("%s fast path %s: %s", model.limits.name, path, what)
     return fp

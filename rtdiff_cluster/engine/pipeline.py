@@ -121,6 +121,17 @@ def resize_images(images: torch.Tensor, width: int, height: int) -> torch.Tensor
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+def copy_images_out(images: torch.Tensor, keep_on_device: bool) -> torch.Tensor:
+    """A copy of a device tensor of images, queued on the current stream: in pinned host memory
+    (for the host's encoder), or on the device (for nvJPEG's). Valid once the stream gets past
+    it; the original may be overwritten after (a graph's output by its next replay)."""
+    if keep_on_device:
+        return images.clone()
+    host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+    host.copy_(images, non_blocking=True)
+    return host
+
+
 class _Marks:
     """Stage boundaries of one batch: CUDA events on a GPU (read once the batch is done, so that
     the host never waits for a stage), the wall clock on a CPU."""
@@ -163,16 +174,19 @@ class Launched:
         self.output = output if output is not None else images
         self._marks.mark("done")
 
-    def result(self) -> tuple[np.ndarray | None, StageTimes]:
-        """Images [B, H, W, 3] uint8 (None when the batch was not decoded) and its stage times:
-        on a GPU the device's time between the stages' boundaries."""
+    def result(self) -> tuple[np.ndarray | torch.Tensor | None, StageTimes]:
+        """Images [B, H, W, 3] uint8 (None when the batch was not decoded; a finished device
+        tensor when launched with keep_on_device) and its stage times: on a GPU the device's
+        time between the stages' boundaries."""
         self._marks.wait("done")
         m, t = self._marks, self._times
         t.text_encode_s = m.seconds("start", "text")
         t.denoise_s = m.seconds("text", "denoise")
         t.decode_s = m.seconds("denoise", "done")
         images = self._images
-        return (images.numpy() if isinstance(images, torch.Tensor) else images), t
+        if isinstance(images, torch.Tensor) and images.device.type == "cpu":
+            images = images.numpy()
+        return images, t
 
 
 class Pipeline:
@@ -245,7 +259,8 @@ class Pipeline:
 
     @torch.inference_mode()
     def launch(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str],
-               decode: bool = True, resize_output: bool = False, copy_out: bool = True) -> Launched:
+               decode: bool = True, resize_output: bool = False, copy_out: bool = True,
+               keep_on_device: bool = False) -> Launched:
         """Queues the batch's GPU work and returns without waiting for it (where nothing in the
         schedule needs a value on the host): the caller may prepare and launch the next batch
         while this one runs, and collects this one's images with result().
@@ -254,7 +269,9 @@ class Pipeline:
         come back at that size, resampled on the device (PIL's bilinear on the host took 17 ms per
         1024 frame on the H200's host). Not for chunk-cache frames: their cache holds the
         computed size. copy_out=False (a GPU): the images stay on the device, as Launched.output,
-        and result() returns None for them (the chunk cache pastes them there)."""
+        and result() returns None for them (the chunk cache pastes them there). keep_on_device
+        (a GPU, with copy_out): the copy out is a device tensor, for an encoder on the GPU
+        (engine/gpu_jpeg.py), and result() returns it finished."""
         m, fam = self.model, self.family
         times = StageTimes()
         marks = _Marks(m.device)
@@ -391,6 +408,4 @@ class Pipeline:
         if not copy_out:
             return Launched(None, marks, times, output=images)
         # Copied out now, in stream order: the next batch's replay of this graph overwrites its output.
-        host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
-        host.copy_(images, non_blocking=True)
-        return Launched(host, marks, times)
+        return Launched(copy_images_out(images, keep_on_device), marks, times)

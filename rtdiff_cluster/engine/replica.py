@@ -14,7 +14,8 @@ order, which keeps each stream's frames in order), image encoding on a small CPU
 single-GPU replica the compute thread only queues a plain batch's GPU work (Pipeline.launch) and
 moves on: the next batch's host work (its upload, noise, graph launches) overlaps this batch's
 GPU work, a waiter thread collects the images, and the encoder pool encodes them while later
-batches compute.
+batches compute: JPEG frames through nvJPEG from a device copy of the images (engine/gpu_jpeg.py),
+the others with PIL. That thread computes on a CUDA stream of its own.
 
 Ray carries the control calls (start, info, warmup, stats, lifeline); batches and stream closes
 come over the link. run_batch and close_stream stay callable through Ray too, for scripts that
@@ -215,6 +216,10 @@ class EngineRank:
         device, _ = resolve_device(self.config)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            # This thread computes on a stream of its own, not on the legacy default stream: work
+            # there (nvJPEG's last copy of each frame, engine/gpu_jpeg.py) would wait for every
+            # batch already queued here, and batches for it.
+            torch.cuda.set_stream(torch.cuda.Stream(device))
         torch.set_num_threads(self.config.torch_threads or cpu_threads(self.config.replicas * self.config.ranks))
         groups.init(self.layout, self.rank, master_addr, master_port, device)
         self.model = load_model(self.config, tp_rank=groups.tp_rank())
@@ -330,7 +335,8 @@ class EngineRank:
             return (lambda: done), measuring_s, batch.steps, psnr_db
         self.gpu.mark_batch(True)
         try:
-            launched = self.pipeline.launch(batch, prompts, negatives, resize_output=True)
+            launched = self.pipeline.launch(batch, prompts, negatives, resize_output=True,
+                                            keep_on_device=self._jpeg_on_gpu(batch))
         except BaseException:
             self.gpu.mark_batch(False)
             raise
@@ -341,6 +347,10 @@ class EngineRank:
             finally:
                 self.gpu.mark_batch(False)
         return collect, measuring_s, batch.steps, psnr_db
+
+    def _jpeg_on_gpu(self, batch: BatchSpec) -> bool:
+        """Whether the batch's images stay on the device for nvJPEG: some of its frames are JPEG."""
+        return self.fast.jpeg is not None and any(fr.output_format == imaging.JPEG for fr in batch.frames)
 
     def _cached(self, batch: BatchSpec, i: int) -> bool:
         """Whether frame i goes through its stream's chunk cache."""
@@ -382,7 +392,7 @@ class EngineRank:
         single_gpu = groups.layout().world == 1 and self.model.device.type == "cuda"
         try:
             done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings, token_px,
-                              launch if single_gpu else None)
+                              launch if single_gpu else None, keep_on_device=single_gpu and self._jpeg_on_gpu(one))
         except BaseException:
             for _ in launches:  # no CachedFrame will end them
                 self.gpu.mark_batch(False)
@@ -391,7 +401,7 @@ class EngineRank:
         self.stream_caches.count(done.plan)
         return done, one.steps, psnr_db, settings.threshold, measuring_s
 
-    def _collect_cached(self, done: CachedFrame, measuring_s: float) -> tuple[np.ndarray, StageTimes]:
+    def _collect_cached(self, done: CachedFrame, measuring_s: float) -> tuple[np.ndarray | torch.Tensor, StageTimes]:
         """Off the compute thread: a chunk-cache frame's pixels and times, once its GPU work is done."""
         try:
             pixels, times = done.result()
@@ -447,9 +457,16 @@ class EngineRank:
         def encode(i: int, image) -> FrameResult:
             fr = batch.frames[i]
             t = time.perf_counter()
-            if fr.output_size is not None:  # computed smaller by the governor (a GPU replica resized it already)
-                image = imaging.resize(image, *fr.output_size)
-            data = imaging.encode(image, fr.output_format, fr.jpeg_quality)
+            if isinstance(image, torch.Tensor):  # finished on the device (sized there), kept for nvJPEG
+                if fr.output_format == imaging.JPEG:
+                    data = self.fast.jpeg.encode(image, fr.jpeg_quality)
+                else:
+                    image = image.cpu().numpy()
+                    data = imaging.encode(image, fr.output_format, fr.jpeg_quality)
+            else:
+                if fr.output_size is not None:  # computed smaller by the governor (a GPU replica resized it already)
+                    image = imaging.resize(image, *fr.output_size)
+                data = imaging.encode(image, fr.output_format, fr.jpeg_quality)
             from_cache, fraction, stages = cache_info.get(i, (False, 1.0, None))
             steps, psnr_db, threshold, reused = applied[i]
             return FrameResult(data, image.shape[1], image.shape[0], fr.output_format, fr.seed, time.perf_counter() - t,

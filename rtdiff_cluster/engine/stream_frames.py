@@ -16,7 +16,7 @@ import torch
 from rtdiff_cluster.cache import token_kv
 from rtdiff_cluster.cache.chunk_cache import CacheSettings, Plan, StreamFrameCache
 from rtdiff_cluster.config import StreamCacheConfig
-from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Launched, StageTimes, resize_images
+from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Launched, StageTimes, copy_images_out, resize_images
 
 Compute = Callable[[BatchSpec], tuple[np.ndarray, StageTimes]]  # a batch -> images [B, H, W, 3], times
 Launch = Callable[[BatchSpec], Launched]  # a batch -> its work queued (Pipeline.launch(..., copy_out=False))
@@ -25,7 +25,8 @@ Launch = Callable[[BatchSpec], Launched]  # a batch -> its work queued (Pipeline
 class CachedFrame:
     """A chunk-cache frame: its plan, and its pixels and stage times from result(). A frame
     launched on a GPU (run_cached's launch) is still computing when run_cached returns; its
-    output is being copied to pinned host memory, and result() waits for that copy."""
+    output is being copied to pinned host memory (or, keep_on_device, to a device tensor), and
+    result() waits for that copy."""
 
     def __init__(self, plan: Plan, pixels: np.ndarray | None = None, times: StageTimes | None = None,
                  launched: Launched | None = None, copied: torch.cuda.Event | None = None):
@@ -38,18 +39,22 @@ class CachedFrame:
         return self._launched is not None
 
     @property
-    def pixels(self) -> np.ndarray:
+    def pixels(self) -> np.ndarray | torch.Tensor:
         return self.result()[0]
 
-    def result(self) -> tuple[np.ndarray, StageTimes]:
-        """([H, W, 3] uint8 at the frame's output size, stage times); waits for launched work."""
+    def result(self) -> tuple[np.ndarray | torch.Tensor, StageTimes]:
+        """([H, W, 3] uint8 at the frame's output size, stage times); waits for launched work.
+        The pixels are a host array, or a finished device tensor where they were kept there."""
         if self._launched is not None:
             self._times = self._launched.result()[1]
             self._launched = None
         if self._copied is not None:
             self._copied.synchronize()
             self._copied = None
-        return (self._pixels.numpy() if isinstance(self._pixels, torch.Tensor) else self._pixels), self._times
+        pixels = self._pixels
+        if isinstance(pixels, torch.Tensor) and pixels.device.type == "cpu":
+            pixels = pixels.numpy()
+        return pixels, self._times
 
 
 def cache_settings(config: StreamCacheConfig, size_multiple: int, threshold: float | None = None) -> CacheSettings:
@@ -72,14 +77,15 @@ def dit_token_px(model) -> int:
 
 
 def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpec, settings: CacheSettings,
-               token_px: int = 0, launch: Launch | None = None) -> CachedFrame:
+               token_px: int = 0, launch: Launch | None = None, keep_on_device: bool = False) -> CachedFrame:
     """batch: one frame of a stream, with its init_image (strength > 0). The output has the
     frame's output_size where it has one and the cache is on a GPU (else the caller resizes).
 
     compute runs a batch to the end; launch (a single-GPU replica, in place of compute) queues it
     and leaves its images on the device, where the cache pastes them: the frame comes back still
-    computing, its pixels on their way to the host, so the caller can plan and launch the
-    stream's next frame meanwhile (CachedFrame.result() collects it).
+    computing, its pixels on their way to the host (keep_on_device: to a device tensor of their
+    own, for nvJPEG), so the caller can plan and launch the stream's next frame meanwhile
+    (CachedFrame.result() collects it).
 
     token_px > 0 (a DiT whose image tokens cover token_px x token_px pixels, its attention through
     our processor): whole frames record their image tokens' keys and values, and a region's
@@ -90,7 +96,7 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
     plan = cache.plan(new, settings)
     if plan.kind == "cache":
         if isinstance(cache.output, torch.Tensor):
-            return _copied_out(plan, cache.output, frame, None)
+            return _copied_out(plan, cache.output, frame, None, keep_on_device)
         return CachedFrame(plan, _sized(cache.output.copy(), frame, cache.device))
     schedule = (batch.steps, batch.strength, batch.sampler)
     grid = (new.shape[0] // token_px, new.shape[1] // token_px) if token_px else None
@@ -102,7 +108,7 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
         with token_kv.recording(kv) if kv is not None else contextlib.nullcontext():
             done = _run(compute, launch, batch)
         cache.kv = kv
-        return _committed(cache, plan, new, done, frame, settings)
+        return _committed(cache, plan, new, done, frame, settings, keep_on_device)
     r = plan.region
     # The region is cut from the frame the plan uploaded to measure changes: no second upload.
     region = dataclasses.replace(batch, width=r.width, height=r.height, crop=(new.shape[0], new.shape[1], r.top, r.left),
@@ -114,7 +120,7 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
         extend = token_kv.extending(cache.kv, index)
     with extend:
         done = _run(compute, launch, region)
-    return _committed(cache, plan, new, done, frame, settings)
+    return _committed(cache, plan, new, done, frame, settings, keep_on_device)
 
 
 def _run(compute: Compute | None, launch: Launch | None, batch: BatchSpec) -> Launched | tuple[np.ndarray, StageTimes]:
@@ -124,26 +130,27 @@ def _run(compute: Compute | None, launch: Launch | None, batch: BatchSpec) -> La
 
 
 def _committed(cache: StreamFrameCache, plan: Plan, new: np.ndarray, done, frame: FrameSpec,
-               settings: CacheSettings) -> CachedFrame:
+               settings: CacheSettings, keep_on_device: bool) -> CachedFrame:
     if isinstance(done, Launched):
         output = cache.commit(plan, new, done.output[0], settings)
         if isinstance(output, torch.Tensor):
-            return _copied_out(plan, output, frame, done)
+            return _copied_out(plan, output, frame, done, keep_on_device)
         return CachedFrame(plan, _sized(output, frame, cache.device), launched=done)  # a CPU pipeline's finished array
     images, times = done
     return CachedFrame(plan, _sized(cache.commit(plan, new, images[0], settings), frame, cache.device), times)
 
 
-def _copied_out(plan: Plan, output: torch.Tensor, frame: FrameSpec, launched: Launched | None) -> CachedFrame:
-    """The cache's device output (at the frame's output size) copied to pinned host memory in
-    stream order: the next frame's paste, queued after it, cannot change this frame's pixels."""
+def _copied_out(plan: Plan, output: torch.Tensor, frame: FrameSpec, launched: Launched | None,
+                keep_on_device: bool) -> CachedFrame:
+    """The cache's device output (at the frame's output size) copied out in stream order, to
+    pinned host memory or a device tensor of its own: the next frame's paste, queued after it,
+    cannot change this frame's pixels."""
     if frame.output_size is not None and tuple(output.shape[:2]) != (frame.output_size[1], frame.output_size[0]):
         output = resize_images(output[None], *frame.output_size)[0]
-    host = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
-    host.copy_(output, non_blocking=True)
+    copy = copy_images_out(output, keep_on_device)
     copied = torch.cuda.Event()
     copied.record()
-    return CachedFrame(plan, host, launched=launched, copied=copied)
+    return CachedFrame(plan, copy, launched=launched, copied=copied)
 
 
 def _sized(pixels: np.ndarray, frame: FrameSpec, device: torch.device) -> np.ndarray:

@@ -238,8 +238,10 @@ def _image(o: FrameOutcome) -> pb.Image:
 
 
 async def _check(req, served: ServedModel, lim: ModelLimits, prompt_required: bool):
-    # Decoding an input frame costs milliseconds of CPU: keep it off the event loop.
-    if req.HasField("input_image"):
+    # Decoding a PNG or JPEG input frame costs milliseconds of CPU: keep it off the event loop. A
+    # RAW frame is only viewed in place (microseconds), so it skips the thread hop: a live stream's
+    # queue time, which includes this check, was 1.2 ms p50 on the H200's host with the hop.
+    if req.HasField("input_image") and req.input_image.format != pb.IMAGE_FORMAT_RAW_RGB8:
         checked = await asyncio.to_thread(check_settings, req, lim, prompt_required)
     else:
         checked = check_settings(req, lim, prompt_required)

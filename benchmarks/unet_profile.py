@@ -85,7 +85,7 @@ def kernel_table(fn, device) -> tuple[int, float, list[dict]]:
 def markdown(res: dict, top: int = 30) -> str:
     lines = [f"# SDXL UNet step, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
              f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, batch 1, fast paths on, "
-             f"quantization {res.get('quantization', 'none')}", ""]
+             f"quantization {res.get('quantization', 'none')}, cross-attention K/V: {res.get('cross_kv', 'per module')}", ""]
     for s in res["sizes"]:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"graphed step {s['graph_ms']:.2f} ms; eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms of kernel time"
@@ -107,8 +107,14 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="FP8 linears (fast_paths.quantization=fp8)")
     ap.add_argument("--fp8-min-features", type=int, default=None,
                     help="fast_paths.fp8_min_features (default: the config's)")
+    ap.add_argument("--per-module-kv", action="store_true",
+                    help="each cross-attention's own K/V matmul, as before ops/processors.batch_cross_kv (an A/B)")
     args = ap.parse_args()
     args.vae = ""
+    if args.per_module_kv:
+        from rtdiff_cluster.ops import processors
+
+        processors.batch_cross_kv = lambda backbone: 0
     model, fp = load_engine(args)
     device = torch.device(args.device)
     name = args.source.removeprefix("synthetic:")
@@ -122,8 +128,10 @@ def main() -> None:
         print(f"{size}: graph {ms} ms, {n} kernels, {kms:.2f} ms", file=sys.stderr, flush=True)
     quant = (f"fp8 (linears with >= {args.fp8_min_features or FastPathConfig().fp8_min_features} output features)"
              if args.fp8 else "none")
-    write_results("unet_profile", args.device, {"source": args.source, "quantization": quant, "sizes": sizes},
-                  args.out_dir, markdown, tag="fp8" if args.fp8 else "")
+    tag = "-".join(t for t, on in (("fp8", args.fp8), ("per-module-kv", args.per_module_kv)) if on)
+    write_results("unet_profile", args.device, {"source": args.source, "quantization": quant, "sizes": sizes,
+                                                "cross_kv": "per module" if args.per_module_kv else "one matmul"},
+                  args.out_dir, markdown, tag=tag)
 
 
 if __name__ == "__main__":

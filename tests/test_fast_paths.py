@@ -56,15 +56,28 @@ def test_attention_processors_match_diffusers(model, backends, fuse):
         pytest.skip("the Triton kernel runs CPU tensors only in the interpreter (this machine has a GPU)")
 
     ours = copy.deepcopy(model.backbone)
+    kv_matmuls = []
     if fuse:  # q/k/v as one matmul (UNet attention only; Flux's modules are left as they are)
         fused = processors.fuse_projections(ours)
         assert (fused > 0) == (model.kind == "sdxl"), fused
         assert all(getattr(m, "to_k", "absent") is None for m in ours.modules() if getattr(m, "fused_projections", False))
+        # ... and every cross-attention's keys and values as one matmul per forward.
+        batched = processors.batch_cross_kv(ours)
+        cross = [m for m in ours.modules() if getattr(m, "kv_slot", None) is not None]
+        assert batched == len(cross) and (batched > 1) == (model.kind == "sdxl"), batched
+        assert all(m.to_kv is None for m in cross)
+        if batched:
+            ours.rtdiff_cross_kv.proj.register_forward_hook(lambda *_: kv_matmuls.append(1))
     registry = AttentionRegistry(allowed=backends)
     n = processors.install(ours, registry, fused=False)
     assert n > 0
     assert_close(backbone_output(model, ours), backbone_output(model, model.backbone), f"processors on {backends}")
     assert set(registry.choices().values()) == set(backends), registry.choices()
+    if fuse and model.kind == "sdxl":
+        assert len(kv_matmuls) == 1, f"{len(kv_matmuls)} K/V matmuls in one forward"
+        assert ours.rtdiff_cross_kv._out is None  # not held after the forward
+        backbone_output(model, ours)  # a second forward (new text states) computes its own
+        assert len(kv_matmuls) == 2
 
 
 def test_fused_kernels_match_diffusers_modules(model):

@@ -89,6 +89,7 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
 
     # Before quantising: the fused q/k/v layers are the ones FP8 then converts.
     fused_qkv = processors.fuse_projections(backbone) if model.kind != "flux" else 0
+    batched_kv = processors.batch_cross_kv(backbone) if model.kind != "flux" else 0
     if cfg.quantization == "fp8":
         major, minor = torch.cuda.get_device_capability(model.device)
         if (major, minor) < (8, 9):
@@ -104,8 +105,8 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
     fp.registry = AttentionRegistry(allowed=allowed)
     usable = [name for name, why in fp.registry.installed().items() if why is None]
     n = processors.install(backbone, fp.registry, fused=why_not_kernels is None)
-    r["attention"] = (f"registry on {n} attention modules ({fused_qkv} with fused q/k/v projections); "
-                      f"usable here: {', '.join(usable)}")
+    r["attention"] = (f"registry on {n} attention modules ({fused_qkv} with fused q/k/v projections, "
+                      f"{batched_kv} cross-attentions' keys and values as one matmul); usable here: {', '.join(usable)}")
 
     if why_not_kernels is None:
         done = fused.install_fused(backbone)

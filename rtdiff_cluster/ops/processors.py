@@ -46,6 +46,8 @@ class UNetAttnProcessor:
                 context = attn.norm_encoder_hidden_states(context)
             if getattr(attn, "to_kv", None) is not None:
                 key, value = attn.to_kv(context).chunk(2, dim=-1)
+            elif encoder_hidden_states is not None and getattr(attn, "kv_slot", None) is not None:
+                key, value = attn.kv_slot.of(context)  # this module's columns of every module's K/V matmul
             else:
                 key, value = attn.to_k(context), attn.to_v(context)
         head_dim = key.shape[-1] // attn.heads
@@ -148,6 +150,79 @@ def fuse_projections(backbone: torch.nn.Module) -> int:
             m.to_q = None
         count += 1
     return count
+
+
+class CrossKV(torch.nn.Module):
+    """Every cross-attention's key and value projections of one UNet as one linear. They all
+    project the same text states, so one [tokens, 2048] x [2048, all widths] matmul replaces 70
+    small ones (SDXL at batch 1: 7.1 us each in bf16 at 113 TFLOP/s, 0.5 ms a step, whatever the
+    image size; under FP8 also 60 quantisations of the same states). Run once per backbone
+    forward, by the first cross-attention that asks, then sliced per module."""
+
+    def __init__(self, proj: torch.nn.Linear):
+        super().__init__()
+        self.proj = proj
+        self.clear()
+
+    def clear(self, *_args) -> None:
+        """Forgets the last result (a hook at each backbone forward's start and end: a captured
+        graph must compute it inside the capture, and eager runs should not hold it)."""
+        self._for: tuple | None = None
+        self._out: torch.Tensor | None = None
+
+    def of(self, context: torch.Tensor) -> torch.Tensor:
+        # The same states object all through one forward (the UNet hands it to every block); a
+        # different one, or the same storage grown, computes again.
+        key = (id(context), context.data_ptr(), tuple(context.shape))
+        if self._for != key:
+            self._out = self.proj(context)  # [B, tokens, sum of 2 x each module's width]
+            self._for = key
+        return self._out
+
+
+class KVSlot:
+    """One cross-attention's columns of its UNet's CrossKV: (key, value), each [B, tokens, width]."""
+
+    def __init__(self, shared: CrossKV, offset: int, width: int):
+        self.shared, self.offset, self.width = shared, offset, width
+
+    def of(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.shared.of(context)[..., self.offset:self.offset + 2 * self.width]
+        return kv[..., :self.width], kv[..., self.width:]
+
+
+def batch_cross_kv(backbone: torch.nn.Module) -> int:
+    """After fuse_projections: the fused key/value linears of every cross-attention that reads
+    the text states as given (no norm_cross) become one CrossKV linear, their weights moved into
+    it (not held twice). Returns how many modules it serves; fewer than two: left as they are."""
+    from diffusers.models.attention_processor import Attention
+
+    mods = [m for m in backbone.modules()
+            if type(m) is Attention and m.is_cross_attention and not m.norm_cross
+            and type(getattr(m, "to_kv", None)) is torch.nn.Linear]
+    if len(mods) < 2 or len({m.to_kv.in_features for m in mods}) != 1:
+        return 0
+    first = mods[0].to_kv.weight
+    has_bias = any(m.to_kv.bias is not None for m in mods)
+    proj = torch.nn.Linear(first.shape[1], sum(m.to_kv.out_features for m in mods), bias=has_bias,
+                           device=first.device, dtype=first.dtype)
+    shared = CrossKV(proj)
+    offset = 0
+    with torch.no_grad():
+        if has_bias:
+            proj.bias.zero_()
+        for m in mods:  # each module's rows copied in, then its own linear dropped
+            rows = m.to_kv.out_features
+            proj.weight[offset:offset + rows].copy_(m.to_kv.weight)
+            if m.to_kv.bias is not None:
+                proj.bias[offset:offset + rows].copy_(m.to_kv.bias)
+            m.kv_slot = KVSlot(shared, offset, rows // 2)
+            m.to_kv = None
+            offset += rows
+    backbone.rtdiff_cross_kv = shared
+    backbone.register_forward_pre_hook(shared.clear)
+    backbone.register_forward_hook(shared.clear)
+    return len(mods)
 
 
 def install(backbone: torch.nn.Module, registry: AttentionRegistry, fused: bool) -> int:

@@ -58,7 +58,7 @@ class FastPathConfig:
     """Schedules of at most this many steps run as one graph with the decode."""
     gpu_jpeg: bool = True
     """Encode JPEG frames on the GPU (nvJPEG through torchvision) where it imports: 0.2-0.4 ms a
-    1024 frame against 4.8-7.7 ms on a host core with PIL (benchmarks/image_codec.py, H200). Its
+    1024 frame against 4.2-7.0 ms on a host core with PIL (benchmarks/image_codec.py, H200). Its
     frames keep full-resolution colour (4:4:4), so they are larger than PIL's 4:2:0 at the same
     quality. Single-GPU replicas; others encode on the host."""
 

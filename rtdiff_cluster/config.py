@@ -37,9 +37,9 @@ class FastPathConfig:
     quantization: str = "none"
     """`none` or `fp8`: the backbone's large linears in float8 (per-channel weights, per-token
     activations; needs compute capability 8.9 or newer). It pays on large token counts only: an
-    SDXL step on an H200 took 17.4 ms against 18.1 in bf16 at 1024x1024, and 9.5 against 8.6 at
+    SDXL step on an H200 took 16.75 ms against 17.8 in bf16 at 1024x1024, and 8.74 against 8.30 at
     512x512, where cuBLAS's FP8 matmuls of a few hundred tokens are slower than its bf16 ones
-    (benchmarks/results/unet_profile-2026-11-24-*-fp8.md)."""
+    (benchmarks/results/unet_profile-2026-11-24-*-batched-kv.md)."""
     fp8_min_features: int = 2048
     """Linears with fewer output features stay in bf16. Quantising a linear's input per token costs
     in proportion to its input features K, the matmul it speeds up to K x N: small N does not pay

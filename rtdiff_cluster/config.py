@@ -230,8 +230,9 @@ class BatchingConfig:
     max_batch_size: int = 8
     """Frames in one batch sent to a replica."""
     max_queue_delay_ms: float = 5.0
-    """How long the oldest queued frame may wait for a batch to fill while its replica is busy (an idle
-    replica takes a batch at once)."""
+    """How long the oldest queued frame may wait for a batch to fill while its replica is busy. An idle
+    replica takes a batch at once, and so does a busy one when no caller outside the batch sent a
+    frame in the last second (a lone live stream: nothing could join it)."""
     max_queue_size: int = 64
     """Frames queued per model; beyond it requests get RESOURCE_EXHAUSTED at once."""
     max_queue_time_s: float = 60.0

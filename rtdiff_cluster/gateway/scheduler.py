@@ -115,8 +115,8 @@ class ModelScheduler:
             j.source = source
         self._note_source(source, now)
         self.queue.extend(jobs)
-        # Whatever can go now goes now, not one event-loop turn later in _loop (measured: 1.5 ms
-        # p50 of queueing per frame of a live stream on a busy gateway, benchmarks/NOTES.md).
+        # Whatever can go now goes now, not one event-loop turn later in _loop (a turn of a gateway
+        # that is busy with other calls).
         while self._try_dispatch(now)[0]:
             pass
         self._depth_changed()  # wakes the batcher only for frames still queued

@@ -12,6 +12,9 @@
 #   stream-serving  benchmarks/stream_serving.py (live 1024 streams through the gateway: 1-step fps/p99, governor)
 #   image-codec   benchmarks/image_codec.py (a frame's JPEG encode and decode: PIL on the host, nvJPEG on the GPU)
 #   unet-profile  benchmarks/unet_profile.py (an SDXL step's kernels one by one at 1024, 512 and 384)
+#   frame-profile  benchmarks/unet_profile.py --frame 1 (a whole 1-step frame's kernels against its wall time)
+#   new-bucket    benchmarks/new_bucket.py (what a shape bucket the replica has not seen costs its first frame),
+#                 once with the default attention and once with PyTorch's flash, each in a fresh process
 #   scaling-1024 / scaling-video / scaling-serving   issue 7's run, one part per call: synthetic:flux-40b
 #                 (80 GB in bf16) with true CFG at tp=1,2,4,8 and tp=4 x cfg-parallel 2 (those the GPUs allow),
 #                 at 1024 and at 16,384 image tokens, tp against tp; then a tp=<all GPUs> replica through the
@@ -51,6 +54,10 @@ for part in $parts; do
       | grep -v WARNING | tee "$OUT/stream_serving.log" ;;
     unet-profile) timeout 300 python3 benchmarks/unet_profile.py --sizes 1024,512,384 --out-dir "$OUT" 2>&1 \
       | grep -v "^USDT" | tee "$OUT/unet_profile.log" ;;
+    frame-profile) timeout 300 python3 benchmarks/unet_profile.py --frame 1 --sizes 1024,512 --out-dir "$OUT" 2>&1 \
+      | grep -v "^USDT" | tee "$OUT/frame_profile.log" ;;
+    new-bucket) for a in auto "torch flash"; do timeout 240 python3 benchmarks/new_bucket.py --device cuda \
+      --attention "$a" --out-dir "$OUT" 2>&1 | grep -v WARNING | tee -a "$OUT/new_bucket.log"; done ;;
     scaling-1024) timeout 590 python3 benchmarks/sharding.py --models flux-40b --tps 1,2,4,8 --dit-cfg --size 1024 \
       --steps 5 --warmup 2 --no-fp32-reference --timeout 240 --out-dir "$OUT" 2>&1 | tee "$OUT/scaling_1024.log" ;;
     scaling-video) timeout 590 python3 benchmarks/sharding.py --models flux-40b --tps 2,4,8 --dit-cfg --tokens 16384 \

@@ -43,8 +43,10 @@ def load_engine(args):
     groups.init_single(device)
     model = load_model(ModelConfig(source=args.source, device=device.type, vae=args.vae))
     fp8_min = getattr(args, "fp8_min_features", None)
+    attention = getattr(args, "attention", None)
     cfg = FastPathConfig(quantization="fp8" if getattr(args, "fp8", False) else "none",
-                         **({"fp8_min_features": fp8_min} if fp8_min else {}))
+                         **({"fp8_min_features": fp8_min} if fp8_min else {}),
+                         **({"attention": attention} if attention else {}))
     return model, fastpaths.apply(model, cfg, world=1)
 
 

@@ -10,6 +10,12 @@ time the GPU spends between kernels.
 
     python benchmarks/unet_profile.py --sizes 1024,512 [--out-dir DIR]
     python benchmarks/unet_profile.py --device cpu --source synthetic:tiny-sdxl --sizes 128   # a dry run
+    python benchmarks/unet_profile.py --frame 1 --sizes 1024   # a whole frame instead of a step
+
+--frame N profiles what a replica runs for one text-to-image frame of an N-step schedule with the
+tiny VAE (the pipeline's captured loop-and-decode, the copy to the host, the host's own work): its
+wall time (median of synchronised calls) against the GPU time of its kernels shows what the frame
+spends beyond the UNet steps and the decode.
 
 On a CPU the rows are PyTorch's operators, nested ones included (aten::conv2d and the
 aten::convolution inside it), so counts and times overlap: the dry run checks the script, not a
@@ -82,7 +88,23 @@ def kernel_table(fn, device) -> tuple[int, float, list[dict]]:
     return sum(r["count"] for r in table), sum(r["ms"] for r in table), table
 
 
+def frame_wall_ms(fn, device, calls: int = 30) -> float:
+    """A whole frame's median wall time, host work included (it is part of what a frame costs)."""
+    import time
+
+    times = []
+    for _ in range(calls + 3):
+        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times[3:])
+
+
 def markdown(res: dict, top: int = 30) -> str:
+    if res.get("frame_steps"):
+        return _frame_markdown(res, top)
     lines = [f"# SDXL UNet step, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
              f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, batch 1, fast paths on, "
              f"quantization {res.get('quantization', 'none')}, cross-attention K/V: {res.get('cross_kv', 'per module')}", ""]
@@ -98,6 +120,39 @@ def markdown(res: dict, top: int = 30) -> str:
     return "\n".join(lines)
 
 
+def _frame_markdown(res: dict, top: int) -> str:
+    lines = [f"# A whole SDXL frame, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
+             f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, tiny VAE, text-to-image, "
+             f"{res['frame_steps']}-step schedule, batch 1, fast paths on (CUDA graph of the loop and decode), "
+             f"prompt cached", ""]
+    for s in res["sizes"]:
+        lines += [f"## {s['size']}x{s['size']}", "",
+                  f"frame wall time {s['wall_ms']:.2f} ms (median, synchronised); its kernels: {s['kernels']}, "
+                  f"{s['kernel_ms']:.2f} ms of GPU time; the rest, {s['wall_ms'] - s['kernel_ms']:.2f} ms, is host "
+                  "work and GPU idle between kernels", "",
+                  "| kernel | count | ms | us each |", "|---|--:|--:|--:|"]
+        for r in s["table"][:top]:
+            name = r["name"].replace("|", "/")
+            lines.append(f"| `{name[:140]}` | {r['count']} | {r['ms']:.3f} | {1e3 * r['ms'] / r['count']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def profile_frames(args, model, fp, device) -> list[dict]:
+    from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
+
+    pipe = Pipeline(model, 4, fp.graphs, 8)
+    out = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        batch = BatchSpec(size, size, args.frame, 0.0, 0.0, [FrameSpec("a lighthouse at dusk", seed=5)])
+        fn = lambda: pipe.run(batch, ["a lighthouse at dusk"], [""])  # noqa: E731
+        wall = frame_wall_ms(fn, device)
+        n, kms, table = kernel_table(fn, device)
+        out.append({"size": size, "wall_ms": wall, "graph_ms": wall, "kernels": n, "kernel_ms": kms, "table": table})
+        print(f"{size}: frame {wall:.2f} ms, {n} kernels, {kms:.2f} ms", file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -109,8 +164,10 @@ def main() -> None:
                     help="fast_paths.fp8_min_features (default: the config's)")
     ap.add_argument("--per-module-kv", action="store_true",
                     help="each cross-attention's own K/V matmul, as before ops/processors.batch_cross_kv (an A/B)")
+    ap.add_argument("--frame", type=int, default=0, metavar="STEPS",
+                    help="profile a whole text-to-image frame of this many steps (tiny VAE) instead of a step")
     args = ap.parse_args()
-    args.vae = ""
+    args.vae = "tiny" if args.frame else ""
     if args.per_module_kv:
         from rtdiff_cluster.ops import processors
 
@@ -118,8 +175,8 @@ def main() -> None:
     model, fp = load_engine(args)
     device = torch.device(args.device)
     name = args.source.removeprefix("synthetic:")
-    sizes = []
-    for size in (int(s) for s in args.sizes.split(",")):
+    sizes = profile_frames(args, model, fp, device) if args.frame else []
+    for size in (int(s) for s in args.sizes.split(",") if not args.frame):
         x = _inputs(name, 1, size, device, model.dtype)
         fn = _step(model.backbone, x)
         ms = graphed_ms(fp, ("profile", size), fn, device)
@@ -128,8 +185,10 @@ def main() -> None:
         print(f"{size}: graph {ms} ms, {n} kernels, {kms:.2f} ms", file=sys.stderr, flush=True)
     quant = (f"fp8 (linears with >= {args.fp8_min_features or FastPathConfig().fp8_min_features} output features)"
              if args.fp8 else "none")
-    tag = "-".join(t for t, on in (("fp8", args.fp8), ("per-module-kv", args.per_module_kv)) if on)
+    tag = "-".join(t for t, on in (("fp8", args.fp8), ("per-module-kv", args.per_module_kv),
+                                   (f"frame-{args.frame}-step", args.frame)) if on)
     write_results("unet_profile", args.device, {"source": args.source, "quantization": quant, "sizes": sizes,
+                                                "frame_steps": args.frame,
                                                 "cross_kv": "per module" if args.per_module_kv else "one matmul"},
                   args.out_dir, markdown, tag=tag)
 

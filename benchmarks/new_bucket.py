@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""What a shape bucket the replica has not seen costs the frame that brings it.
+
+A serving replica replays one CUDA graph per (batch, height, width, schedule) bucket. A frame of
+a new bucket pays every first-time cost on the serving path: the backends' per-shape set-up
+(cuDNN builds an execution plan, and for its attention compiles a kernel, per new shape), the
+graph's warm-up runs and its capture. A live stream whose frames the gateway batched two at a
+time met such a bucket mid-stream and stalled for seconds (results/stream_serving-...-batched-kv.md,
+window 3). This measures, for one model on its fast paths, after the default frame is warm:
+
+  eager, cold     the new bucket's frame run eagerly, first time in this process
+  eager, warm     the same again
+  capture         the first graphed call (warm-ups + capture), with the backends already warm
+  replay          the graphed call after that
+
+for new buckets: batch 2 at the default size, a new resolution, and a chunk-cache-sized region;
+and, on a second new batch size, the graphed call cold (everything at once, as a replica meets
+it today). --attention picks the backend (cuDNN's compiles per shape; PyTorch's flash does not).
+
+    python benchmarks/new_bucket.py [--device cuda] [--attention auto|cudnn|torch flash] [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from engine_bench import add_model_args, load_engine, resolve_model_args, write_results  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(ap, "cuda")
+    ap.add_argument("--attention", default="auto", help="fast_paths.attention for this run")
+    ap.add_argument("--steps", type=int, default=2, help="schedule length (at strength 0.5 half of it runs)")
+    ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+    resolve_model_args(args)
+
+    import numpy as np
+    import torch
+
+    from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
+
+    device = torch.device(args.device)
+    model, fp = load_engine(args)
+    graphed = Pipeline(model, 4, fp.graphs, 8)
+    eager = Pipeline(model, 4, None, 8)
+    m = model.limits.size_multiple
+
+    def batch(n: int, w: int, h: int) -> BatchSpec:
+        rng = np.random.default_rng(w * h + n)
+        frames = [FrameSpec("a stream", seed=3 + i, init_image=rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                  for i in range(n)]
+        return BatchSpec(w, h, args.steps, 0.0, 0.5, frames)
+
+    def timed(pipe: Pipeline, b: BatchSpec) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        pipe.run(b, ["a stream"] * len(b.frames), [""] * len(b.frames))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t) * 1e3
+
+    s = args.size
+    first_ms = timed(graphed, batch(1, s, s))  # the replica's warm-up frame: everything cold
+    warm_ms = min(timed(graphed, batch(1, s, s)) for _ in range(5))
+    region = max(m, (s // 2) // m * m)
+    narrower = s - max(m, (s // 4) // m * m)
+    rows = []
+    for name, b in ((f"batch 2 at {s}", batch(2, s, s)),
+                    (f"batch 1 at {narrower}x{s}", batch(1, narrower, s)),
+                    (f"region {region}x{region}", batch(1, region, region))):
+        row = {"bucket": name, "eager_cold_ms": timed(eager, b), "eager_warm_ms": timed(eager, b),
+               "capture_ms": timed(graphed, b)}
+        row["replay_ms"] = min(timed(graphed, b) for _ in range(3))
+        rows.append(row)
+        print(row, flush=True)
+    b3 = batch(3, s, s)
+    cold = {"bucket": f"batch 3 at {s}, graphed cold", "graphed_cold_ms": timed(graphed, b3)}
+    cold["replay_ms"] = min(timed(graphed, b3) for _ in range(3))
+    cold["eager_warm_ms"] = timed(eager, b3)
+    rows.append(cold)
+    print(cold, flush=True)
+    fields = {"source": args.source, "vae": args.vae, "size": s, "steps": args.steps, "attention": args.attention,
+              "attention_choices": fp.attention_choices(), "warm_up_frame_ms": first_ms, "default_frame_ms": warm_ms,
+              "rows": rows}
+    tag = "" if args.attention == "auto" else args.attention.replace(" ", "-")
+    write_results("new_bucket", args.device, fields, args.out_dir, markdown, tag)
+    return 0
+
+
+def markdown(r: dict) -> str:
+    f = lambda v: f"{v:.0f}" if v is not None and v >= 100 else (f"{v:.1f}" if v is not None else "-")  # noqa: E731
+    lines = [f"# A new shape bucket on the serving path: {r['source']} ({r['gpu_name'] or r['cpu']}, {r['date']})", "",
+             f"{r['steps']}-step schedule at strength 0.5, image-to-image, VAE {r['vae'] or 'own'}; attention "
+             f"{r['attention']} ({r['attention_choices']}). The replica's first frame (all cold): "
+             f"{f(r['warm_up_frame_ms'])} ms; the default frame warm: {f(r['default_frame_ms'])} ms.", "",
+             "| new bucket | eager, cold | eager, warm | capture (backends warm) | graphed, cold | replay |",
+             "|---|--:|--:|--:|--:|--:|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['bucket']} | {f(row.get('eager_cold_ms'))} | {f(row.get('eager_warm_ms'))} | "
+                     f"{f(row.get('capture_ms'))} | {f(row.get('graphed_cold_ms'))} | {f(row['replay_ms'])} |")
+    lines += ["", "Milliseconds for one call (the frame's whole pipeline, synchronised), replay the best of 3."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

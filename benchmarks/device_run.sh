@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the parts named on the command line, in order (default: all).
 #   gpu-tests  tests/test_gpu.py (CUDA replica, NVML series; sharded serving where there are 2 GPUs)
+#   fast-path-tests  tests/test_gpu_fast_paths.py alone (fast paths, graphs, attention sealing, batch splits)
 #   hop        benchmarks/hop_floor.py           gateway  benchmarks/gateway_overhead.py --device cuda
 #   sharding   benchmarks/sharding.py (SDXL and Flux-dev at 1024, every layout the GPUs allow, flux-80b)
 #   kernel-tests  the kernel, fast-path and FP8 tests at full sizes on the GPU
@@ -13,8 +14,7 @@
 #   image-codec   benchmarks/image_codec.py (a frame's JPEG encode and decode: PIL on the host, nvJPEG on the GPU)
 #   unet-profile  benchmarks/unet_profile.py (an SDXL step's kernels one by one at 1024, 512 and 384)
 #   frame-profile  benchmarks/unet_profile.py --frame 1 (a whole 1-step frame's kernels against its wall time)
-#   new-bucket    benchmarks/new_bucket.py (what a shape bucket the replica has not seen costs its first frame),
-#                 once with the default attention and once with PyTorch's flash, each in a fresh process
+#   new-bucket    benchmarks/new_bucket.py (what a shape bucket the replica has not seen costs its first frame)
 #   scaling-1024 / scaling-video / scaling-serving   issue 7's run, one part per call: synthetic:flux-40b
 #                 (80 GB in bf16) with true CFG at tp=1,2,4,8 and tp=4 x cfg-parallel 2 (those the GPUs allow),
 #                 at 1024 and at 16,384 image tokens, tp against tp; then a tp=<all GPUs> replica through the
@@ -33,6 +33,8 @@ for part in $parts; do
   echo "=== $part"
   case $part in
     gpu-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    fast-path-tests) timeout 400 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py 2>&1 \
+      | tail -40 | tee "$OUT/fast_path_tests.log" ;;
     image-codec) timeout 200 python3 benchmarks/image_codec.py --out-dir "$OUT" 2>&1 | tee "$OUT/image_codec.log" ;;
     hop) timeout 90 python3 benchmarks/hop_floor.py --n 900 --out "$OUT/hop_floor.json" 2>&1 | grep -v WARNING | tee "$OUT/hop_floor.log" ;;
     gateway) timeout 330 python3 benchmarks/gateway_overhead.py --device cuda --out-dir "$OUT" --samples 300 --stream-frames 200 \
@@ -56,8 +58,8 @@ for part in $parts; do
       | grep -v "^USDT" | tee "$OUT/unet_profile.log" ;;
     frame-profile) timeout 300 python3 benchmarks/unet_profile.py --frame 1 --sizes 1024,512 --out-dir "$OUT" 2>&1 \
       | grep -v "^USDT" | tee "$OUT/frame_profile.log" ;;
-    new-bucket) for a in auto "torch flash"; do timeout 240 python3 benchmarks/new_bucket.py --device cuda \
-      --attention "$a" --out-dir "$OUT" 2>&1 | grep -v WARNING | tee -a "$OUT/new_bucket.log"; done ;;
+    new-bucket) timeout 240 python3 benchmarks/new_bucket.py --device cuda --out-dir "$OUT" 2>&1 | grep -v WARNING \
+      | tee "$OUT/new_bucket.log" ;;
     scaling-1024) timeout 590 python3 benchmarks/sharding.py --models flux-40b --tps 1,2,4,8 --dit-cfg --size 1024 \
       --steps 5 --warmup 2 --no-fp32-reference --timeout 240 --out-dir "$OUT" 2>&1 | tee "$OUT/scaling_1024.log" ;;
     scaling-video) timeout 590 python3 benchmarks/sharding.py --models flux-40b --tps 2,4,8 --dit-cfg --tokens 16384 \

@@ -10,14 +10,18 @@ window 3). This measures, for one model on its fast paths, after the default fra
 
   eager, cold     the new bucket's frame run eagerly, first time in this process
   eager, warm     the same again
-  capture         the first graphed call (warm-ups + capture), with the backends already warm
+  first graphed   the first graphed call, with the backends already warm: a capture (warm-ups +
+                  capture), or replays of captured batch sizes where those cover it (pipeline.py)
   replay          the graphed call after that
 
 for new buckets: batch 2 at the default size, a new resolution, and a chunk-cache-sized region;
 and, on a second new batch size, the graphed call cold (everything at once, as a replica meets
-it today). --attention picks the backend (cuDNN's compiles per shape; PyTorch's flash does not).
+it today). As a replica does, attention is sealed after the warm-up frame (ops/attention.py: cuDNN
+then takes only the shapes it built); --compile-attention-for-new-shapes lets cuDNN build kernels
+for the new shapes too (the behaviour before sealing), --attention picks one backend.
 
-    python benchmarks/new_bucket.py [--device cuda] [--attention auto|cudnn|torch flash] [--out-dir DIR]
+    python benchmarks/new_bucket.py [--device cuda] [--attention auto|cudnn|torch flash]
+                                    [--compile-attention-for-new-shapes] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(ap, "cuda")
     ap.add_argument("--attention", default="auto", help="fast_paths.attention for this run")
+    ap.add_argument("--compile-attention-for-new-shapes", action="store_true",
+                    help="fast_paths.compile_attention_for_new_shapes: cuDNN builds kernels for new shapes too")
     ap.add_argument("--steps", type=int, default=2, help="schedule length (at strength 0.5 half of it runs)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -60,6 +66,9 @@ def main() -> int:
                   for i in range(n)]
         return BatchSpec(w, h, args.steps, 0.0, 0.5, frames)
 
+    def captures() -> int:
+        return fp.graphs.captures if fp.graphs is not None else 0
+
     def timed(pipe: Pipeline, b: BatchSpec) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -71,6 +80,7 @@ def main() -> int:
 
     s = args.size
     first_ms = timed(graphed, batch(1, s, s))  # the replica's warm-up frame: everything cold
+    fp.seal_attention()
     warm_ms = min(timed(graphed, batch(1, s, s)) for _ in range(5))
     region = max(m, (s // 2) // m * m)
     narrower = s - max(m, (s // 4) // m * m)
@@ -78,21 +88,26 @@ def main() -> int:
     for name, b in ((f"batch 2 at {s}", batch(2, s, s)),
                     (f"batch 1 at {narrower}x{s}", batch(1, narrower, s)),
                     (f"region {region}x{region}", batch(1, region, region))):
-        row = {"bucket": name, "eager_cold_ms": timed(eager, b), "eager_warm_ms": timed(eager, b),
-               "capture_ms": timed(graphed, b)}
+        row = {"bucket": name, "eager_cold_ms": timed(eager, b), "eager_warm_ms": timed(eager, b)}
+        before = captures()
+        row["capture_ms"] = timed(graphed, b)
+        row["captures"] = captures() - before
         row["replay_ms"] = min(timed(graphed, b) for _ in range(3))
         rows.append(row)
         print(row, flush=True)
     b3 = batch(3, s, s)
-    cold = {"bucket": f"batch 3 at {s}, graphed cold", "graphed_cold_ms": timed(graphed, b3)}
+    before = captures()
+    cold = {"bucket": f"batch 3 at {s}, graphed cold", "graphed_cold_ms": timed(graphed, b3), "captures": captures() - before}
     cold["replay_ms"] = min(timed(graphed, b3) for _ in range(3))
     cold["eager_warm_ms"] = timed(eager, b3)
     rows.append(cold)
     print(cold, flush=True)
     fields = {"source": args.source, "vae": args.vae, "size": s, "steps": args.steps, "attention": args.attention,
+              "compile_attention_for_new_shapes": args.compile_attention_for_new_shapes,
               "attention_choices": fp.attention_choices(), "warm_up_frame_ms": first_ms, "default_frame_ms": warm_ms,
               "rows": rows}
-    tag = "" if args.attention == "auto" else args.attention.replace(" ", "-")
+    tag = "-".join(t for t in (args.attention.replace(" ", "-") if args.attention != "auto" else "",
+                               "cudnn-every-shape" if args.compile_attention_for_new_shapes else "") if t)
     write_results("new_bucket", args.device, fields, args.out_dir, markdown, tag)
     return 0
 
@@ -101,14 +116,18 @@ def markdown(r: dict) -> str:
     f = lambda v: f"{v:.0f}" if v is not None and v >= 100 else (f"{v:.1f}" if v is not None else "-")  # noqa: E731
     lines = [f"# A new shape bucket on the serving path: {r['source']} ({r['gpu_name'] or r['cpu']}, {r['date']})", "",
              f"{r['steps']}-step schedule at strength 0.5, image-to-image, VAE {r['vae'] or 'own'}; attention "
-             f"{r['attention']} ({r['attention_choices']}). The replica's first frame (all cold): "
+             f"{r['attention']}, " + ("kernels built for new shapes too" if r.get("compile_attention_for_new_shapes", True)
+                                     else "sealed after the warm-up frame") + f" ({r['attention_choices']}). The replica's first frame (all cold): "
              f"{f(r['warm_up_frame_ms'])} ms; the default frame warm: {f(r['default_frame_ms'])} ms.", "",
-             "| new bucket | eager, cold | eager, warm | capture (backends warm) | graphed, cold | replay |",
-             "|---|--:|--:|--:|--:|--:|"]
+             "| new bucket | eager, cold | eager, warm | first graphed call (backends warm) | first graphed call, cold | "
+             "graphs captured by it | replay |",
+             "|---|--:|--:|--:|--:|--:|--:|"]
     for row in r["rows"]:
         lines.append(f"| {row['bucket']} | {f(row.get('eager_cold_ms'))} | {f(row.get('eager_warm_ms'))} | "
-                     f"{f(row.get('capture_ms'))} | {f(row.get('graphed_cold_ms'))} | {f(row['replay_ms'])} |")
-    lines += ["", "Milliseconds for one call (the frame's whole pipeline, synchronised), replay the best of 3."]
+                     f"{f(row.get('capture_ms'))} | {f(row.get('graphed_cold_ms'))} | {row.get('captures', '-')} | "
+                     f"{f(row['replay_ms'])} |")
+    lines += ["", "Milliseconds for one call (the frame's whole pipeline, synchronised), replay the best of 3. A first "
+                  "graphed call that captured nothing ran as replays of captured batch sizes."]
     return "\n".join(lines) + "\n"
 
 

@@ -134,8 +134,47 @@ def _frame_markdown(res: dict, top: int) -> str:
         for r in s["table"][:top]:
             name = r["name"].replace("|", "/")
             lines.append(f"| `{name[:140]}` | {r['count']} | {r['ms']:.3f} | {1e3 * r['ms'] / r['count']:.1f} |")
+        if "host_before_replay_ms" in s:
+            lines += ["", f"The host's work before the graph's replay (the GPU waits for it): "
+                          f"{s['host_before_replay_ms']:.2f} ms per frame (median). Where the host's time goes "
+                          "(cProfile, per frame, cumulative; waits for the GPU included):", "",
+                      "| function | ms | self ms |", "|---|--:|--:|"]
+            lines += [f"| `{r['function']}` | {r['ms']:.3f} | {r['self_ms']:.3f} |" for r in s["host_profile"]]
         lines.append("")
     return "\n".join(lines)
+
+
+def host_profile(fn, runs: int = 30, top: int = 25) -> tuple[float, list[dict]]:
+    """The host's own work per frame: (ms from the call's start until the graph cache is asked to
+    replay, i.e. while the GPU waits for the host; [{function, ms per frame}] by cumulative time)."""
+    import cProfile
+    import pstats
+    import time
+
+    from rtdiff_cluster.engine.graphs import GraphCache
+
+    starts, entries = [], []
+    original = GraphCache.call
+
+    def timed_call(self, *a, **kw):
+        entries.append(time.perf_counter())
+        return original(self, *a, **kw)
+
+    GraphCache.call = timed_call
+    try:
+        prof = cProfile.Profile()
+        for _ in range(runs):
+            starts.append(time.perf_counter())
+            prof.enable()
+            fn()
+            prof.disable()
+    finally:
+        GraphCache.call = original
+    before = statistics.median(e - s for s, e in zip(starts, entries)) * 1e3 if len(entries) == runs else float("nan")
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    rows = sorted(({"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "ms": v[3] * 1e3 / runs, "self_ms": v[2] * 1e3 / runs}
+                   for k, v in stats.items()), key=lambda r: -r["ms"])
+    return before, rows[:top]
 
 
 def profile_frames(args, model, fp, device) -> list[dict]:
@@ -148,7 +187,9 @@ def profile_frames(args, model, fp, device) -> list[dict]:
         fn = lambda: pipe.run(batch, ["a lighthouse at dusk"], [""])  # noqa: E731
         wall = frame_wall_ms(fn, device)
         n, kms, table = kernel_table(fn, device)
-        out.append({"size": size, "wall_ms": wall, "graph_ms": wall, "kernels": n, "kernel_ms": kms, "table": table})
+        before, host = host_profile(fn)
+        out.append({"size": size, "wall_ms": wall, "graph_ms": wall, "kernels": n, "kernel_ms": kms, "table": table,
+                    "host_before_replay_ms": before, "host_profile": host})
         print(f"{size}: frame {wall:.2f} ms, {n} kernels, {kms:.2f} ms", file=sys.stderr, flush=True)
     return out
 

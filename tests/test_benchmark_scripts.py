@@ -63,6 +63,20 @@ def test_unet_profile_lists_the_step_kernels_by_size(tmp_path):
         assert [row["ms"] for row in s["table"]] == sorted((row["ms"] for row in s["table"]), reverse=True)
 
 
+def test_unet_profile_of_a_whole_frame_times_the_host_too(tmp_path):
+    r = run("unet_profile.py", tmp_path, "--device", "cpu", "--source", "synthetic:tiny-sdxl", "--sizes", "64", "--frame", "1")
+    (s,) = r["sizes"]
+    assert r["frame_steps"] == 1 and s["wall_ms"] > 0 and s["kernels"] > 0
+    assert any("pipeline.py" in row["function"] and "launch" in row["function"] for row in s["host_profile"])
+
+
+def test_new_bucket_times_each_new_shape_bucket(tmp_path):
+    r = run("new_bucket.py", tmp_path, "--device", "cpu", "--size", "128")
+    assert [row["bucket"] for row in r["rows"]] == ["batch 2 at 128", "batch 1 at 64x128", "region 64x64",
+                                                    "batch 3 at 128, graphed cold"]
+    assert all(v > 0 for row in r["rows"] for k, v in row.items() if k.endswith("_ms"))
+
+
 def test_sharding_runs_the_scaling_layouts_and_checks_tp_against_tp(tmp_path):
     """The 8-GPU scaling run's layouts in miniature (gloo ranks on CPU): tp=1, 2 and 4 and
     tp=2 x cfg-parallel 2 at a video-style token count, each tp-only layout's output held to the

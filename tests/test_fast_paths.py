@@ -264,3 +264,45 @@ def test_registry_moves_on_when_a_backend_fails_despite_its_guards():
     torch.testing.assert_close(out, torch.softmax(q @ q.transpose(-1, -2) / 8**0.5, -1) @ q)
     registry(q, q, q)
     assert len(calls) == 2 and registry.choices() == {"cpu float32 d8 self": "math"}
+
+
+def test_sealed_registry_sends_new_shapes_past_a_backend_that_compiles_per_shape():
+    """After the warm-up, a shape a per-shape compiling backend (cuDNN) has not built goes to the
+    next backend; the shapes it built stay with it, whatever came in between."""
+    from rtdiff_cluster.ops.attention import Backend, _math
+
+    ran: list[tuple[str, tuple]] = []
+
+    def recording(name):
+        return lambda q, k, v, scale: ran.append((name, tuple(q.shape))) or _math(q, k, v, scale)
+
+    backends = [Backend("compiling", lambda: None, lambda q, k, v: None, recording("compiling"), compiles_per_shape=True),
+                Backend("prebuilt", lambda: None, lambda q, k, v: None, recording("prebuilt"))]
+    registry = AttentionRegistry(backends=backends)
+    warm = torch.randn(1, 2, 6, 8)
+    registry(warm, warm, warm)  # the warm-up frame's shape
+    registry.seal()
+    batch_of_two = torch.randn(2, 2, 6, 8)
+    out = registry(batch_of_two, batch_of_two, batch_of_two)
+    torch.testing.assert_close(out, _math(batch_of_two, batch_of_two, batch_of_two, None))
+    registry(warm, warm, warm)
+    cross_q, cross_kv = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 3, 8)
+    registry(cross_q, cross_kv, cross_kv)  # a new kind of call after sealing: not built either
+    assert ran == [("compiling", (1, 2, 6, 8)), ("prebuilt", (2, 2, 6, 8)), ("compiling", (1, 2, 6, 8)),
+                   ("prebuilt", (1, 2, 6, 8))]
+    assert registry.choices() == {"cpu float32 d8 self": "compiling (new shapes: prebuilt)",
+                                  "cpu float32 d8 cross": "prebuilt"}
+
+
+def test_unsealed_registry_lets_the_compiling_backend_take_every_shape():
+    from rtdiff_cluster.ops.attention import Backend, _math
+
+    names = []
+    backends = [Backend("compiling", lambda: None, lambda q, k, v: None,
+                        lambda *a: names.append("compiling") or _math(*a), compiles_per_shape=True),
+                Backend("prebuilt", lambda: None, lambda q, k, v: None, lambda *a: names.append("prebuilt") or _math(*a))]
+    registry = AttentionRegistry(backends=backends)
+    for b in (1, 2, 3):
+        q = torch.randn(b, 2, 6, 8)
+        registry(q, q, q)
+    assert names == ["compiling"] * 3

@@ -342,3 +342,37 @@ def test_dit_stream_regions_attend_to_recorded_keys_and_values_on_the_fast_paths
     assert cache.kv.store and all(k.is_cuda for k, _ in cache.kv.store.values())
     assert not any(k[0] in ("loop", "step") and k[-2:] != (32, 32) for k in fp.graphs._graphs if isinstance(k, tuple)), \
         "a region's steps were captured"
+
+
+def test_after_the_warm_up_new_attention_shapes_skip_cudnn_and_match_the_plain_modules():
+    """cuDNN builds a kernel per new shape (seconds on the serving path): once sealed after the
+    warm-up frame, a batch of two and a new resolution run on PyTorch's flash, the warm shape
+    stays on cuDNN, and the images still match diffusers' modules."""
+    if not torch.backends.cuda.cudnn_sdp_enabled():
+        pytest.skip("cuDNN attention is off in this PyTorch")
+    plain, fast, fp = pipelines("synthetic:tiny-sdxl")
+    frame(fast, 128, 2)  # the warm-up frame
+    fp.seal_attention()
+    assert_images_close(frame(fast, 128, 2, seeds=(1, 2)), frame(plain, 128, 2, seeds=(1, 2)), "batch of two")
+    assert_images_close(frame(fast, 192, 2), frame(plain, 192, 2), "new resolution")
+    assert_images_close(frame(fast, 128, 2), frame(plain, 128, 2), "the warm shape")
+    first_cudnn = {kind: c for kind, c in fp.registry.choices().items() if c.startswith("cudnn")}
+    if not first_cudnn:
+        pytest.skip(f"cuDNN took none of the warm-up's calls here: {fp.registry.choices()}")
+    assert all(c == "cudnn (new shapes: torch flash)" for c in first_cudnn.values()), first_cudnn
+
+
+def test_a_batch_size_without_a_graph_replays_captured_sizes_until_it_comes_often():
+    """No capture on the serving path for a new batch size that captured sizes can cover: a batch
+    of three runs as three replays of the batch-of-one graph, with the images of three lone frames,
+    until it came splits_before_capture times; then it gets its own graph."""
+    plain, fast, fp = pipelines("synthetic:tiny-sdxl")
+    fast.splits_before_capture = 2
+    alone = np.concatenate([frame(fast, 128, 2, seeds=(s,)) for s in (1, 2, 3)])
+    captures = fp.graphs.captures
+    for _ in range(2):
+        assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), alone, "batch of three as replays")
+        assert fp.graphs.captures == captures
+    assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), alone, "batch of three, its own graph")
+    assert fp.graphs.captures > captures
+    assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), frame(plain, 128, 2, seeds=(1, 2, 3)), "vs plain modules")

@@ -48,6 +48,13 @@ class FastPaths:
         self.registry: AttentionRegistry | None = None
         self.graphs: GraphCache | None = None
         self.jpeg: GpuJpeg | None = None  # the frames' JPEG encoder on the GPU, where it runs
+        self.compile_attention_for_new_shapes = True  # FastPathConfig's; set by apply()
+
+    def seal_attention(self) -> None:
+        """After the warm-up frame: unless configured otherwise, attention shapes met from now on
+        go to backends that build no kernel per shape (ops/attention.py)."""
+        if self.registry is not None and not self.compile_attention_for_new_shapes:
+            self.registry.seal()
 
     def attention_choices(self) -> str:
         """After the warm-up: which backend each kind of attention call took."""
@@ -103,6 +110,7 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
 
     allowed = None if cfg.attention == "auto" else [cfg.attention] + (["sdpa"] if cfg.attention not in ("sdpa", "math") else [])
     fp.registry = AttentionRegistry(allowed=allowed)
+    fp.compile_attention_for_new_shapes = cfg.compile_attention_for_new_shapes
     usable = [name for name, why in fp.registry.installed().items() if why is None]
     n = processors.install(backbone, fp.registry, fused=why_not_kernels is None)
     r["attention"] = (f"registry on {n} attention modules ({fused_qkv} with fused q/k/v projections, "

@@ -13,6 +13,7 @@ the CFG all-gather meet inside it); only the leader decodes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import logging
@@ -189,16 +190,51 @@ class Launched:
         return images, t
 
 
+class _Joined:
+    """A batch run as consecutive sub-batches (Pipeline._captured_parts): their images in frame
+    order, their stage times added up (they ran one after the other)."""
+
+    def __init__(self, parts: list[Launched]):
+        self.parts = parts
+        self.output = None
+
+    def result(self) -> tuple[np.ndarray | torch.Tensor | None, StageTimes]:
+        done = [p.result() for p in self.parts]
+        images = [img for img, _ in done]
+        times = StageTimes(sum(t.text_encode_s for _, t in done), sum(t.denoise_s for _, t in done),
+                           sum(t.decode_s for _, t in done), sum(t.steps_reused for _, t in done))
+        if any(img is None for img in images):
+            return None, times
+        return (np.concatenate(images) if isinstance(images[0], np.ndarray) else torch.cat(images)), times
+
+
+# A batch size with no graph yet, where smaller captured sizes can cover it, runs as their replays
+# (no capture on the serving path: 0.25-0.45 s for an SDXL frame at 1024 on an H200, seconds more
+# with cuDNN's per-shape kernels, benchmarks/results/new_bucket-2026-11-24-*.md) until it came
+# this often: then its own graph, which pays where launches bound the replays (a 512 SDXL frame:
+# 11.9 ms as one replay, most of it launch-bound; one capture is worth about 30 such frames).
+SPLITS_BEFORE_CAPTURE = 32
+MAX_SIGNATURES = 1024  # batch signatures whose captured sizes are remembered (beyond: forgotten, captures go on)
+
+
 class Pipeline:
     def __init__(self, model: LoadedModel, prompt_cache_size: int, graphs: GraphCache | None = None,
-                 loop_graph_max_steps: int = 8):
+                 loop_graph_max_steps: int = 8, splits_before_capture: int = SPLITS_BEFORE_CAPTURE):
         """graphs: where CUDA graphs of the step, the decode and (for schedules of at most
-        loop_graph_max_steps noise-free steps) the whole loop with decode are kept; None: eager."""
+        loop_graph_max_steps noise-free steps) the whole loop with decode are kept; None: eager.
+        splits_before_capture: how often a batch size without a graph runs as replays of smaller
+        captured sizes before it is captured itself."""
         self.model = model
         self.family = family_for(model)
         self.prompts = PromptCache(prompt_cache_size)
         self.graphs = graphs
         self.loop_graph_max_steps = loop_graph_max_steps
+        self.splits_before_capture = splits_before_capture
+        # Per batch signature (all that a graph's key holds but the batch size): the sizes that ran
+        # graphed, and how often each uncaptured size was split.
+        self._graphed_sizes: dict[tuple, set[int]] = {}
+        self._splits: dict[tuple, int] = {}
+        self._launch_graphed: bool | None = None  # this launch's calls all replayed or captured a graph
         self._eager_keys: set = set()  # buckets whose capture failed: they run eagerly from then on
         # Samplers whose step cannot be captured (DDIM reads the timestep on the host): their loops
         # run step by step, each backbone call still a captured graph.
@@ -243,14 +279,47 @@ class Pipeline:
     def _graphed(self, key, fn, *inputs):
         """fn(*inputs) through the graph cache when there is one and this bucket captures; else eager."""
         if self.graphs is None or key in self._eager_keys or (key[0] == "step" and token_kv.active()):
+            self._launch_graphed = False
             return fn(*inputs)
         try:
-            return self.graphs.call(key, fn, *inputs)
+            out = self.graphs.call(key, fn, *inputs)
+            self._launch_graphed = self._launch_graphed is not False
+            return out
         except Exception as e:  # a capture that fails (an op that syncs, a CPU copy) leaves this bucket eager
             log.warning("CUDA graph for %s failed to capture (%s: %s); running it eagerly", key, type(e).__name__, e)
             self._eager_keys.add(key)
+            self._launch_graphed = False
             torch.cuda.synchronize(self.model.device)
             return fn(*inputs)
+
+    def _signature(self, batch: BatchSpec) -> tuple:
+        """What a batch's graphs depend on besides its size."""
+        return (batch.width, batch.height, batch.steps, batch.strength, batch.crop, batch.sampler,
+                self.uses_cfg(batch.guidance_scale), batch.step_cache > 0)
+
+    def _captured_parts(self, batch: BatchSpec) -> list[int] | None:
+        """Sub-batch sizes, largest first, that cover this batch with sizes already captured at its
+        signature, when its own size has none and has not yet come often enough to capture it;
+        else None (run it whole)."""
+        n = len(batch.frames)
+        if self.graphs is None or n == 1:
+            return None
+        sig = self._signature(batch)
+        sizes = self._graphed_sizes.get(sig)
+        if not sizes or n in sizes or self._splits.get((sig, n), 0) >= self.splits_before_capture:
+            return None
+        parts, rest = [], n
+        while rest:
+            size = max((k for k in sizes if k <= rest), default=0)
+            if size == 0:
+                return None
+            parts.append(size)
+            rest -= size
+        count = self._splits[(sig, n)] = self._splits.get((sig, n), 0) + 1
+        if count == 1:
+            log.info("a batch of %d at %dx%d runs as replays of captured batch sizes %s; its own graph is captured "
+                     "once %d such batches came", n, batch.width, batch.height, parts, self.splits_before_capture)
+        return parts
 
     def run(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str],
             decode: bool = True) -> tuple[np.ndarray | None, StageTimes]:
@@ -260,7 +329,7 @@ class Pipeline:
     @torch.inference_mode()
     def launch(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str],
                decode: bool = True, resize_output: bool = False, copy_out: bool = True,
-               keep_on_device: bool = False) -> Launched:
+               keep_on_device: bool = False) -> Launched | _Joined:
         """Queues the batch's GPU work and returns without waiting for it (where nothing in the
         schedule needs a value on the host): the caller may prepare and launch the next batch
         while this one runs, and collects this one's images with result().
@@ -271,7 +340,28 @@ class Pipeline:
         computed size. copy_out=False (a GPU): the images stay on the device, as Launched.output,
         and result() returns None for them (the chunk cache pastes them there). keep_on_device
         (a GPU, with copy_out): the copy out is a device tensor, for an encoder on the GPU
-        (engine/gpu_jpeg.py), and result() returns it finished."""
+        (engine/gpu_jpeg.py), and result() returns it finished. A batch whose size has no graph
+        yet may run as replays of smaller captured sizes (SPLITS_BEFORE_CAPTURE)."""
+        parts = self._captured_parts(batch) if decode and copy_out else None
+        if parts:
+            launched, at = [], 0
+            for size in parts:
+                sub = dataclasses.replace(batch, frames=batch.frames[at:at + size])
+                launched.append(self.launch(sub, prompts[at:at + size], negative_prompts[at:at + size], decode,
+                                            resize_output, copy_out, keep_on_device))
+                at += size
+            return _Joined(launched)
+        self._launch_graphed = None
+        launched = self._launch(batch, prompts, negative_prompts, decode, resize_output, copy_out, keep_on_device)
+        if self._launch_graphed and batch.crop is None:  # a chunk-cache region is one frame: never split
+            if len(self._graphed_sizes) >= MAX_SIGNATURES:
+                self._graphed_sizes.clear()
+                self._splits.clear()
+            self._graphed_sizes.setdefault(self._signature(batch), set()).add(len(batch.frames))
+        return launched
+
+    def _launch(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str], decode: bool,
+                resize_output: bool, copy_out: bool, keep_on_device: bool) -> Launched:
         m, fam = self.model, self.family
         times = StageTimes()
         marks = _Marks(m.device)

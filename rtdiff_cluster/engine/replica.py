@@ -159,6 +159,7 @@ class _Work:
     batch: BatchSpec
     prompts: list[str]
     negatives: list[str]
+    warmup: bool = False  # the replica's warm-up frame: its shapes are the ones attention builds kernels for
 
 
 class EngineRank:
@@ -258,6 +259,8 @@ class EngineRank:
             return self.pipeline.run(work.batch, work.prompts, work.negatives, decode=groups.is_leader())
         finally:
             self.gpu.mark_batch(False)
+            if work.warmup:
+                self.fast.seal_attention()
 
     # ---- the leader's API --------------------------------------------------------------------
 
@@ -284,7 +287,7 @@ class EngineRank:
         t0 = time.perf_counter()
         batch = BatchSpec(lim.default_width, lim.default_height, lim.default_steps, lim.default_guidance_scale, 0.0,
                           [FrameSpec("warm-up")])
-        await asyncio.get_running_loop().run_in_executor(self.compute, self._lead, _Work(batch, ["warm-up"], [""]))
+        await asyncio.get_running_loop().run_in_executor(self.compute, self._lead, _Work(batch, ["warm-up"], [""], warmup=True))
         return time.perf_counter() - t0, self.fast.attention_choices()
 
     def _lead(self, work: _Work):

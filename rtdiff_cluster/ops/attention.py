@@ -15,6 +15,14 @@ head-dim-64 self-attention and 77-token cross-attention each get what can run th
 replica falls through to the math path without configuration. The choice for each kind of call
 is made once and remembered (`choices()` tells the startup log).
 
+A serving replica meets shapes it has not seen (a batch of two, a new resolution, a chunk-cache
+region), and cuDNN generates and compiles its attention kernel per shape: the first SDXL batch of
+two at 1024 took 7.3 s on an H200 host, against 0.24 s with PyTorch's flash backend, whose kernels
+are built ahead of time; warm, cuDNN's frames were 2-5% faster
+(benchmarks/results/new_bucket-2026-11-24-*.md). So once `seal()` is called (the replica calls it
+after its warm-up frame), a backend that compiles per shape takes only the shapes it already ran,
+and a new shape goes to the next backend whose guards admit it.
+
 All functions take and return [B, H, L, D] tensors (SDPA's layout); no mask, not causal.
 """
 
@@ -30,6 +38,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger("rtdiff.attention")
 
+MAX_REMEMBERED_SHAPES = 4096
+
 Guard = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "str | None"]
 
 
@@ -39,6 +49,7 @@ class Backend:
     installed: Callable[[], "str | None"]  # None when usable on this machine, else why not
     supports: Guard  # None when it can run these inputs, else why not
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None], torch.Tensor]
+    compiles_per_shape: bool = False  # its first call at each new shape builds a kernel (seconds)
 
 
 def _module(name: str):
@@ -147,7 +158,8 @@ def _registry() -> list[Backend]:
     return [
         Backend("flash-attn 4", fa4[0], _all(_cuda_half, _head_dim(256)), fa4[1]),
         Backend("flash-attn 3", fa3[0], _all(_cuda_half, _head_dim(256)), fa3[1]),
-        Backend("cudnn", _sdpa_enabled("cudnn_sdp_enabled"), _all(_cuda_half, _head_dim(128)), _sdpa("CUDNN_ATTENTION")),
+        Backend("cudnn", _sdpa_enabled("cudnn_sdp_enabled"), _all(_cuda_half, _head_dim(128)), _sdpa("CUDNN_ATTENTION"),
+                compiles_per_shape=True),
         Backend("flash-attn 2", fa2[0], _all(_cuda_half, _head_dim(256)), fa2[1]),
         Backend("torch flash", _sdpa_enabled("flash_sdp_enabled"), _all(_cuda_half, _head_dim(256)), _sdpa("FLASH_ATTENTION")),
         Backend("triton", _triton_installed, _triton_supports, _triton_run),
@@ -163,29 +175,57 @@ class AttentionRegistry:
         """allowed: backend names to consider, in registry order (None: all)."""
         self.backends = [b for b in (backends or _registry()) if allowed is None or b.name in allowed]
         self._installed = {b.name: b.installed() for b in self.backends}
-        self._choice: dict[tuple, Backend] = {}
+        self._choice: dict[tuple, Backend] = {}  # kind of call -> its first choice (the startup log's)
+        self._later: dict[tuple, set[str]] = {}  # kind of call -> other backends that took some of its shapes
+        self._by_shape: dict[tuple, Backend] = {}  # (kind, shapes and strides) -> backend
         self._broken: set[tuple] = set()  # (kind of call, backend name) that raised although its guards passed
+        self._sealed = False
+        self._warm: set[tuple] = set()  # (backend name, kind, shapes) a per-shape compiling backend has built
 
     def installed(self) -> dict[str, str | None]:
         """Backend name -> None (usable here) or why not."""
         return dict(self._installed)
 
+    def seal(self) -> None:
+        """From now on a backend that compiles per shape runs only the shapes it already ran."""
+        self._sealed = True
+
     def _key(self, q, k, v) -> tuple:
         return (q.device.type, q.dtype, q.shape[-1], q.shape[-2] == k.shape[-2])
 
+    def _admits(self, b: Backend, key: tuple, shape: tuple, q, k, v) -> bool:
+        if self._installed[b.name] is not None or (key, b.name) in self._broken or b.supports(q, k, v) is not None:
+            return False
+        return not (self._sealed and b.compiles_per_shape and (b.name, key, shape) not in self._warm)
+
     def pick(self, q, k, v) -> Backend:
         key = self._key(q, k, v)
-        chosen = self._choice.get(key)
-        if chosen is None or chosen.supports(q, k, v) is not None:  # a remembered choice is re-checked: lengths vary
-            chosen = next((b for b in self.backends if self._installed[b.name] is None and (key, b.name) not in self._broken
-                           and b.supports(q, k, v) is None), None)
-            if chosen is None:
-                why = "; ".join(f"{b.name}: {self._installed[b.name] or b.supports(q, k, v)}" for b in self.backends)
-                raise RuntimeError(f"attention: no allowed backend runs {q.device.type} {q.dtype} head dim {q.shape[-1]} ({why})")
-            if key not in self._choice:
-                log.info("attention for %s %s head dim %d (%s): %s", q.device.type, str(q.dtype).removeprefix("torch."),
-                         q.shape[-1], "self" if key[3] else "cross", chosen.name)
-            self._choice[key] = chosen
+        shape = (q.shape, q.stride(), k.shape, k.stride(), v.stride())
+        chosen = self._by_shape.get((key, shape))
+        if chosen is not None:
+            return chosen
+        chosen = next((b for b in self.backends if self._admits(b, key, shape, q, k, v)), None)
+        if chosen is None:
+            why = "; ".join(f"{b.name}: {self._installed[b.name] or b.supports(q, k, v) or 'not built for this shape'}"
+                            for b in self.backends)
+            raise RuntimeError(f"attention: no allowed backend runs {q.device.type} {q.dtype} head dim {q.shape[-1]} ({why})")
+        if chosen.compiles_per_shape:
+            self._warm.add((chosen.name, key, shape))
+        if len(self._by_shape) >= MAX_REMEMBERED_SHAPES:
+            self._by_shape.clear()  # chunk-cache regions make many shapes; a re-pick is microseconds
+        self._by_shape[(key, shape)] = chosen
+        new_kind = key not in self._choice
+        first = self._choice.setdefault(key, chosen)
+        if new_kind:
+            log.info("attention for %s %s head dim %d (%s): %s", q.device.type, str(q.dtype).removeprefix("torch."),
+                     q.shape[-1], "self" if key[3] else "cross", chosen.name)
+        elif first is not chosen and chosen.name not in self._later.setdefault(key, set()):
+            self._later[key].add(chosen.name)
+            why = ("would build a kernel for this shape, new since the warm-up" if self._sealed and first.compiles_per_shape
+                   else "does not run it")
+            log.info("attention for %s %s head dim %d (%s), shape %s: %s (%s %s)", q.device.type,
+                     str(q.dtype).removeprefix("torch."), q.shape[-1], "self" if key[3] else "cross", tuple(q.shape),
+                     chosen.name, first.name, why)
         return chosen
 
     def __call__(self, q, k, v, scale: float | None = None) -> torch.Tensor:
@@ -204,10 +244,15 @@ class AttentionRegistry:
             log.warning("attention backend %s failed on %s (%s); the next backend takes these calls",
                         backend.name, key, str(e).splitlines()[0][:200])
             self._broken.add((key, backend.name))
-            self._choice.pop(key, None)
+            self._by_shape = {s: b for s, b in self._by_shape.items() if not (s[0] == key and b is backend)}
+            if self._choice.get(key) is backend:
+                del self._choice[key]
             return self(q, k, v, scale)
 
     def choices(self) -> dict[str, str]:
-        """What each kind of call seen so far runs on, for the startup log."""
-        return {f"{dev} {str(dt).removeprefix('torch.')} d{d} {'self' if same else 'cross'}": b.name
+        """What each kind of call seen so far runs on, for the startup log: its first choice, and
+        the backends that took the shapes that choice would have had to build a kernel for."""
+        return {f"{dev} {str(dt).removeprefix('torch.')} d{d} {'self' if same else 'cross'}":
+                b.name + (f" (new shapes: {', '.join(sorted(self._later[(dev, dt, d, same)]))})"
+                          if self._later.get((dev, dt, d, same)) else "")
                 for (dev, dt, d, same), b in self._choice.items()}

@@ -17,6 +17,18 @@ from rtdiff_cluster.config import ModelConfig
 from rtdiff_cluster.engine.replica import EngineRank, ReplicaInfo
 
 
+async def gather_refs(refs) -> list:
+    """Awaits Ray calls together and returns their results, raising the first failure. Unlike a
+    bare gather, the combined future never holds an exception nobody reads: when the awaiting task
+    is cancelled (a timeout, shutdown) while Ray cancels the calls, asyncio would otherwise log
+    "_GatheringFuture exception was never retrieved" at exit."""
+    results = await asyncio.gather(*refs, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
 def gpus_per_rank(config: ModelConfig) -> float:
     import ray
 
@@ -61,7 +73,7 @@ class ReplicaGroup:
         """Rendezvous, then every rank joins the process groups and loads its shard (a no-op for
         ranks already started). Returns the leader's info."""
         host, port = await asyncio.wait_for(self.leader.rendezvous.remote(), timeout)
-        infos = await asyncio.wait_for(asyncio.gather(*(a.start.remote(host, port) for a in self.actors)), timeout)
+        infos = await asyncio.wait_for(gather_refs([a.start.remote(host, port) for a in self.actors]), timeout)
         self._lifelines = [a.lifeline.remote() for a in self.actors]
         return infos[0]
 

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Callable
 
-from rtdiff_cluster.engine.group import ReplicaGroup
+from rtdiff_cluster.engine.group import ReplicaGroup, gather_refs
 from rtdiff_cluster.engine.link import LinkLost, ReplicaLink
 from rtdiff_cluster.engine.replica import ReplicaInfo
 from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
@@ -181,7 +181,7 @@ class ReplicaSet:
     async def poll_stats(self) -> None:
         for h in self.up():
             try:
-                every = await asyncio.wait_for(asyncio.gather(*(a.stats.remote() for a in h.group.actors)),
+                every = await asyncio.wait_for(gather_refs([a.stats.remote() for a in h.group.actors]),
                                                RECOVERY_PROBE_TIMEOUT_S)
             except asyncio.TimeoutError:
                 continue

@@ -27,7 +27,9 @@ for the new shapes too (the behaviour before sealing), --attention picks one bac
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +51,12 @@ def main() -> int:
     args = ap.parse_args()
     resolve_model_args(args)
 
+    # A Triton cache of its own, empty: every kernel this process compiles leaves an entry in it,
+    # so each row can say which kernels a new bucket compiled (a warm cache from an earlier run
+    # would hide them, as it does for a replica restarted on the same machine).
+    triton_cache = Path(tempfile.mkdtemp(prefix="new-bucket-triton-"))
+    os.environ["TRITON_CACHE_DIR"] = str(triton_cache)
+
     import numpy as np
     import torch
 
@@ -66,6 +74,15 @@ def main() -> int:
                   for i in range(n)]
         return BatchSpec(w, h, args.steps, 0.0, 0.5, frames)
 
+    def compiled() -> set[Path]:
+        return {p for p in triton_cache.glob("*/*.json") if not p.name.startswith("__grp__")}
+
+    def compiled_by(fn) -> tuple[float, list[str]]:
+        """(fn's ms, the Triton kernels it compiled)."""
+        before = compiled()
+        ms = fn()
+        return ms, sorted(p.stem for p in compiled() - before)
+
     def captures() -> int:
         return fp.graphs.captures if fp.graphs is not None else 0
 
@@ -79,7 +96,7 @@ def main() -> int:
         return (time.perf_counter() - t) * 1e3
 
     s = args.size
-    first_ms = timed(graphed, batch(1, s, s))  # the replica's warm-up frame: everything cold
+    first_ms, warmup_compiled = compiled_by(lambda: timed(graphed, batch(1, s, s)))  # the warm-up frame: all cold
     fp.seal_attention()
     warm_ms = min(timed(graphed, batch(1, s, s)) for _ in range(5))
     region = max(m, (s // 2) // m * m)
@@ -88,7 +105,9 @@ def main() -> int:
     for name, b in ((f"batch 2 at {s}", batch(2, s, s)),
                     (f"batch 1 at {narrower}x{s}", batch(1, narrower, s)),
                     (f"region {region}x{region}", batch(1, region, region))):
-        row = {"bucket": name, "eager_cold_ms": timed(eager, b), "eager_warm_ms": timed(eager, b)}
+        row = {"bucket": name}
+        row["eager_cold_ms"], row["triton_compiled"] = compiled_by(lambda: timed(eager, b))
+        row["eager_warm_ms"] = timed(eager, b)
         before = captures()
         row["capture_ms"] = timed(graphed, b)
         row["captures"] = captures() - before
@@ -97,14 +116,17 @@ def main() -> int:
         print(row, flush=True)
     b3 = batch(3, s, s)
     before = captures()
-    cold = {"bucket": f"batch 3 at {s}, graphed cold", "graphed_cold_ms": timed(graphed, b3), "captures": captures() - before}
+    cold = {"bucket": f"batch 3 at {s}, graphed cold"}
+    cold["graphed_cold_ms"], cold["triton_compiled"] = compiled_by(lambda: timed(graphed, b3))
+    cold["captures"] = captures() - before
     cold["replay_ms"] = min(timed(graphed, b3) for _ in range(3))
     cold["eager_warm_ms"] = timed(eager, b3)
     rows.append(cold)
     print(cold, flush=True)
     fields = {"source": args.source, "vae": args.vae, "size": s, "steps": args.steps, "attention": args.attention,
               "compile_attention_for_new_shapes": args.compile_attention_for_new_shapes,
-              "attention_choices": fp.attention_choices(), "warm_up_frame_ms": first_ms, "default_frame_ms": warm_ms,
+              "attention_choices": fp.attention_choices(), "warm_up_frame_ms": first_ms,
+              "warm_up_triton_compiled": len(warmup_compiled), "default_frame_ms": warm_ms,
               "rows": rows}
     tag = "-".join(t for t in (args.attention.replace(" ", "-") if args.attention != "auto" else "",
                                "cudnn-every-shape" if args.compile_attention_for_new_shapes else "") if t)
@@ -128,6 +150,10 @@ def markdown(r: dict) -> str:
                      f"{f(row['replay_ms'])} |")
     lines += ["", "Milliseconds for one call (the frame's whole pipeline, synchronised), replay the best of 3. A first "
                   "graphed call that captured nothing ran as replays of captured batch sizes."]
+    if "warm_up_triton_compiled" in r:
+        lines += ["", f"Triton kernels compiled (an empty cache at the start): {r['warm_up_triton_compiled']} by the "
+                      "warm-up frame; then, by each new bucket's first call:"]
+        lines += [f"- {row['bucket']}: {', '.join(row['triton_compiled']) or 'none'}" for row in r["rows"]]
     return "\n".join(lines) + "\n"
 
 

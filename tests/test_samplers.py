@@ -65,6 +65,21 @@ def test_deterministic_samplers_converge_to_the_same_image(pipelines, src, refer
         assert psnr(render(p, 1, name), ref) < CONVERGED_DB, name
 
 
+@pytest.mark.parametrize("src,sampler", [("synthetic:tiny", "dpmpp"), ("synthetic:tiny", "lcm"),
+                                        ("synthetic:tiny-flux", "flow-dpmpp")])
+def test_a_batch_never_sees_the_scheduler_state_of_the_one_before(pipelines, src, sampler):
+    """Each batch's scheduler is a copy of one built once (building takes milliseconds of host
+    time): a multistep solver's history or a step index left by one batch must not reach the next,
+    whatever its step count."""
+    p = pipelines[src]
+    alone = Pipeline(p.model, prompt_cache_size=4)
+    four = render(alone, 4, sampler, seed=5)
+    render(p, 3, sampler, seed=2)
+    render(p, 4, sampler, seed=9, strength=0.5, init=clips.texture(SIZE, SIZE, seed=3))
+    assert np.array_equal(render(p, 4, sampler, seed=5), four)
+    assert p._scheduler(sampler) is not p._scheduler(sampler)
+
+
 def test_unknown_sampler_is_refused_by_name():
     with pytest.raises(ValueError, match="^sampler: unknown sampler 'heun-7'"):
         scheduler_for("heun-7", object, {})

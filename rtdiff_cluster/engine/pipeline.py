@@ -241,6 +241,7 @@ class Pipeline:
         self._uncapturable_loops: set[str] = set()
         self._uploads = PinnedUploads(model.device, PINNED_SHAPES)  # input frames' staging buffers
         self._noise: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (seed, c, h, w) -> [1, c, h, w] on the device
+        self._schedulers: dict[str, object] = {}  # sampler name -> a scheduler as built, never stepped
 
     def initial_noise(self, seeds: list[int], latent_hw: tuple[int, int],
                       window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
@@ -272,6 +273,16 @@ class Pipeline:
         if all(isinstance(img, torch.Tensor) for img in images):
             return torch.stack([img.to(self.model.device) for img in images])
         return self._uploads.upload(images)
+
+    def _scheduler(self, sampler: str):
+        """A fresh scheduler for the sampler: a copy of one built once. Building one from its
+        config walks inspect.signature, 2.5-3.5 ms of host time per frame on the H200's host
+        while the GPU waited for the graph's replay (benchmarks/results/unet_profile-*-frame-1-step.md)."""
+        template = self._schedulers.get(sampler)
+        if template is None:
+            m = self.model
+            template = self._schedulers[sampler] = scheduler_for(sampler, m.scheduler_class, m.scheduler_config)
+        return copy.deepcopy(template)
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return self.family.uses_cfg and guidance_scale > 1.0
@@ -379,7 +390,7 @@ class Pipeline:
             cond = tuple(torch.cat([a, b]) for a, b in zip(neg, pos))  # [2B, ...]: unconditional first
         marks.mark("text")
 
-        scheduler = scheduler_for(batch.sampler, m.scheduler_class, m.scheduler_config)
+        scheduler = self._scheduler(batch.sampler)
         f = m.limits.vae_scale_factor
         h, w = batch.height // f, batch.width // f
         # A chunk-cache region follows its whole frame's schedule: Flux shifts its sigmas by the

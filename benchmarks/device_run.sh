@@ -2,6 +2,7 @@
 # One device call: the parts named on the command line, in order (default: all).
 #   gpu-tests  tests/test_gpu.py (CUDA replica, NVML series; sharded serving where there are 2 GPUs)
 #   fast-path-tests  tests/test_gpu_fast_paths.py alone (fast paths, graphs, attention sealing, batch splits)
+#   norm-tests  tests/test_kernels_norms.py alone, at full sizes on the GPU
 #   hop        benchmarks/hop_floor.py           gateway  benchmarks/gateway_overhead.py --device cuda
 #   sharding   benchmarks/sharding.py (SDXL and Flux-dev at 1024, every layout the GPUs allow, flux-80b)
 #   kernel-tests  the kernel, fast-path and FP8 tests at full sizes on the GPU
@@ -35,6 +36,8 @@ for part in $parts; do
     gpu-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
     fast-path-tests) timeout 400 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py 2>&1 \
       | tail -40 | tee "$OUT/fast_path_tests.log" ;;
+    norm-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_norms.py 2>&1 \
+      | tail -30 | tee "$OUT/norm_tests.log" ;;
     image-codec) timeout 200 python3 benchmarks/image_codec.py --out-dir "$OUT" 2>&1 | tee "$OUT/image_codec.log" ;;
     hop) timeout 90 python3 benchmarks/hop_floor.py --n 900 --out "$OUT/hop_floor.json" 2>&1 | grep -v WARNING | tee "$OUT/hop_floor.log" ;;
     gateway) timeout 330 python3 benchmarks/gateway_overhead.py --device cuda --out-dir "$OUT" --samples 300 --stream-frames 200 \

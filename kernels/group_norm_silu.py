@@ -97,7 +97,9 @@ def _channel_block(cb, G, CG, SUB_C, GPB: tl.constexpr, SUBS: tl.constexpr, C_AL
     return g0, sub, c0, n_ch
 
 
-@triton.jit
+# The sizes' divisibility is not specialised on (each new value class would compile a variant when
+# a new resolution arrives); loads vectorise along the channel strides, which keep theirs.
+@triton.jit(do_not_specialize=["HW", "K", "HW_PER_CHUNK"])
 def _gn_stats_kernel(
     x_ptr, t_ptr, part_ptr,  # x: [N, C, HW] by strides; t: [N, C] offsets; part: [N, G, SUBS, K, 2] fp32 (mean, M2)
     HW, G, CG, SUB_C, K, HW_PER_CHUNK,
@@ -165,7 +167,7 @@ def _gn_stats_kernel(
     tl.store(part_ptr + slot * 2 + 1, g_m2, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HW", "K", "HW_PER_CHUNK"])
 def _gn_apply_kernel(
     x_ptr, t_ptr, y_ptr, w_ptr, b_ptr, part_ptr,
     HW, G, CG, SUB_C, K, HW_PER_CHUNK, eps,
@@ -303,7 +305,11 @@ def _plan(n: int, c: int, hw: int, groups: int, c_fastest: bool, sms: int, knobs
     # Split H*W into chunks until the grid holds a few programs per SM (N * 32 groups alone would
     # leave most of the GPU idle), each chunk a whole number of tiles.
     n_tiles = triton.cdiv(hw, block_hw)
-    want_chunks = triton.cdiv(_PROGRAMS_PER_SM * sms, n * n_cblocks)
+    # Planned for one sample whatever the batch: BLOCK_P (a constexpr) follows the chunk count, and
+    # a plan that moved with N compiled new kernel variants for every new batch size on the
+    # serving path (19 for an SDXL batch of two at 1024, 9 s on an H200 host,
+    # benchmarks/results/new_bucket-2026-11-24-*). A larger batch just has more programs.
+    want_chunks = triton.cdiv(_PROGRAMS_PER_SM * sms, n_cblocks)
     want_chunks = max(1, min(want_chunks, _MAX_PARTIALS // (block_g * subs)))
     tiles_per_chunk = triton.cdiv(n_tiles, want_chunks)
     hw_per_chunk = tiles_per_chunk * block_hw

@@ -241,7 +241,7 @@ class Pipeline:
         self._uncapturable_loops: set[str] = set()
         self._uploads = PinnedUploads(model.device, PINNED_SHAPES)  # input frames' staging buffers
         self._noise: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (seed, c, h, w) -> [1, c, h, w] on the device
-        self._schedulers: dict[str, object] = {}  # sampler name -> a scheduler as built, never stepped
+        self._schedulers: dict[str, tuple] = {}  # sampler name -> (a scheduler as built, never stepped; what copies share)
 
     def initial_noise(self, seeds: list[int], latent_hw: tuple[int, int],
                       window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
@@ -278,11 +278,18 @@ class Pipeline:
         """A fresh scheduler for the sampler: a copy of one built once. Building one from its
         config walks inspect.signature, 2.5-3.5 ms of host time per frame on the H200's host
         while the GPU waited for the graph's replay (benchmarks/results/unet_profile-*-frame-1-step.md)."""
-        template = self._schedulers.get(sampler)
-        if template is None:
+        entry = self._schedulers.get(sampler)
+        if entry is None:
             m = self.model
-            template = self._schedulers[sampler] = scheduler_for(sampler, m.scheduler_class, m.scheduler_config)
-        return copy.deepcopy(template)
+            template = scheduler_for(sampler, m.scheduler_class, m.scheduler_config)
+            # Shared by every copy: the frozen config and the tensors as built (betas, alphas,
+            # the initial sigmas), which diffusers' schedulers replace, never write in place;
+            # copying them was most of a deep copy's 0.1 ms (tests/test_samplers.py checks that
+            # no state crosses from one batch to the next).
+            shared = {id(v): v for k, v in vars(template).items() if k == "_internal_dict" or isinstance(v, torch.Tensor)}
+            entry = self._schedulers[sampler] = (template, shared)
+        template, shared = entry
+        return copy.deepcopy(template, dict(shared))
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return self.family.uses_cfg and guidance_scale > 1.0

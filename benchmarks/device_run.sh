@@ -15,6 +15,7 @@
 #   image-codec   benchmarks/image_codec.py (a frame's JPEG encode and decode: PIL on the host, nvJPEG on the GPU)
 #   unet-profile  benchmarks/unet_profile.py (an SDXL step's kernels one by one at 1024, 512 and 384)
 #   frame-profile  benchmarks/unet_profile.py --frame 1 (a whole 1-step frame's kernels against its wall time)
+#   frame-ab      the frame profile A/B, twice each: each batch's scheduler a copy of one built once, or built from its config
 #   new-bucket    benchmarks/new_bucket.py (what a shape bucket the replica has not seen costs its first frame)
 #   scaling-1024 / scaling-video / scaling-serving   issue 7's run, one part per call: synthetic:flux-40b
 #                 (80 GB in bf16) with true CFG at tp=1,2,4,8 and tp=4 x cfg-parallel 2 (those the GPUs allow),
@@ -61,6 +62,9 @@ for part in $parts; do
       | grep -v "^USDT" | tee "$OUT/unet_profile.log" ;;
     frame-profile) timeout 300 python3 benchmarks/unet_profile.py --frame 1 --sizes 1024,512 --out-dir "$OUT" 2>&1 \
       | grep -v "^USDT" | tee "$OUT/frame_profile.log" ;;
+    frame-ab) for ab in "" --scheduler-from-config "" --scheduler-from-config; do mkdir -p "$OUT/ab${ab:+-old}-$((++n))"
+      timeout 150 python3 benchmarks/unet_profile.py --frame 1 --sizes 1024,512 $ab --out-dir "$OUT/ab${ab:+-old}-$n" 2>&1 \
+      | grep -E "^(1024|512): frame"; done ;;
     new-bucket) timeout 240 python3 benchmarks/new_bucket.py --device cuda --out-dir "$OUT" 2>&1 | grep -v WARNING \
       | tee "$OUT/new_bucket.log" ;;
     scaling-1024) timeout 590 python3 benchmarks/sharding.py --models flux-40b --tps 1,2,4,8 --dit-cfg --size 1024 \

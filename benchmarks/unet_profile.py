@@ -124,7 +124,7 @@ def _frame_markdown(res: dict, top: int) -> str:
     lines = [f"# A whole SDXL frame, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
              f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, tiny VAE, text-to-image, "
              f"{res['frame_steps']}-step schedule, batch 1, fast paths on (CUDA graph of the loop and decode), "
-             f"prompt cached", ""]
+             f"prompt cached; scheduler: {res.get('scheduler', 'built from its config per batch')}", ""]
     for s in res["sizes"]:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"frame wall time {s['wall_ms']:.2f} ms (median, synchronised); its kernels: {s['kernels']}, "
@@ -205,10 +205,18 @@ def main() -> None:
                     help="fast_paths.fp8_min_features (default: the config's)")
     ap.add_argument("--per-module-kv", action="store_true",
                     help="each cross-attention's own K/V matmul, as before ops/processors.batch_cross_kv (an A/B)")
+    ap.add_argument("--scheduler-from-config", action="store_true",
+                    help="with --frame: build each batch's scheduler from its config, as before Pipeline._scheduler (an A/B)")
     ap.add_argument("--frame", type=int, default=0, metavar="STEPS",
                     help="profile a whole text-to-image frame of this many steps (tiny VAE) instead of a step")
     args = ap.parse_args()
     args.vae = "tiny" if args.frame else ""
+    if args.scheduler_from_config:
+        from rtdiff_cluster.engine import samplers
+        from rtdiff_cluster.engine.pipeline import Pipeline
+
+        Pipeline._scheduler = lambda self, sampler: samplers.scheduler_for(
+            sampler, self.model.scheduler_class, self.model.scheduler_config)
     if args.per_module_kv:
         from rtdiff_cluster.ops import processors
 
@@ -227,9 +235,12 @@ def main() -> None:
     quant = (f"fp8 (linears with >= {args.fp8_min_features or FastPathConfig().fp8_min_features} output features)"
              if args.fp8 else "none")
     tag = "-".join(t for t, on in (("fp8", args.fp8), ("per-module-kv", args.per_module_kv),
-                                   (f"frame-{args.frame}-step", args.frame)) if on)
+                                   (f"frame-{args.frame}-step", args.frame),
+                                   ("scheduler-from-config", args.scheduler_from_config)) if on)
     write_results("unet_profile", args.device, {"source": args.source, "quantization": quant, "sizes": sizes,
                                                 "frame_steps": args.frame,
+                                                "scheduler": "built from its config per batch" if args.scheduler_from_config
+                                                else "a copy of one built once",
                                                 "cross_kv": "per module" if args.per_module_kv else "one matmul"},
                   args.out_dir, markdown, tag=tag)
 

@@ -314,7 +314,10 @@ def _plan(n: int, c: int, hw: int, groups: int, c_fastest: bool, sms: int, knobs
     tiles_per_chunk = triton.cdiv(n_tiles, want_chunks)
     hw_per_chunk = tiles_per_chunk * block_hw
     chunks = triton.cdiv(hw, hw_per_chunk)
-    block_p = triton.next_power_of_2(subs * chunks)
+    # Sized for the most chunks this channel layout can have (chunks <= want_chunks), not for this
+    # H*W: a resolution with fewer chunks reuses the variant (masked partials), where sizing it to
+    # the chunks compiled one per resolution (10 for a 512 chunk-cache region of an SDXL stream).
+    block_p = triton.next_power_of_2(subs * want_chunks)
     meta = dict(GPB=gpb, SUBS=subs, C_ALIGN=_channel_align(c, cg, gpb, subs, sub_c), BLOCK_C=block_c,
                 BLOCK_HW=block_hw, BLOCK_G=block_g, C_FASTEST=c_fastest, num_warps=_NUM_WARPS)
     return (n_cblocks, chunks, n), sub_c, chunks, hw_per_chunk, block_p, meta

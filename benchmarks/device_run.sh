@@ -62,7 +62,7 @@ for part in $parts; do
       | grep -v "^USDT" | tee "$OUT/unet_profile.log" ;;
     frame-profile) timeout 300 python3 benchmarks/unet_profile.py --frame 1 --sizes 1024,512 --out-dir "$OUT" 2>&1 \
       | grep -v "^USDT" | tee "$OUT/frame_profile.log" ;;
-    frame-ab) for ab in "" --scheduler-from-config "" --scheduler-from-config; do mkdir -p "$OUT/ab${ab:+-old}-$((++n))"
+    frame-ab) n=0; for ab in "" --scheduler-from-config "" --scheduler-from-config; do mkdir -p "$OUT/ab${ab:+-old}-$((++n))"
       timeout 150 python3 benchmarks/unet_profile.py --frame 1 --sizes 1024,512 $ab --out-dir "$OUT/ab${ab:+-old}-$n" 2>&1 \
       | grep -E "^(1024|512): frame"; rm -f "$OUT"/ab*/*.md; done ;;  # the markdown is made again from the JSON
     new-bucket) timeout 240 python3 benchmarks/new_bucket.py --device cuda --out-dir "$OUT" 2>&1 | grep -v WARNING \

@@ -17,6 +17,7 @@
 #   frame-profile  benchmarks/unet_profile.py --frame 1 (a whole 1-step frame's kernels against its wall time)
 #   frame-ab      the frame profile A/B, twice each: each batch's scheduler a copy of one built once, or built from its config
 #   new-bucket    benchmarks/new_bucket.py (what a shape bucket the replica has not seen costs its first frame)
+#   new-bucket-cudnn  the same with cuDNN attention building kernels for new shapes too
 #   scaling-1024 / scaling-video / scaling-serving   issue 7's run, one part per call: synthetic:flux-40b
 #                 (80 GB in bf16) with true CFG at tp=1,2,4,8 and tp=4 x cfg-parallel 2 (those the GPUs allow),
 #                 at 1024 and at 16,384 image tokens, tp against tp; then a tp=<all GPUs> replica through the
@@ -67,6 +68,8 @@ for part in $parts; do
       | grep -E "^(1024|512): frame"; rm -f "$OUT"/ab*/*.md; done ;;  # the markdown is made again from the JSON
     new-bucket) timeout 240 python3 benchmarks/new_bucket.py --device cuda --out-dir "$OUT" 2>&1 | grep -v WARNING \
       | tee "$OUT/new_bucket.log" ;;
+    new-bucket-cudnn) timeout 240 python3 benchmarks/new_bucket.py --device cuda --compile-attention-for-new-shapes \
+      --out-dir "$OUT" 2>&1 | grep -v WARNING | tee "$OUT/new_bucket_cudnn.log" ;;
     scaling-1024) timeout 590 python3 benchmarks/sharding.py --models flux-40b --tps 1,2,4,8 --dit-cfg --size 1024 \
       --steps 5 --warmup 2 --no-fp32-reference --timeout 240 --out-dir "$OUT" 2>&1 | tee "$OUT/scaling_1024.log" ;;
     scaling-video) timeout 590 python3 benchmarks/sharding.py --models flux-40b --tps 2,4,8 --dit-cfg --tokens 16384 \

@@ -209,8 +209,8 @@ class _Joined:
 
 
 # A batch size with no graph yet, where smaller captured sizes can cover it, runs as their replays
-# (no capture on the serving path: 0.25-0.45 s for an SDXL frame at 1024 on an H200, seconds more
-# with cuDNN's per-shape kernels, benchmarks/results/new_bucket-2026-11-24-*.md) until it came
+# (no capture on the serving path: 0.23-0.46 s for an SDXL frame at 1024 on an H200, its warm-up
+# runs included, benchmarks/results/new_bucket-2026-11-24-*.md) until it came
 # this often: then its own graph, which pays where launches bound the replays (a 512 SDXL frame:
 # 11.9 ms as one replay, most of it launch-bound; one capture is worth about 30 such frames).
 SPLITS_BEFORE_CAPTURE = 32

@@ -16,12 +16,12 @@ replica falls through to the math path without configuration. The choice for eac
 is made once and remembered (`choices()` tells the startup log).
 
 A serving replica meets shapes it has not seen (a batch of two, a new resolution, a chunk-cache
-region), and cuDNN generates and compiles its attention kernel per shape: the first SDXL batch of
-two at 1024 took 7.3 s on an H200 host, against 0.24 s with PyTorch's flash backend, whose kernels
-are built ahead of time; warm, cuDNN's frames were 2-5% faster
-(benchmarks/results/new_bucket-2026-11-24-*.md). So once `seal()` is called (the replica calls it
-after its warm-up frame), a backend that compiles per shape takes only the shapes it already ran,
-and a new shape goes to the next backend whose guards admit it.
+region), and cuDNN builds its attention kernels per shape, on the frame that brings them: on an
+H200 host the first eager SDXL frame of a new bucket took 0.1-0.3 s longer with cuDNN than with
+PyTorch's flash backend, whose kernels are built ahead of time, and warm replays were within 2%
+(benchmarks/results/new_bucket-2026-11-24-*-ab.md). So once `seal()` is called (the replica calls
+it after its warm-up frame), a backend that compiles per shape takes only the shapes it already
+ran, and a new shape goes to the next backend whose guards admit it.
 
 All functions take and return [B, H, L, D] tensors (SDPA's layout); no mask, not causal.
 """

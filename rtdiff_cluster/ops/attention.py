@@ -13,7 +13,7 @@ diffusers has a dispatcher of its own (attention_dispatch), but it picks one bac
 set-up and checks only that the package imports; this one decides per call, so a UNet's
 head-dim-64 self-attention and 77-token cross-attention each get what can run them, and a CPU
 replica falls through to the math path without configuration. The choice for each kind of call
-is made once and remembered (`choices()` tells the startup log).
+is made once per shape and remembered (`choices()` tells the startup log).
 
 A serving replica meets shapes it has not seen (a batch of two, a new resolution, a chunk-cache
 region), and cuDNN builds its attention kernels per shape, on the frame that brings them: on an

@@ -136,10 +136,11 @@ def main() -> int:
 
 def markdown(r: dict) -> str:
     f = lambda v: f"{v:.0f}" if v is not None and v >= 100 else (f"{v:.1f}" if v is not None else "-")  # noqa: E731
+    sealing = ("kernels built for new shapes too" if r.get("compile_attention_for_new_shapes", True)
+               else "sealed after the warm-up frame")
     lines = [f"# A new shape bucket on the serving path: {r['source']} ({r['gpu_name'] or r['cpu']}, {r['date']})", "",
              f"{r['steps']}-step schedule at strength 0.5, image-to-image, VAE {r['vae'] or 'own'}; attention "
-             f"{r['attention']}, " + ("kernels built for new shapes too" if r.get("compile_attention_for_new_shapes", True)
-                                     else "sealed after the warm-up frame") + f" ({r['attention_choices']}). The replica's first frame (all cold): "
+             f"{r['attention']}, {sealing} ({r['attention_choices']}). The replica's first frame (all cold): "
              f"{f(r['warm_up_frame_ms'])} ms; the default frame warm: {f(r['default_frame_ms'])} ms.", "",
              "| new bucket | eager, cold | eager, warm | first graphed call (backends warm) | first graphed call, cold | "
              "graphs captured by it | replay |",

@@ -92,12 +92,16 @@ def frame_wall_ms(fn, device, calls: int = 30) -> float:
     """A whole frame's median wall time, host work included (it is part of what a frame costs)."""
     import time
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     times = []
     for _ in range(calls + 3):
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        sync()
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        sync()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times[3:])
 

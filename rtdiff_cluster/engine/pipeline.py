@@ -196,7 +196,6 @@ class _Joined:
 
     def __init__(self, parts: list[Launched]):
         self.parts = parts
-        self.output = None
 
     def result(self) -> tuple[np.ndarray | torch.Tensor | None, StageTimes]:
         done = [p.result() for p in self.parts]

@@ -22,6 +22,7 @@ import grpc
 from rtdiff_cluster.config import BatchingConfig
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec
 from rtdiff_cluster.engine.replica import BatchResult, FrameResult
+from rtdiff_cluster.gateway.busy_poll import BusyPoll
 from rtdiff_cluster.gateway.errors import RequestError
 from rtdiff_cluster.gateway.router import ReplicaHandle, ReplicaSet, is_actor_gone
 from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
@@ -88,8 +89,10 @@ class FrameOutcome:
 
 
 class ModelScheduler:
-    def __init__(self, model: str, replicas: ReplicaSet, config: BatchingConfig, metrics: GatewayMetrics):
+    def __init__(self, model: str, replicas: ReplicaSet, config: BatchingConfig, metrics: GatewayMetrics,
+                 busy_poll: BusyPoll | None = None):
         self.model = model
+        self.busy_poll = busy_poll or BusyPoll()
         self.replicas = replicas
         self.config = config
         self.series = metrics.model(model)
@@ -278,12 +281,14 @@ class ModelScheduler:
         # Sent now, so the replica sees batches in dispatch order (streams rely on it); answered from
         # the link's read callback, without a task or future in between (each costs an event-loop turn).
         self._running += 1
+        self.busy_poll.hold()
         replica.link.call_then("run_batch", (spec,),
                                lambda result, error: self._answer(replica, jobs, result, error, work, now))
 
     def _answer(self, replica: ReplicaHandle, jobs: list[FrameJob], result: BatchResult | None,
                 error: BaseException | None, work: float, sent_at: float) -> None:
         self._running -= 1
+        self.busy_poll.release()
         replica.end(work)
         self.series.replica(replica.name).inflight.set(replica.inflight_batches)
         self.wake()

@@ -7,6 +7,7 @@
 #   sharding   benchmarks/sharding.py (SDXL and Flux-dev at 1024, every layout the GPUs allow, flux-80b)
 #   kernel-tests  the kernel, fast-path and FP8 tests at full sizes on the GPU
 #   kernel-bench  the kernels' micro-benchmarks (kernels/bench_*.py)
+#   attention-bench  kernels/bench_attention.py alone, then tests/test_kernels_attention.py on the GPU
 #   roofline-sdxl / roofline-vae / roofline-flux   benchmarks/roofline.py, one part per call's budget
 #   stream-cache  benchmarks/stream_cache.py (SDXL 1024, tiny VAE: the chunk cache's speed and fidelity)
 #   stream-cache-flux  the same for Flux-dev at 1024, with the static tokens' recorded K/V as a setting
@@ -42,14 +43,18 @@ for part in $parts; do
       | tail -30 | tee "$OUT/norm_tests.log" ;;
     image-codec) timeout 200 python3 benchmarks/image_codec.py --out-dir "$OUT" 2>&1 | tee "$OUT/image_codec.log" ;;
     hop) timeout 90 python3 benchmarks/hop_floor.py --n 900 --out "$OUT/hop_floor.json" 2>&1 | grep -v WARNING | tee "$OUT/hop_floor.log" ;;
-    gateway) timeout 330 python3 benchmarks/gateway_overhead.py --device cuda --out-dir "$OUT" --samples 300 --stream-frames 200 \
-      --stub-samples 1000 --throughput-seconds 8 --busy-poll-ab 2>&1 | tee "$OUT/gateway_overhead.log" ;;
+    gateway) timeout 420 python3 benchmarks/gateway_overhead.py --device cuda --out-dir "$OUT" --samples 300 --stream-frames 200 \
+      --stub-samples 1000 --stub-compute-ms 0,20 --throughput-seconds 8 --busy-poll-ab 2>&1 | tee "$OUT/gateway_overhead.log" ;;
     sharding) timeout 580 python3 benchmarks/sharding.py --models sdxl,flux-dev --size 1024 --steps 10 --warmup 3 \
       --oversized flux-80b --out-dir "$OUT" 2>&1 | tee "$OUT/sharding.log" ;;
     kernel-tests) timeout 540 python3 -m pytest -p no:cacheprovider -q -ra --durations=15 tests/test_gpu_fast_paths.py \
       tests/test_fast_paths.py tests/test_kernels_*.py tests/test_fp8.py 2>&1 | tail -80 | tee "$OUT/kernel_tests.log" ;;
     kernel-bench) for b in kernels/bench_*.py; do n=$(basename "$b" .py)
       timeout 90 python3 "$b" --out "$OUT/$n.json" 2>&1 | tee "$OUT/$n.log"; done ;;
+    attention-bench) timeout 240 python3 kernels/bench_attention.py --out "$OUT/bench_attention.json" 2>&1 \
+      | tee "$OUT/bench_attention.log"
+      timeout 200 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_attention.py 2>&1 | tail -15 \
+      | tee "$OUT/attention_tests.log" ;;
     roofline-*) timeout 580 python3 benchmarks/roofline.py --parts "${part#roofline-}" --tag "${part#roofline-}" \
       --out-dir "$OUT" 2>&1 | tee "$OUT/$part.log" ;;
     stream-cache) timeout 500 python3 benchmarks/stream_cache.py --device cuda --frames 12 --out-dir "$OUT" 2>&1 \

@@ -22,7 +22,9 @@ total) and "inside the gateway" (server total minus direct).
 
 Supplementary `stub` rows put the same gateway code in front of a replica that answers at once
 (StubReplica): what is left is the serving path alone, so the overhead is measured to a few
-microseconds instead of within the model's run-to-run noise.
+microseconds instead of within the model's run-to-run noise. `--stub-compute-ms 0,20` adds rows
+whose stub answers after 20 ms, as an SDXL frame would: the gateway then waits idle between a
+request and its answer, as it does in service.
 
 The gateway busy-polls while batches are in flight as `rtdiff serve` would choose (`--busy-poll`,
 default auto; gateway/busy_poll.py). With `--busy-poll-ab` every 64x64 case adds a fifth path, the
@@ -146,12 +148,14 @@ def batch_size_totals(gwt: BackgroundGateway) -> tuple[float, float]:
 # ---- a replica without compute ------------------------------------------------------------------
 
 class StubReplica:
-    """EngineReplica's interface, Ray and link, answering at once with a blank frame of the right size."""
+    """EngineReplica's interface, Ray and link, answering with a blank frame of the right size: at
+    once, or after compute_s as a GPU frame would (the gateway waits idle meanwhile)."""
 
-    def __init__(self, limits):
+    def __init__(self, limits, compute_s: float = 0.0):
         from rtdiff_cluster.engine.link import LinkServer, new_key
 
         self.limits = limits
+        self.compute_s = compute_s
         self.link = LinkServer({"run_batch": self.run_batch, "close_stream": self.close_stream}, new_key())
 
     async def rendezvous(self):
@@ -176,7 +180,12 @@ class StubReplica:
         return 0.0, "none (stub)"
 
     async def run_batch(self, batch):
+        import asyncio
+
         from rtdiff_cluster.engine.replica import BatchResult, FrameResult
+
+        if self.compute_s > 0:
+            await asyncio.sleep(self.compute_s)
 
         frames = [FrameResult(bytes(batch.width * batch.height * 3), batch.width, batch.height, fr.output_format,
                               fr.seed, 0.0) for fr in batch.frames]
@@ -463,12 +472,15 @@ def measure_case(case: Case, engine: str, actor, gwt: BackgroundGateway, args, r
                     f"{row['overhead_p50_ms']:+.3f} ms (outside the replica {row['overhead_net_p50_ms']:+.3f} ms)")
 
         if args.throughput_seconds > 0 and engine == "model":
+            for on in ([chosen, not chosen] if ab else [chosen]):
+                gwt.call(lambda: setattr(gwt.gateway.busy_poll, "enabled", on))
+                log(f"[{tag}] throughput: {args.callers} callers, {args.throughput_seconds:g} s per path, "
+                    f"busy poll {'on' if on else 'off'}")
+                tp = measure_throughput(case, args.throughput_seconds, args.callers, address, caller, gwt)
+                tp["engine"], tp["busy_poll"] = engine, on
+                result["throughput"].append(tp)
+                log(f"[{tag}] throughput direct {tp['direct']['fps']:.1f} fps, gateway {tp['gateway']['fps']:.1f} fps")
             gwt.call(lambda: setattr(gwt.gateway.busy_poll, "enabled", chosen))
-            log(f"[{tag}] throughput: {args.callers} callers, {args.throughput_seconds:g} s per path")
-            tp = measure_throughput(case, args.throughput_seconds, args.callers, address, caller, gwt)
-            tp["engine"] = engine
-            result["throughput"].append(tp)
-            log(f"[{tag}] throughput direct {tp['direct']['fps']:.1f} fps, gateway {tp['gateway']['fps']:.1f} fps")
     finally:
         link.close()
         caller.close()
@@ -509,7 +521,7 @@ def markdown(result: dict) -> str:
             f"| {d['p99_ms']:.2f} | {g['p99_ms']:.2f} "
             f"| {r['grpc_and_client_p50_ms']:.2f} | {r['in_gateway_p50_ms']:+.2f} | {target_status(r, net=True)} |")
     lines += ["", "Latencies in ms. engine `model`: the real replica; `stub`: the same gateway in front of a replica "
-              "that answers at once. busy poll: whether the gateway's event loop polled instead of sleeping while the "
+              "that answers at once (`stub N ms`: after N ms, as a GPU frame would, the gateway idle meanwhile). busy poll: whether the gateway's event loop polled instead of sleeping while the "
               "batch was in flight (ServerConfig.busy_poll). overhead = gateway p50 − direct p50 of the raw latencies; the model's run-to-run "
               "noise (several ms) widens its interval. overhead outside the replica = the same on each latency minus "
               "the wall time the replica reported for that very batch (Timing.replica_ms), which cancels that noise and "
@@ -522,11 +534,12 @@ def markdown(result: dict) -> str:
         lines += [f"Throughput: {result['config']['callers']} concurrent callers per path (gateway: one client process, "
                   "a channel per caller; direct: a link per caller), alternating halves "
                   "(gateway: max_batch_size 8, max_queue_delay_ms 0).", "",
-                  "| case | direct frames/s | gateway frames/s | gateway/direct | gateway mean batch |",
-                  "|---|--:|--:|--:|--:|"]
+                  "| case | busy poll | direct frames/s | gateway frames/s | gateway/direct | gateway mean batch |",
+                  "|---|:-:|--:|--:|--:|--:|"]
         for t in result["throughput"]:
             mb = t["gateway_mean_batch_size"]
-            lines.append(f"| {t['case']} | {t['direct']['fps']:.1f} | {t['gateway']['fps']:.1f} "
+            polled = {True: "on", False: "off"}.get(t.get("busy_poll"), "-")
+            lines.append(f"| {t['case']} | {polled} | {t['direct']['fps']:.1f} | {t['gateway']['fps']:.1f} "
                          f"| {t['gateway_vs_direct_fps_ratio']:.2f} | {'-' if mb is None else f'{mb:.2f}'} |")
         lines.append("")
     v = result["verdict"]
@@ -554,6 +567,8 @@ def main() -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--busy-poll", choices=["auto", "always", "never"], default="auto",
                     help="the gateway's ServerConfig.busy_poll for the headline rows (auto: as rtdiff serve would choose)")
+    ap.add_argument("--stub-compute-ms", default="0",
+                    help="comma list: a stub row set per value, the stub answering after that long (0: at once)")
     ap.add_argument("--busy-poll-ab", action="store_true",
                     help="64x64 cases also measure the gateway with polling flipped, interleaved, as rows of their own")
     ap.add_argument("--torch-threads", type=int, default=0, help="the replica's intra-op threads (0: its default)")
@@ -571,6 +586,12 @@ def main() -> int:
 
     from rtdiff_cluster.engine.group import ReplicaGroup, connect_ray, spawn_replicas
 
+    try:
+        stub_compute_ms = [float(x) for x in args.stub_compute_ms.split(",")]
+    except ValueError:
+        ap.error(f"--stub-compute-ms: a comma list of milliseconds, got {args.stub_compute_ms!r}")
+    if any(not 0 <= ms <= 1000 for ms in stub_compute_ms):
+        ap.error("--stub-compute-ms: each value must be in 0..1000")
     small = Case("64x64-1step-raw", 64, 64, 1, "raw", args.samples, args.stream_frames)
     large = Case("256x256-4step-png", 256, 256, 4, "png", args.large_samples or max(40, args.samples // 5), 0)
     stub = Case("64x64-1step-raw", 64, 64, 1, "raw", args.stub_samples, args.stub_samples // 2)
@@ -609,14 +630,15 @@ def main() -> int:
         group.kill()
 
         # The same gateway code in front of a replica that does no work: overhead to the microsecond.
-        if args.stub_samples > 0:
-            stub_actor = stub_actor_class().remote(limits)
+        for compute_ms in (stub_compute_ms if args.stub_samples > 0 else []):
+            stub_actor = stub_actor_class().remote(limits, compute_ms / 1e3)
             stub_group = ReplicaGroup(model_config, 0, [stub_actor])
             gwt = BackgroundGateway(config, {MODEL: [stub_group]})
             # The stub says it computes on the CPU: its gateway polls as the model's gateway chose.
             gwt.call(lambda: setattr(gwt.gateway.busy_poll, "enabled", result["config"]["busy_poll_on"]))
             try:
-                measure_case(stub, "stub", stub_actor, gwt, args, result)
+                measure_case(stub, "stub" if compute_ms == 0 else f"stub {compute_ms:g} ms", stub_actor, gwt, args,
+                             result)
             finally:
                 gwt.stop()
             stub_group.kill()
@@ -625,7 +647,7 @@ def main() -> int:
 
     # Judged on the tiny case, where the overhead is visible; the 256x256 row's model noise is tens of ms.
     judged = [r for r in result["latency"] if r["width"] == small.width and r["steps"] == small.steps
-              and r["busy_poll"] == result["config"]["busy_poll_on"]]
+              and r["busy_poll"] == result["config"]["busy_poll_on"] and r["engine"] in ("model", "stub")]
     result["verdict"] = {
         "target_p50_ms": TARGET_P50_MS,
         "judged_on": "overhead outside the replica (latency minus the replica's reported wall time), 64x64 rows",

@@ -16,6 +16,9 @@
 #   image-codec   benchmarks/image_codec.py (a frame's JPEG encode and decode: PIL on the host, nvJPEG on the GPU)
 #   unet-profile  benchmarks/unet_profile.py (an SDXL step's kernels one by one at 1024, 512 and 384)
 #   frame-profile  benchmarks/unet_profile.py --frame 1 (a whole 1-step frame's kernels against its wall time)
+#   attention-ab  the step profile A/B at 1024 and 512, twice each: attention with Triton for small calls, or cuDNN first;
+#                 then the attention registry's GPU tests
+#   attention-tests  tests/test_kernels_attention.py on the GPU (autotunes every head dim: minutes)
 #   frame-ab      the frame profile A/B, twice each: each batch's scheduler a copy of one built once, or built from its config
 #   new-bucket    benchmarks/new_bucket.py (what a shape bucket the replica has not seen costs its first frame)
 #   new-bucket-cudnn  the same with cuDNN attention building kernels for new shapes too
@@ -52,9 +55,14 @@ for part in $parts; do
     kernel-bench) for b in kernels/bench_*.py; do n=$(basename "$b" .py)
       timeout 90 python3 "$b" --out "$OUT/$n.json" 2>&1 | tee "$OUT/$n.log"; done ;;
     attention-bench) timeout 240 python3 kernels/bench_attention.py --out "$OUT/bench_attention.json" 2>&1 \
-      | tee "$OUT/bench_attention.log"
-      timeout 200 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_attention.py 2>&1 | tail -15 \
-      | tee "$OUT/attention_tests.log" ;;
+      | tee "$OUT/bench_attention.log" ;;
+    attention-tests) timeout 400 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_attention.py 2>&1 \
+      | tail -15 | tee "$OUT/attention_tests.log" ;;
+    attention-ab) n=0; for ab in "" --no-small-triton "" --no-small-triton; do mkdir -p "$OUT/ab${ab:+-old}-$((++n))"
+      timeout 150 python3 benchmarks/unet_profile.py --sizes 1024,512 $ab --out-dir "$OUT/ab${ab:+-old}-$n" 2>&1 \
+      | grep -E "^(1024|512): graph"; rm -f "$OUT"/ab*/*.md; done
+      timeout 120 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_attention.py -k "registry or small" 2>&1 \
+      | tail -8 | tee "$OUT/attention_registry_tests.log" ;;
     roofline-*) timeout 580 python3 benchmarks/roofline.py --parts "${part#roofline-}" --tag "${part#roofline-}" \
       --out-dir "$OUT" 2>&1 | tee "$OUT/$part.log" ;;
     stream-cache) timeout 500 python3 benchmarks/stream_cache.py --device cuda --frames 12 --out-dir "$OUT" 2>&1 \

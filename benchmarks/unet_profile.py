@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from engine_bench import load_engine, write_results  # noqa: E402
 from rtdiff_cluster.config import FastPathConfig  # noqa: E402
+from rtdiff_cluster.ops.attention import SMALL_ATTENTION_SCORES  # noqa: E402
 from sharding import _inputs  # noqa: E402
 
 
@@ -111,7 +112,8 @@ def markdown(res: dict, top: int = 30) -> str:
         return _frame_markdown(res, top)
     lines = [f"# SDXL UNet step, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
              f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, batch 1, fast paths on, "
-             f"quantization {res.get('quantization', 'none')}, cross-attention K/V: {res.get('cross_kv', 'per module')}", ""]
+             f"quantization {res.get('quantization', 'none')}, cross-attention K/V: {res.get('cross_kv', 'per module')}, "
+             f"attention: {res.get('attention', 'cuDNN first')}", ""]
     for s in res["sizes"]:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"graphed step {s['graph_ms']:.2f} ms; eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms of kernel time"
@@ -128,7 +130,8 @@ def _frame_markdown(res: dict, top: int) -> str:
     lines = [f"# A whole SDXL frame, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
              f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, tiny VAE, text-to-image, "
              f"{res['frame_steps']}-step schedule, batch 1, fast paths on (CUDA graph of the loop and decode), "
-             f"prompt cached; scheduler: {res.get('scheduler', 'built from its config per batch')}", ""]
+             f"prompt cached; scheduler: {res.get('scheduler', 'built from its config per batch')}; "
+             f"attention: {res.get('attention', 'cuDNN first')}", ""]
     for s in res["sizes"]:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"frame wall time {s['wall_ms']:.2f} ms (median, synchronised); its kernels: {s['kernels']}, "
@@ -211,6 +214,8 @@ def main() -> None:
                     help="each cross-attention's own K/V matmul, as before ops/processors.batch_cross_kv (an A/B)")
     ap.add_argument("--scheduler-from-config", action="store_true",
                     help="with --frame: build each batch's scheduler from its config, as before Pipeline._scheduler (an A/B)")
+    ap.add_argument("--no-small-triton", action="store_true",
+                    help="attention without the registry's Triton entry for small calls: cuDNN first, as before (an A/B)")
     ap.add_argument("--frame", type=int, default=0, metavar="STEPS",
                     help="profile a whole text-to-image frame of this many steps (tiny VAE) instead of a step")
     args = ap.parse_args()
@@ -226,6 +231,10 @@ def main() -> None:
 
         processors.batch_cross_kv = lambda backbone: 0
     model, fp = load_engine(args)
+    if args.no_small_triton and fp.registry is not None:
+        fp.registry.backends = [b for b in fp.registry.backends if b.name != "triton (small)"]
+    attention = ("cuDNN first (no Triton for small calls)" if args.no_small_triton
+                 else f"Triton for calls up to {SMALL_ATTENTION_SCORES} scores, then cuDNN")
     device = torch.device(args.device)
     name = args.source.removeprefix("synthetic:")
     sizes = profile_frames(args, model, fp, device) if args.frame else []
@@ -240,12 +249,14 @@ def main() -> None:
              if args.fp8 else "none")
     tag = "-".join(t for t, on in (("fp8", args.fp8), ("per-module-kv", args.per_module_kv),
                                    (f"frame-{args.frame}-step", args.frame),
-                                   ("scheduler-from-config", args.scheduler_from_config)) if on)
+                                   ("scheduler-from-config", args.scheduler_from_config),
+                                   ("no-small-triton", args.no_small_triton)) if on)
     write_results("unet_profile", args.device, {"source": args.source, "quantization": quant, "sizes": sizes,
                                                 "frame_steps": args.frame,
                                                 "scheduler": "built from its config per batch" if args.scheduler_from_config
                                                 else "a copy of one built once",
-                                                "cross_kv": "per module" if args.per_module_kv else "one matmul"},
+                                                "cross_kv": "per module" if args.per_module_kv else "one matmul",
+                                                "attention": attention},
                   args.out_dir, markdown, tag=tag)
 
 

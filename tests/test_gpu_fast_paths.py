@@ -345,9 +345,10 @@ def test_dit_stream_regions_attend_to_recorded_keys_and_values_on_the_fast_paths
 
 
 def test_after_the_warm_up_new_attention_shapes_skip_cudnn_and_match_the_plain_modules():
-    """cuDNN builds a kernel per new shape (seconds on the serving path): once sealed after the
-    warm-up frame, a batch of two and a new resolution run on PyTorch's flash, the warm shape
-    stays on cuDNN, and the images still match diffusers' modules."""
+    """cuDNN builds a kernel per new shape and Triton autotunes per size bucket (seconds on the
+    serving path): once sealed after the warm-up frame, a batch of two and a new resolution run on
+    PyTorch's flash, the warm shape stays where it was, and the images still match diffusers'
+    modules."""
     if not torch.backends.cuda.cudnn_sdp_enabled():
         pytest.skip("cuDNN attention is off in this PyTorch")
     plain, fast, fp = pipelines("synthetic:tiny-sdxl")
@@ -356,10 +357,10 @@ def test_after_the_warm_up_new_attention_shapes_skip_cudnn_and_match_the_plain_m
     assert_images_close(frame(fast, 128, 2, seeds=(1, 2)), frame(plain, 128, 2, seeds=(1, 2)), "batch of two")
     assert_images_close(frame(fast, 192, 2), frame(plain, 192, 2), "new resolution")
     assert_images_close(frame(fast, 128, 2), frame(plain, 128, 2), "the warm shape")
-    first_cudnn = {kind: c for kind, c in fp.registry.choices().items() if c.startswith("cudnn")}
-    if not first_cudnn:
-        pytest.skip(f"cuDNN took none of the warm-up's calls here: {fp.registry.choices()}")
-    assert all(c == "cudnn (new shapes: torch flash)" for c in first_cudnn.values()), first_cudnn
+    per_shape = {kind: c for kind, c in fp.registry.choices().items() if c.startswith(("cudnn", "triton (small)"))}
+    if not per_shape:
+        pytest.skip(f"no per-shape backend took the warm-up's calls here: {fp.registry.choices()}")
+    assert all(c.endswith(" (new shapes: torch flash)") for c in per_shape.values()), per_shape
 
 
 def test_a_batch_size_without_a_graph_replays_captured_sizes_until_it_comes_often():

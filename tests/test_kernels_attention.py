@@ -199,3 +199,32 @@ def test_gpu_second_device():
     out = flash_attention(q, k, v)
     assert out.device == q.device
     assert_close_to_reference(out, q, k, v)
+
+
+def test_small_calls_are_what_the_small_triton_entry_admits():
+    """The registry's "triton (small)" entry takes calls up to SMALL_ATTENTION_SCORES scores."""
+    from rtdiff_cluster.ops.attention import SMALL_ATTENTION_SCORES, _small_scores
+
+    def call(b, h, lq, lk):
+        return (torch.empty(b, h, lq, 64, device="meta"), torch.empty(b, h, lk, 64, device="meta"),
+                torch.empty(b, h, lk, 64, device="meta"))
+
+    assert _small_scores(*call(1, 20, 1024, 1024)) is None  # SDXL 1024-token self-attention, batch 1
+    assert _small_scores(*call(2, 10, 4096, 77)) is None  # its cross-attention, batch 2
+    assert "more than" in _small_scores(*call(1, 10, 4096, 4096))  # 4096-token self-attention
+    assert 1 * 20 * 1024 * 1024 <= SMALL_ATTENTION_SCORES < 10 * 4096 * 4096
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape,small", [((1, 20, 1024, 1024, 64), True), ((1, 10, 4096, 77, 64), True),
+                                         ((1, 10, 4096, 4096, 64), False)], ids=["self-1024", "cross-77", "self-4096"])
+def test_gpu_registry_sends_small_sdxl_calls_to_triton(shape, small):
+    from rtdiff_cluster.ops.attention import AttentionRegistry
+
+    reg = AttentionRegistry()
+    q, k, v = _blhd(*shape, torch.bfloat16, seed=3)
+    chosen = reg.pick(q, k, v).name
+    if reg.installed()["triton (small)"] is None:
+        assert (chosen == "triton (small)") is small, chosen
+    assert_close_to_reference(reg(q, k, v), q, k, v)

@@ -2,8 +2,9 @@
 guard checks (installed, device, dtype, head dim, mask), tried in order.
 
 Order, fastest first as measured at our shapes (DESIGN.md; benchmarks/results/ for this repo's
-runs): FlashAttention 4 (`flash_attn.cute`) and 3 (`flash_attn_interface`) when installed, then
-PyTorch's cuDNN backend (480-670 TFLOP/s on H100 at head dims 64 and 128, against 290-360 for
+runs): FlashAttention 4 (`flash_attn.cute`) and 3 (`flash_attn_interface`) when installed, our
+Triton kernel for small calls (SMALL_ATTENTION_SCORES: SDXL's 1024-token and cross-attention at
+batch 1, where cuDNN's kernels leave SMs idle), then PyTorch's cuDNN backend (480-670 TFLOP/s on H100 at head dims 64 and 128, against 290-360 for
 PyTorch's own flash backend), FlashAttention 2, PyTorch's flash backend, our Triton kernel
 (kernels/attention.py), then PyTorch's own choice (`sdpa`), which runs anything; the math
 reference is there for tests. flash-attn is an optional
@@ -151,6 +152,20 @@ def _math(q, k, v, scale):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+# Score-matrix size (B * H * Lq * Lk) up to which our Triton kernel beats cuDNN. Timed inside CUDA
+# graphs on an H200 (benchmarks/results/kernels/bench_attention-2026-11-24-nvidia-h200-graphed.md),
+# Triton against cuDNN: SDXL's 1024-token self-attention at batch 1 (2^24.3 scores) 19 against
+# 24 us, its 77-token cross-attentions 9 against 11 us (4096 queries) and 6 against 9 us (1024);
+# at batch 2 the 1024-token self-attention (2^25.3) is even (32 against 34 us), and from the
+# 4096-token self-attention at batch 1 (2^27.3) up cuDNN is faster (112 against 118 us).
+SMALL_ATTENTION_SCORES = 2**25
+
+
+def _small_scores(q, k, v) -> str | None:
+    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    return None if scores <= SMALL_ATTENTION_SCORES else f"{scores} scores, more than {SMALL_ATTENTION_SCORES}"
+
+
 def _registry() -> list[Backend]:
     fa4 = _flash_attn("flash_attn.cute", "flash_attn_func")
     fa3 = _flash_attn("flash_attn_interface", "flash_attn_func")
@@ -158,6 +173,10 @@ def _registry() -> list[Backend]:
     return [
         Backend("flash-attn 4", fa4[0], _all(_cuda_half, _head_dim(256)), fa4[1]),
         Backend("flash-attn 3", fa3[0], _all(_cuda_half, _head_dim(256)), fa3[1]),
+        # Triton autotunes at the first call of each size bucket: on the serving path that is a stall
+        # like cuDNN's per-shape build, so after the warm-up it keeps the shapes it already ran.
+        Backend("triton (small)", _triton_installed, _all(_cuda_half, _small_scores, _triton_supports), _triton_run,
+                compiles_per_shape=True),
         Backend("cudnn", _sdpa_enabled("cudnn_sdp_enabled"), _all(_cuda_half, _head_dim(128)), _sdpa("CUDNN_ATTENTION"),
                 compiles_per_shape=True),
         Backend("flash-attn 2", fa2[0], _all(_cuda_half, _head_dim(256)), fa2[1]),

@@ -3,7 +3,7 @@
 #   gpu-tests  tests/test_gpu.py (CUDA replica, NVML series; sharded serving where there are 2 GPUs)
 #   fast-path-tests  tests/test_gpu_fast_paths.py alone (fast paths, graphs, attention sealing, batch splits)
 #   norm-tests  tests/test_kernels_norms.py alone, at full sizes on the GPU
-#   hop        benchmarks/hop_floor.py           gateway  benchmarks/gateway_overhead.py --device cuda --busy-poll-ab
+#   hop        benchmarks/hop_floor.py           gateway  benchmarks/gateway_overhead.py --device cuda
 #   sharding   benchmarks/sharding.py (SDXL and Flux-dev at 1024, every layout the GPUs allow, flux-80b)
 #   kernel-tests  the kernel, fast-path and FP8 tests at full sizes on the GPU
 #   kernel-bench  the kernels' micro-benchmarks (kernels/bench_*.py)
@@ -47,7 +47,7 @@ for part in $parts; do
     image-codec) timeout 200 python3 benchmarks/image_codec.py --out-dir "$OUT" 2>&1 | tee "$OUT/image_codec.log" ;;
     hop) timeout 90 python3 benchmarks/hop_floor.py --n 900 --out "$OUT/hop_floor.json" 2>&1 | grep -v WARNING | tee "$OUT/hop_floor.log" ;;
     gateway) timeout 420 python3 benchmarks/gateway_overhead.py --device cuda --out-dir "$OUT" --samples 300 --stream-frames 200 \
-      --stub-samples 1000 --stub-compute-ms 0,20 --throughput-seconds 8 --busy-poll-ab 2>&1 | tee "$OUT/gateway_overhead.log" ;;
+      --stub-samples 1000 --stub-compute-ms 0,20 --throughput-seconds 8 2>&1 | tee "$OUT/gateway_overhead.log" ;;
     sharding) timeout 580 python3 benchmarks/sharding.py --models sdxl,flux-dev --size 1024 --steps 10 --warmup 3 \
       --oversized flux-80b --out-dir "$OUT" 2>&1 | tee "$OUT/sharding.log" ;;
     kernel-tests) timeout 540 python3 -m pytest -p no:cacheprovider -q -ra --durations=15 tests/test_gpu_fast_paths.py \

@@ -23,17 +23,13 @@ total) and "inside the gateway" (server total minus direct).
 Supplementary `stub` rows put the same gateway code in front of a replica that answers at once
 (StubReplica): what is left is the serving path alone, so the overhead is measured to a few
 microseconds instead of within the model's run-to-run noise. `--stub-compute-ms 0,20` adds rows
-whose stub answers after 20 ms, as an SDXL frame would: the gateway then waits idle between a
-request and its answer, as it does in service.
-
-The gateway busy-polls while batches are in flight as `rtdiff serve` would choose (`--busy-poll`,
-default auto; gateway/busy_poll.py). With `--busy-poll-ab` every 64x64 case adds a fifth path, the
-same gateway with polling flipped, interleaved with the others, and reports it as its own row.
+whose stub answers after 20 ms, as an SDXL frame would: the gateway and the client then wait idle
+between a request and its answer, as they do in service.
 
 Results: benchmarks/results/gateway_overhead-<UTC date>-<device slug>.{json,md}, stamped with the
 CPU, GPU, library versions and date.
 
-    .venv/bin/python benchmarks/gateway_overhead.py [--samples 300] [--device cpu|cuda] [--busy-poll-ab] [--out-dir DIR]
+    .venv/bin/python benchmarks/gateway_overhead.py [--samples 300] [--device cpu|cuda] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -403,43 +399,20 @@ def measure_case(case: Case, engine: str, actor, gwt: BackgroundGateway, args, r
     caller = Caller(gwt.target)
     link = BlockingLink(address)
     tag = f"{engine}/{case.name}"
-    chosen = gwt.call(lambda: gwt.gateway.busy_poll.enabled)
-    ab = args.busy_poll_ab and case.width == 64
-
-    def polled(on: bool, fn):
-        """fn's block of calls with the gateway's polling set to `on` (set outside the timed calls)."""
-        def run(seed: int, k: int) -> list:
-            gwt.call(lambda: setattr(gwt.gateway.busy_poll, "enabled", on))
-            return fn(seed, k)
-        return run
-
-    def gateway_paths(fn) -> dict:
-        out = {"gateway": polled(chosen, fn)}
-        if ab:
-            out["gateway_flipped"] = polled(not chosen, fn)
-        return out
-
-    def rows(kind: str, samples: dict) -> list[dict]:
-        out = [dict(compare(kind, case, samples, engine), busy_poll=chosen)]
-        if ab:
-            out.append(dict(compare(kind, case, {**samples, "gateway": samples["gateway_flipped"]}, engine),
-                            busy_poll=not chosen))
-        return out
-
     paths = {
         "direct": lambda seed, k: [direct_link(link, case, seed + i) for i in range(k)],
         "ray": lambda seed, k: [direct_ray(actor, case, seed + i) for i in range(k)],
-        **gateway_paths(lambda seed, k: caller.samples(op="unary", n=k, seed=seed, case=case.wire())),
+        "gateway": lambda seed, k: caller.samples(op="unary", n=k, seed=seed, case=case.wire()),
     }
     try:
         log(f"[{tag}] warm-up: {args.warmup} calls per path")
         interleaved(args.warmup, paths)
         log(f"[{tag}] unary: {case.samples} samples per path, interleaved")
-        for row in rows("unary", interleaved(case.samples, paths)):
-            result["latency"].append(row)
-            log(f"[{tag}] unary p50 direct {row['direct']['p50_ms']:.3f} ray {row['ray']['p50_ms']:.3f} "
-                f"gateway (busy poll {'on' if row['busy_poll'] else 'off'}) {row['gateway']['p50_ms']:.3f} "
-                f"overhead {row['overhead_p50_ms']:+.3f} ms (outside the replica {row['overhead_net_p50_ms']:+.3f} ms)")
+        row = compare("unary", case, interleaved(case.samples, paths), engine)
+        result["latency"].append(row)
+        log(f"[{tag}] unary p50 direct {row['direct']['p50_ms']:.3f} ray {row['ray']['p50_ms']:.3f} "
+            f"gateway {row['gateway']['p50_ms']:.3f} overhead {row['overhead_p50_ms']:+.3f} ms "
+            f"(outside the replica {row['overhead_net_p50_ms']:+.3f} ms)")
 
         if case.stream_frames:
             log(f"[{tag}] stream: {case.stream_frames} frames per path, window 1, interleaved")
@@ -456,31 +429,25 @@ def measure_case(case: Case, engine: str, actor, gwt: BackgroundGateway, args, r
 
             stream_paths = {
                 "direct": direct_stream,
-                **gateway_paths(lambda seed, k: caller.samples(op="stream", n=k, seed=seed)),
+                "gateway": lambda seed, k: caller.samples(op="stream", n=k, seed=seed),
             }
             caller.ask(op="stream_open", case=case.wire())
             try:
                 interleaved(max(5, args.warmup // 4), stream_paths)  # the stream's own warm-up (pinning, prompt)
-                stream_rows = rows("stream", interleaved(case.stream_frames, stream_paths))
+                row = compare("stream", case, interleaved(case.stream_frames, stream_paths), engine)
             finally:
                 caller.ask(op="stream_close")
                 link.call("close_stream", sid)
-            for row in stream_rows:
-                result["latency"].append(row)
-                log(f"[{tag}] stream p50 direct {row['direct']['p50_ms']:.3f} gateway (busy poll "
-                    f"{'on' if row['busy_poll'] else 'off'}) {row['gateway']['p50_ms']:.3f} overhead "
-                    f"{row['overhead_p50_ms']:+.3f} ms (outside the replica {row['overhead_net_p50_ms']:+.3f} ms)")
+            result["latency"].append(row)
+            log(f"[{tag}] stream p50 direct {row['direct']['p50_ms']:.3f} gateway {row['gateway']['p50_ms']:.3f} "
+                f"overhead {row['overhead_p50_ms']:+.3f} ms (outside the replica {row['overhead_net_p50_ms']:+.3f} ms)")
 
         if args.throughput_seconds > 0 and engine == "model":
-            for on in ([chosen, not chosen] if ab else [chosen]):
-                gwt.call(lambda: setattr(gwt.gateway.busy_poll, "enabled", on))
-                log(f"[{tag}] throughput: {args.callers} callers, {args.throughput_seconds:g} s per path, "
-                    f"busy poll {'on' if on else 'off'}")
-                tp = measure_throughput(case, args.throughput_seconds, args.callers, address, caller, gwt)
-                tp["engine"], tp["busy_poll"] = engine, on
-                result["throughput"].append(tp)
-                log(f"[{tag}] throughput direct {tp['direct']['fps']:.1f} fps, gateway {tp['gateway']['fps']:.1f} fps")
-            gwt.call(lambda: setattr(gwt.gateway.busy_poll, "enabled", chosen))
+            log(f"[{tag}] throughput: {args.callers} callers, {args.throughput_seconds:g} s per path")
+            tp = measure_throughput(case, args.throughput_seconds, args.callers, address, caller, gwt)
+            tp["engine"] = engine
+            result["throughput"].append(tp)
+            log(f"[{tag}] throughput direct {tp['direct']['fps']:.1f} fps, gateway {tp['gateway']['fps']:.1f} fps")
     finally:
         link.close()
         caller.close()
@@ -502,27 +469,26 @@ def markdown(result: dict) -> str:
         "front), ray = `ray.get(actor.run_batch.remote(...))`, gateway = gRPC from a client process; "
         f"stream = one StreamGenerate with window 1. Target: the gateway adds < {TARGET_P50_MS:g} ms at p50 over direct.",
         "",
-        "| engine | busy poll | case | path | n | direct p50 | ray p50 | gateway p50 | overhead p50 (95% CI) "
+        "| engine | case | path | n | direct p50 | ray p50 | gateway p50 | overhead p50 (95% CI) "
         "| overhead outside the replica p50 (95% CI) | replica hand-offs p50 direct / gateway | direct p99 "
         f"| gateway p99 | gRPC+client p50 | in-gateway p50 | < {TARGET_P50_MS:g} ms |",
-        "|---|:-:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|",
     ]
     for r in result["latency"]:
         d, g = r["direct"], r["gateway"]
         lo, hi = r["overhead_p50_ci95_ms"]
         nlo, nhi = r["overhead_net_p50_ci95_ms"]
         ray_p50 = f"{r['ray']['p50_ms']:.2f}" if "ray" in r else "-"
-        polled = {True: "on", False: "off"}.get(r.get("busy_poll"), "-")  # results from before the setting: "-"
         lines.append(
-            f"| {r['engine']} | {polled} | {r['width']}x{r['height']} {r['steps']} step{'s' if r['steps'] > 1 else ''} {r['format']} "
+            f"| {r['engine']} | {r['width']}x{r['height']} {r['steps']} step{'s' if r['steps'] > 1 else ''} {r['format']} "
             f"| {r['kind']} | {d['n']} | {d['p50_ms']:.2f} | {ray_p50} | {g['p50_ms']:.2f} "
             f"| {r['overhead_p50_ms']:+.2f} ({lo:+.2f}..{hi:+.2f}) | **{r['overhead_net_p50_ms']:+.2f}** ({nlo:+.2f}..{nhi:+.2f}) "
             f"| {r['replica_handoffs_p50_ms']['direct']:.2f} / {r['replica_handoffs_p50_ms']['gateway']:.2f} "
             f"| {d['p99_ms']:.2f} | {g['p99_ms']:.2f} "
             f"| {r['grpc_and_client_p50_ms']:.2f} | {r['in_gateway_p50_ms']:+.2f} | {target_status(r, net=True)} |")
     lines += ["", "Latencies in ms. engine `model`: the real replica; `stub`: the same gateway in front of a replica "
-              "that answers at once (`stub N ms`: after N ms, as a GPU frame would, the gateway idle meanwhile). busy poll: whether the gateway's event loop polled instead of sleeping while the "
-              "batch was in flight (ServerConfig.busy_poll). overhead = gateway p50 − direct p50 of the raw latencies; the model's run-to-run "
+              "that answers at once (`stub N ms`: after N ms, as a GPU frame would, the gateway idle meanwhile). "
+              "overhead = gateway p50 − direct p50 of the raw latencies; the model's run-to-run "
               "noise (several ms) widens its interval. overhead outside the replica = the same on each latency minus "
               "the wall time the replica reported for that very batch (Timing.replica_ms), which cancels that noise and "
               "leaves what the path in front of the replica costs; for the stub the two agree. replica hand-offs = the "
@@ -534,18 +500,16 @@ def markdown(result: dict) -> str:
         lines += [f"Throughput: {result['config']['callers']} concurrent callers per path (gateway: one client process, "
                   "a channel per caller; direct: a link per caller), alternating halves "
                   "(gateway: max_batch_size 8, max_queue_delay_ms 0).", "",
-                  "| case | busy poll | direct frames/s | gateway frames/s | gateway/direct | gateway mean batch |",
-                  "|---|:-:|--:|--:|--:|--:|"]
+                  "| case | direct frames/s | gateway frames/s | gateway/direct | gateway mean batch |",
+                  "|---|--:|--:|--:|--:|"]
         for t in result["throughput"]:
             mb = t["gateway_mean_batch_size"]
-            polled = {True: "on", False: "off"}.get(t.get("busy_poll"), "-")
-            lines.append(f"| {t['case']} | {polled} | {t['direct']['fps']:.1f} | {t['gateway']['fps']:.1f} "
+            lines.append(f"| {t['case']} | {t['direct']['fps']:.1f} | {t['gateway']['fps']:.1f} "
                          f"| {t['gateway_vs_direct_fps_ratio']:.2f} | {'-' if mb is None else f'{mb:.2f}'} |")
         lines.append("")
     v = result["verdict"]
     judged = "; ".join(f"{x['engine']} {x['kind']} {x['overhead_net_p50_ms']:+.2f} ms ({x['status']})" for x in v["rows"])
-    polling = {True: ", busy poll on", False: ", busy poll off"}.get(v.get("busy_poll"), "")
-    lines.append(f"Verdict (64x64 rows, overhead outside the replica{polling}): {judged} — target "
+    lines.append(f"Verdict (64x64 rows, overhead outside the replica): {judged} — target "
                  f"{'met' if v['pass'] else 'NOT met'} (p50 overhead < {TARGET_P50_MS:g} ms).")
     return "\n".join(lines) + "\n"
 
@@ -565,12 +529,8 @@ def main() -> int:
     ap.add_argument("--throughput-seconds", type=float, default=10.0, help="per path and case")
     ap.add_argument("--callers", type=int, default=4)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--busy-poll", choices=["auto", "always", "never"], default="auto",
-                    help="the gateway's ServerConfig.busy_poll for the headline rows (auto: as rtdiff serve would choose)")
     ap.add_argument("--stub-compute-ms", default="0",
                     help="comma list: a stub row set per value, the stub answering after that long (0: at once)")
-    ap.add_argument("--busy-poll-ab", action="store_true",
-                    help="64x64 cases also measure the gateway with polling flipped, interleaved, as rows of their own")
     ap.add_argument("--torch-threads", type=int, default=0, help="the replica's intra-op threads (0: its default)")
     args = ap.parse_args()
     if args.warmup < 20:
@@ -596,7 +556,7 @@ def main() -> int:
     large = Case("256x256-4step-png", 256, 256, 4, "png", args.large_samples or max(40, args.samples // 5), 0)
     stub = Case("64x64-1step-raw", 64, 64, 1, "raw", args.stub_samples, args.stub_samples // 2)
     model_config = ModelConfig(source=MODEL, replicas=1, device=args.device, torch_threads=args.torch_threads)
-    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, models=[model_config], busy_poll=args.busy_poll,
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, models=[model_config],
                           batching=BatchingConfig(max_batch_size=8, max_queue_delay_ms=0.0))
 
     t_start = time.perf_counter()
@@ -618,8 +578,6 @@ def main() -> int:
         gwt = BackgroundGateway(config, {MODEL: [group]})  # returns once the replica is ready
         try:
             log(f"gateway on {gwt.target}, replica ready after {time.perf_counter() - t_start:.1f} s")
-            result["config"]["busy_poll"] = args.busy_poll
-            result["config"]["busy_poll_on"] = gwt.call(lambda: gwt.gateway.busy_poll.enabled)
             for case in (small, large):
                 measure_case(case, "model", actor, gwt, args, result)
             info = ray.get(actor.info.remote())
@@ -634,8 +592,6 @@ def main() -> int:
             stub_actor = stub_actor_class().remote(limits, compute_ms / 1e3)
             stub_group = ReplicaGroup(model_config, 0, [stub_actor])
             gwt = BackgroundGateway(config, {MODEL: [stub_group]})
-            # The stub says it computes on the CPU: its gateway polls as the model's gateway chose.
-            gwt.call(lambda: setattr(gwt.gateway.busy_poll, "enabled", result["config"]["busy_poll_on"]))
             try:
                 measure_case(stub, "stub" if compute_ms == 0 else f"stub {compute_ms:g} ms", stub_actor, gwt, args,
                              result)
@@ -647,11 +603,10 @@ def main() -> int:
 
     # Judged on the tiny case, where the overhead is visible; the 256x256 row's model noise is tens of ms.
     judged = [r for r in result["latency"] if r["width"] == small.width and r["steps"] == small.steps
-              and r["busy_poll"] == result["config"]["busy_poll_on"] and r["engine"] in ("model", "stub")]
+              and r["engine"] in ("model", "stub")]
     result["verdict"] = {
         "target_p50_ms": TARGET_P50_MS,
         "judged_on": "overhead outside the replica (latency minus the replica's reported wall time), 64x64 rows",
-        "busy_poll": result["config"]["busy_poll_on"],
         "rows": [{"engine": r["engine"], "kind": r["kind"], "case": r["case"], "overhead_p50_ms": r["overhead_p50_ms"],
                   "overhead_net_p50_ms": r["overhead_net_p50_ms"], "overhead_net_p50_ci95_ms": r["overhead_net_p50_ci95_ms"],
                   "status": target_status(r, net=True)} for r in judged],

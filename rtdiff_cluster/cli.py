@@ -46,16 +46,13 @@ def _serve_parser(sub) -> None:
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
     p.add_argument("--auth-token-file", help="accepted bearer tokens, one per line")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--busy-poll", choices=["auto", "always", "never"],
-                   help="poll instead of sleeping while batches are in flight (auto: GPU replicas and 4+ cores)")
 
 
 def config_from_args(args) -> ServerConfig:
     cfg = ServerConfig.from_file(args.config) if args.config else ServerConfig()
     top = {k: v for k, v in {
         "host": args.host, "port": args.port, "metrics_port": args.metrics_port,
-        "ray_address": args.ray_address, "log_level": args.log_level,
-        "busy_poll": args.busy_poll}.items() if v is not None}
+        "ray_address": args.ray_address, "log_level": args.log_level}.items() if v is not None}
     model = {k: v for k, v in {"source": args.model, "replicas": args.replicas, "device": args.device, "tp": args.tp,
                                "cfg_parallel": args.cfg_parallel, "vae": args.vae}.items() if v is not None}
     batching = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,

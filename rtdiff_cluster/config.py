@@ -314,10 +314,6 @@ class ServerConfig:
     fps_window_s: float = 10.0
     """Sliding window of the frames-per-second gauge."""
     log_level: str = "INFO"
-    busy_poll: str = "auto"
-    """While batches are in flight, the gateway's event loop polls its sockets instead of sleeping,
-    so an answer is read the moment it arrives, at the price of one core while replicas compute.
-    `auto`: when every replica computes on a GPU and the host has 4 or more cores; `always`; `never`."""
     models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig()])
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -336,8 +332,6 @@ class ServerConfig:
         _check(1 <= self.fps_window_s <= 3600, "fps_window_s", f"must be in 1..3600, got {self.fps_window_s}")
         _check(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
                f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
-        _check(self.busy_poll in ("auto", "always", "never"), "busy_poll",
-               f"must be auto, always or never, got {self.busy_poll!r}")
         _check(len(self.models) >= 1, "models", "at least one model must be served")
         names = [m.served_name for m in self.models]
         for i, m in enumerate(self.models):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from PIL import Image
 from conftest import TINY, metric, wait_until
 from rtdiff_cluster.client.client import RtdiffClient, image_pixels
 from rtdiff_cluster.config import BatchingConfig
-from rtdiff_cluster.gateway.busy_poll import busy_poll_choice
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
 
 
@@ -120,39 +118,3 @@ def test_metrics_endpoint_moves(shared_gateway, client):
     assert metric(after, "rtdiff_prompt_cache_hits_total") + metric(after, "rtdiff_prompt_cache_misses_total") > 0
     # No GPU here: the GPU series are absent rather than zero.
     assert not any(name.startswith("rtdiff_gpu_") for name, _ in after)
-
-
-@pytest.mark.parametrize("setting,devices,cores,on", [
-    ("auto", ["cuda:0", "cuda:1"], 16, True),
-    ("auto", ["cuda:0"], 2, False),  # too few cores to give one away
-    ("auto", ["cuda:0", "cpu"], 16, False),  # a CPU replica would lose a core
-    ("never", ["cuda:0"], 16, False),
-    ("always", ["cpu"], 2, True),
-])
-def test_busy_poll_auto_polls_only_for_gpu_replicas_with_cores_to_spare(setting, devices, cores, on):
-    chosen, why = busy_poll_choice(setting, devices, cores)
-    assert chosen is on and why
-
-
-def test_busy_poll_polls_while_a_batch_is_in_flight_and_stops_after(make_gateway):
-    gw = make_gateway(busy_poll="always")
-    assert gw.call(lambda: gw.gateway.busy_poll.enabled)
-    before = metric(gw.metrics(), "rtdiff_gateway_busy_poll_seconds_total")
-    t0 = time.perf_counter()
-    with RtdiffClient(gw.target, timeout_s=60) as c:
-        img = c.generate("poll for me", width=64, height=64, steps=2, seed=3, output_format="raw").images[0]
-    took = time.perf_counter() - t0
-    assert img.width == 64 and image_pixels(img).std() > 1.0
-    wait_until(lambda: not gw.call(lambda: gw.gateway.busy_poll.polling), what="polling to stop")
-    polled = metric(gw.metrics(), "rtdiff_gateway_busy_poll_seconds_total") - before
-    # It polled through the replica's compute (tens of ms on CPU) and never outside the call.
-    assert 0.005 < polled <= took, (polled, took)
-    time.sleep(0.3)
-    assert metric(gw.metrics(), "rtdiff_gateway_busy_poll_seconds_total") - before == polled, "it polls while idle"
-
-
-def test_busy_poll_auto_stays_off_for_cpu_replicas(shared_gateway, client):
-    before = metric(shared_gateway.metrics(), "rtdiff_gateway_busy_poll_seconds_total")
-    client.generate("no polling", width=64, height=64, steps=1, seed=4, output_format="raw")
-    assert not shared_gateway.call(lambda: shared_gateway.gateway.busy_poll.enabled)
-    assert metric(shared_gateway.metrics(), "rtdiff_gateway_busy_poll_seconds_total") == before

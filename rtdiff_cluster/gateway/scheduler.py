@@ -22,7 +22,6 @@ import grpc
 from rtdiff_cluster.config import BatchingConfig
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec
 from rtdiff_cluster.engine.replica import BatchResult, FrameResult
-from rtdiff_cluster.gateway.busy_poll import BusyPoll
 from rtdiff_cluster.gateway.errors import RequestError
 from rtdiff_cluster.gateway.router import ReplicaHandle, ReplicaSet, is_actor_gone
 from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
@@ -89,10 +88,8 @@ class FrameOutcome:
 
 
 class ModelScheduler:
-    def __init__(self, model: str, replicas: ReplicaSet, config: BatchingConfig, metrics: GatewayMetrics,
-                 busy_poll: BusyPoll | None = None):
+    def __init__(self, model: str, replicas: ReplicaSet, config: BatchingConfig, metrics: GatewayMetrics):
         self.model = model
-        self.busy_poll = busy_poll or BusyPoll()
         self.replicas = replicas
         self.config = config
         self.series = metrics.model(model)
@@ -281,14 +278,12 @@ class ModelScheduler:
         # Sent now, so the replica sees batches in dispatch order (streams rely on it); answered from
         # the link's read callback, without a task or future in between (each costs an event-loop turn).
         self._running += 1
-        self.busy_poll.hold()
         replica.link.call_then("run_batch", (spec,),
                                lambda result, error: self._answer(replica, jobs, result, error, work, now))
 
     def _answer(self, replica: ReplicaHandle, jobs: list[FrameJob], result: BatchResult | None,
                 error: BaseException | None, work: float, sent_at: float) -> None:
         self._running -= 1
-        self.busy_poll.release()
         replica.end(work)
         self.series.replica(replica.name).inflight.set(replica.inflight_batches)
         self.wake()

@@ -25,7 +25,6 @@ from rtdiff_cluster.config import ModelConfig, ServerConfig
 from rtdiff_cluster.engine import samplers
 from rtdiff_cluster.engine.group import spawn_replicas
 from rtdiff_cluster.gateway.auth import TokenAuthInterceptor, load_tokens, server_credentials
-from rtdiff_cluster.gateway.busy_poll import BusyPoll, busy_poll_choice
 from rtdiff_cluster.gateway.errors import RequestError, invalid
 from rtdiff_cluster.gateway.governor import FrameRateGovernor
 from rtdiff_cluster.gateway.router import ReplicaSet
@@ -76,7 +75,6 @@ class Gateway:
         self._health = HealthServicer()
         self._metrics_httpd = None
         self._background: list[asyncio.Task] = []
-        self.busy_poll = BusyPoll(self.metrics.busy_poll)
         self.port = 0
         self.metrics_port = 0
 
@@ -128,7 +126,7 @@ class Gateway:
                                          on_down=lambda h, s=served: s.scheduler.fail_pinned(h, RequestError(
                                              grpc.StatusCode.UNAVAILABLE,
                                              f"replica {h.name} holding this stream failed; start a new stream")))
-            served.scheduler = ModelScheduler(name, served.replicas, cfg.batching, self.metrics, self.busy_poll)
+            served.scheduler = ModelScheduler(name, served.replicas, cfg.batching, self.metrics)
             served.scheduler.start()
             self.models[name] = served
         self._background.append(asyncio.create_task(self._load_all()))
@@ -138,13 +136,9 @@ class Gateway:
 
     async def _load_all(self) -> None:
         t0 = time.perf_counter()
-        devices = []
         for name, served in self.models.items():
             infos = await served.replicas.start()
             served.limits = infos[0].limits
-            devices += [i.device for i in infos]
-        self.busy_poll.enabled, why = busy_poll_choice(self.config.busy_poll, devices)
-        log.info("busy polling while batches are in flight: %s (%s)", "on" if self.busy_poll.enabled else "off", why)
         self.ready = True
         if not self.draining:
             for name in ("", SERVICE_NAME):
@@ -176,7 +170,6 @@ class Gateway:
             await self._server.stop(grace_s)
         for t in self._background:
             t.cancel()
-        self.busy_poll.stop()
         for served in self.models.values():
             await served.scheduler.stop()
             await served.replicas.stop(kill=kill_replicas and self._given_replicas is None)

@@ -69,8 +69,6 @@ class GatewayMetrics:
                                       ["model", "replica"], registry=r)
         self.frame_energy = Histogram("rtdiff_frame_energy_joules", "GPU energy per frame", ["model"],
                                       buckets=JOULE_BUCKETS, registry=r)
-        self.busy_poll = Counter("rtdiff_gateway_busy_poll_seconds", "Time the gateway's event loop spent polling "
-                                 "instead of sleeping while batches were in flight (ServerConfig.busy_poll)", registry=r)
         self._fps_window = fps_window_s
         self._models: dict[str, ModelSeries] = {}
         self._requests: dict[tuple[str, str, str], object] = {}

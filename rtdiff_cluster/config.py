@@ -32,11 +32,13 @@ class FastPathConfig:
     """Fused Triton kernels (GroupNorm+SiLU, adaLN, QK RMSNorm+rotary, GEGLU, GEMM+GELU) and
     channels-last convolutions."""
     attention: str = "auto"
-    """`auto`: per call, the fastest backend that can run it (flash-attn 4/3, cuDNN, flash-attn 2,
-    PyTorch flash, Triton); a backend's name: only that one, then the math reference."""
+    """`auto`: per call, the fastest backend that can run it (flash-attn 4/3, our Triton kernel for
+    small calls, cuDNN, flash-attn 2, PyTorch flash, Triton); a backend's name: only that one, then
+    the math reference."""
     compile_attention_for_new_shapes: bool = False
-    """Whether an attention backend that builds a kernel per shape (cuDNN) may take shapes first met
-    after the replica's warm-up frame. Off: those run on the next backend (PyTorch's flash), so a
+    """Whether an attention backend that builds a kernel per shape (cuDNN; our Triton kernel for
+    small calls, which autotunes per size bucket) may take shapes first met after the replica's
+    warm-up frame. Off: those run on the next backend (PyTorch's flash), so a
     new batch size, resolution or chunk-cache region builds no attention kernel on the serving
     path: a new SDXL bucket's first frame took 0.1-0.3 s longer with cuDNN building, and warm
     replays were within 2% (H200, benchmarks/results/new_bucket-2026-11-24-*-ab.md)."""

@@ -38,10 +38,10 @@ class FastPathConfig:
     compile_attention_for_new_shapes: bool = False
     """Whether an attention backend that builds a kernel per shape (cuDNN; our Triton kernel for
     small calls, which autotunes per size bucket) may take shapes first met after the replica's
-    warm-up frame. Off: those run on the next backend (PyTorch's flash), so a
-    new batch size, resolution or chunk-cache region builds no attention kernel on the serving
-    path: a new SDXL bucket's first frame took 0.1-0.3 s longer with cuDNN building, and warm
-    replays were within 2% (H200, benchmarks/results/new_bucket-2026-11-24-*-ab.md)."""
+    warm-up frame. Off: those run on the next backend (PyTorch's flash), so a new batch size,
+    resolution or chunk-cache region builds or tunes no attention kernel on the serving path: a
+    new SDXL bucket's first frame took 0.1-0.3 s longer with cuDNN building, and warm replays were
+    within 2% (H200, benchmarks/results/new_bucket-2026-11-24-*-ab.md)."""
     quantization: str = "none"
     """`none` or `fp8`: the backbone's large linears in float8 (per-channel weights, per-token
     activations; needs compute capability 8.9 or newer). It pays on large token counts only: an

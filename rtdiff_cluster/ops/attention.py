@@ -4,10 +4,10 @@ guard checks (installed, device, dtype, head dim, mask), tried in order.
 Order, fastest first as measured at our shapes (DESIGN.md; benchmarks/results/ for this repo's
 runs): FlashAttention 4 (`flash_attn.cute`) and 3 (`flash_attn_interface`) when installed, our
 Triton kernel for small calls (SMALL_ATTENTION_SCORES: SDXL's 1024-token and cross-attention at
-batch 1, where cuDNN's kernels leave SMs idle), then PyTorch's cuDNN backend (480-670 TFLOP/s on H100 at head dims 64 and 128, against 290-360 for
-PyTorch's own flash backend), FlashAttention 2, PyTorch's flash backend, our Triton kernel
-(kernels/attention.py), then PyTorch's own choice (`sdpa`), which runs anything; the math
-reference is there for tests. flash-attn is an optional
+batch 1, where cuDNN's kernels leave SMs idle), then PyTorch's cuDNN backend (480-670 TFLOP/s on
+H100 at head dims 64 and 128, against 290-360 for PyTorch's own flash backend), FlashAttention 2,
+PyTorch's flash backend, our Triton kernel (kernels/attention.py), then PyTorch's own choice
+(`sdpa`), which runs anything; the math reference is there for tests. flash-attn is an optional
 extra (`pip install rtdiff-cluster[flash]`); nothing needs it.
 
 diffusers has a dispatcher of its own (attention_dispatch), but it picks one backend per model at

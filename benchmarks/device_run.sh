@@ -19,6 +19,7 @@
 #   attention-ab  the step profile A/B at 1024 and 512, twice each: attention with Triton for small calls, or cuDNN first;
 #                 then the attention registry's GPU tests
 #   attention-tests  tests/test_kernels_attention.py on the GPU (autotunes every head dim: minutes)
+#   frame-attention-ab  the 1-step frame profile at 1024 and 512, alternating twice: Triton for small attention calls or not
 #   frame-ab      the frame profile A/B, twice each: each batch's scheduler a copy of one built once, or built from its config
 #   new-bucket    benchmarks/new_bucket.py (what a shape bucket the replica has not seen costs its first frame)
 #   new-bucket-cudnn  the same with cuDNN attention building kernels for new shapes too
@@ -58,6 +59,9 @@ for part in $parts; do
       | tee "$OUT/bench_attention.log" ;;
     attention-tests) timeout 400 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_attention.py 2>&1 \
       | tail -15 | tee "$OUT/attention_tests.log" ;;
+    frame-attention-ab) n=0; for ab in "" --no-small-triton "" --no-small-triton; do mkdir -p "$OUT/fab${ab:+-old}-$((++n))"
+      timeout 140 python3 benchmarks/unet_profile.py --frame 1 --sizes 1024,512 $ab --out-dir "$OUT/fab${ab:+-old}-$n" 2>&1 \
+      | grep -E "^(1024|512): frame"; rm -f "$OUT"/fab*/*.md; done ;;
     attention-ab) n=0; for ab in "" --no-small-triton "" --no-small-triton; do mkdir -p "$OUT/ab${ab:+-old}-$((++n))"
       timeout 150 python3 benchmarks/unet_profile.py --sizes 1024,512 $ab --out-dir "$OUT/ab${ab:+-old}-$n" 2>&1 \
       | grep -E "^(1024|512): graph"; rm -f "$OUT"/ab*/*.md; done

@@ -36,6 +36,14 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 ln -sfn "$PWD/kernels" /tmp/site/rtdiff_kernels  # kernels/ is imported as rtdiff_kernels (setup.py maps it when installed)
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, ray, diffusers, transformers, grpc, google.protobuf as p; print('torch', torch.__version__, 'ray', ray.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__, 'protobuf', p.__version__, 'gpus', torch.cuda.device_count())"
+# unet_profile_ab PREFIX FLAG ARGS...: unet_profile.py ARGS four times, alternating without and with FLAG, each
+# into $OUT/PREFIX-N (with FLAG: PREFIX-old-N); prints its per-size lines. The markdown is made again from the JSON.
+unet_profile_ab() {
+  local prefix=$1 flag=$2 n=0 ab dir; shift 2
+  for ab in "" "$flag" "" "$flag"; do dir="$OUT/$prefix${ab:+-old}-$((++n))"; mkdir -p "$dir"
+    timeout 150 python3 benchmarks/unet_profile.py "$@" $ab --out-dir "$dir" 2>&1 | grep -E "^(1024|512): "
+    rm -f "$dir"/*.md; done
+}
 parts=${*:-gpu-tests hop gateway sharding}
 for part in $parts; do
   echo "=== $part"
@@ -59,12 +67,8 @@ for part in $parts; do
       | tee "$OUT/bench_attention.log" ;;
     attention-tests) timeout 400 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_attention.py 2>&1 \
       | tail -15 | tee "$OUT/attention_tests.log" ;;
-    frame-attention-ab) n=0; for ab in "" --no-small-triton "" --no-small-triton; do mkdir -p "$OUT/fab${ab:+-old}-$((++n))"
-      timeout 140 python3 benchmarks/unet_profile.py --frame 1 --sizes 1024,512 $ab --out-dir "$OUT/fab${ab:+-old}-$n" 2>&1 \
-      | grep -E "^(1024|512): frame"; rm -f "$OUT"/fab*/*.md; done ;;
-    attention-ab) n=0; for ab in "" --no-small-triton "" --no-small-triton; do mkdir -p "$OUT/ab${ab:+-old}-$((++n))"
-      timeout 150 python3 benchmarks/unet_profile.py --sizes 1024,512 $ab --out-dir "$OUT/ab${ab:+-old}-$n" 2>&1 \
-      | grep -E "^(1024|512): graph"; rm -f "$OUT"/ab*/*.md; done
+    frame-attention-ab) unet_profile_ab fab --no-small-triton --frame 1 --sizes 1024,512 ;;
+    attention-ab) unet_profile_ab ab --no-small-triton --sizes 1024,512
       timeout 120 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_attention.py -k "registry or small" 2>&1 \
       | tail -8 | tee "$OUT/attention_registry_tests.log" ;;
     roofline-*) timeout 580 python3 benchmarks/roofline.py --parts "${part#roofline-}" --tag "${part#roofline-}" \
@@ -80,9 +84,7 @@ for part in $parts; do
       | grep -v "^USDT" | tee "$OUT/unet_profile.log" ;;
     frame-profile) timeout 300 python3 benchmarks/unet_profile.py --frame 1 --sizes 1024,512 --out-dir "$OUT" 2>&1 \
       | grep -v "^USDT" | tee "$OUT/frame_profile.log" ;;
-    frame-ab) n=0; for ab in "" --scheduler-from-config "" --scheduler-from-config; do mkdir -p "$OUT/ab${ab:+-old}-$((++n))"
-      timeout 150 python3 benchmarks/unet_profile.py --frame 1 --sizes 1024,512 $ab --out-dir "$OUT/ab${ab:+-old}-$n" 2>&1 \
-      | grep -E "^(1024|512): frame"; rm -f "$OUT"/ab*/*.md; done ;;  # the markdown is made again from the JSON
+    frame-ab) unet_profile_ab ab --scheduler-from-config --frame 1 --sizes 1024,512 ;;
     new-bucket) timeout 240 python3 benchmarks/new_bucket.py --device cuda --out-dir "$OUT" 2>&1 | grep -v WARNING \
       | tee "$OUT/new_bucket.log" ;;
     new-bucket-cudnn) timeout 240 python3 benchmarks/new_bucket.py --device cuda --compile-attention-for-new-shapes \

@@ -107,6 +107,14 @@ def frame_wall_ms(fn, device, calls: int = 30) -> float:
     return statistics.median(times[3:])
 
 
+def _kernel_table(table: list[dict], top: int) -> list[str]:
+    rows = ["| kernel | count | ms | us each |", "|---|--:|--:|--:|"]
+    for r in table[:top]:
+        name = r["name"].replace("|", "/")
+        rows.append(f"| `{name[:140]}` | {r['count']} | {r['ms']:.3f} | {1e3 * r['ms'] / r['count']:.1f} |")
+    return rows
+
+
 def markdown(res: dict, top: int = 30) -> str:
     if res.get("frame_steps"):
         return _frame_markdown(res, top)
@@ -118,11 +126,7 @@ def markdown(res: dict, top: int = 30) -> str:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"graphed step {s['graph_ms']:.2f} ms; eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms of kernel time"
                   if s["graph_ms"] is not None else f"eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms", "",
-                  "| kernel | count | ms | us each |", "|---|--:|--:|--:|"]
-        for r in s["table"][:top]:
-            name = r["name"].replace("|", "/")
-            lines.append(f"| `{name[:140]}` | {r['count']} | {r['ms']:.3f} | {1e3 * r['ms'] / r['count']:.1f} |")
-        lines.append("")
+                  *_kernel_table(s["table"], top), ""]
     return "\n".join(lines)
 
 
@@ -136,11 +140,7 @@ def _frame_markdown(res: dict, top: int) -> str:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"frame wall time {s['wall_ms']:.2f} ms (median, synchronised); its kernels: {s['kernels']}, "
                   f"{s['kernel_ms']:.2f} ms of GPU time; the rest, {s['wall_ms'] - s['kernel_ms']:.2f} ms, is host "
-                  "work and GPU idle between kernels", "",
-                  "| kernel | count | ms | us each |", "|---|--:|--:|--:|"]
-        for r in s["table"][:top]:
-            name = r["name"].replace("|", "/")
-            lines.append(f"| `{name[:140]}` | {r['count']} | {r['ms']:.3f} | {1e3 * r['ms'] / r['count']:.1f} |")
+                  "work and GPU idle between kernels", "", *_kernel_table(s["table"], top)]
         if "host_before_replay_ms" in s:
             lines += ["", f"The host's work before the graph's replay (the GPU waits for it): "
                           f"{s['host_before_replay_ms']:.2f} ms per frame (median). Where the host's time goes "

@@ -15,7 +15,8 @@ time the GPU spends between kernels.
 --frame N profiles what a replica runs for one text-to-image frame of an N-step schedule with the
 tiny VAE (the pipeline's captured loop-and-decode, the copy to the host, the host's own work): its
 wall time (median of synchronised calls) against the GPU time of its kernels shows what the frame
-spends beyond the UNet steps and the decode.
+spends beyond the UNet steps and the decode. --no-graph-segments captures each graph whole, as
+before engine/graphs.py cut them at the backbone's blocks (an A/B).
 
 On a CPU the rows are PyTorch's operators, nested ones included (aten::conv2d and the
 aten::convolution inside it), so counts and times overlap: the dry run checks the script, not a
@@ -135,7 +136,7 @@ def _frame_markdown(res: dict, top: int) -> str:
              f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, tiny VAE, text-to-image, "
              f"{res['frame_steps']}-step schedule, batch 1, fast paths on (CUDA graph of the loop and decode), "
              f"prompt cached; scheduler: {res.get('scheduler', 'built from its config per batch')}; "
-             f"attention: {res.get('attention', 'cuDNN first')}", ""]
+             f"attention: {res.get('attention', 'cuDNN first')}; graphs: {res.get('graph_segments', 'one graph per call')}", ""]
     for s in res["sizes"]:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"frame wall time {s['wall_ms']:.2f} ms (median, synchronised); its kernels: {s['kernels']}, "
@@ -143,7 +144,9 @@ def _frame_markdown(res: dict, top: int) -> str:
                   "work and GPU idle between kernels", "", *_kernel_table(s["table"], top)]
         if "host_before_replay_ms" in s:
             lines += ["", f"The host's work before the graph's replay (the GPU waits for it): "
-                          f"{s['host_before_replay_ms']:.2f} ms per frame (median). Where the host's time goes "
+                          f"{s['host_before_replay_ms']:.2f} ms per frame (median); in the graph cache's call "
+                          f"(input copies and the launches of {s.get('segments', 1)} graph segment(s)): "
+                          f"{s.get('host_in_replay_ms', float('nan')):.2f} ms. Where the host's time goes "
                           "(cProfile, per frame, cumulative; waits for the GPU included):", "",
                       "| function | ms | self ms |", "|---|--:|--:|"]
             lines += [f"| `{r['function']}` | {r['ms']:.3f} | {r['self_ms']:.3f} |" for r in s["host_profile"]]
@@ -151,21 +154,25 @@ def _frame_markdown(res: dict, top: int) -> str:
     return "\n".join(lines)
 
 
-def host_profile(fn, runs: int = 30, top: int = 25) -> tuple[float, list[dict]]:
+def host_profile(fn, runs: int = 30, top: int = 25) -> tuple[float, float, list[dict]]:
     """The host's own work per frame: (ms from the call's start until the graph cache is asked to
-    replay, i.e. while the GPU waits for the host; [{function, ms per frame}] by cumulative time)."""
+    replay, i.e. while the GPU waits for the host; ms in that call, which launches the graph;
+    [{function, ms per frame}] by cumulative time)."""
     import cProfile
     import pstats
     import time
 
     from rtdiff_cluster.engine.graphs import GraphCache
 
-    starts, entries = [], []
+    starts, entries, spans = [], [], []
     original = GraphCache.call
 
     def timed_call(self, *a, **kw):
         entries.append(time.perf_counter())
-        return original(self, *a, **kw)
+        try:
+            return original(self, *a, **kw)
+        finally:
+            spans.append(time.perf_counter() - entries[-1])
 
     GraphCache.call = timed_call
     try:
@@ -177,11 +184,13 @@ def host_profile(fn, runs: int = 30, top: int = 25) -> tuple[float, list[dict]]:
             prof.disable()
     finally:
         GraphCache.call = original
-    before = statistics.median(e - s for s, e in zip(starts, entries)) * 1e3 if len(entries) == runs else float("nan")
+    one_call = len(entries) == runs
+    before = statistics.median(e - s for s, e in zip(starts, entries)) * 1e3 if one_call else float("nan")
+    in_call = statistics.median(spans) * 1e3 if one_call else float("nan")
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
     rows = sorted(({"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "ms": v[3] * 1e3 / runs, "self_ms": v[2] * 1e3 / runs}
                    for k, v in stats.items()), key=lambda r: -r["ms"])
-    return before, rows[:top]
+    return before, in_call, rows[:top]
 
 
 def profile_frames(args, model, fp, device) -> list[dict]:
@@ -194,9 +203,12 @@ def profile_frames(args, model, fp, device) -> list[dict]:
         fn = lambda: pipe.run(batch, ["a lighthouse at dusk"], [""])  # noqa: E731
         wall = frame_wall_ms(fn, device)
         n, kms, table = kernel_table(fn, device)
-        before, host = host_profile(fn)
+        before, in_call, host = host_profile(fn)
+        # The frame's graph is the cache's most recently used (a text-to-image frame replays one).
+        segments = len(next(reversed(fp.graphs._graphs.values())).graphs) if fp.graphs is not None else 0
         out.append({"size": size, "wall_ms": wall, "graph_ms": wall, "kernels": n, "kernel_ms": kms, "table": table,
-                    "host_before_replay_ms": before, "host_profile": host})
+                    "host_before_replay_ms": before, "host_in_replay_ms": in_call, "segments": segments,
+                    "host_profile": host})
         print(f"{size}: frame {wall:.2f} ms, {n} kernels, {kms:.2f} ms", file=sys.stderr, flush=True)
     return out
 
@@ -216,6 +228,8 @@ def main() -> None:
                     help="with --frame: build each batch's scheduler from its config, as before Pipeline._scheduler (an A/B)")
     ap.add_argument("--no-small-triton", action="store_true",
                     help="attention without the registry's Triton entry for small calls: cuDNN first, as before (an A/B)")
+    ap.add_argument("--no-graph-segments", action="store_true",
+                    help="with --frame: capture each graph whole, not cut at the backbone's blocks (an A/B)")
     ap.add_argument("--frame", type=int, default=0, metavar="STEPS",
                     help="profile a whole text-to-image frame of this many steps (tiny VAE) instead of a step")
     args = ap.parse_args()
@@ -250,13 +264,16 @@ def main() -> None:
     tag = "-".join(t for t, on in (("fp8", args.fp8), ("per-module-kv", args.per_module_kv),
                                    (f"frame-{args.frame}-step", args.frame),
                                    ("scheduler-from-config", args.scheduler_from_config),
-                                   ("no-small-triton", args.no_small_triton)) if on)
+                                   ("no-small-triton", args.no_small_triton),
+                                   ("no-graph-segments", args.no_graph_segments)) if on)
     write_results("unet_profile", args.device, {"source": args.source, "quantization": quant, "sizes": sizes,
                                                 "frame_steps": args.frame,
                                                 "scheduler": "built from its config per batch" if args.scheduler_from_config
                                                 else "a copy of one built once",
                                                 "cross_kv": "per module" if args.per_module_kv else "one matmul",
-                                                "attention": attention},
+                                                "attention": attention,
+                                                "graph_segments": "one graph per call" if args.no_graph_segments
+                                                else "cut at the backbone's blocks"},
                   args.out_dir, markdown, tag=tag)
 
 

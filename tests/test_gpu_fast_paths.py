@@ -182,6 +182,74 @@ def test_graphs_share_one_pool_and_replay_in_any_order():
     assert tight.stats().captures == 3
 
 
+@pytest.mark.parametrize("source", ["synthetic:tiny-sdxl", "synthetic:tiny-flux"])
+def test_graphs_cut_at_the_backbone_blocks_replay_the_bits_of_one_graph(source):
+    """The default graphs are chains cut where the backbone's first call enters its blocks (and at
+    each later call): a captured loop and a step-and-decode schedule, interleaved with another
+    size's graphs in the shared pool, give bit for bit what one graph per call gives."""
+    _, fast, fp = pipelines(source)
+    cases = [(256, 2, (1,)), (320, 12, (2, 3))]  # the whole loop as graphs; a step's and the decode's
+    cut = [frame(fast, *c) for c in cases]
+    cut += [frame(fast, *c) for c in cases]  # replays, each after the other size's
+    blocks = len(fast.family.graph_cut_blocks())
+    segments = {k[0]: len(e.graphs) for k, e in fp.graphs._graphs.items()}
+    assert segments["step"] == blocks + 1 and segments["decode"] == 1, segments
+    assert segments["loop"] >= blocks + 2, segments  # the first call's blocks, then one per later call
+    for a, b in zip(cut[:2], cut[2:]):
+        np.testing.assert_array_equal(a, b)
+
+    fp.graphs.clear()
+    fp.graphs.segments = False
+    whole = [frame(fast, *c) for c in cases]
+    assert {len(e.graphs) for e in fp.graphs._graphs.values()} == {1}
+    for a, b in zip(cut, whole):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_capture_failing_in_a_later_segment_leaves_the_cache_working():
+    """A capture that fails after its first cut ends the open segment's capture (the stream is not
+    left capturing) and later captures and replays still work. The cuts' hooks hold the cache
+    weakly: a discarded cache is freed with its graphs."""
+    import gc
+    import weakref
+
+    from rtdiff_cluster.engine.graphs import GraphCache
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(3))
+
+        def forward(self, x, host_read=False):
+            x = x * 2  # work before the first block, as a backbone's embeddings are
+            for i, block in enumerate(self.blocks):
+                x = torch.relu(block(x))
+                if host_read and i == 1:
+                    x = x * x.sum().item()  # a device value on the host: no graph can hold it
+            return x
+
+    net = Net().cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cache = GraphCache(torch.device("cuda"), 4, 1 << 34)
+    cache.segment_at(net, list(net.blocks))
+    with torch.inference_mode():
+        x = torch.randn(8, 64, device="cuda", generator=g)
+        torch.testing.assert_close(cache.call("net", net, x), net(x))
+        assert len(cache._graphs["net"].graphs) == 4  # what comes before the blocks, then one per block
+        with pytest.raises(Exception):
+            cache.call("host read", lambda t: net(t, host_read=True), x)
+        assert not torch.cuda.is_current_stream_capturing() and "host read" not in cache
+        y = torch.randn(8, 64, device="cuda", generator=g)
+        torch.testing.assert_close(cache.call("after", lambda t: net(t) * 2, y), net(y) * 2)
+        torch.testing.assert_close(cache.call("net", net, y), net(y))
+    alive = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert alive() is None, "a hook kept the discarded cache alive"
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), net(x))  # the dead cache's hooks do nothing
+
+
 def test_graph_cache_drops_least_recently_used_within_its_budget():
     _, fast, fp = pipelines("synthetic:tiny-sdxl", max_graphs=2)
     for size in (256, 320, 384):

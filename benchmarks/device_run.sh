@@ -23,6 +23,7 @@
 #   frame-ab      the frame profile A/B, twice each: each batch's scheduler a copy of one built once, or built from its config
 #   frame-segments-ab  the 1-step frame profile at 1024 and 512, alternating twice: graphs cut at the backbone's blocks or whole
 #   frame8-segments-ab  the same for the 8-step frame at 1024
+#   frame8-kv-ab  the 8-step frame at 1024, alternating twice: cross-attention K/V once per captured loop or every step
 #   new-bucket    benchmarks/new_bucket.py (what a shape bucket the replica has not seen costs its first frame)
 #   new-bucket-cudnn  the same with cuDNN attention building kernels for new shapes too
 #   scaling-1024 / scaling-video / scaling-serving   issue 7's run, one part per call: synthetic:flux-40b
@@ -89,6 +90,7 @@ for part in $parts; do
     frame-ab) unet_profile_ab ab --scheduler-from-config --frame 1 --sizes 1024,512 ;;
     frame-segments-ab) unet_profile_ab seg --no-graph-segments --frame 1 --sizes 1024,512 ;;
     frame8-segments-ab) unet_profile_ab seg8 --no-graph-segments --frame 8 --sizes 1024 ;;
+    frame8-kv-ab) unet_profile_ab kv8 --kv-per-step --frame 8 --sizes 1024 ;;
     new-bucket) timeout 240 python3 benchmarks/new_bucket.py --device cuda --out-dir "$OUT" 2>&1 | grep -v WARNING \
       | tee "$OUT/new_bucket.log" ;;
     new-bucket-cudnn) timeout 240 python3 benchmarks/new_bucket.py --device cuda --compile-attention-for-new-shapes \

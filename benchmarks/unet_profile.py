@@ -136,7 +136,8 @@ def _frame_markdown(res: dict, top: int) -> str:
              f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, tiny VAE, text-to-image, "
              f"{res['frame_steps']}-step schedule, batch 1, fast paths on (CUDA graph of the loop and decode), "
              f"prompt cached; scheduler: {res.get('scheduler', 'built from its config per batch')}; "
-             f"attention: {res.get('attention', 'cuDNN first')}; graphs: {res.get('graph_segments', 'one graph per call')}", ""]
+             f"attention: {res.get('attention', 'cuDNN first')}; graphs: {res.get('graph_segments', 'one graph per call')}; "
+             f"cross-attention K/V: {res.get('cross_kv', 'one matmul, every step')}", ""]
     for s in res["sizes"]:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"frame wall time {s['wall_ms']:.2f} ms (median, synchronised); its kernels: {s['kernels']}, "
@@ -228,6 +229,9 @@ def main() -> None:
                     help="with --frame: build each batch's scheduler from its config, as before Pipeline._scheduler (an A/B)")
     ap.add_argument("--no-small-triton", action="store_true",
                     help="attention without the registry's Triton entry for small calls: cuDNN first, as before (an A/B)")
+    ap.add_argument("--kv-per-step", action="store_true",
+                    help="with --frame: the cross-attention K/V projected at every step of a captured loop, as "
+                         "before ops/processors.held_across_forwards (an A/B)")
     ap.add_argument("--no-graph-segments", action="store_true",
                     help="with --frame: capture each graph whole, not cut at the backbone's blocks (an A/B)")
     ap.add_argument("--frame", type=int, default=0, metavar="STEPS",
@@ -240,6 +244,12 @@ def main() -> None:
 
         Pipeline._scheduler = lambda self, sampler: samplers.scheduler_for(
             sampler, self.model.scheduler_class, self.model.scheduler_config)
+    if args.kv_per_step:
+        import contextlib
+
+        from rtdiff_cluster.engine import pipeline
+
+        pipeline.held_across_forwards = lambda backbone: contextlib.nullcontext()
     if args.per_module_kv:
         from rtdiff_cluster.ops import processors
 
@@ -265,12 +275,15 @@ def main() -> None:
                                    (f"frame-{args.frame}-step", args.frame),
                                    ("scheduler-from-config", args.scheduler_from_config),
                                    ("no-small-triton", args.no_small_triton),
-                                   ("no-graph-segments", args.no_graph_segments)) if on)
+                                   ("no-graph-segments", args.no_graph_segments),
+                                   ("kv-per-step", args.kv_per_step)) if on)
     write_results("unet_profile", args.device, {"source": args.source, "quantization": quant, "sizes": sizes,
                                                 "frame_steps": args.frame,
                                                 "scheduler": "built from its config per batch" if args.scheduler_from_config
                                                 else "a copy of one built once",
-                                                "cross_kv": "per module" if args.per_module_kv else "one matmul",
+                                                "cross_kv": ("per module" if args.per_module_kv else "one matmul")
+                                                + (", every step" if args.kv_per_step or not args.frame
+                                                   else ", once per captured loop"),
                                                 "attention": attention,
                                                 "graph_segments": "one graph per call" if args.no_graph_segments
                                                 else "cut at the backbone's blocks"},

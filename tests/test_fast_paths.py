@@ -41,6 +41,21 @@ def backbone_output(model, backbone) -> torch.Tensor:
         model.backbone = saved
 
 
+def loop_outputs(model, backbone, steps) -> list[torch.Tensor]:
+    """The backbone's outputs for (latent scale, timestep) pairs under one set of text states,
+    as the steps of one batch's loop see them."""
+    fam = family_for(model)
+    cond = [torch.stack(parts) for parts in zip(*fam.encode(["a red fox", "a blue lake"]))]
+    latents = fam.to_model_layout(torch.randn(2, fam.latent_channels(), 16, 16, generator=torch.Generator().manual_seed(0)))
+    extra = fam.extra_inputs(2, 128, 128, 3.0, 16, 16)
+    saved, model.backbone = model.backbone, backbone
+    try:
+        with torch.inference_mode():
+            return [fam.forward(latents * scale, torch.tensor(t), cond, extra) for scale, t in steps]
+    finally:
+        model.backbone = saved
+
+
 def assert_close(out, ref, what):
     err = (out - ref).abs().max().item()
     assert err <= FP32_TOLERANCE * ref.abs().max().item(), f"{what}: max error {err:.3g}"
@@ -78,6 +93,16 @@ def test_attention_processors_match_diffusers(model, backends, fuse):
         assert ours.rtdiff_cross_kv._out is None  # not held after the forward
         backbone_output(model, ours)  # a second forward (new text states) computes its own
         assert len(kv_matmuls) == 2
+        # Held through a denoising loop: forwards on the same text states project them once and
+        # give what unheld forwards give; nothing is held after it.
+        steps = ((1.0, 500.0), (0.5, 300.0), (0.25, 100.0))
+        unheld = loop_outputs(model, ours, steps)
+        assert len(kv_matmuls) == 2 + len(steps)
+        with processors.held_across_forwards(ours):
+            held = loop_outputs(model, ours, steps)
+        assert len(kv_matmuls) == 3 + len(steps) and ours.rtdiff_cross_kv._out is None
+        for a, b in zip(held, unheld):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_fused_kernels_match_diffusers_modules(model):

@@ -32,6 +32,7 @@ from rtdiff_cluster.engine.graphs import GraphCache
 from rtdiff_cluster.engine.samplers import scheduler_for
 from rtdiff_cluster.engine.step_cache import StepCache
 from rtdiff_cluster.models.base import LoadedModel
+from rtdiff_cluster.ops.processors import held_across_forwards
 from rtdiff_cluster.parallel import groups
 from rtdiff_cluster.pinned import PinnedUploads
 
@@ -475,8 +476,9 @@ class Pipeline:
                 # Each run (warm-ups, capture) walks a fresh copy of the schedule; a replay copies
                 # it again from this template, which the graph cache keeps alive with loop_of.
                 s = copy.deepcopy(template)
-                for t in s.timesteps[begin * s.order:]:
-                    x = s.step(eps_of(fam.scale_input(s, x, t), t, g, *tensors), t, x).prev_sample
+                with held_across_forwards(m.backbone):  # the same text states every step: projected once
+                    for t in s.timesteps[begin * s.order:]:
+                        x = s.step(eps_of(fam.scale_input(s, x, t), t, g, *tensors), t, x).prev_sample
                 return decode_of(x)
 
             # The schedule is frozen into the loop: the key holds what it depends on (a region's

@@ -21,8 +21,6 @@
 #   attention-tests  tests/test_kernels_attention.py on the GPU (autotunes every head dim: minutes)
 #   frame-attention-ab  the 1-step frame profile at 1024 and 512, alternating twice: Triton for small attention calls or not
 #   frame-ab      the frame profile A/B, twice each: each batch's scheduler a copy of one built once, or built from its config
-#   frame-segments-ab  the 1-step frame profile at 1024 and 512, alternating twice: graphs cut at the backbone's blocks or whole
-#   frame8-segments-ab  the same for the 8-step frame at 1024
 #   frame8-kv-ab  the 8-step frame at 1024, alternating twice: cross-attention K/V once per captured loop or every step
 #   new-bucket    benchmarks/new_bucket.py (what a shape bucket the replica has not seen costs its first frame)
 #   new-bucket-cudnn  the same with cuDNN attention building kernels for new shapes too
@@ -88,8 +86,6 @@ for part in $parts; do
     frame-profile) timeout 300 python3 benchmarks/unet_profile.py --frame 1 --sizes 1024,512 --out-dir "$OUT" 2>&1 \
       | grep -v "^USDT" | tee "$OUT/frame_profile.log" ;;
     frame-ab) unet_profile_ab ab --scheduler-from-config --frame 1 --sizes 1024,512 ;;
-    frame-segments-ab) unet_profile_ab seg --no-graph-segments --frame 1 --sizes 1024,512 ;;
-    frame8-segments-ab) unet_profile_ab seg8 --no-graph-segments --frame 8 --sizes 1024 ;;
     frame8-kv-ab) unet_profile_ab kv8 --kv-per-step --frame 8 --sizes 1024 ;;
     new-bucket) timeout 240 python3 benchmarks/new_bucket.py --device cuda --out-dir "$OUT" 2>&1 | grep -v WARNING \
       | tee "$OUT/new_bucket.log" ;;

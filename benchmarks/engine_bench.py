@@ -47,8 +47,7 @@ def load_engine(args):
     cfg = FastPathConfig(quantization="fp8" if getattr(args, "fp8", False) else "none",
                          **({"fp8_min_features": fp8_min} if fp8_min else {}),
                          **({"attention": attention} if attention else {}),
-                         compile_attention_for_new_shapes=getattr(args, "compile_attention_for_new_shapes", False),
-                         graph_segments=not getattr(args, "no_graph_segments", False))
+                         compile_attention_for_new_shapes=getattr(args, "compile_attention_for_new_shapes", False))
     return model, fastpaths.apply(model, cfg, world=1)
 
 

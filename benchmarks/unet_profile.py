@@ -15,8 +15,7 @@ time the GPU spends between kernels.
 --frame N profiles what a replica runs for one text-to-image frame of an N-step schedule with the
 tiny VAE (the pipeline's captured loop-and-decode, the copy to the host, the host's own work): its
 wall time (median of synchronised calls) against the GPU time of its kernels shows what the frame
-spends beyond the UNet steps and the decode. --no-graph-segments captures each graph whole, as
-before engine/graphs.py cut them at the backbone's blocks (an A/B).
+spends beyond the UNet steps and the decode.
 
 On a CPU the rows are PyTorch's operators, nested ones included (aten::conv2d and the
 aten::convolution inside it), so counts and times overlap: the dry run checks the script, not a
@@ -136,8 +135,9 @@ def _frame_markdown(res: dict, top: int) -> str:
              f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, tiny VAE, text-to-image, "
              f"{res['frame_steps']}-step schedule, batch 1, fast paths on (CUDA graph of the loop and decode), "
              f"prompt cached; scheduler: {res.get('scheduler', 'built from its config per batch')}; "
-             f"attention: {res.get('attention', 'cuDNN first')}; graphs: {res.get('graph_segments', 'one graph per call')}; "
-             f"cross-attention K/V: {res.get('cross_kv', 'one matmul, every step')}", ""]
+             f"attention: {res.get('attention', 'cuDNN first')}; cross-attention K/V: "
+             f"{res.get('cross_kv', 'one matmul, every step')}"
+             + (f"; graphs: {res['graph_segments']}" if "graph_segments" in res else ""), ""]
     for s in res["sizes"]:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"frame wall time {s['wall_ms']:.2f} ms (median, synchronised); its kernels: {s['kernels']}, "
@@ -145,9 +145,7 @@ def _frame_markdown(res: dict, top: int) -> str:
                   "work and GPU idle between kernels", "", *_kernel_table(s["table"], top)]
         if "host_before_replay_ms" in s:
             lines += ["", f"The host's work before the graph's replay (the GPU waits for it): "
-                          f"{s['host_before_replay_ms']:.2f} ms per frame (median); in the graph cache's call "
-                          f"(input copies and the launches of {s.get('segments', 1)} graph segment(s)): "
-                          f"{s.get('host_in_replay_ms', float('nan')):.2f} ms. Where the host's time goes "
+                          f"{s['host_before_replay_ms']:.2f} ms per frame (median). Where the host's time goes "
                           "(cProfile, per frame, cumulative; waits for the GPU included):", "",
                       "| function | ms | self ms |", "|---|--:|--:|"]
             lines += [f"| `{r['function']}` | {r['ms']:.3f} | {r['self_ms']:.3f} |" for r in s["host_profile"]]
@@ -155,25 +153,21 @@ def _frame_markdown(res: dict, top: int) -> str:
     return "\n".join(lines)
 
 
-def host_profile(fn, runs: int = 30, top: int = 25) -> tuple[float, float, list[dict]]:
+def host_profile(fn, runs: int = 30, top: int = 25) -> tuple[float, list[dict]]:
     """The host's own work per frame: (ms from the call's start until the graph cache is asked to
-    replay, i.e. while the GPU waits for the host; ms in that call, which launches the graph;
-    [{function, ms per frame}] by cumulative time)."""
+    replay, i.e. while the GPU waits for the host; [{function, ms per frame}] by cumulative time)."""
     import cProfile
     import pstats
     import time
 
     from rtdiff_cluster.engine.graphs import GraphCache
 
-    starts, entries, spans = [], [], []
+    starts, entries = [], []
     original = GraphCache.call
 
     def timed_call(self, *a, **kw):
         entries.append(time.perf_counter())
-        try:
-            return original(self, *a, **kw)
-        finally:
-            spans.append(time.perf_counter() - entries[-1])
+        return original(self, *a, **kw)
 
     GraphCache.call = timed_call
     try:
@@ -185,13 +179,11 @@ def host_profile(fn, runs: int = 30, top: int = 25) -> tuple[float, float, list[
             prof.disable()
     finally:
         GraphCache.call = original
-    one_call = len(entries) == runs
-    before = statistics.median(e - s for s, e in zip(starts, entries)) * 1e3 if one_call else float("nan")
-    in_call = statistics.median(spans) * 1e3 if one_call else float("nan")
+    before = statistics.median(e - s for s, e in zip(starts, entries)) * 1e3 if len(entries) == runs else float("nan")
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
     rows = sorted(({"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "ms": v[3] * 1e3 / runs, "self_ms": v[2] * 1e3 / runs}
                    for k, v in stats.items()), key=lambda r: -r["ms"])
-    return before, in_call, rows[:top]
+    return before, rows[:top]
 
 
 def profile_frames(args, model, fp, device) -> list[dict]:
@@ -204,12 +196,9 @@ def profile_frames(args, model, fp, device) -> list[dict]:
         fn = lambda: pipe.run(batch, ["a lighthouse at dusk"], [""])  # noqa: E731
         wall = frame_wall_ms(fn, device)
         n, kms, table = kernel_table(fn, device)
-        before, in_call, host = host_profile(fn)
-        # The frame's graph is the cache's most recently used (a text-to-image frame replays one).
-        segments = len(next(reversed(fp.graphs._graphs.values())).graphs) if fp.graphs is not None else 0
+        before, host = host_profile(fn)
         out.append({"size": size, "wall_ms": wall, "graph_ms": wall, "kernels": n, "kernel_ms": kms, "table": table,
-                    "host_before_replay_ms": before, "host_in_replay_ms": in_call, "segments": segments,
-                    "host_profile": host})
+                    "host_before_replay_ms": before, "host_profile": host})
         print(f"{size}: frame {wall:.2f} ms, {n} kernels, {kms:.2f} ms", file=sys.stderr, flush=True)
     return out
 
@@ -232,8 +221,6 @@ def main() -> None:
     ap.add_argument("--kv-per-step", action="store_true",
                     help="with --frame: the cross-attention K/V projected at every step of a captured loop, as "
                          "before ops/processors.held_across_forwards (an A/B)")
-    ap.add_argument("--no-graph-segments", action="store_true",
-                    help="with --frame: capture each graph whole, not cut at the backbone's blocks (an A/B)")
     ap.add_argument("--frame", type=int, default=0, metavar="STEPS",
                     help="profile a whole text-to-image frame of this many steps (tiny VAE) instead of a step")
     args = ap.parse_args()
@@ -275,7 +262,6 @@ def main() -> None:
                                    (f"frame-{args.frame}-step", args.frame),
                                    ("scheduler-from-config", args.scheduler_from_config),
                                    ("no-small-triton", args.no_small_triton),
-                                   ("no-graph-segments", args.no_graph_segments),
                                    ("kv-per-step", args.kv_per_step)) if on)
     write_results("unet_profile", args.device, {"source": args.source, "quantization": quant, "sizes": sizes,
                                                 "frame_steps": args.frame,
@@ -284,9 +270,7 @@ def main() -> None:
                                                 "cross_kv": ("per module" if args.per_module_kv else "one matmul")
                                                 + (", every step" if args.kv_per_step or not args.frame
                                                    else ", once per captured loop"),
-                                                "attention": attention,
-                                                "graph_segments": "one graph per call" if args.no_graph_segments
-                                                else "cut at the backbone's blocks"},
+                                                "attention": attention},
                   args.out_dir, markdown, tag=tag)
 
 

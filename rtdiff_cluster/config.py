@@ -64,10 +64,6 @@ class FastPathConfig:
     beyond it every graph is dropped and the pool starts over."""
     loop_graph_max_steps: int = 8
     """Schedules of at most this many steps run as one graph with the decode."""
-    graph_segments: bool = True
-    """Capture each graph as a chain cut where the backbone's first call enters its top-level
-    blocks, so the GPU starts on the first segment while the host launches the rest (one launch of
-    a 1-step SDXL frame's ~1,500-node graph holds the host 1.3-1.6 ms with the GPU idle)."""
     gpu_jpeg: bool = True
     """Encode JPEG frames on the GPU (nvJPEG through torchvision) where it imports: 0.2-0.4 ms a
     1024 frame against 4.2-7.0 ms on a host core with PIL (benchmarks/image_codec.py, H200). Its

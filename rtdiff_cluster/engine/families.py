@@ -141,13 +141,6 @@ class Family:
         """The step cache's probe (engine/step_cache.py): the backbone's first block on forward's inputs."""
         return unet_first_block(self.m.backbone, x, t, cond[0], **self._unet_kwargs(x, cond, extra))
 
-    def graph_cut_blocks(self) -> list[torch.nn.Module]:
-        """Where a captured backbone call is cut into segments (engine/graphs.py): its top-level
-        blocks, in call order. SDXL at 1024: the first segment (time embedding, conv_in) is about
-        20 kernels, the largest (the first up block's 30 transformer layers) about 500."""
-        b = self.m.backbone
-        return [*b.down_blocks, *([b.mid_block] if b.mid_block is not None else []), *b.up_blocks]
-
 
 def guidance_embedding(w: float, batch: int, dim: int, device, dtype) -> torch.Tensor:
     """LCM's sinusoidal embedding of the guidance scale (diffusers keeps it as a pipeline method,
@@ -240,14 +233,6 @@ class FluxFamily(Family):
 
     def first_block(self, x: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], extra: dict) -> torch.Tensor:
         return flux_first_block(self.m.backbone, **self._flux_kwargs(x, t, cond, extra))
-
-    def graph_cut_blocks(self) -> list[torch.nn.Module]:
-        """Every few of the double- and single-stream blocks, about eight cuts in all: a block is a
-        few dozen kernels, and segments of one block each would add a launch per block."""
-        b = self.m.backbone
-        blocks = [*b.transformer_blocks, *b.single_transformer_blocks]
-        stride = max(1, len(blocks) // 8)
-        return blocks[::stride]
 
 
 def family_for(model: LoadedModel) -> Family:

@@ -142,10 +142,9 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
         # NCCL's graph support checked on multi-GPU machines; not validated here yet.
         r["cuda_graphs"] = f"off: replica spans {world} ranks (single-rank replicas only for now)"
     else:
-        fp.graphs = GraphCache(model.device, cfg.max_graphs, cfg.graph_memory_mb << 20, segments=cfg.graph_segments)
+        fp.graphs = GraphCache(model.device, cfg.max_graphs, cfg.graph_memory_mb << 20)
         r["cuda_graphs"] = (f"on: per (batch, height, width) bucket, loops of <= {cfg.loop_graph_max_steps} noise-free "
-                            f"steps with the decode; <= {cfg.max_graphs} graphs, {cfg.graph_memory_mb} MiB; "
-                            + ("captured in segments at the backbone's blocks" if cfg.graph_segments else "one graph per call"))
+                            f"steps with the decode; <= {cfg.max_graphs} graphs, {cfg.graph_memory_mb} MiB")
     if not cfg.gpu_jpeg:
         r["jpeg"] = "off: fast_paths.gpu_jpeg is false"
     elif world > 1:

@@ -17,14 +17,6 @@ size recaptured 20 graphs in 240 measured frames, p99 1.0 s). The least recently
 dropped beyond the count budget; beyond the byte budget (the pool plus every graph's static
 inputs and outputs) all are dropped and the pool starts over.
 
-A call is captured as a chain of graphs, cut where the backbone enters its top-level blocks
-(segment_at): the host's cudaGraphLaunch of one graph takes about 1 us per node (1.3-1.6 ms for a
-1-step SDXL frame's ~1,500, benchmarks/results/unet_profile-*-frame-1-step-host.md), and the GPU
-idles until it returns. With a short first segment the GPU starts after a few dozen nodes and
-the host launches each later segment while the GPU runs the ones before it. Only the first
-backbone call of a capture is cut block by block; later calls (a captured loop's later steps)
-start one segment each, already launched behind the first step's work.
-
 `torch.cuda.graphs.make_graphed_callables` targets autograd training steps (it captures a
 backward too); inference needs only capture and replay, with the inputs copied into static
 buffers, which is what this does.
@@ -34,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
@@ -48,7 +39,7 @@ Fn = Callable[..., "torch.Tensor | tuple[torch.Tensor, ...]"]
 
 @dataclass
 class _Captured:
-    graphs: list[torch.cuda.CUDAGraph]  # segments, replayed in order
+    graph: torch.cuda.CUDAGraph
     inputs: list[torch.Tensor]
     outputs: tuple[torch.Tensor, ...]
     single: bool  # fn returned one tensor, not a tuple
@@ -75,44 +66,18 @@ class GraphCache:
     graph's static buffers: a later replay of the same key overwrites them, so a caller that keeps
     them across calls clones them."""
 
-    def __init__(self, device: torch.device, max_graphs: int, max_bytes: int, warmup_runs: int = 2,
-                 segments: bool = True):
-        """segments: cut captures where segment_at's modules start (see the module's docstring)."""
+    def __init__(self, device: torch.device, max_graphs: int, max_bytes: int, warmup_runs: int = 2):
         if device.type != "cuda":
             raise ValueError(f"GraphCache: CUDA graphs need a CUDA device, got {device}")
         self.device = device
         self.max_graphs = max_graphs
         self.max_bytes = max_bytes
         self.warmup_runs = warmup_runs
-        self.segments = segments
-        self._cut = None  # during a segmented capture: cut(backbone_start) ends one graph, begins the next
-        self._hooked: set[int] = set()  # ids of the modules segment_at hooked
-        self._capture_stream: torch.cuda.Stream | None = None
         self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
         self._pool = None  # the shared pool's handle, made at the first capture
         self._pool_bytes = 0  # what the captures grew the device reservation by
         self.captures = 0
         self.evictions = 0
-
-    def segment_at(self, backbone: torch.nn.Module, blocks: Sequence[torch.nn.Module]) -> None:
-        """Captures from now on are cut where backbone starts (from its second call in a capture)
-        and, inside its first call, where each of blocks starts. Outside a capture the hooks do
-        nothing. A module already hooked by this cache is not hooked again."""
-        if not self.segments:
-            return
-        me = weakref.ref(self)  # the hooks must not keep a discarded cache and its graphs alive
-
-        def hook(backbone_start: bool):
-            def pre_hook(module, args):
-                cache = me()
-                if cache is not None and cache._cut is not None:
-                    cache._cut(backbone_start)
-            return pre_hook
-
-        for module, is_backbone in ((backbone, True), *((b, False) for b in blocks)):
-            if id(module) not in self._hooked:
-                self._hooked.add(id(module))
-                module.register_forward_pre_hook(hook(is_backbone))
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._graphs
@@ -133,8 +98,7 @@ class GraphCache:
                     raise ValueError(f"graph {key}: input {tuple(x.shape)} {x.dtype} does not match the captured "
                                      f"{tuple(static.shape)} {static.dtype}; the key must cover every shape")
                 static.copy_(x, non_blocking=True)
-        for graph in entry.graphs:
-            graph.replay()
+        entry.graph.replay()
         entry.replays += 1
         return entry.outputs[0] if entry.single else entry.outputs
 
@@ -155,71 +119,32 @@ class GraphCache:
         outputs = tuple(torch.empty_like(o) for o in ((out,) if single else out))
         del out
         torch.cuda.synchronize(self.device)
-        # Emptied first, as torch.cuda.graph does on entry: the reservation's growth during the
-        # capture is then the shared pool's.
+        # torch.cuda.graph empties the allocator's cache on entry; doing it first makes the
+        # reservation's growth during capture the shared pool's.
         torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved(self.device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graphs = self._capture_segments(fn, static, outputs, single)
-        torch.cuda.synchronize(self.device)
-        self._pool_bytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
-        held = sum(x.numel() * x.element_size() for x in (*static, *outputs))
-        entry = _Captured(graphs, static, outputs, single, held, time.perf_counter() - t0, fn)
-        self._graphs[key] = entry
-        self.captures += 1
-        log.info("captured CUDA graph %s (%d segments) in %.2f s, holding %.0f MiB (%d graphs, %.0f MiB in all)", key,
-                 len(graphs), entry.capture_s, held / 2**20, len(self._graphs), self.stats().bytes / 2**20)
-        self._evict(keep_room_for_one=False)
-        return entry
-
-    def _capture_segments(self, fn: Fn, static: list[torch.Tensor], outputs: tuple[torch.Tensor, ...],
-                          single: bool) -> list[torch.cuda.CUDAGraph]:
-        """fn(*static) captured into one pool as a chain of graphs, its outputs copied into
-        outputs by the last. What torch.cuda.graph does around one capture_begin/capture_end
-        pair, with the pair repeated at each cut. A tensor made in one segment and used in a
-        later one stays allocated in the pool, as a forward graph's activations do for the
-        backward's in make_graphed_callables: the segments replay in capture order, one after
-        the other, so the pool's reuse across them is the capture's own."""
-        if self._capture_stream is None:
-            self._capture_stream = torch.cuda.Stream(self.device)
-        graphs: list[torch.cuda.CUDAGraph] = []
         graph = torch.cuda.CUDAGraph()
-        backbone_calls = 0
-
-        def cut(backbone_start: bool) -> None:
-            nonlocal graph, backbone_calls
-            if backbone_start:
-                backbone_calls += 1
-                if backbone_calls == 1:
-                    return  # its first call's blocks cut it; before it, a segment of a few ops at most
-            elif backbone_calls != 1:
-                return  # a later call's blocks (launched behind work already queued), or a block called on its own
-            graph.capture_end()
-            graphs.append(graph)
-            graph = torch.cuda.CUDAGraph()
-            graph.capture_begin(pool=self._pool)
-
-        with torch.cuda.stream(self._capture_stream):
-            graph.capture_begin(pool=self._pool)
-            self._cut = cut if self.segments else None
-            try:
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
                 out = fn(*static)
                 for dst, src in zip(outputs, (out,) if single else out):
                     dst.copy_(src)
                 del out, src
-            except BaseException:
-                self._cut = None
-                try:
-                    graph.capture_end()  # leaves the stream out of capture mode; the capture itself is lost
-                except Exception:  # noqa: BLE001 - an invalidated capture raises here too
-                    pass
-                self._abandon_pool()
-                raise
-            self._cut = None
-            graph.capture_end()
-        graphs.append(graph)
-        return graphs
+        except BaseException:
+            self._abandon_pool()
+            raise
+        torch.cuda.synchronize(self.device)
+        self._pool_bytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
+        held = sum(x.numel() * x.element_size() for x in (*static, *outputs))
+        entry = _Captured(graph, static, outputs, single, held, time.perf_counter() - t0, fn)
+        self._graphs[key] = entry
+        self.captures += 1
+        log.info("captured CUDA graph %s in %.2f s, holding %.0f MiB (%d graphs, %.0f MiB in all)", key, entry.capture_s,
+                 held / 2**20, len(self._graphs), self.stats().bytes / 2**20)
+        self._evict(keep_room_for_one=False)
+        return entry
 
     def _evict(self, keep_room_for_one: bool) -> None:
         limit = self.max_graphs - (1 if keep_room_for_one else 0)

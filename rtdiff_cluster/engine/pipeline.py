@@ -228,8 +228,6 @@ class Pipeline:
         self.family = family_for(model)
         self.prompts = PromptCache(prompt_cache_size)
         self.graphs = graphs
-        if graphs is not None:
-            graphs.segment_at(model.backbone, self.family.graph_cut_blocks())
         self.loop_graph_max_steps = loop_graph_max_steps
         self.splits_before_capture = splits_before_capture
         # Per batch signature (all that a graph's key holds but the batch size): the sizes that ran

@@ -22,6 +22,8 @@
 #   frame-attention-ab  the 1-step frame profile at 1024 and 512, alternating twice: Triton for small attention calls or not
 #   frame-ab      the frame profile A/B, twice each: each batch's scheduler a copy of one built once, or built from its config
 #   frame8-kv-ab  the 8-step frame at 1024, alternating twice: cross-attention K/V once per captured loop or every step
+#   launch-overlap-ab  benchmarks/launch_overlap.py, alternating twice: launches without blocking copies, or with them
+#                 (as before); then tests/test_gpu_fast_paths.py (a launch checked under PyTorch's sync debug mode)
 #   new-bucket    benchmarks/new_bucket.py (what a shape bucket the replica has not seen costs its first frame)
 #   new-bucket-cudnn  the same with cuDNN attention building kernels for new shapes too
 #   scaling-1024 / scaling-video / scaling-serving   issue 7's run, one part per call: synthetic:flux-40b
@@ -87,6 +89,11 @@ for part in $parts; do
       | grep -v "^USDT" | tee "$OUT/frame_profile.log" ;;
     frame-ab) unet_profile_ab ab --scheduler-from-config --frame 1 --sizes 1024,512 ;;
     frame8-kv-ab) unet_profile_ab kv8 --kv-per-step --frame 8 --sizes 1024 ;;
+    launch-overlap-ab) n=0; for ab in "" --blocking-copies "" --blocking-copies; do d="$OUT/lo${ab:+-old}-$((++n))"
+      mkdir -p "$d"; timeout 150 python3 benchmarks/launch_overlap.py $ab --out-dir "$d" 2>&1 | grep -E "(text|image)-to-image"
+      rm -f "$d"/*.md; done
+      timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py 2>&1 | tail -30 \
+      | tee "$OUT/fast_path_tests.log" ;;
     new-bucket) timeout 240 python3 benchmarks/new_bucket.py --device cuda --out-dir "$OUT" 2>&1 | grep -v WARNING \
       | tee "$OUT/new_bucket.log" ;;
     new-bucket-cudnn) timeout 240 python3 benchmarks/new_bucket.py --device cuda --compile-attention-for-new-shapes \

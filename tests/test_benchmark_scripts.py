@@ -73,6 +73,13 @@ def test_unet_profile_of_a_whole_frame_times_the_host_too(tmp_path):
     assert any("pipeline.py" in row["function"] and "launch" in row["function"] for row in s["host_profile"])
 
 
+def test_launch_overlap_times_frames_one_by_one_and_pipelined(tmp_path):
+    r = run("launch_overlap.py", tmp_path, "--device", "cpu", "--sizes", "64", "--frames", "3", "--blocking-copies")
+    assert [row["case"] for row in r["rows"]] == ["text-to-image 1 step, 64", "image-to-image 2 steps at 0.5, 64"]
+    assert r["launch"].startswith("blocking copies")
+    assert all(row["one_by_one_ms"] > 0 and row["pipelined_ms"] > 0 and row["syncs_per_launch"] == 0 for row in r["rows"])
+
+
 def test_new_bucket_times_each_new_shape_bucket(tmp_path):
     r = run("new_bucket.py", tmp_path, "--device", "cpu", "--size", "128")
     assert [row["bucket"] for row in r["rows"]] == ["batch 2 at 128", "batch 1 at 64x128", "region 64x64",

@@ -182,6 +182,36 @@ def test_graphs_share_one_pool_and_replay_in_any_order():
     assert tight.stats().captures == 3
 
 
+@pytest.mark.parametrize("source", ["synthetic:tiny-sdxl", "synthetic:tiny-flux"])
+def test_a_launch_never_waits_for_the_batches_still_running(source):
+    """Pipeline.launch queues a batch's GPU work and returns while earlier batches run; that
+    overlap holds only if nothing in it synchronises the stream. Once a configuration has run
+    (its graphs captured, its scheduler set), launching text-to-image and image-to-image batches
+    back to back, with seeds not seen before, makes no synchronising CUDA call (PyTorch's sync
+    debug mode raises on any), and the images are those of the same batches run one by one."""
+    from rtdiff_cluster import clips
+
+    _, fast, fp = pipelines(source)
+    init = clips.texture(256, 256, seed=3)
+
+    def batches(seed):
+        return [BatchSpec(256, 256, 2, 3.0, 0.0, [FrameSpec("a lighthouse", seed=seed)]),
+                BatchSpec(256, 256, 4, 3.0, 0.5, [FrameSpec("a lighthouse", seed=seed + 1, init_image=init)])]
+
+    for b in batches(1):  # warm-up: captures, the scheduler's configuration, the prompt's encoding
+        fast.run(b, ["a lighthouse"], [""])
+    alone = [fast.run(b, ["a lighthouse"], [""])[0] for seed in (5, 7) for b in batches(seed)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        launched = [fast.launch(b, ["a lighthouse"], [""]) for seed in (11, 5, 7) for b in batches(seed)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    images = [one.result()[0] for one in launched]
+    for got, want in zip(images[2:], alone):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_graph_cache_drops_least_recently_used_within_its_budget():
     _, fast, fp = pipelines("synthetic:tiny-sdxl", max_graphs=2)
     for size in (256, 320, 384):

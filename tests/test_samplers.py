@@ -54,6 +54,30 @@ def test_every_offered_sampler_runs_text_and_image_to_image(pipelines, src):
     assert np.array_equal(outputs["default"], outputs["euler" if p.model.limits.family == "unet" else "flow-euler"])
 
 
+@pytest.mark.parametrize("src", ["synthetic:tiny", "synthetic:tiny-flux"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_image_to_image_noise_mix_is_the_schedulers_own_bit_for_bit(pipelines, src, dtype):
+    """The pipeline mixes an input's latents with the noise as a * init + b * noise, with a and b
+    found once per configuration (the scheduler's add_noise makes a blocking copy to the device
+    every call): for every offered sampler, step count and start it gives exactly what the
+    scheduler's own mix gives, in the latents' dtype."""
+    p = pipelines[src]
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 16, 4) if src.endswith("flux") else (2, 4, 8, 8)  # Flux mixes packed latents
+    for name in offered(p.model.limits.family):
+        for steps, begin in ((2, 1), (4, 2), (8, 3)):
+            init, noise = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+            key = (name, steps, 8, 8)
+            scheduler = p._scheduler(*key)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(begin * scheduler.order)
+            t0 = scheduler.timesteps[begin * scheduler.order:][:1]
+            ours = p._noised_input(key, scheduler, begin, noise, init, t0)
+            theirs = p.family.initial_latents(scheduler, noise, init, t0)
+            assert ours.dtype == theirs.dtype == dtype
+            assert torch.equal(ours, theirs), f"{name}, {steps} steps from {begin}: max diff {(ours - theirs).abs().max()}"
+
+
 @pytest.mark.parametrize("src,reference,others", [("synthetic:tiny", "euler", ("ddim", "dpmpp")),
                                                   ("synthetic:tiny-flux", "flow-euler", ("flow-dpmpp",))])
 def test_deterministic_samplers_converge_to_the_same_image(pipelines, src, reference, others):
@@ -68,16 +92,17 @@ def test_deterministic_samplers_converge_to_the_same_image(pipelines, src, refer
 @pytest.mark.parametrize("src,sampler", [("synthetic:tiny", "dpmpp"), ("synthetic:tiny", "lcm"),
                                         ("synthetic:tiny-flux", "flow-dpmpp")])
 def test_a_batch_never_sees_the_scheduler_state_of_the_one_before(pipelines, src, sampler):
-    """Each batch's scheduler is a copy of one built once (building takes milliseconds of host
-    time): a multistep solver's history or a step index left by one batch must not reach the next,
-    whatever its step count."""
+    """Each batch's scheduler is a copy of one built and configured once per step count and size
+    (building takes milliseconds of host time, setting the timesteps a blocking copy): a multistep
+    solver's history or a step index left by one batch must not reach the next, whatever its step
+    count, and image-to-image's noise mix (found once per configuration) is the scheduler's."""
     p = pipelines[src]
     alone = Pipeline(p.model, prompt_cache_size=4)
     four = render(alone, 4, sampler, seed=5)
     render(p, 3, sampler, seed=2)
     render(p, 4, sampler, seed=9, strength=0.5, init=clips.texture(SIZE, SIZE, seed=3))
     assert np.array_equal(render(p, 4, sampler, seed=5), four)
-    assert p._scheduler(sampler) is not p._scheduler(sampler)
+    assert p._scheduler(sampler, 4, 8, 8) is not p._scheduler(sampler, 4, 8, 8)
 
 
 def test_unknown_sampler_is_refused_by_name():

@@ -20,6 +20,15 @@ from rtdiff_cluster.engine.step_cache import flux_first_block, unet_first_block
 from rtdiff_cluster.models.base import LoadedModel
 
 Cond = tuple[torch.Tensor, ...]  # one prompt's conditioning tensors, without a batch dim
+DEVICE_INPUT_ENTRIES = 64  # per-size inputs kept on the device (extra_inputs)
+
+
+def _small_to_device(host: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small host tensor on the device without a blocking copy, which would wait for every batch
+    still running on the stream (engine/pipeline.py launches the next batch while one runs)."""
+    if device.type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    return host.to(device, dtype)
 
 
 def _tokens(tokenizer, prompts: list[str], max_length: int, device) -> torch.Tensor:
@@ -45,6 +54,17 @@ class Family:
         self.guidance_embed_dim = getattr(cfg, "time_cond_proj_dim", None)
         if self.guidance_embed_dim:
             self.uses_cfg = False
+        self._device_inputs: dict[tuple, torch.Tensor] = {}  # (what, ...) -> a batch-independent input on the device
+
+    def _device_input(self, key: tuple, make) -> torch.Tensor:
+        """make()'s host tensor on the device, made and copied once per key (extra_inputs runs per
+        batch, ahead of the batch's graph, while earlier batches may still run)."""
+        out = self._device_inputs.get(key)
+        if out is None:
+            if len(self._device_inputs) >= DEVICE_INPUT_ENTRIES:
+                self._device_inputs.pop(next(iter(self._device_inputs)))
+            out = self._device_inputs[key] = _small_to_device(make(), self.m.device, self.m.dtype)
+        return out
 
     # ---- prompts ---------------------------------------------------------------------------
 
@@ -109,11 +129,13 @@ class Family:
         extra: dict = {}
         if m.kind == "sdxl":
             # original size, crop offset, target size: the frame as asked, uncropped
-            ids = torch.tensor([height, width, 0, 0, height, width], device=m.device, dtype=m.dtype)
+            ids = self._device_input(("time_ids", height, width),
+                                     lambda: torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32))
             extra["time_ids"] = ids.repeat(batch_size, 1)
         if self.guidance_embed_dim:
-            extra["timestep_cond"] = guidance_embedding(guidance_scale - 1, batch_size, self.guidance_embed_dim,
-                                                        m.device, m.dtype)
+            emb = self._device_input(("guidance", guidance_scale), lambda: guidance_embedding(
+                guidance_scale - 1, 1, self.guidance_embed_dim, "cpu", torch.float32))
+            extra["timestep_cond"] = emb.repeat(batch_size, 1)
         return extra
 
     def scale_input(self, scheduler, x: torch.Tensor, t) -> torch.Tensor:
@@ -210,10 +232,13 @@ class FluxFamily(Family):
         m = self.m
         # A region's tokens keep their whole-frame positions: the rotary embedding is relative, so
         # alone they attend as before, and with a stream's recorded keys (cache/token_kv.py) they match.
-        ids = torch.zeros(h // 2, w // 2, 3)
-        ids[..., 1] = torch.arange(h // 2)[:, None] + origin[0] // 2
-        ids[..., 2] = torch.arange(w // 2)[None, :] + origin[1] // 2
-        extra = {"img_ids": ids.reshape(-1, 3).to(m.device, m.dtype)}
+        def positions() -> torch.Tensor:
+            ids = torch.zeros(h // 2, w // 2, 3)
+            ids[..., 1] = torch.arange(h // 2)[:, None] + origin[0] // 2
+            ids[..., 2] = torch.arange(w // 2)[None, :] + origin[1] // 2
+            return ids.reshape(-1, 3)
+
+        extra = {"img_ids": self._device_input(("img_ids", h, w, *origin), positions)}
         if self.guidance_embeds:
             extra["guidance"] = torch.full((batch_size,), guidance_scale, device=m.device, dtype=torch.float32)
         return extra

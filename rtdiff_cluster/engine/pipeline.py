@@ -89,6 +89,7 @@ PINNED_SHAPES = 8
 # Initial noise kept on the device per (seed, latent shape): a stream's frames share one seed, and
 # drawing a 1024 frame's noise on the host and uploading it took 0.3-0.4 ms per frame (H200 host).
 NOISE_ENTRIES = 16
+SCHEDULER_ENTRIES = 256  # configured schedulers kept, per (sampler, steps, latent size): a few KiB each
 
 
 def _noise_free_step(scheduler) -> bool:
@@ -241,7 +242,9 @@ class Pipeline:
         self._uncapturable_loops: set[str] = set()
         self._uploads = PinnedUploads(model.device, PINNED_SHAPES)  # input frames' staging buffers
         self._noise: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (seed, c, h, w) -> [1, c, h, w] on the device
-        self._schedulers: dict[str, tuple] = {}  # sampler name -> (a scheduler as built, never stepped; what copies share)
+        # (sampler, steps, latent h, w) -> (a scheduler with its timesteps set, never stepped; what copies
+        # share; {begin step: its image-to-image mix (init, noise) coefficients})
+        self._schedulers: OrderedDict[tuple, tuple] = OrderedDict()
 
     def initial_noise(self, seeds: list[int], latent_hw: tuple[int, int],
                       window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
@@ -260,7 +263,10 @@ class Pipeline:
         key = (seed, *shape)
         noise = self._noise.pop(key, None)
         if noise is None:
-            noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)).to(self.model.device, self.model.dtype)
+            noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+            if self.model.device.type == "cuda":  # a blocking copy would wait for the batches still running
+                noise = noise.pin_memory().to(self.model.device, non_blocking=True)
+            noise = noise.to(self.model.device, self.model.dtype)
             if len(self._noise) >= NOISE_ENTRIES:
                 self._noise.popitem(last=False)  # the least recently used
         self._noise[key] = noise
@@ -274,22 +280,50 @@ class Pipeline:
             return torch.stack([img.to(self.model.device) for img in images])
         return self._uploads.upload(images)
 
-    def _scheduler(self, sampler: str):
-        """A fresh scheduler for the sampler: a copy of one built once. Building one from its
-        config walks inspect.signature, 2.5-3.5 ms of host time per frame on the H200's host
-        while the GPU waited for the graph's replay (benchmarks/results/unet_profile-*-frame-1-step.md)."""
-        entry = self._schedulers.get(sampler)
+    def _scheduler(self, sampler: str, steps: int, h: int, w: int):
+        """A fresh scheduler for the sampler with its timesteps set for steps at latent size h x w:
+        a copy of one configured once.
+        - Building one from its config walks inspect.signature, 2.5-3.5 ms of host time per frame on
+          the H200's host while the GPU waited for the graph's replay
+          (benchmarks/results/unet_profile-*-frame-1-step.md).
+        - set_timesteps copies the timesteps to the device with a blocking copy, which waits for
+          every batch still running on the stream: once per configuration, not once per batch,
+          lets the next batch's host work overlap this one's GPU work (launch())."""
+        key = (sampler, steps, h, w)
+        entry = self._schedulers.pop(key, None)
         if entry is None:
             m = self.model
             template = scheduler_for(sampler, m.scheduler_class, m.scheduler_config)
-            # Shared by every copy: the frozen config and the tensors as built (betas, alphas,
-            # the initial sigmas), which diffusers' schedulers replace, never write in place;
+            self.family.set_timesteps(template, steps, h, w)
+            # Shared by every copy: the frozen config and the tensors as set (betas, alphas,
+            # sigmas, timesteps), which diffusers' schedulers replace, never write in place;
             # copying them was most of a deep copy's 0.1 ms (tests/test_samplers.py checks that
             # no state crosses from one batch to the next).
             shared = {id(v): v for k, v in vars(template).items() if k == "_internal_dict" or isinstance(v, torch.Tensor)}
-            entry = self._schedulers[sampler] = (template, shared)
-        template, shared = entry
+            entry = (template, shared, {})
+            if len(self._schedulers) >= SCHEDULER_ENTRIES:
+                self._schedulers.popitem(last=False)
+        self._schedulers[key] = entry
+        template, shared, _ = entry
         return copy.deepcopy(template, dict(shared))
+
+    def _noised_input(self, sched_key: tuple, scheduler, begin: int, noise: torch.Tensor, init: torch.Tensor,
+                      t0: torch.Tensor) -> torch.Tensor:
+        """Image-to-image's first latents, the scheduler's mix of the input's latents and the noise at
+        t0, as a * init + b * noise. Every sampler's mix is linear with per-timestep scalars; a and
+        b are found once per configuration by mixing ones and zeros through the scheduler in the
+        latents' dtype (its add_noise copies CPU tables to the device, blocking). With a and b
+        those rounded values, each product and the sum round as the scheduler's own would."""
+        mixes = self._schedulers[sched_key][2]
+        mix = mixes.get((begin, init.dtype))
+        if mix is None:
+            one = torch.ones((1,) * init.dim(), device=init.device, dtype=init.dtype)
+            zero = torch.zeros_like(one)
+            mix = mixes[(begin, init.dtype)] = (
+                self.family.initial_latents(scheduler, zero, one, t0).item(),
+                self.family.initial_latents(scheduler, one, zero, t0).item())
+        a, b = mix
+        return init * a + noise * b
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return self.family.uses_cfg and guidance_scale > 1.0
@@ -397,13 +431,13 @@ class Pipeline:
             cond = tuple(torch.cat([a, b]) for a, b in zip(neg, pos))  # [2B, ...]: unconditional first
         marks.mark("text")
 
-        scheduler = self._scheduler(batch.sampler)
         f = m.limits.vae_scale_factor
         h, w = batch.height // f, batch.width // f
         # A chunk-cache region follows its whole frame's schedule: Flux shifts its sigmas by the
         # token count, and the region's pixels are pasted among the whole frame's.
         sched_h, sched_w = (batch.crop[0] // f, batch.crop[1] // f) if batch.crop is not None else (h, w)
-        fam.set_timesteps(scheduler, batch.steps, sched_h, sched_w)
+        sched_key = (batch.sampler, batch.steps, sched_h, sched_w)
+        scheduler = self._scheduler(*sched_key)
         timesteps = scheduler.timesteps
         begin = 0
         seeds = [fr.seed for fr in batch.frames]
@@ -430,11 +464,14 @@ class Pipeline:
             # A known start spares the scheduler a search of its timesteps (a device sync, which
             # a captured graph cannot contain).
             scheduler.set_begin_index(begin * scheduler.order)
-        latents = fam.initial_latents(scheduler, noise, init, timesteps[:1])
+        if init is None:
+            latents = fam.initial_latents(scheduler, noise, None, timesteps[:1])
+        else:
+            latents = self._noised_input(sched_key, scheduler, begin, noise, init, timesteps[:1])
         origin = (batch.crop[2] // f, batch.crop[3] // f) if batch.crop is not None else (0, 0)
         extra = fam.extra_inputs(n, batch.width, batch.height, batch.guidance_scale, h, w, origin)
         names = sorted(extra)
-        guidance = torch.tensor(batch.guidance_scale, device=m.device, dtype=torch.float32)
+        guidance = torch.full((), batch.guidance_scale, device=m.device, dtype=torch.float32)  # a fill: no blocking copy
         mode = "split" if cfg_split else "cfg" if cfg else "plain"
 
         def eps_of(x, t, g, *tensors):

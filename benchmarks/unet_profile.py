@@ -229,8 +229,12 @@ def main() -> None:
         from rtdiff_cluster.engine import samplers
         from rtdiff_cluster.engine.pipeline import Pipeline
 
-        Pipeline._scheduler = lambda self, sampler: samplers.scheduler_for(
-            sampler, self.model.scheduler_class, self.model.scheduler_config)
+        def from_config(self, sampler, steps, h, w):  # text-to-image frames only: no noise mix needs it kept
+            scheduler = samplers.scheduler_for(sampler, self.model.scheduler_class, self.model.scheduler_config)
+            self.family.set_timesteps(scheduler, steps, h, w)
+            return scheduler
+
+        Pipeline._scheduler = from_config
     if args.kv_per_step:
         import contextlib
 

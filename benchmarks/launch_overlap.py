@@ -7,9 +7,10 @@ image-to-image frame, 2 steps at strength 0.5, each at 1024 and 512), after warm
 - one by one: each frame launched and collected before the next (median wall ms);
 - pipelined: up to `--window` frames in flight, the oldest collected when the window is full
   (wall ms per frame over the run);
-- the synchronising CUDA calls one launch makes, counted by PyTorch's sync debug mode: each one
-  holds the host until every batch still queued on the stream has finished, so the GPU then idles
-  through the rest of the launch's host work.
+- the synchronising CUDA calls one launch makes, counted by PyTorch's sync debug mode in separate
+  launches after the timed ones (its warnings cost host time): each one holds the host until
+  every batch still queued on the stream has finished, so the GPU then idles through the rest of
+  the launch's host work.
 
 --blocking-copies is the A/B: the scheduler's timesteps set on every batch's copy and the
 image-to-image noise mixed by the scheduler's add_noise, each a blocking copy to the device, as
@@ -75,6 +76,26 @@ def use_blocking_copies() -> None:
         s, noise, init, t0)
 
 
+def count_syncs(launch, cuda: bool, launches: int = 5) -> float:
+    """Median synchronising CUDA calls per launch(i), counted by PyTorch's sync debug mode in warn
+    mode, apart from the timed runs (each warning costs host time). Each launched frame is
+    collected after the count: collecting waits by design."""
+    counts = []
+    for i in range(launches):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                launched = launch(i)
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message).lower() for w in caught))
+        launched.result()
+    return statistics.median(counts)
+
+
 def measure(pipe, device, size: int, steps: int, strength: float, frames: int, window: int) -> dict:
     from rtdiff_cluster import clips
 
@@ -94,28 +115,18 @@ def measure(pipe, device, size: int, steps: int, strength: float, frames: int, w
         pipe.run(batch_for(size, steps, strength, i % 8, init), [PROMPT], [""])
         one_by_one.append((time.perf_counter() - t) * 1e3)
 
-    syncs = []
     in_flight: collections.deque = collections.deque()
     sync()
     t = time.perf_counter()
     for i in range(frames):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if cuda:
-                torch.cuda.set_sync_debug_mode("warn")
-            try:
-                in_flight.append(pipe.launch(batch_for(size, steps, strength, i % 8, init), [PROMPT], [""]))
-            finally:
-                if cuda:
-                    torch.cuda.set_sync_debug_mode("default")
-        syncs.append(sum("synchroniz" in str(w.message).lower() for w in caught))
+        in_flight.append(pipe.launch(batch_for(size, steps, strength, i % 8, init), [PROMPT], [""]))
         if len(in_flight) >= window:
             in_flight.popleft().result()
     while in_flight:
         in_flight.popleft().result()
     pipelined = (time.perf_counter() - t) * 1e3 / frames
-    return {"one_by_one_ms": statistics.median(one_by_one), "pipelined_ms": pipelined, "fps": 1e3 / pipelined,
-            "syncs_per_launch": statistics.median(syncs)}
+    syncs = count_syncs(lambda i: pipe.launch(batch_for(size, steps, strength, i % 8, init), [PROMPT], [""]), cuda)
+    return {"syncs_per_launch": syncs, "one_by_one_ms": statistics.median(one_by_one), "pipelined_ms": pipelined, "fps": 1e3 / pipelined}
 
 
 def markdown(res: dict) -> str:

@@ -44,3 +44,13 @@ class PinnedUploads:
         uploaded.record()
         self._buffers[shape] = (buf, uploaded)
         return out
+
+
+def to_device_async(host: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small host tensor on the device in dtype, without PyTorch's blocking copy (a copy plus a
+    stream synchronisation, which waits for every batch still running: engine/pipeline.py launches
+    the next batch while one runs). Through the caching host allocator's pinned memory, which it
+    reuses only once the copy is done."""
+    if device.type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    return host.to(device, dtype)

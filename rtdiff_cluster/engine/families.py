@@ -18,17 +18,10 @@ import torch
 
 from rtdiff_cluster.engine.step_cache import flux_first_block, unet_first_block
 from rtdiff_cluster.models.base import LoadedModel
+from rtdiff_cluster.pinned import to_device_async
 
 Cond = tuple[torch.Tensor, ...]  # one prompt's conditioning tensors, without a batch dim
 DEVICE_INPUT_ENTRIES = 64  # per-size inputs kept on the device (extra_inputs)
-
-
-def _small_to_device(host: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A small host tensor on the device without a blocking copy, which would wait for every batch
-    still running on the stream (engine/pipeline.py launches the next batch while one runs)."""
-    if device.type == "cuda":
-        host = host.pin_memory().to(device, non_blocking=True)
-    return host.to(device, dtype)
 
 
 def _tokens(tokenizer, prompts: list[str], max_length: int, device) -> torch.Tensor:
@@ -63,7 +56,7 @@ class Family:
         if out is None:
             if len(self._device_inputs) >= DEVICE_INPUT_ENTRIES:
                 self._device_inputs.pop(next(iter(self._device_inputs)))
-            out = self._device_inputs[key] = _small_to_device(make(), self.m.device, self.m.dtype)
+            out = self._device_inputs[key] = to_device_async(make(), self.m.device, self.m.dtype)
         return out
 
     # ---- prompts ---------------------------------------------------------------------------

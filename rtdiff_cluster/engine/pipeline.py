@@ -34,7 +34,7 @@ from rtdiff_cluster.engine.step_cache import StepCache
 from rtdiff_cluster.models.base import LoadedModel
 from rtdiff_cluster.ops.processors import held_across_forwards
 from rtdiff_cluster.parallel import groups
-from rtdiff_cluster.pinned import PinnedUploads
+from rtdiff_cluster.pinned import PinnedUploads, to_device_async
 
 log = logging.getLogger("rtdiff.pipeline")
 
@@ -263,10 +263,8 @@ class Pipeline:
         key = (seed, *shape)
         noise = self._noise.pop(key, None)
         if noise is None:
-            noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
-            if self.model.device.type == "cuda":  # a blocking copy would wait for the batches still running
-                noise = noise.pin_memory().to(self.model.device, non_blocking=True)
-            noise = noise.to(self.model.device, self.model.dtype)
+            noise = to_device_async(torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)),
+                                    self.model.device, self.model.dtype)
             if len(self._noise) >= NOISE_ENTRIES:
                 self._noise.popitem(last=False)  # the least recently used
         self._noise[key] = noise

@@ -173,7 +173,10 @@ class CrossKV(torch.nn.Module):
         graph must compute it inside the capture, and eager runs should not hold it), unless
         held_across_forwards holds it."""
         if not self.held:
-            self._for = self._out = None
+            self.forget()
+
+    def forget(self) -> None:
+        self._for = self._out = None
 
     def of(self, context: torch.Tensor) -> torch.Tensor:
         # The same states object all through one forward (the UNet hands it to every block); a
@@ -197,14 +200,13 @@ def held_across_forwards(backbone: torch.nn.Module):
     if shared is None:
         yield
         return
-    shared.held = False
-    shared.clear()
+    shared.forget()
     shared.held = True
     try:
         yield
     finally:
         shared.held = False
-        shared.clear()
+        shared.forget()
 
 
 class KVSlot:

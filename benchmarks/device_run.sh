@@ -22,6 +22,13 @@
 #   frame-attention-ab  the 1-step frame profile at 1024 and 512, alternating twice: Triton for small attention calls or not
 #   frame-ab      the frame profile A/B, twice each: each batch's scheduler a copy of one built once, or built from its config
 #   frame8-kv-ab  the 8-step frame at 1024, alternating twice: cross-attention K/V once per captured loop or every step
+#   gn-tune       benchmarks/tune_group_norm.py (group_norm_silu's launch knobs on an SDXL step's own calls, 1024 and 512)
+#   cudnn-once    the step profile at 1024 and 512 with cuDNN's heuristic convolution engines, then in benchmark mode
+#   gn-ab         the step profile A/B at 1024 and 512, twice each: GroupNorm's shipped launch knobs, or 4096,8,4 (before)
+#   new-bucket-ab new_bucket.py alternating twice: a bucket eager at its first call and captured at its second, or
+#                 captured at its first (before)
+#   cudnn-ab / frame-cudnn-ab  the step / 1-step frame profile A/B, twice each: heuristic engines, or benchmark mode
+#                 (the -old-N folders hold the benchmark-mode runs)
 #   launch-overlap-ab  benchmarks/launch_overlap.py, alternating twice: launches without blocking copies, or with them
 #                 (as before); then tests/test_gpu_fast_paths.py (a launch checked under PyTorch's sync debug mode)
 #   new-bucket    benchmarks/new_bucket.py (what a shape bucket the replica has not seen costs its first frame)
@@ -89,6 +96,17 @@ for part in $parts; do
       | grep -v "^USDT" | tee "$OUT/frame_profile.log" ;;
     frame-ab) unet_profile_ab ab --scheduler-from-config --frame 1 --sizes 1024,512 ;;
     frame8-kv-ab) unet_profile_ab kv8 --kv-per-step --frame 8 --sizes 1024 ;;
+    gn-tune) timeout 330 python3 benchmarks/tune_group_norm.py --sizes 1024,512 --budget-s 240 --out-dir "$OUT" 2>&1 \
+      | grep -v WARNING | tee "$OUT/tune_group_norm.log" ;;
+    cudnn-once) for ab in "" --cudnn-benchmark; do dir="$OUT/cudnn${ab:+-bench}"; mkdir -p "$dir"
+      timeout 200 python3 benchmarks/unet_profile.py $ab --sizes 1024,512 --out-dir "$dir" 2>&1 | grep -E "^(1024|512): "
+      done ;;
+    cudnn-ab) unet_profile_ab cudnn --cudnn-benchmark --sizes 1024,512 ;;
+    gn-ab) unet_profile_ab gn "--gn-knobs 4096,8,4" --sizes 1024,512 ;;
+    new-bucket-ab) n=0; for ab in "" --capture-at-first-call "" --capture-at-first-call; do d="$OUT/nb${ab:+-old}-$((++n))"
+      mkdir -p "$d"; timeout 140 python3 benchmarks/new_bucket.py --device cuda $ab --out-dir "$d" 2>&1 \
+      | grep -E "^\{'bucket'"; done ;;
+    frame-cudnn-ab) unet_profile_ab fcudnn --cudnn-benchmark --frame 1 --sizes 1024,512 ;;
     launch-overlap-ab) n=0; for ab in "" --blocking-copies "" --blocking-copies; do d="$OUT/lo${ab:+-old}-$((++n))"
       mkdir -p "$d"; timeout 150 python3 benchmarks/launch_overlap.py $ab --out-dir "$d" 2>&1 | grep -E "(text|image)-to-image"
       rm -f "$d"/*.md; done

@@ -1,26 +1,26 @@
 #!/usr/bin/env python
-"""What a shape bucket the replica has not seen costs the frame that brings it.
+"""What a shape bucket the replica has not seen costs the frames that bring it.
 
-A serving replica replays one CUDA graph per (batch, height, width, schedule) bucket. A frame of
-a new bucket pays every first-time cost on the serving path: the backends' per-shape set-up
-(cuDNN builds an execution plan, and for its attention compiles a kernel, per new shape), the
-graph's warm-up runs and its capture. A live stream whose frames the gateway batched two at a
-time met such a bucket mid-stream and stalled for seconds (results/stream_serving-...-batched-kv.md,
-window 3). This measures, for one model on its fast paths, after the default frame is warm:
+A serving replica replays one CUDA graph per (batch, height, width, schedule) bucket. The frames
+of a new bucket pay every first-time cost on the serving path: the backends' per-shape set-up
+(cuDNN builds an execution plan; Triton compiles and autotunes), and the graph's capture. A live
+stream whose frames the gateway batched two at a time met such a bucket mid-stream and stalled for
+seconds (results/stream_serving-...-batched-kv.md, window 3). This measures, for one model on its
+fast paths, after the default frame is warm (the replica's warm-up: two runs), the serving path's
+calls of each new bucket, one after the other:
 
-  eager, cold     the new bucket's frame run eagerly, first time in this process
-  eager, warm     the same again
-  first graphed   the first graphed call, with the backends already warm: a capture (warm-ups +
-                  capture), or replays of captured batch sizes where those cover it (pipeline.py)
-  replay          the graphed call after that
+  first call    everything cold: by default it runs eagerly (engine/graphs.py); with
+                --capture-at-first-call, as before, warm-up runs, the capture and a replay
+  second call   by default the capture (no warm-up runs) and a replay
+  replay        the best of 3 calls after those
 
-for new buckets: batch 2 at the default size, a new resolution, and a chunk-cache-sized region;
-and, on a second new batch size, the graphed call cold (everything at once, as a replica meets
-it today). As a replica does, attention is sealed after the warm-up frame (ops/attention.py: cuDNN
-then takes only the shapes it built); --compile-attention-for-new-shapes lets cuDNN build kernels
-for the new shapes too (the behaviour before sealing), --attention picks one backend.
+for new buckets: batch 2 at the default size (replays of the captured batch of one:
+pipeline.py), a new resolution, a chunk-cache-sized region and a batch of 3. As a replica does,
+attention is sealed after the warm-up frame (ops/attention.py: cuDNN then takes only the shapes it
+built); --compile-attention-for-new-shapes lets cuDNN build kernels for the new shapes too,
+--attention picks one backend.
 
-    python benchmarks/new_bucket.py [--device cuda] [--attention auto|cudnn|torch flash]
+    python benchmarks/new_bucket.py [--device cuda] [--capture-at-first-call] [--attention auto|cudnn|torch flash]
                                     [--compile-attention-for-new-shapes] [--out-dir DIR]
 """
 
@@ -46,6 +46,9 @@ def main() -> int:
     ap.add_argument("--attention", default="auto", help="fast_paths.attention for this run")
     ap.add_argument("--compile-attention-for-new-shapes", action="store_true",
                     help="fast_paths.compile_attention_for_new_shapes: cuDNN builds kernels for new shapes too")
+    ap.add_argument("--capture-at-first-call", action="store_true",
+                    help="capture a bucket at its first call (warm-up runs first), as before engine/graphs.py's eager "
+                         "first call (an A/B)")
     ap.add_argument("--steps", type=int, default=2, help="schedule length (at strength 0.5 half of it runs)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -64,8 +67,9 @@ def main() -> int:
 
     device = torch.device(args.device)
     model, fp = load_engine(args)
+    if fp.graphs is not None:
+        fp.graphs.eager_first = not args.capture_at_first_call
     graphed = Pipeline(model, 4, fp.graphs, 8)
-    eager = Pipeline(model, 4, None, 8)
     m = model.limits.size_multiple
 
     def batch(n: int, w: int, h: int) -> BatchSpec:
@@ -97,6 +101,7 @@ def main() -> int:
 
     s = args.size
     first_ms, warmup_compiled = compiled_by(lambda: timed(graphed, batch(1, s, s)))  # the warm-up frame: all cold
+    warmup_ms = [first_ms, timed(graphed, batch(1, s, s))]  # as a replica warms up: twice
     fp.seal_attention()
     warm_ms = min(timed(graphed, batch(1, s, s)) for _ in range(5))
     region = max(m, (s // 2) // m * m)
@@ -104,32 +109,27 @@ def main() -> int:
     rows = []
     for name, b in ((f"batch 2 at {s}", batch(2, s, s)),
                     (f"batch 1 at {narrower}x{s}", batch(1, narrower, s)),
-                    (f"region {region}x{region}", batch(1, region, region))):
+                    (f"region {region}x{region}", batch(1, region, region)),
+                    (f"batch 3 at {s}", batch(3, s, s))):
         row = {"bucket": name}
-        row["eager_cold_ms"], row["triton_compiled"] = compiled_by(lambda: timed(eager, b))
-        row["eager_warm_ms"] = timed(eager, b)
         before = captures()
-        row["capture_ms"] = timed(graphed, b)
-        row["captures"] = captures() - before
+        row["first_ms"], row["triton_compiled"] = compiled_by(lambda: timed(graphed, b))
+        row["first_captures"] = captures() - before
+        before = captures()
+        row["second_ms"] = timed(graphed, b)
+        row["second_captures"] = captures() - before
         row["replay_ms"] = min(timed(graphed, b) for _ in range(3))
         rows.append(row)
         print(row, flush=True)
-    b3 = batch(3, s, s)
-    before = captures()
-    cold = {"bucket": f"batch 3 at {s}, graphed cold"}
-    cold["graphed_cold_ms"], cold["triton_compiled"] = compiled_by(lambda: timed(graphed, b3))
-    cold["captures"] = captures() - before
-    cold["replay_ms"] = min(timed(graphed, b3) for _ in range(3))
-    cold["eager_warm_ms"] = timed(eager, b3)
-    rows.append(cold)
-    print(cold, flush=True)
     fields = {"source": args.source, "vae": args.vae, "size": s, "steps": args.steps, "attention": args.attention,
               "compile_attention_for_new_shapes": args.compile_attention_for_new_shapes,
-              "attention_choices": fp.attention_choices(), "warm_up_frame_ms": first_ms,
+              "attention_choices": fp.attention_choices(), "warm_up_frame_ms": first_ms, "warm_up_ms": warmup_ms,
+              "capture_at_first_call": args.capture_at_first_call,
               "warm_up_triton_compiled": len(warmup_compiled), "default_frame_ms": warm_ms,
               "rows": rows}
     tag = "-".join(t for t in (args.attention.replace(" ", "-") if args.attention != "auto" else "",
-                               "cudnn-every-shape" if args.compile_attention_for_new_shapes else "") if t)
+                               "cudnn-every-shape" if args.compile_attention_for_new_shapes else "",
+                               "capture-at-first-call" if args.capture_at_first_call else "") if t)
     write_results("new_bucket", args.device, fields, args.out_dir, markdown, tag)
     return 0
 
@@ -138,19 +138,24 @@ def markdown(r: dict) -> str:
     f = lambda v: f"{v:.0f}" if v is not None and v >= 100 else (f"{v:.1f}" if v is not None else "-")  # noqa: E731
     sealing = ("kernels built for new shapes too" if r.get("compile_attention_for_new_shapes", True)
                else "sealed after the warm-up frame")
+    order = ("captured at its first call (warm-up runs, capture, replay)" if r.get("capture_at_first_call")
+             else "run eagerly at its first call, captured at its second")
+    warm = r.get("warm_up_ms") or [r["warm_up_frame_ms"]]
     lines = [f"# A new shape bucket on the serving path: {r['source']} ({r['gpu_name'] or r['cpu']}, {r['date']})", "",
              f"{r['steps']}-step schedule at strength 0.5, image-to-image, VAE {r['vae'] or 'own'}; attention "
-             f"{r['attention']}, {sealing} ({r['attention_choices']}). The replica's first frame (all cold): "
-             f"{f(r['warm_up_frame_ms'])} ms; the default frame warm: {f(r['default_frame_ms'])} ms.", "",
-             "| new bucket | eager, cold | eager, warm | first graphed call (backends warm) | first graphed call, cold | "
-             "graphs captured by it | replay |",
+             f"{r['attention']}, {sealing} ({r['attention_choices']}). A new bucket is {order}. The replica's "
+             f"warm-up frame (all cold, then again): {' then '.join(f(v) for v in warm)} ms; the default frame "
+             f"warm: {f(r['default_frame_ms'])} ms.", "",
+             "| new bucket | first call | graphs captured | second call | graphs captured | replay | slowest call / replay |",
              "|---|--:|--:|--:|--:|--:|--:|"]
     for row in r["rows"]:
-        lines.append(f"| {row['bucket']} | {f(row.get('eager_cold_ms'))} | {f(row.get('eager_warm_ms'))} | "
-                     f"{f(row.get('capture_ms'))} | {f(row.get('graphed_cold_ms'))} | {row.get('captures', '-')} | "
-                     f"{f(row['replay_ms'])} |")
-    lines += ["", "Milliseconds for one call (the frame's whole pipeline, synchronised), replay the best of 3. A first "
-                  "graphed call that captured nothing ran as replays of captured batch sizes."]
+        if "first_ms" not in row:  # a file from before the first/second-call rows
+            continue
+        worst = max(row["first_ms"], row["second_ms"])
+        lines.append(f"| {row['bucket']} | {f(row['first_ms'])} | {row['first_captures']} | {f(row['second_ms'])} | "
+                     f"{row['second_captures']} | {f(row['replay_ms'])} | {worst / row['replay_ms']:.1f}x |")
+    lines += ["", "Milliseconds for one call (the frame's whole pipeline, synchronised), replay the best of 3. A call "
+                  "that captured nothing and was not eager ran as replays of captured batch sizes (pipeline.py)."]
     if "warm_up_triton_compiled" in r:
         lines += ["", f"Triton kernels compiled (an empty cache at the start): {r['warm_up_triton_compiled']} by the "
                       "warm-up frame; then, by each new bucket's first call:"]

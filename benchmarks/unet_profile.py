@@ -121,7 +121,9 @@ def markdown(res: dict, top: int = 30) -> str:
     lines = [f"# SDXL UNet step, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
              f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, batch 1, fast paths on, "
              f"quantization {res.get('quantization', 'none')}, cross-attention K/V: {res.get('cross_kv', 'per module')}, "
-             f"attention: {res.get('attention', 'cuDNN first')}", ""]
+             f"attention: {res.get('attention', 'cuDNN first')}"
+             + ("; cuDNN benchmark mode (convolution engines timed per shape)" if res.get("cudnn_benchmark") else "")
+             + (f"; GroupNorm tile, warps, programs per SM: {res['gn_knobs']}" if "gn_knobs" in res else ""), ""]
     for s in res["sizes"]:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"graphed step {s['graph_ms']:.2f} ms; eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms of kernel time"
@@ -137,7 +139,9 @@ def _frame_markdown(res: dict, top: int) -> str:
              f"prompt cached; scheduler: {res.get('scheduler', 'built from its config per batch')}; "
              f"attention: {res.get('attention', 'cuDNN first')}; cross-attention K/V: "
              f"{res.get('cross_kv', 'one matmul, every step')}"
-             + (f"; graphs: {res['graph_segments']}" if "graph_segments" in res else ""), ""]
+             + (f"; graphs: {res['graph_segments']}" if "graph_segments" in res else "")
+             + ("; cuDNN benchmark mode (convolution engines timed per shape)" if res.get("cudnn_benchmark") else "")
+             + (f"; GroupNorm tile, warps, programs per SM: {res['gn_knobs']}" if "gn_knobs" in res else ""), ""]
     for s in res["sizes"]:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"frame wall time {s['wall_ms']:.2f} ms (median, synchronised); its kernels: {s['kernels']}, "
@@ -221,10 +225,22 @@ def main() -> None:
     ap.add_argument("--kv-per-step", action="store_true",
                     help="with --frame: the cross-attention K/V projected at every step of a captured loop, as "
                          "before ops/processors.held_across_forwards (an A/B)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="torch.backends.cudnn.benchmark on: cuDNN times its convolution engines per shape and keeps "
+                         "the fastest, instead of taking its heuristic's first choice (an A/B)")
+    ap.add_argument("--gn-knobs", default="", metavar="TILE,WARPS,PER_SM",
+                    help="group_norm_silu's elements per tile, warps and programs per SM instead of the shipped ones "
+                         "(an A/B; 4096,8,4 before benchmarks/tune_group_norm.py)")
     ap.add_argument("--frame", type=int, default=0, metavar="STEPS",
                     help="profile a whole text-to-image frame of this many steps (tiny VAE) instead of a step")
     args = ap.parse_args()
     args.vae = "tiny" if args.frame else ""
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    import rtdiff_kernels.group_norm_silu as gn
+
+    if args.gn_knobs:
+        gn._TILE_ELEMS, gn._NUM_WARPS, gn._PROGRAMS_PER_SM = (int(v) for v in args.gn_knobs.split(","))
+    gn_knobs = f"{gn._TILE_ELEMS},{gn._NUM_WARPS},{gn._PROGRAMS_PER_SM}"
     if args.scheduler_from_config:
         from rtdiff_cluster.engine import samplers
         from rtdiff_cluster.engine.pipeline import Pipeline
@@ -266,7 +282,9 @@ def main() -> None:
                                    (f"frame-{args.frame}-step", args.frame),
                                    ("scheduler-from-config", args.scheduler_from_config),
                                    ("no-small-triton", args.no_small_triton),
-                                   ("kv-per-step", args.kv_per_step)) if on)
+                                   ("kv-per-step", args.kv_per_step),
+                                   ("cudnn-benchmark", args.cudnn_benchmark),
+                                   (f"gn-{gn_knobs.replace(',', '-')}", args.gn_knobs)) if on)
     write_results("unet_profile", args.device, {"source": args.source, "quantization": quant, "sizes": sizes,
                                                 "frame_steps": args.frame,
                                                 "scheduler": "built from its config per batch" if args.scheduler_from_config
@@ -274,7 +292,9 @@ def main() -> None:
                                                 "cross_kv": ("per module" if args.per_module_kv else "one matmul")
                                                 + (", every step" if args.kv_per_step or not args.frame
                                                    else ", once per captured loop"),
-                                                "attention": attention},
+                                                "attention": attention,
+                                                "cudnn_benchmark": args.cudnn_benchmark,
+                                                "gn_knobs": gn_knobs},
                   args.out_dir, markdown, tag=tag)
 
 

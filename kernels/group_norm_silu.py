@@ -50,10 +50,14 @@ from rtdiff_kernels._launch import sm_count, triton_runs
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tuning knobs (module level so the tests can shrink them to reach multi-chunk / split-group paths
-# at tiny sizes). Elements per tile: 4096 keeps 16 fp32 values per thread at 8 warps.
+# at tiny sizes). Chosen on an SDXL step's own 46 calls (benchmarks/tune_group_norm.py, H200,
+# results/tune_group_norm-2026-11-24-*): 4 warps and 2 programs per SM took them from 1163 to
+# 907 us at 1024 and from 748 to 584 us at 512 against the earlier 8 warps and 4 per SM. Most of
+# those calls are 32x32 and 64x64 latents, where more, smaller programs only add each program's
+# fixed cost (its reductions and partials); larger tiles (8192, 16384) were slower at every setting.
 _TILE_ELEMS = 4096
-_NUM_WARPS = 8
-_PROGRAMS_PER_SM = 4  # grid target: enough programs that every SM has several tiles in flight
+_NUM_WARPS = 4
+_PROGRAMS_PER_SM = 2  # grid target: programs per SM over channel blocks x H*W chunks
 _MAX_BLOCK_C_CL = 256  # channels_last: wide rows of contiguous channels per tile
 _MAX_BLOCK_C_NCHW = 128  # NCHW: rows are H*W-contiguous, a narrower channel block suffices
 _MAX_GROUPS_PER_BLOCK = 32  # bounds the [BLOCK_C, BLOCK_G] one-hot that maps channels to groups

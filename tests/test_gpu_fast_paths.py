@@ -60,7 +60,9 @@ def test_fast_paths_match_plain_modules_and_replay_graphs(source, steps):
     plain, fast, fp = pipelines(source)
     assert fp.report["kernels"].startswith("on") and fp.report["cuda_graphs"].startswith("on"), fp.report
     for size, seeds in ((256, (1,)), (320, (2, 3))):
-        assert_images_close(frame(fast, size, steps, seeds), frame(plain, size, steps, seeds), f"{source} {size} {steps} steps")
+        want = frame(plain, size, steps, seeds)
+        for call in ("eager first call", "captured second call"):  # engine/graphs.py: a bucket captures at its second
+            assert_images_close(frame(fast, size, steps, seeds), want, f"{source} {size} {steps} steps, {call}")
     captured = fp.graphs.stats().captures
     assert captured == (2 if steps == 2 else 4), fp.graphs.stats()  # per size: the loop, or the step and the decode
     again = frame(fast, 256, steps)
@@ -72,12 +74,12 @@ def test_fast_paths_match_plain_modules_and_replay_graphs(source, steps):
 @pytest.mark.parametrize("source", ["synthetic:tiny-sdxl", "synthetic:tiny-flux"])
 def test_every_sampler_under_graphs_matches_plain_modules(source):
     """Samplers whose step can be captured run as one loop graph; DDIM's cannot (it reads the
-    timestep on the host) and falls back to a graph per backbone call after its first frame."""
+    timestep on the host) and falls back to a graph per backbone call once its capture failed."""
     from rtdiff_cluster.engine.samplers import offered
 
     plain, fast, fp = pipelines(source)
     for sampler in offered(fast.model.limits.family):
-        for _ in range(2):  # the first run captures (or finds it cannot), the second replays
+        for _ in range(2):  # the first run is eager, the second captures (or finds it cannot)
             assert_images_close(frame(fast, 256, 3, sampler=sampler), frame(plain, 256, 3, sampler=sampler),
                                 f"{source} {sampler}")
     # Steps graphed one by one after DDIM's (integer timesteps) still capture for Euler's float ones.
@@ -94,7 +96,7 @@ def test_image_to_image_with_a_graphed_encoder_matches_plain_modules(source):
     for size in (256, 320):
         init = clips.texture(size, size, seed=size)
         batch = BatchSpec(size, size, 4, 3.0, 0.5, [FrameSpec("a lighthouse", seed=2, init_image=init)])
-        for _ in range(2):  # capture, then replay
+        for _ in range(2):  # eager, then captured
             got, _ = fast.run(batch, ["a lighthouse"], [""])
             want, _ = plain.run(batch, ["a lighthouse"], [""])
             assert_images_close(got.astype(int), want.astype(int), f"{source} image-to-image {size}")
@@ -111,7 +113,9 @@ def test_batches_launched_back_to_back_equal_each_run_alone():
     _, fast, _ = pipelines("synthetic:tiny-sdxl")
     batches = [BatchSpec(256, 256, 2, 0.0, 0.5, [FrameSpec("a lighthouse", seed=7 + i, init_image=clips.texture(256, 256, seed=i))])
                for i in range(3)]
-    alone = [fast.run(b, ["a lighthouse"], [""])[0] for b in batches]  # also captures the graphs
+    for b in batches[:2]:  # the bucket's eager first call and its capture: what follows replays
+        fast.run(b, ["a lighthouse"], [""])
+    alone = [fast.run(b, ["a lighthouse"], [""])[0] for b in batches]
     launched = [fast.launch(b, ["a lighthouse"], [""]) for b in batches]
     for i, (pending, want) in enumerate(zip(launched, alone)):
         got, times = pending.result()
@@ -148,9 +152,10 @@ def test_graphs_share_one_pool_and_replay_in_any_order():
 
     g = torch.Generator(device="cuda").manual_seed(0)
     big, small = (lambda: torch.randn(2048, 256, device="cuda", generator=g)), (lambda: torch.randn(1024, 128, device="cuda", generator=g))
-    alone = GraphCache(torch.device("cuda"), 4, 1 << 34)
+    # Captured at their first call (eager_first=False): what is checked here is the pool, not the order.
+    alone = GraphCache(torch.device("cuda"), 4, 1 << 34, eager_first=False)
     alone.call("small", fn, small())
-    cache = GraphCache(torch.device("cuda"), 4, 1 << 34)
+    cache = GraphCache(torch.device("cuda"), 4, 1 << 34, eager_first=False)
     cache.call("big", fn, big())
     pool_after_big = cache._pool_bytes
     cache.call("small", fn, small())
@@ -174,12 +179,43 @@ def test_graphs_share_one_pool_and_replay_in_any_order():
     torch.testing.assert_close(cache.call("big", fn, xb), fn(xb), rtol=1e-4, atol=1e-3)
 
     # Over the byte budget everything but the graph just captured goes, with the pool's other users.
-    tight = GraphCache(torch.device("cuda"), 4, 1)
+    tight = GraphCache(torch.device("cuda"), 4, 1, eager_first=False)
     tight.call("big", fn, big())
     tight.call("small", fn, small())
     assert "big" not in tight and "small" in tight and tight.stats().graphs == 1
     torch.testing.assert_close(tight.call("big", fn, xb), fn(xb), rtol=1e-4, atol=1e-3)
     assert tight.stats().captures == 3
+
+
+def test_a_new_bucket_runs_eagerly_then_is_captured_without_warm_up_runs():
+    """engine/graphs.py: a bucket's first call runs fn once, eagerly, on the caller's inputs; its
+    second runs fn once more, under capture (no warm-up runs), and replays it; later calls only
+    replay. Every call returns fn's result, and the graph's output buffers keep the eager outputs'
+    layout (channels-last stays channels-last)."""
+    from rtdiff_cluster.engine.graphs import GraphCache
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(16, 8, 3, 3, device="cuda", generator=g).to(memory_format=torch.channels_last)
+    runs = []
+
+    def reference(x):
+        y = torch.nn.functional.conv2d(x, w, padding=1)
+        return y.relu(), y.float().sum()
+
+    def fn(x):
+        runs.append(torch.cuda.is_current_stream_capturing())
+        return reference(x)
+
+    cache = GraphCache(torch.device("cuda"), 4, 1 << 34)
+    for call, capturing in enumerate([[False], [False, True], [False, True], [False, True]]):
+        x = torch.randn(2, 8, 24, 40, device="cuda", generator=g).to(memory_format=torch.channels_last)
+        got = cache.call("conv", fn, x)
+        assert runs == capturing, (call, runs)
+        assert cache.eager_calls == 1 and cache.captures == (0 if call == 0 else 1)
+        want = reference(x)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-2)
+        assert got[0].is_contiguous(memory_format=torch.channels_last), (call, got[0].stride())
 
 
 @pytest.mark.parametrize("source", ["synthetic:tiny-sdxl", "synthetic:tiny-flux"])
@@ -198,7 +234,7 @@ def test_a_launch_never_waits_for_the_batches_still_running(source):
         return [BatchSpec(256, 256, 2, 3.0, 0.0, [FrameSpec("a lighthouse", seed=seed)]),
                 BatchSpec(256, 256, 4, 3.0, 0.5, [FrameSpec("a lighthouse", seed=seed + 1, init_image=init)])]
 
-    for b in batches(1):  # warm-up: captures, the scheduler's configuration, the prompt's encoding
+    for b in batches(1) + batches(3):  # warm-up: eager first calls, captures, the scheduler's set-up, the prompt
         fast.run(b, ["a lighthouse"], [""])
     alone = [fast.run(b, ["a lighthouse"], [""])[0] for seed in (5, 7) for b in batches(seed)]
     torch.cuda.synchronize()
@@ -215,13 +251,14 @@ def test_a_launch_never_waits_for_the_batches_still_running(source):
 def test_graph_cache_drops_least_recently_used_within_its_budget():
     _, fast, fp = pipelines("synthetic:tiny-sdxl", max_graphs=2)
     for size in (256, 320, 384):
-        frame(fast, size, 2)
+        frame(fast, size, 2)  # eager
+        frame(fast, size, 2)  # captured
     s = fp.graphs.stats()
     assert s.graphs == 2 and s.evictions == 1 and s.captures == 3
     frame(fast, 384, 2)
     assert fp.graphs.stats().captures == 3  # 384 was kept: most recently used
     frame(fast, 256, 2)
-    assert fp.graphs.stats().captures == 4  # 256 was the one dropped
+    assert fp.graphs.stats().captures == 4  # 256 was the one dropped; it ran before, so it captures at once
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm89+")
@@ -332,6 +369,9 @@ def test_chunk_cached_frames_launched_back_to_back_equal_frames_run_one_by_one()
     def batch(img, out=None):
         return BatchSpec(256, 256, 2, 0.0, 0.5, [FrameSpec("a lighthouse", seed=3, init_image=img, output_size=out)])
 
+    warm = StreamFrameCache("cuda")  # each bucket's eager first call: both passes below replay graphs
+    for img in frames:
+        run_cached(lambda b: fast.run(b, ["a lighthouse"], [""]), warm, batch(img), settings)
     one_by_one, cache = [], StreamFrameCache("cuda")
     for img in frames:
         one_by_one.append(run_cached(lambda b: fast.run(b, ["a lighthouse"], [""]), cache, batch(img), settings))
@@ -396,7 +436,8 @@ def test_after_the_warm_up_new_attention_shapes_skip_cudnn_and_match_the_plain_m
 def test_a_batch_size_without_a_graph_replays_captured_sizes_until_it_comes_often():
     """No capture on the serving path for a new batch size that captured sizes can cover: a batch
     of three runs as three replays of the batch-of-one graph, with the images of three lone frames,
-    until it came splits_before_capture times; then it gets its own graph."""
+    until it came splits_before_capture times; then it runs as itself, eagerly the first time
+    (engine/graphs.py) and captured the next."""
     plain, fast, fp = pipelines("synthetic:tiny-sdxl")
     fast.splits_before_capture = 2
     alone = np.concatenate([frame(fast, 128, 2, seeds=(s,)) for s in (1, 2, 3)])
@@ -404,6 +445,8 @@ def test_a_batch_size_without_a_graph_replays_captured_sizes_until_it_comes_ofte
     for _ in range(2):
         assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), alone, "batch of three as replays")
         assert fp.graphs.captures == captures
+    assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), alone, "batch of three, eagerly as itself")
+    assert fp.graphs.captures == captures
     assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), alone, "batch of three, its own graph")
     assert fp.graphs.captures > captures
     assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), frame(plain, 128, 2, seeds=(1, 2, 3)), "vs plain modules")

@@ -17,6 +17,15 @@ size recaptured 20 graphs in 240 measured frames, p99 1.0 s). The least recently
 dropped beyond the count budget; beyond the byte budget (the pool plus every graph's static
 inputs and outputs) all are dropped and the pool starts over.
 
+A bucket's first call runs eagerly and its second is captured, without warm-up runs: the eager
+call already did every lazy set-up a capture must not contain (Triton's compiles and autotuning,
+cuDNN's plans, our own per-size caches), on the thread that captures. Capturing at the first call
+instead ran the bucket twice eagerly on a side stream, then captured it and replayed it: a new
+SDXL bucket's frame took 225-234 ms there against 71-74 ms for one eager run
+(results/new_bucket-2026-11-24-*-gn-plan.md, H200). Spread over two calls, a stream meeting a new
+size or step count (the governor's rungs) pays an eager frame, then a capture, each about a third
+of the old stall. `eager_first=False` keeps the old order (benchmarks that time the capture).
+
 `torch.cuda.graphs.make_graphed_callables` targets autograd training steps (it captures a
 backward too); inference needs only capture and replay, with the inputs copied into static
 buffers, which is what this does.
@@ -49,6 +58,28 @@ class _Captured:
     replays: int = 0
 
 
+SEEN_PER_GRAPH = 4  # buckets remembered as run once, per graph the cache may keep
+
+
+@dataclass
+class _Layout:
+    """What a call returned: one tensor or a tuple, each output's shape, strides and dtype."""
+    single: bool
+    outputs: tuple[tuple[torch.Size, tuple[int, ...], torch.dtype], ...]
+
+    @staticmethod
+    def of(out) -> "_Layout":
+        single = isinstance(out, torch.Tensor)
+        outs = (out,) if single else tuple(out)
+        # empty_like's rule: a dense tensor keeps its strides (channels-last stays so), others
+        # become contiguous.
+        return _Layout(single, tuple((o.shape, o.stride() if o.is_non_overlapping_and_dense() else
+                                      torch.empty(o.shape, device="meta").stride(), o.dtype) for o in outs))
+
+    def empty(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.empty_strided(shape, stride, dtype=dtype, device=device) for shape, stride, dtype in self.outputs)
+
+
 @dataclass
 class GraphStats:
     graphs: int
@@ -66,14 +97,22 @@ class GraphCache:
     graph's static buffers: a later replay of the same key overwrites them, so a caller that keeps
     them across calls clones them."""
 
-    def __init__(self, device: torch.device, max_graphs: int, max_bytes: int, warmup_runs: int = 2):
+    def __init__(self, device: torch.device, max_graphs: int, max_bytes: int, warmup_runs: int = 2,
+                 eager_first: bool = True):
+        """warmup_runs: eager runs on a side stream before a capture that no eager call preceded
+        (eager_first=False, or a bucket whose first call was forgotten)."""
         if device.type != "cuda":
             raise ValueError(f"GraphCache: CUDA graphs need a CUDA device, got {device}")
         self.device = device
         self.max_graphs = max_graphs
         self.max_bytes = max_bytes
         self.warmup_runs = warmup_runs
+        self.eager_first = eager_first
         self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
+        # Buckets whose first call ran eagerly, with their outputs' layout (the capture allocates
+        # its output buffers from it); bounded, oldest forgotten first.
+        self._seen: OrderedDict[Hashable, _Layout] = OrderedDict()
+        self.eager_calls = 0
         self._pool = None  # the shared pool's handle, made at the first capture
         self._pool_bytes = 0  # what the captures grew the device reservation by
         self.captures = 0
@@ -88,9 +127,19 @@ class GraphCache:
                           sum(c.replays for c in g))
 
     def call(self, key: Hashable, fn: Fn, *inputs: torch.Tensor):
+        """fn(*inputs): eagerly at a bucket's first call (eager_first), captured at its second (or at
+        its first without eager_first), replayed from then on."""
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(key, fn, inputs)
+            layout = self._seen.get(key)
+            if layout is None and self.eager_first:
+                out = fn(*inputs)
+                self._seen[key] = _Layout.of(out)
+                while len(self._seen) > SEEN_PER_GRAPH * self.max_graphs:
+                    self._seen.popitem(last=False)
+                self.eager_calls += 1
+                return out
+            entry = self._capture(key, fn, inputs, layout)
         else:
             self._graphs.move_to_end(key)
             for static, x in zip(entry.inputs, inputs):
@@ -102,22 +151,24 @@ class GraphCache:
         entry.replays += 1
         return entry.outputs[0] if entry.single else entry.outputs
 
-    def _capture(self, key: Hashable, fn: Fn, inputs: Sequence[torch.Tensor]) -> _Captured:
+    def _capture(self, key: Hashable, fn: Fn, inputs: Sequence[torch.Tensor], layout: "_Layout | None") -> _Captured:
         t0 = time.perf_counter()
         self._evict(keep_room_for_one=True)
         static = [x.detach().clone() for x in inputs]
-        # Warm-up on a side stream, as capture requires: it also triggers every lazy set-up the
-        # graph must not contain (cuBLAS/cuDNN workspaces, Triton compilation and autotuning).
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(max(1, self.warmup_runs)):
-                out = fn(*static)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        single = isinstance(out, torch.Tensor)
+        if layout is None:
+            # No eager call came first: warm-up runs on a side stream do the lazy set-up the graph
+            # must not contain (cuBLAS/cuDNN workspaces, Triton compilation and autotuning).
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(max(1, self.warmup_runs)):
+                    out = fn(*static)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            layout = _Layout.of(out)
+            del out
+        single = layout.single
         # The outputs' buffers, outside the pool: the graph's last kernels copy into them.
-        outputs = tuple(torch.empty_like(o) for o in ((out,) if single else out))
-        del out
+        outputs = layout.empty(self.device)
         torch.cuda.synchronize(self.device)
         # torch.cuda.graph empties the allocator's cache on entry; doing it first makes the
         # reservation's growth during capture the shared pool's.
@@ -182,5 +233,6 @@ class GraphCache:
 
     def clear(self) -> None:
         self._graphs.clear()
+        self._seen.clear()
         self._pool, self._pool_bytes = None, 0
         torch.cuda.empty_cache()

@@ -71,10 +71,9 @@ class _Layout:
     def of(out) -> "_Layout":
         single = isinstance(out, torch.Tensor)
         outs = (out,) if single else tuple(out)
-        # empty_like's rule: a dense tensor keeps its strides (channels-last stays so), others
-        # become contiguous.
-        return _Layout(single, tuple((o.shape, o.stride() if o.is_non_overlapping_and_dense() else
-                                      torch.empty(o.shape, device="meta").stride(), o.dtype) for o in outs))
+        # The strides empty_like would give (a dense tensor keeps its own, so channels-last stays
+        # so; others become contiguous), found without allocating.
+        return _Layout(single, tuple((o.shape, torch.empty_like(o, device="meta").stride(), o.dtype) for o in outs))
 
     def empty(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         return tuple(torch.empty_strided(shape, stride, dtype=dtype, device=device) for shape, stride, dtype in self.outputs)

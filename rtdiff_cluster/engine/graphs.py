@@ -97,9 +97,10 @@ class GraphCache:
     them across calls clones them."""
 
     def __init__(self, device: torch.device, max_graphs: int, max_bytes: int, warmup_runs: int = 2,
-                 eager_first: bool = True):
+                 eager_first: bool = True, capture_error_mode: str = "thread_local"):
         """warmup_runs: eager runs on a side stream before a capture that no eager call preceded
-        (eager_first=False, or a bucket whose first call was forgotten)."""
+        (eager_first=False, or a bucket whose first call was forgotten). capture_error_mode:
+        torch.cuda.graph's; "global" makes other threads' synchronising calls fail the capture."""
         if device.type != "cuda":
             raise ValueError(f"GraphCache: CUDA graphs need a CUDA device, got {device}")
         self.device = device
@@ -107,6 +108,7 @@ class GraphCache:
         self.max_bytes = max_bytes
         self.warmup_runs = warmup_runs
         self.eager_first = eager_first
+        self.capture_error_mode = capture_error_mode
         self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
         # Buckets whose first call ran eagerly, with their outputs' layout (the capture allocates
         # its output buffers from it); bounded, oldest forgotten first.
@@ -177,7 +179,13 @@ class GraphCache:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local (the default): the replica's other threads keep working while this one captures (the
+            # waiter's event syncs, nvJPEG's copies on the legacy stream, host copies, allocations on
+            # their own streams). Under the default "global" mode any such call during the capture
+            # invalidated it and failed in that thread: an SDXL stream lost a frame to it once the
+            # capture no longer waited behind warm-up runs (results/stream_serving-2026-11-24-*-race.log).
+            # No other thread touches the capture stream, the one thing thread_local does not guard.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=self.capture_error_mode):
                 out = fn(*static)
                 for dst, src in zip(outputs, (out,) if single else out):
                     dst.copy_(src)

@@ -24,6 +24,7 @@
 #   frame8-kv-ab  the 8-step frame at 1024, alternating twice: cross-attention K/V once per captured loop or every step
 #   gn-tune       benchmarks/tune_group_norm.py (group_norm_silu's launch knobs on an SDXL step's own calls, 1024 and 512)
 #   cudnn-once    the step profile at 1024 and 512 with cuDNN's heuristic convolution engines, then in benchmark mode
+#   capture-race  a capture beside a thread that syncs, copies and allocates, thread-local (shipped) then global mode
 #   gn-ab         the step profile A/B at 1024 and 512, twice each: GroupNorm's shipped launch knobs, or 4096,8,4 (before)
 #   new-bucket-ab new_bucket.py alternating twice: a bucket eager at its first call and captured at its second, or
 #                 captured at its first (before)
@@ -102,6 +103,19 @@ for part in $parts; do
       timeout 200 python3 benchmarks/unet_profile.py $ab --sizes 1024,512 --out-dir "$dir" 2>&1 | grep -E "^(1024|512): "
       done ;;
     cudnn-ab) unet_profile_ab cudnn --cudnn-benchmark --sizes 1024,512 ;;
+    capture-race) timeout 120 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/capture_race.log"
+import sys
+sys.path.insert(0, "tests")
+from test_gpu_fast_paths import capture_beside_a_busy_thread
+for mode in ("thread_local", "global"):
+    try:
+        errors, loops, captures = capture_beside_a_busy_thread(mode)
+        print(f"{mode}: errors in the other thread {len(errors)} {[f'{type(e).__name__}: {str(e)[:90]}' for e in errors[:1]]}, "
+              f"its loops {loops}, captures {captures}", flush=True)
+    except Exception as e:
+        print(f"{mode}: the capturing thread raised {type(e).__name__}: {str(e)[:160]}", flush=True)
+PY
+      ;;
     gn-ab) unet_profile_ab gn "--gn-knobs 4096,8,4" --sizes 1024,512 ;;
     new-bucket-ab) n=0; for ab in "" --capture-at-first-call "" --capture-at-first-call; do d="$OUT/nb${ab:+-old}-$((++n))"
       mkdir -p "$d"; timeout 140 python3 benchmarks/new_bucket.py --device cuda $ab --out-dir "$d" 2>&1 \

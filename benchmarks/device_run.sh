@@ -26,8 +26,8 @@
 #   cudnn-once    the step profile at 1024 and 512 with cuDNN's heuristic convolution engines, then in benchmark mode
 #   capture-race  a capture beside a thread that syncs, copies and allocates, thread-local (shipped) then global mode
 #   gn-ab         the step profile A/B at 1024 and 512, twice each: GroupNorm's shipped launch knobs, or 4096,8,4 (before)
-#   new-bucket-ab new_bucket.py alternating twice: a bucket eager at its first call and captured at its second, or
-#                 captured at its first (before)
+#   new-bucket-ab new_bucket.py alternating twice: a bucket captured at its first call (the default), or eager at its
+#                 first and captured at its second (--eager-first)
 #   cudnn-ab / frame-cudnn-ab  the step / 1-step frame profile A/B, twice each: heuristic engines, or benchmark mode
 #                 (the -old-N folders hold the benchmark-mode runs)
 #   launch-overlap-ab  benchmarks/launch_overlap.py, alternating twice: launches without blocking copies, or with them
@@ -117,7 +117,7 @@ for mode in ("thread_local", "global"):
 PY
       ;;
     gn-ab) unet_profile_ab gn "--gn-knobs 4096,8,4" --sizes 1024,512 ;;
-    new-bucket-ab) n=0; for ab in "" --capture-at-first-call "" --capture-at-first-call; do d="$OUT/nb${ab:+-old}-$((++n))"
+    new-bucket-ab) n=0; for ab in "" --eager-first "" --eager-first; do d="$OUT/nb${ab:+-eager}-$((++n))"
       mkdir -p "$d"; timeout 140 python3 benchmarks/new_bucket.py --device cuda $ab --out-dir "$d" 2>&1 \
       | grep -E "^\{'bucket'"; done ;;
     frame-cudnn-ab) unet_profile_ab fcudnn --cudnn-benchmark --frame 1 --sizes 1024,512 ;;

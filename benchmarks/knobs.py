@@ -49,9 +49,7 @@ SEED = 21
 
 
 def timed(compute, batch, runs: int, device) -> tuple[np.ndarray, float, float | None]:
-    """(image, ms p50, joules per frame or None) after two warm-up runs (a new bucket's first call
-    runs eagerly, its second captures: engine/graphs.py)."""
-    compute(batch)
+    """(image, ms p50, joules per frame or None) after one warm-up run."""
     compute(batch)
     ms = []
     e0 = _energy(device)

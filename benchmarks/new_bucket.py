@@ -6,12 +6,12 @@ of a new bucket pay every first-time cost on the serving path: the backends' per
 (cuDNN builds an execution plan; Triton compiles and autotunes), and the graph's capture. A live
 stream whose frames the gateway batched two at a time met such a bucket mid-stream and stalled for
 seconds (results/stream_serving-...-batched-kv.md, window 3). This measures, for one model on its
-fast paths, after the default frame is warm (the replica's warm-up: two runs), the serving path's
+fast paths, after the default frame is warm (as the replica's warm-up leaves it), the serving path's
 calls of each new bucket, one after the other:
 
-  first call    everything cold: by default it runs eagerly (engine/graphs.py); with
-                --capture-at-first-call, as before, warm-up runs, the capture and a replay
-  second call   by default the capture (no warm-up runs) and a replay
+  first call    everything cold: by default (fast_paths.graph_capture_at_call = 1) warm-up runs,
+                the capture and a replay; with --eager-first (= 2) it runs eagerly
+  second call   with --eager-first the capture (no warm-up runs) and a replay
   replay        the best of 3 calls after those
 
 for new buckets: batch 2 at the default size (replays of the captured batch of one:
@@ -20,7 +20,7 @@ attention is sealed after the warm-up frame (ops/attention.py: cuDNN then takes 
 built); --compile-attention-for-new-shapes lets cuDNN build kernels for the new shapes too,
 --attention picks one backend.
 
-    python benchmarks/new_bucket.py [--device cuda] [--capture-at-first-call] [--attention auto|cudnn|torch flash]
+    python benchmarks/new_bucket.py [--device cuda] [--eager-first] [--attention auto|cudnn|torch flash]
                                     [--compile-attention-for-new-shapes] [--out-dir DIR]
 """
 
@@ -46,9 +46,9 @@ def main() -> int:
     ap.add_argument("--attention", default="auto", help="fast_paths.attention for this run")
     ap.add_argument("--compile-attention-for-new-shapes", action="store_true",
                     help="fast_paths.compile_attention_for_new_shapes: cuDNN builds kernels for new shapes too")
-    ap.add_argument("--capture-at-first-call", action="store_true",
-                    help="capture a bucket at its first call (warm-up runs first), as before engine/graphs.py's eager "
-                         "first call (an A/B)")
+    ap.add_argument("--eager-first", action="store_true",
+                    help="fast_paths.graph_capture_at_call = 2: a bucket's first call runs eagerly, its second captures "
+                         "(an A/B)")
     ap.add_argument("--steps", type=int, default=2, help="schedule length (at strength 0.5 half of it runs)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -68,7 +68,7 @@ def main() -> int:
     device = torch.device(args.device)
     model, fp = load_engine(args)
     if fp.graphs is not None:
-        fp.graphs.eager_first = not args.capture_at_first_call
+        fp.graphs.eager_first = args.eager_first
     graphed = Pipeline(model, 4, fp.graphs, 8)
     m = model.limits.size_multiple
 
@@ -101,7 +101,8 @@ def main() -> int:
 
     s = args.size
     first_ms, warmup_compiled = compiled_by(lambda: timed(graphed, batch(1, s, s)))  # the warm-up frame: all cold
-    warmup_ms = [first_ms, timed(graphed, batch(1, s, s))]  # as a replica warms up: twice
+    # As a replica warms up: once, or twice where the first call runs eagerly.
+    warmup_ms = [first_ms] + ([timed(graphed, batch(1, s, s))] if args.eager_first else [])
     fp.seal_attention()
     warm_ms = min(timed(graphed, batch(1, s, s)) for _ in range(5))
     region = max(m, (s // 2) // m * m)
@@ -124,12 +125,12 @@ def main() -> int:
     fields = {"source": args.source, "vae": args.vae, "size": s, "steps": args.steps, "attention": args.attention,
               "compile_attention_for_new_shapes": args.compile_attention_for_new_shapes,
               "attention_choices": fp.attention_choices(), "warm_up_frame_ms": first_ms, "warm_up_ms": warmup_ms,
-              "capture_at_first_call": args.capture_at_first_call,
+              "eager_first": args.eager_first,
               "warm_up_triton_compiled": len(warmup_compiled), "default_frame_ms": warm_ms,
               "rows": rows}
     tag = "-".join(t for t in (args.attention.replace(" ", "-") if args.attention != "auto" else "",
                                "cudnn-every-shape" if args.compile_attention_for_new_shapes else "",
-                               "capture-at-first-call" if args.capture_at_first_call else "") if t)
+                               "eager-first" if args.eager_first else "") if t)
     write_results("new_bucket", args.device, fields, args.out_dir, markdown, tag)
     return 0
 
@@ -138,8 +139,10 @@ def markdown(r: dict) -> str:
     f = lambda v: f"{v:.0f}" if v is not None and v >= 100 else (f"{v:.1f}" if v is not None else "-")  # noqa: E731
     sealing = ("kernels built for new shapes too" if r.get("compile_attention_for_new_shapes", True)
                else "sealed after the warm-up frame")
-    order = ("captured at its first call (warm-up runs, capture, replay)" if r.get("capture_at_first_call")
-             else "run eagerly at its first call, captured at its second")
+    # Files of this stop's first A/B name the old order "capture_at_first_call"; older ones neither.
+    eager = r.get("eager_first", "capture_at_first_call" in r and not r["capture_at_first_call"])
+    order = ("run eagerly at its first call, captured at its second" if eager
+             else "captured at its first call (warm-up runs, capture, replay)")
     warm = r.get("warm_up_ms") or [r["warm_up_frame_ms"]]
     lines = [f"# A new shape bucket on the serving path: {r['source']} ({r['gpu_name'] or r['cpu']}, {r['date']})", "",
              f"{r['steps']}-step schedule at strength 0.5, image-to-image, VAE {r['vae'] or 'own'}; attention "

@@ -6,9 +6,8 @@ and each setting (cache off; on with halo 32 or 64 px; a higher threshold; for a
 attention processor, halo 32 with the static tokens' recorded keys and values), the clip's frames run
 through engine/stream_frames.run_cached, the code the replica serves them with. "off" computes every
 frame whole: it is both the baseline for speed and the exact output the cached frames are compared
-with (same weights, inputs, seed). Each setting runs the clip three times: two warm-up passes (a
-region shape's first call runs eagerly and its second is captured as a CUDA graph) and the
-measured pass, each with a fresh cache.
+with (same weights, inputs, seed). Each setting runs the clip twice: a warm-up pass (CUDA graph
+captures of the region shapes) and the measured pass, each with a fresh cache.
 
 Reported per row: ms per frame (p50 over the frames after the first, which is always whole), fps
 and its ratio to "off", frames answered from the cache, the fraction of chunks recomputed and of
@@ -120,8 +119,7 @@ def main() -> int:
             settings = None if overrides is None else cache_settings(
                 StreamCacheConfig(**overrides), model.limits.size_multiple)
             kv_px = token_px if name.endswith("token K/V") else 0
-            for _ in range(2):  # warm-up: each bucket's first call runs eagerly, its second captures
-                run_pass(compute, frames, size, args.steps, args.strength, settings, device, kv_px)
+            run_pass(compute, frames, size, args.steps, args.strength, settings, device, kv_px)  # warm-up, captures
             outs, ms, plans, joules, wall = run_pass(compute, frames, size, args.steps, args.strength, settings, device,
                                                      kv_px)
             if exact is None:

@@ -64,6 +64,13 @@ class FastPathConfig:
     beyond it every graph is dropped and the pool starts over."""
     loop_graph_max_steps: int = 8
     """Schedules of at most this many steps run as one graph with the decode."""
+    graph_capture_at_call: int = 1
+    """Which call of a new (batch, size, schedule) bucket captures its graph. 1: the first (after
+    warm-up runs): one slow frame per new bucket, the better choice for streams. 2: the first runs
+    eagerly and the second captures without warm-up runs: the slowest call is 30-45% shorter and a
+    bucket met once is never captured (services of many one-off sizes), but a stream meeting a new
+    size pays two slow frames (H200: a new 768x1024 SDXL frame 269-333 ms, then 103-135 ms, against
+    390-591 ms once; benchmarks/NOTES.md)."""
     gpu_jpeg: bool = True
     """Encode JPEG frames on the GPU (nvJPEG through torchvision) where it imports: 0.2-0.4 ms a
     1024 frame against 4.2-7.0 ms on a host core with PIL (benchmarks/image_codec.py, H200). Its
@@ -81,6 +88,8 @@ class FastPathConfig:
                f"must be in 64..4194304, got {self.graph_memory_mb}")
         _check(0 <= self.loop_graph_max_steps <= 1000, f"{path}.loop_graph_max_steps",
                f"must be in 0..1000, got {self.loop_graph_max_steps}")
+        _check(self.graph_capture_at_call in (1, 2), f"{path}.graph_capture_at_call",
+               f"must be 1 or 2, got {self.graph_capture_at_call!r}")
 
 
 @dataclass

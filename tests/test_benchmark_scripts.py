@@ -86,7 +86,7 @@ def test_new_bucket_times_each_new_shape_bucket(tmp_path):
                                                     "batch 3 at 128"]
     assert all(row[k] > 0 for row in r["rows"] for k in ("first_ms", "second_ms", "replay_ms"))
     assert all(row["first_captures"] == row["second_captures"] == 0 for row in r["rows"])  # a CPU replica has no graphs
-    assert len(r["warm_up_ms"]) == 2
+    assert len(r["warm_up_ms"]) == 1 and not r["eager_first"]  # the default: captured at the first call
 
 
 def test_sharding_runs_the_scaling_layouts_and_checks_tp_against_tp(tmp_path):

@@ -252,6 +252,7 @@ def test_cpu_replica_keeps_diffusers_modules_and_says_why():
     ("quantization", "int4", "models[0].fast_paths.quantization: must be none or fp8"),
     ("max_graphs", 0, "models[0].fast_paths.max_graphs"),
     ("graph_memory_mb", 1, "models[0].fast_paths.graph_memory_mb"),
+    ("graph_capture_at_call", 3, "models[0].fast_paths.graph_capture_at_call: must be 1 or 2"),
 ])
 def test_fast_path_config_errors_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -60,9 +60,7 @@ def test_fast_paths_match_plain_modules_and_replay_graphs(source, steps):
     plain, fast, fp = pipelines(source)
     assert fp.report["kernels"].startswith("on") and fp.report["cuda_graphs"].startswith("on"), fp.report
     for size, seeds in ((256, (1,)), (320, (2, 3))):
-        want = frame(plain, size, steps, seeds)
-        for call in ("eager first call", "captured second call"):  # engine/graphs.py: a bucket captures at its second
-            assert_images_close(frame(fast, size, steps, seeds), want, f"{source} {size} {steps} steps, {call}")
+        assert_images_close(frame(fast, size, steps, seeds), frame(plain, size, steps, seeds), f"{source} {size} {steps} steps")
     captured = fp.graphs.stats().captures
     assert captured == (2 if steps == 2 else 4), fp.graphs.stats()  # per size: the loop, or the step and the decode
     again = frame(fast, 256, steps)
@@ -74,12 +72,12 @@ def test_fast_paths_match_plain_modules_and_replay_graphs(source, steps):
 @pytest.mark.parametrize("source", ["synthetic:tiny-sdxl", "synthetic:tiny-flux"])
 def test_every_sampler_under_graphs_matches_plain_modules(source):
     """Samplers whose step can be captured run as one loop graph; DDIM's cannot (it reads the
-    timestep on the host) and falls back to a graph per backbone call once its capture failed."""
+    timestep on the host) and falls back to a graph per backbone call after its first frame."""
     from rtdiff_cluster.engine.samplers import offered
 
     plain, fast, fp = pipelines(source)
     for sampler in offered(fast.model.limits.family):
-        for _ in range(2):  # the first run is eager, the second captures (or finds it cannot)
+        for _ in range(2):  # the first run captures (or finds it cannot), the second replays
             assert_images_close(frame(fast, 256, 3, sampler=sampler), frame(plain, 256, 3, sampler=sampler),
                                 f"{source} {sampler}")
     # Steps graphed one by one after DDIM's (integer timesteps) still capture for Euler's float ones.
@@ -96,7 +94,7 @@ def test_image_to_image_with_a_graphed_encoder_matches_plain_modules(source):
     for size in (256, 320):
         init = clips.texture(size, size, seed=size)
         batch = BatchSpec(size, size, 4, 3.0, 0.5, [FrameSpec("a lighthouse", seed=2, init_image=init)])
-        for _ in range(2):  # eager, then captured
+        for _ in range(2):  # capture, then replay
             got, _ = fast.run(batch, ["a lighthouse"], [""])
             want, _ = plain.run(batch, ["a lighthouse"], [""])
             assert_images_close(got.astype(int), want.astype(int), f"{source} image-to-image {size}")
@@ -113,9 +111,7 @@ def test_batches_launched_back_to_back_equal_each_run_alone():
     _, fast, _ = pipelines("synthetic:tiny-sdxl")
     batches = [BatchSpec(256, 256, 2, 0.0, 0.5, [FrameSpec("a lighthouse", seed=7 + i, init_image=clips.texture(256, 256, seed=i))])
                for i in range(3)]
-    for b in batches[:2]:  # the bucket's eager first call and its capture: what follows replays
-        fast.run(b, ["a lighthouse"], [""])
-    alone = [fast.run(b, ["a lighthouse"], [""])[0] for b in batches]
+    alone = [fast.run(b, ["a lighthouse"], [""])[0] for b in batches]  # also captures the graphs
     launched = [fast.launch(b, ["a lighthouse"], [""]) for b in batches]
     for i, (pending, want) in enumerate(zip(launched, alone)):
         got, times = pending.result()
@@ -152,10 +148,9 @@ def test_graphs_share_one_pool_and_replay_in_any_order():
 
     g = torch.Generator(device="cuda").manual_seed(0)
     big, small = (lambda: torch.randn(2048, 256, device="cuda", generator=g)), (lambda: torch.randn(1024, 128, device="cuda", generator=g))
-    # Captured at their first call (eager_first=False): what is checked here is the pool, not the order.
-    alone = GraphCache(torch.device("cuda"), 4, 1 << 34, eager_first=False)
+    alone = GraphCache(torch.device("cuda"), 4, 1 << 34)
     alone.call("small", fn, small())
-    cache = GraphCache(torch.device("cuda"), 4, 1 << 34, eager_first=False)
+    cache = GraphCache(torch.device("cuda"), 4, 1 << 34)
     cache.call("big", fn, big())
     pool_after_big = cache._pool_bytes
     cache.call("small", fn, small())
@@ -179,7 +174,7 @@ def test_graphs_share_one_pool_and_replay_in_any_order():
     torch.testing.assert_close(cache.call("big", fn, xb), fn(xb), rtol=1e-4, atol=1e-3)
 
     # Over the byte budget everything but the graph just captured goes, with the pool's other users.
-    tight = GraphCache(torch.device("cuda"), 4, 1, eager_first=False)
+    tight = GraphCache(torch.device("cuda"), 4, 1)
     tight.call("big", fn, big())
     tight.call("small", fn, small())
     assert "big" not in tight and "small" in tight and tight.stats().graphs == 1
@@ -188,10 +183,10 @@ def test_graphs_share_one_pool_and_replay_in_any_order():
 
 
 def test_a_new_bucket_runs_eagerly_then_is_captured_without_warm_up_runs():
-    """engine/graphs.py: a bucket's first call runs fn once, eagerly, on the caller's inputs; its
-    second runs fn once more, under capture (no warm-up runs), and replays it; later calls only
-    replay. Every call returns fn's result, and the graph's output buffers keep the eager outputs'
-    layout (channels-last stays channels-last)."""
+    """engine/graphs.py with eager_first (fast_paths.graph_capture_at_call = 2): a bucket's first
+    call runs fn once, eagerly, on the caller's inputs; its second runs fn once more, under capture
+    (no warm-up runs), and replays it; later calls only replay. Every call returns fn's result,
+    and the graph's output buffers keep the eager outputs' layout (channels-last stays so)."""
     from rtdiff_cluster.engine.graphs import GraphCache
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -206,7 +201,7 @@ def test_a_new_bucket_runs_eagerly_then_is_captured_without_warm_up_runs():
         runs.append(torch.cuda.is_current_stream_capturing())
         return reference(x)
 
-    cache = GraphCache(torch.device("cuda"), 4, 1 << 34)
+    cache = GraphCache(torch.device("cuda"), 4, 1 << 34, eager_first=True)
     for call, capturing in enumerate([[False], [False, True], [False, True], [False, True]]):
         x = torch.randn(2, 8, 24, 40, device="cuda", generator=g).to(memory_format=torch.channels_last)
         got = cache.call("conv", fn, x)
@@ -219,7 +214,7 @@ def test_a_new_bucket_runs_eagerly_then_is_captured_without_warm_up_runs():
 
 
 def capture_beside_a_busy_thread(capture_error_mode: str = "thread_local") -> tuple[list, int, int]:
-    """Three new buckets, each run eagerly then captured then replayed, while another thread does
+    """Three new buckets, each captured (warm-up runs, capture) then replayed, while another thread does
     what a replica's waiter and encoder threads do: allocate and sync an event on its own stream,
     copy to the host, copy on the legacy default stream (as nvJPEG does). Returns (the other
     thread's errors, its loops, captures)."""
@@ -266,8 +261,8 @@ def capture_beside_a_busy_thread(capture_error_mode: str = "thread_local") -> tu
 
 
 def test_a_capture_leaves_the_replicas_other_threads_working():
-    """engine/graphs.py captures a bucket right after its eager call, while the replica's waiter
-    and encoder threads may still sync and copy. Under torch.cuda.graph's default ("global") mode
+    """engine/graphs.py captures a new bucket on the compute thread while the replica's waiter and
+    encoder threads may still sync and copy. Under torch.cuda.graph's default ("global") mode
     their calls failed the capture and raised in their thread (a live SDXL stream lost a frame);
     captured thread-locally, both sides go on: three captures, every result equal to the eager
     function's, no error in the other thread."""
@@ -292,7 +287,7 @@ def test_a_launch_never_waits_for_the_batches_still_running(source):
         return [BatchSpec(256, 256, 2, 3.0, 0.0, [FrameSpec("a lighthouse", seed=seed)]),
                 BatchSpec(256, 256, 4, 3.0, 0.5, [FrameSpec("a lighthouse", seed=seed + 1, init_image=init)])]
 
-    for b in batches(1) + batches(3):  # warm-up: eager first calls, captures, the scheduler's set-up, the prompt
+    for b in batches(1):  # warm-up: captures, the scheduler's configuration, the prompt's encoding
         fast.run(b, ["a lighthouse"], [""])
     alone = [fast.run(b, ["a lighthouse"], [""])[0] for seed in (5, 7) for b in batches(seed)]
     torch.cuda.synchronize()
@@ -309,14 +304,13 @@ def test_a_launch_never_waits_for_the_batches_still_running(source):
 def test_graph_cache_drops_least_recently_used_within_its_budget():
     _, fast, fp = pipelines("synthetic:tiny-sdxl", max_graphs=2)
     for size in (256, 320, 384):
-        frame(fast, size, 2)  # eager
-        frame(fast, size, 2)  # captured
+        frame(fast, size, 2)
     s = fp.graphs.stats()
     assert s.graphs == 2 and s.evictions == 1 and s.captures == 3
     frame(fast, 384, 2)
     assert fp.graphs.stats().captures == 3  # 384 was kept: most recently used
     frame(fast, 256, 2)
-    assert fp.graphs.stats().captures == 4  # 256 was the one dropped; it ran before, so it captures at once
+    assert fp.graphs.stats().captures == 4  # 256 was the one dropped
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm89+")
@@ -427,9 +421,6 @@ def test_chunk_cached_frames_launched_back_to_back_equal_frames_run_one_by_one()
     def batch(img, out=None):
         return BatchSpec(256, 256, 2, 0.0, 0.5, [FrameSpec("a lighthouse", seed=3, init_image=img, output_size=out)])
 
-    warm = StreamFrameCache("cuda")  # each bucket's eager first call: both passes below replay graphs
-    for img in frames:
-        run_cached(lambda b: fast.run(b, ["a lighthouse"], [""]), warm, batch(img), settings)
     one_by_one, cache = [], StreamFrameCache("cuda")
     for img in frames:
         one_by_one.append(run_cached(lambda b: fast.run(b, ["a lighthouse"], [""]), cache, batch(img), settings))
@@ -494,8 +485,7 @@ def test_after_the_warm_up_new_attention_shapes_skip_cudnn_and_match_the_plain_m
 def test_a_batch_size_without_a_graph_replays_captured_sizes_until_it_comes_often():
     """No capture on the serving path for a new batch size that captured sizes can cover: a batch
     of three runs as three replays of the batch-of-one graph, with the images of three lone frames,
-    until it came splits_before_capture times; then it runs as itself, eagerly the first time
-    (engine/graphs.py) and captured the next."""
+    until it came splits_before_capture times; then it gets its own graph."""
     plain, fast, fp = pipelines("synthetic:tiny-sdxl")
     fast.splits_before_capture = 2
     alone = np.concatenate([frame(fast, 128, 2, seeds=(s,)) for s in (1, 2, 3)])
@@ -503,8 +493,6 @@ def test_a_batch_size_without_a_graph_replays_captured_sizes_until_it_comes_ofte
     for _ in range(2):
         assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), alone, "batch of three as replays")
         assert fp.graphs.captures == captures
-    assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), alone, "batch of three, eagerly as itself")
-    assert fp.graphs.captures == captures
     assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), alone, "batch of three, its own graph")
     assert fp.graphs.captures > captures
     assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), frame(plain, 128, 2, seeds=(1, 2, 3)), "vs plain modules")

@@ -142,7 +142,8 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
         # NCCL's graph support checked on multi-GPU machines; not validated here yet.
         r["cuda_graphs"] = f"off: replica spans {world} ranks (single-rank replicas only for now)"
     else:
-        fp.graphs = GraphCache(model.device, cfg.max_graphs, cfg.graph_memory_mb << 20)
+        fp.graphs = GraphCache(model.device, cfg.max_graphs, cfg.graph_memory_mb << 20,
+                               eager_first=cfg.graph_capture_at_call == 2)
         r["cuda_graphs"] = (f"on: per (batch, height, width) bucket, loops of <= {cfg.loop_graph_max_steps} noise-free "
                             f"steps with the decode; <= {cfg.max_graphs} graphs, {cfg.graph_memory_mb} MiB")
     if not cfg.gpu_jpeg:

@@ -17,14 +17,14 @@ size recaptured 20 graphs in 240 measured frames, p99 1.0 s). The least recently
 dropped beyond the count budget; beyond the byte budget (the pool plus every graph's static
 inputs and outputs) all are dropped and the pool starts over.
 
-A bucket's first call runs eagerly and its second is captured, without warm-up runs: the eager
-call already did every lazy set-up a capture must not contain (Triton's compiles and autotuning,
-cuDNN's plans, our own per-size caches), on the thread that captures. Capturing at the first call
-instead ran the bucket twice eagerly on a side stream, then captured it and replayed it: a new
-SDXL bucket's frame took 225-234 ms there against 71-74 ms for one eager run
-(results/new_bucket-2026-11-24-*-gn-plan.md, H200). Spread over two calls, a stream meeting a new
-size or step count (the governor's rungs) pays an eager frame, then a capture, each about a third
-of the old stall. `eager_first=False` keeps the old order (benchmarks that time the capture).
+A bucket is captured at its first call: two eager warm-up runs on a side stream (the lazy set-up a
+graph must not contain: Triton's compiles and autotuning, cuDNN's plans, our own per-size caches),
+the capture, a replay. With `eager_first` (fast_paths.graph_capture_at_call = 2) the first call
+runs eagerly on the caller's inputs and the second captures without warm-up runs, the eager call
+having done that set-up on the same thread. On an H200 that cut a new 768x1024 SDXL frame's
+slowest call from 390-591 ms to 269-333 ms (then 103-135 ms for the capture), but a live stream
+then pays two slow frames per new size and its p99 grew (benchmarks/NOTES.md), so it is off by
+default.
 
 `torch.cuda.graphs.make_graphed_callables` targets autograd training steps (it captures a
 backward too); inference needs only capture and replay, with the inputs copied into static
@@ -97,7 +97,7 @@ class GraphCache:
     them across calls clones them."""
 
     def __init__(self, device: torch.device, max_graphs: int, max_bytes: int, warmup_runs: int = 2,
-                 eager_first: bool = True, capture_error_mode: str = "thread_local"):
+                 eager_first: bool = False, capture_error_mode: str = "thread_local"):
         """warmup_runs: eager runs on a side stream before a capture that no eager call preceded
         (eager_first=False, or a bucket whose first call was forgotten). capture_error_mode:
         torch.cuda.graph's; "global" makes other threads' synchronising calls fail the capture."""
@@ -179,12 +179,14 @@ class GraphCache:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local (the default): the replica's other threads keep working while this one captures (the
-            # waiter's event syncs, nvJPEG's copies on the legacy stream, host copies, allocations on
-            # their own streams). Under the default "global" mode any such call during the capture
-            # invalidated it and failed in that thread: an SDXL stream lost a frame to it once the
-            # capture no longer waited behind warm-up runs (results/stream_serving-2026-11-24-*-race.log).
-            # No other thread touches the capture stream, the one thing thread_local does not guard.
+            # thread_local (our default): the replica's other threads keep working while this one
+            # captures (the waiter's event syncs, nvJPEG's copies on the legacy stream, host copies,
+            # allocations on their own streams). Under torch.cuda.graph's default, "global", any such
+            # call during the capture invalidated it and raised in that thread: an SDXL stream lost a
+            # frame to it when the capture came right after an eager call
+            # (results/stream_serving-2026-11-24-*-race.log). After warm-up runs the other threads are
+            # usually done, but nothing waits for them. No other thread touches the capture stream,
+            # the one thing thread_local does not guard.
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=self.capture_error_mode):
                 out = fn(*static)
                 for dst, src in zip(outputs, (out,) if single else out):

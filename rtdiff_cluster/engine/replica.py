@@ -287,9 +287,10 @@ class EngineRank:
         t0 = time.perf_counter()
         batch = BatchSpec(lim.default_width, lim.default_height, lim.default_steps, lim.default_guidance_scale, 0.0,
                           [FrameSpec("warm-up")])
-        # With CUDA graphs a bucket's first call runs eagerly and its second captures (engine/graphs.py):
+        # Where a bucket's first call runs eagerly and its second captures (graph_capture_at_call = 2),
         # two runs leave the default bucket replaying for the first request.
-        for _ in range(2 if self.pipeline.graphs is not None else 1):
+        graphs = self.pipeline.graphs
+        for _ in range(2 if graphs is not None and graphs.eager_first else 1):
             await asyncio.get_running_loop().run_in_executor(self.compute, self._lead,
                                                              _Work(batch, ["warm-up"], [""], warmup=True))
         return time.perf_counter() - t0, self.fast.attention_choices()

@@ -4,8 +4,8 @@ At batch 1 an SDXL step is ~1,500 kernel launches and a 1-step frame with a tiny
 more; launched from Python one by one the GPU idles between them (DESIGN.md: 93 ms eager at 512x512
 for 2 ms of work). Replaying a captured graph launches them all at once. A graph is fixed to its
 input shapes, so the cache is keyed by the bucket (what the shapes depend on: batch, latent height
-and width, and for a captured loop the schedule); a new resolution costs an eager call and a
-capture (tenths of a second), not a recompilation.
+and width, and for a captured loop the schedule); a new resolution costs one capture (warm-up
+runs plus the capture: tenths of a second), not a recompilation.
 
 All graphs share one memory pool. Inside each graph its outputs are copied into buffers allocated
 outside the pool, so what the pool holds is only intermediates, dead after every replay: any

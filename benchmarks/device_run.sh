@@ -28,8 +28,6 @@
 #   gn-ab         the step profile A/B at 1024 and 512, twice each: GroupNorm's shipped launch knobs, or 4096,8,4 (before)
 #   new-bucket-ab new_bucket.py alternating twice: a bucket captured at its first call (the default), or eager at its
 #                 first and captured at its second (--eager-first)
-#   cudnn-ab / frame-cudnn-ab  the step / 1-step frame profile A/B, twice each: heuristic engines, or benchmark mode
-#                 (the -old-N folders hold the benchmark-mode runs)
 #   launch-overlap-ab  benchmarks/launch_overlap.py, alternating twice: launches without blocking copies, or with them
 #                 (as before); then tests/test_gpu_fast_paths.py (a launch checked under PyTorch's sync debug mode)
 #   new-bucket    benchmarks/new_bucket.py (what a shape bucket the replica has not seen costs its first frame)
@@ -102,7 +100,6 @@ for part in $parts; do
     cudnn-once) for ab in "" --cudnn-benchmark; do dir="$OUT/cudnn${ab:+-bench}"; mkdir -p "$dir"
       timeout 200 python3 benchmarks/unet_profile.py $ab --sizes 1024,512 --out-dir "$dir" 2>&1 | grep -E "^(1024|512): "
       done ;;
-    cudnn-ab) unet_profile_ab cudnn --cudnn-benchmark --sizes 1024,512 ;;
     capture-race) timeout 120 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/capture_race.log"
 import sys
 sys.path.insert(0, "tests")
@@ -120,7 +117,6 @@ PY
     new-bucket-ab) n=0; for ab in "" --eager-first "" --eager-first; do d="$OUT/nb${ab:+-eager}-$((++n))"
       mkdir -p "$d"; timeout 140 python3 benchmarks/new_bucket.py --device cuda $ab --out-dir "$d" 2>&1 \
       | grep -E "^\{'bucket'"; done ;;
-    frame-cudnn-ab) unet_profile_ab fcudnn --cudnn-benchmark --frame 1 --sizes 1024,512 ;;
     launch-overlap-ab) n=0; for ab in "" --blocking-copies "" --blocking-copies; do d="$OUT/lo${ab:+-old}-$((++n))"
       mkdir -p "$d"; timeout 150 python3 benchmarks/launch_overlap.py $ab --out-dir "$d" 2>&1 | grep -E "(text|image)-to-image"
       rm -f "$d"/*.md; done

@@ -47,7 +47,7 @@ def knob_sets(default: tuple) -> list[tuple]:
     return [default] + [k for k in grid if k != default]
 
 
-def record_calls(model, fp, size: int, device) -> list[dict]:
+def record_calls(model, size: int, device) -> list[dict]:
     """Every group_norm_silu call of one eager UNet step at size x size."""
     import rtdiff_kernels.group_norm_silu as gn
 
@@ -98,13 +98,13 @@ def main() -> None:
         raise SystemExit(2)
     args.device, args.source, args.vae = "cuda", "synthetic:sdxl", ""
     device = torch.device("cuda")
-    model, fp = load_engine(args)
+    model, _ = load_engine(args)  # the fast paths patch the backbone in place
 
     import rtdiff_kernels.group_norm_silu as gn
     from rtdiff_kernels._bench import bench_us
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    recorded = {s: record_calls(model, fp, s, device) for s in sizes}
+    recorded = {s: record_calls(model, s, device) for s in sizes}
     inputs = {s: materialise(recorded[s], device) for s in sizes}
     refs = {s: [gn.group_norm_silu_reference(x.float(), gr, w.float() if w is not None else None,
                                               b.float() if b is not None else None, eps, silu,

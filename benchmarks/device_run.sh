@@ -22,7 +22,12 @@
 #   frame-attention-ab  the 1-step frame profile at 1024 and 512, alternating twice: Triton for small attention calls or not
 #   frame-ab      the frame profile A/B, twice each: each batch's scheduler a copy of one built once, or built from its config
 #   frame8-kv-ab  the 8-step frame at 1024, alternating twice: cross-attention K/V once per captured loop or every step
-#   gn-tune       benchmarks/tune_group_norm.py (group_norm_silu's launch knobs on an SDXL step's own calls, 1024 and 512)
+#   gn-tune       benchmarks/tune_pointwise.py --kernels group_norm_silu (its launch knobs on an SDXL step's own calls)
+#   pointwise-tune  benchmarks/tune_pointwise.py: geglu's and add_layer_norm's launch knobs on an SDXL step's own calls
+#   linear-bench  kernels/bench_linear.py (our Triton linear and linear+GEGLU against cuBLAS at an SDXL step's linears),
+#                 then tests/test_kernels_linear.py on the GPU
+#   pointwise-check  the step profile at 1024 and 512 (geglu's kernel now takes a row tile), then the GPU tests of
+#                 geglu and add_layer_norm at full size
 #   cudnn-once    the step profile at 1024 and 512 with cuDNN's heuristic convolution engines, then in benchmark mode
 #   capture-race  a capture beside a thread that syncs, copies and allocates, thread-local (shipped) then global mode
 #   gn-ab         the step profile A/B at 1024 and 512, twice each: GroupNorm's shipped launch knobs, or 4096,8,4 (before)
@@ -95,8 +100,18 @@ for part in $parts; do
       | grep -v "^USDT" | tee "$OUT/frame_profile.log" ;;
     frame-ab) unet_profile_ab ab --scheduler-from-config --frame 1 --sizes 1024,512 ;;
     frame8-kv-ab) unet_profile_ab kv8 --kv-per-step --frame 8 --sizes 1024 ;;
-    gn-tune) timeout 330 python3 benchmarks/tune_group_norm.py --sizes 1024,512 --budget-s 240 --out-dir "$OUT" 2>&1 \
-      | grep -v WARNING | tee "$OUT/tune_group_norm.log" ;;
+    gn-tune) timeout 330 python3 benchmarks/tune_pointwise.py --kernels group_norm_silu --sizes 1024,512 --budget-s 240 \
+      --tag gn --out-dir "$OUT" 2>&1 | grep -v WARNING | tee "$OUT/tune_group_norm.log" ;;
+    pointwise-tune) timeout 420 python3 benchmarks/tune_pointwise.py --kernels geglu,add_layer_norm --sizes 1024,512 \
+      --budget-s 150 --out-dir "$OUT" 2>&1 | grep -v WARNING | tee "$OUT/tune_pointwise.log" ;;
+    linear-bench) timeout 300 python3 kernels/bench_linear.py --out "$OUT/bench_linear.json" 2>&1 | tee "$OUT/bench_linear.log"
+      timeout 200 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_linear.py 2>&1 | tail -5 \
+        | tee "$OUT/linear_tests.log" ;;
+    pointwise-check) mkdir -p "$OUT/pointwise-profile"
+      timeout 200 python3 benchmarks/unet_profile.py --sizes 1024,512 --out-dir "$OUT/pointwise-profile" 2>&1 \
+        | grep -E "^(1024|512): "
+      timeout 240 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_pointwise.py tests/test_kernels_norms.py \
+        -k "geglu or add_layer_norm" 2>&1 | tail -5 | tee "$OUT/pointwise_tests.log" ;;
     cudnn-once) for ab in "" --cudnn-benchmark; do dir="$OUT/cudnn${ab:+-bench}"; mkdir -p "$dir"
       timeout 200 python3 benchmarks/unet_profile.py $ab --sizes 1024,512 --out-dir "$dir" 2>&1 | grep -E "^(1024|512): "
       done ;;

@@ -115,6 +115,28 @@ def _kernel_table(table: list[dict], top: int) -> list[str]:
     return rows
 
 
+def set_knobs(ap, settings: list[str]) -> dict:
+    """--knob MODULE.NAME=INT: sets rtdiff_kernels.MODULE.NAME (which must exist) and returns what was set."""
+    import importlib
+
+    done = {}
+    for item in settings:
+        path, _, value = item.partition("=")
+        module, _, name = path.rpartition(".")
+        try:
+            mod = importlib.import_module(f"rtdiff_kernels.{module}")
+            getattr(mod, name)
+            setattr(mod, name, int(value))
+        except (ImportError, AttributeError, ValueError) as e:
+            ap.error(f"--knob {item!r}: {type(e).__name__}: {e}")
+        done[path] = int(value)
+    return done
+
+
+def _knobs_note(res: dict) -> str:
+    return ("; kernel knobs set: " + ", ".join(f"{k}={v}" for k, v in res["knobs"].items())) if res.get("knobs") else ""
+
+
 def markdown(res: dict, top: int = 30) -> str:
     if res.get("frame_steps"):
         return _frame_markdown(res, top)
@@ -123,7 +145,8 @@ def markdown(res: dict, top: int = 30) -> str:
              f"quantization {res.get('quantization', 'none')}, cross-attention K/V: {res.get('cross_kv', 'per module')}, "
              f"attention: {res.get('attention', 'cuDNN first')}"
              + ("; cuDNN benchmark mode (convolution engines timed per shape)" if res.get("cudnn_benchmark") else "")
-             + (f"; GroupNorm tile, warps, programs per SM: {res['gn_knobs']}" if "gn_knobs" in res else ""), ""]
+             + (f"; GroupNorm tile, warps, programs per SM: {res['gn_knobs']}" if "gn_knobs" in res else "")
+             + _knobs_note(res), ""]
     for s in res["sizes"]:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"graphed step {s['graph_ms']:.2f} ms; eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms of kernel time"
@@ -141,7 +164,8 @@ def _frame_markdown(res: dict, top: int) -> str:
              f"{res.get('cross_kv', 'one matmul, every step')}"
              + (f"; graphs: {res['graph_segments']}" if "graph_segments" in res else "")
              + ("; cuDNN benchmark mode (convolution engines timed per shape)" if res.get("cudnn_benchmark") else "")
-             + (f"; GroupNorm tile, warps, programs per SM: {res['gn_knobs']}" if "gn_knobs" in res else ""), ""]
+             + (f"; GroupNorm tile, warps, programs per SM: {res['gn_knobs']}" if "gn_knobs" in res else "")
+             + _knobs_note(res), ""]
     for s in res["sizes"]:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"frame wall time {s['wall_ms']:.2f} ms (median, synchronised); its kernels: {s['kernels']}, "
@@ -230,7 +254,10 @@ def main() -> None:
                          "the fastest, instead of taking its heuristic's first choice (an A/B)")
     ap.add_argument("--gn-knobs", default="", metavar="TILE,WARPS,PER_SM",
                     help="group_norm_silu's elements per tile, warps and programs per SM instead of the shipped ones "
-                         "(an A/B; 4096,8,4 before benchmarks/tune_group_norm.py)")
+                         "(an A/B; 4096,8,4 before benchmarks/tune_pointwise.py)")
+    ap.add_argument("--knob", action="append", default=[], metavar="MODULE.NAME=INT",
+                    help="a kernel's launch knob instead of the shipped value, e.g. activations._TILE_ELEMS=1024 "
+                         "(rtdiff_kernels.MODULE; repeatable; an A/B)")
     ap.add_argument("--frame", type=int, default=0, metavar="STEPS",
                     help="profile a whole text-to-image frame of this many steps (tiny VAE) instead of a step")
     args = ap.parse_args()
@@ -241,6 +268,7 @@ def main() -> None:
     if args.gn_knobs:
         gn._TILE_ELEMS, gn._NUM_WARPS, gn._PROGRAMS_PER_SM = (int(v) for v in args.gn_knobs.split(","))
     gn_knobs = f"{gn._TILE_ELEMS},{gn._NUM_WARPS},{gn._PROGRAMS_PER_SM}"
+    knobs = set_knobs(ap, args.knob)
     if args.scheduler_from_config:
         from rtdiff_cluster.engine import samplers
         from rtdiff_cluster.engine.pipeline import Pipeline
@@ -284,7 +312,8 @@ def main() -> None:
                                    ("no-small-triton", args.no_small_triton),
                                    ("kv-per-step", args.kv_per_step),
                                    ("cudnn-benchmark", args.cudnn_benchmark),
-                                   (f"gn-{gn_knobs.replace(',', '-')}", args.gn_knobs)) if on)
+                                   (f"gn-{gn_knobs.replace(',', '-')}", args.gn_knobs),
+                                   ("knobs", knobs)) if on)
     write_results("unet_profile", args.device, {"source": args.source, "quantization": quant, "sizes": sizes,
                                                 "frame_steps": args.frame,
                                                 "scheduler": "built from its config per batch" if args.scheduler_from_config
@@ -294,7 +323,7 @@ def main() -> None:
                                                    else ", once per captured loop"),
                                                 "attention": attention,
                                                 "cudnn_benchmark": args.cudnn_benchmark,
-                                                "gn_knobs": gn_knobs},
+                                                "gn_knobs": gn_knobs, "knobs": knobs},
                   args.out_dir, markdown, tag=tag)
 
 

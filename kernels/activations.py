@@ -47,12 +47,14 @@ def _geglu_product(h_row, cols, mask, N):
 
 
 @triton.jit
-def _geglu_kernel(h_ptr, out_ptr, N, stride_h, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _geglu_kernel(h_ptr, out_ptr, M, N, stride_h, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # A [ROWS, BLOCK_N] tile of the output per program.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
-    out = _geglu_product(h_ptr + row * stride_h, cols, mask, N)
-    tl.store(out_ptr + row * N + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    rows = rows.to(tl.int64)[:, None]
+    out = _geglu_product(h_ptr + rows * stride_h, cols[None, :], mask, N)
+    tl.store(out_ptr + rows * N + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -81,12 +83,23 @@ def _geglu_fp8_kernel(h_ptr, q_ptr, scale_ptr, N, stride_h, BLOCK_A: tl.constexp
         tl.store(q_row + cols_b, _round_to_e4m3(tl.clamp(y_b * inv, -448.0, 448.0)), mask=mask_b)
 
 
+# Launch geometry of geglu: the widest column block, the output elements per program
+# (_TILE_ELEMS // BLOCK_N rows of it) and warps per program. Swept on an SDXL step's own calls
+# (benchmarks/tune_pointwise.py, H200, results/tune_pointwise-2026-11-24-*): one row block per
+# program was within 2% of the best of 36 settings; more rows per program only lost.
+_MAX_BLOCK_N = 1024
+_TILE_ELEMS = 1024
+_NUM_WARPS = 4
+
+
 def _block_n(n: int) -> int:
     # Prefer a block that divides N (5120, 2560, 10240 all do) so no program runs half empty.
-    for p in (1024, 512, 256):
+    p = _MAX_BLOCK_N
+    while p >= 256:
         if n % p == 0:
             return p
-    return min(1024, triton.next_power_of_2(n))
+        p //= 2
+    return min(_MAX_BLOCK_N, triton.next_power_of_2(n))
 
 
 def geglu(h: torch.Tensor) -> torch.Tensor:
@@ -103,9 +116,11 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     h2d = h.reshape(-1, 2 * n)  # a view when the leading dims allow it
     if h2d.stride(-1) != 1:
         h2d = h2d.contiguous()
+    m = h2d.shape[0]
     block_n = _block_n(n)
-    grid = (h2d.shape[0], triton.cdiv(n, block_n))
-    _geglu_kernel[grid](h2d, out, n, h2d.stride(0), BLOCK_N=block_n, num_warps=4)
+    rows = min(max(1, _TILE_ELEMS // block_n), triton.next_power_of_2(m))
+    grid = (triton.cdiv(m, rows), triton.cdiv(n, block_n))
+    _geglu_kernel[grid](h2d, out, m, n, h2d.stride(0), ROWS=rows, BLOCK_N=block_n, num_warps=_NUM_WARPS)
     return out
 
 

@@ -35,8 +35,11 @@ from rtdiff_kernels.ada_layer_norm import _layer_norm_rows
 from rtdiff_kernels.fp8_quant import _store_fp8_rows, quantize_per_token_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Launch geometry. Swept on an SDXL step's own calls (benchmarks/tune_pointwise.py, H200,
+# results/tune_pointwise-2026-11-24-*): no setting of 27 beat these by more than 3% at both sizes.
 _TILE_ELEMS = 4096  # rows * BLOCK_D per program: 2 rows of SDXL's widest (1280 -> 2048 lanes)
 _MIN_PROGRAMS_PER_SM = 2  # fewer rows per program rather than idle SMs on short inputs
+_ELEMS_PER_WARP = 512  # warps per program = tile lanes / this (1 to 16)
 
 
 @triton.jit
@@ -98,7 +101,7 @@ def _launch(x, residual, weight, bias, eps, y, scale) -> torch.Tensor:
         x, residual, weight if weight is not None else x, bias if bias is not None else x, h, y,
         scale if scale is not None else x, m, d, float(eps),
         ROWS=rows, BLOCK_D=block_d, HAS_W=weight is not None, HAS_B=bias is not None, FP8=scale is not None,
-        num_warps=min(16, max(1, rows * block_d // 512)),
+        num_warps=min(16, max(1, rows * block_d // _ELEMS_PER_WARP)),
     )
     return h
 

@@ -50,7 +50,7 @@ from rtdiff_kernels._launch import sm_count, triton_runs
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tuning knobs (module level so the tests can shrink them to reach multi-chunk / split-group paths
-# at tiny sizes). Chosen on an SDXL step's own 46 calls (benchmarks/tune_group_norm.py, H200,
+# at tiny sizes). Chosen on an SDXL step's own 46 calls (benchmarks/tune_group_norm.py, now tune_pointwise.py, H200,
 # results/tune_group_norm-2026-11-24-*): 4 warps and 2 programs per SM took them from 1163 to
 # 907 us at 1024 and from 748 to 584 us at 512 against the earlier 8 warps and 4 per SM. Most of
 # those calls are 32x32 and 64x64 latents, where more, smaller programs only add each program's

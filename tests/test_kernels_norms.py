@@ -328,6 +328,17 @@ def test_add_layer_norm_small(shape, affine, dtype):
     _check_add_ln(shape, dtype, affine)
 
 
+@pytest.mark.parametrize("knobs", [(2048, 1, 256), (8192, 4, 1024), (4096, 2, 128)], ids=str)
+def test_add_layer_norm_launch_geometries(knobs, monkeypatch):
+    """The geometries benchmarks/tune_pointwise.py sweeps: rows per program, programs per SM, warps."""
+    from rtdiff_kernels import add_layer_norm as aln
+
+    for name, value in zip(("_TILE_ELEMS", "_MIN_PROGRAMS_PER_SM", "_ELEMS_PER_WARP"), knobs):
+        monkeypatch.setattr(aln, name, value)
+    for shape in [(1, 37, 320), (2, 9, 96), (3, 5, 1280)]:
+        _check_add_ln(shape, torch.bfloat16, True)
+
+
 def test_add_layer_norm_noncontiguous_inputs():
     """Transposed inputs are copied to contiguous ones; the outputs are still the sum and its norm."""
     g = torch.Generator().manual_seed(3)

@@ -210,6 +210,21 @@ def test_geglu_strided_rows_and_diffusers_module(dtype):
         check(geglu(proj), theirs, geglu_reference(proj.float()), dtype, "vs diffusers GEGLU")
 
 
+@pytest.mark.parametrize("knobs", [(256, 1024, 2), (512, 4096, 4), (2048, 8192, 8)], ids=str)
+def test_geglu_launch_geometries(knobs, monkeypatch):
+    """Every launch geometry the tuner (benchmarks/tune_pointwise.py) may ship: several rows per
+    program with a ragged last row block, column blocks that divide N or not."""
+    from rtdiff_kernels import activations
+
+    for name, value in zip(("_MAX_BLOCK_N", "_TILE_ELEMS", "_NUM_WARPS"), knobs):
+        monkeypatch.setattr(activations, name, value)
+    gen = torch.Generator().manual_seed(11)
+    for shape in [(7, 2 * 640), (3, 5, 2 * 300), (1, 2 * 2048), (13, 2 * 37)]:
+        h = (2 * torch.randn(*shape, generator=gen)).to(torch.bfloat16)
+        hidden, gate = h.chunk(2, dim=-1)
+        check(geglu(h), hidden * F.gelu(gate), geglu_reference(h.float()), torch.bfloat16, f"geglu {knobs} {shape}")
+
+
 def test_geglu_bad_input():
     with pytest.raises(ValueError, match="^h: the last dim must be even"):
         geglu(torch.randn(2, 7))

@@ -26,6 +26,10 @@
 #   pointwise-tune  benchmarks/tune_pointwise.py: geglu's and add_layer_norm's launch knobs on an SDXL step's own calls
 #   linear-bench  kernels/bench_linear.py (our Triton linear and linear+GEGLU against cuBLAS at an SDXL step's linears),
 #                 then tests/test_kernels_linear.py on the GPU
+#   jpeg-stream   the GPU tests of JPEG input frames decoded on the replica (tests/test_gpu.py -k jpeg), then
+#                 stream_serving.py's 1-step cases, raw and JPEG input frames
+#   jpeg-ab       stream_serving.py's chunk-cache cases (raw and JPEG input frames, windows 2 and 3), twice, each run
+#                 a fresh server, into $OUT/jpeg-ab-N
 #   pointwise-check  the step profile at 1024 and 512 (geglu's kernel now takes a row tile), then the GPU tests of
 #                 geglu and add_layer_norm at full size
 #   cudnn-once    the step profile at 1024 and 512 with cuDNN's heuristic convolution engines, then in benchmark mode
@@ -107,6 +111,13 @@ for part in $parts; do
     linear-bench) timeout 300 python3 kernels/bench_linear.py --out "$OUT/bench_linear.json" 2>&1 | tee "$OUT/bench_linear.log"
       timeout 200 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_linear.py 2>&1 | tail -5 \
         | tee "$OUT/linear_tests.log" ;;
+    jpeg-stream) timeout 200 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu.py -k jpeg 2>&1 | tail -30 \
+        | tee "$OUT/jpeg_tests.log"
+      timeout 380 python3 benchmarks/stream_serving.py --device cuda --frames 240 --cases "1-step" --out-dir "$OUT" 2>&1 \
+        | grep -v WARNING | tee "$OUT/stream_serving.log" ;;
+    jpeg-ab) for n in 1 2; do mkdir -p "$OUT/jpeg-ab-$n"
+      timeout 280 python3 benchmarks/stream_serving.py --device cuda --frames 240 --cases "1-step, chunk cache" \
+        --out-dir "$OUT/jpeg-ab-$n" 2>&1 | grep -E "^\| 1-step|^Engine"; done ;;
     pointwise-check) mkdir -p "$OUT/pointwise-profile"
       timeout 200 python3 benchmarks/unet_profile.py --sizes 1024,512 --out-dir "$OUT/pointwise-profile" 2>&1 \
         | grep -E "^(1024|512): "

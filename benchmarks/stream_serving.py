@@ -131,6 +131,12 @@ def main() -> int:
         n = args.frames
         cases = [("1-step, cache off", dict(window=w, steps=2, clip="moving", cache_threshold=-1)) for w in (1, 2, 3)]
         cases += [("1-step, chunk cache", dict(window=w, steps=2, clip="moving")) for w in (2, 3)]
+        # The same clip sent as JPEG (quality 90): decoded by the replica (nvJPEG where it has it)
+        # or by the gateway (PIL), against the raw frames above.
+        cases += [("1-step, cache off, JPEG input", dict(window=2, steps=2, clip="moving", cache_threshold=-1,
+                                                         clip_format="jpeg"))]
+        cases += [("1-step, chunk cache, JPEG input", dict(window=w, steps=2, clip="moving", clip_format="jpeg"))
+                  for w in (2, 3)]
         cases += [("4 steps, ungoverned", dict(window=2, steps=8, clip="moving")),
                   (f"4 steps, governed to {args.target_fps:g} fps",
                    dict(window=2, steps=8, clip="moving", target_fps=args.target_fps, min_steps=4, max_cache_threshold=8)),

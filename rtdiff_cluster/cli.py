@@ -244,14 +244,20 @@ def run_stream(client, args, out_dir: Path | None, live: bool) -> dict:
 
     image = _input_image(getattr(args, "input_image", None))
     clip = _clip_frames(args) if getattr(args, "clip", "") else None
+    if clip is not None and getattr(args, "clip_format", "raw") == "jpeg":
+        from rtdiff_cluster import imaging
+
+        # Encoded up front, so the client's encoding is not in the stream's timing.
+        clip = iter([pb.Image(format=pb.IMAGE_FORMAT_JPEG, data=imaging.encode(next(clip), imaging.JPEG, 90))
+                     for _ in range(args.frames)])
 
     def frames():
         for i in range(args.frames):
             frame_image = image
             if clip is not None:
                 pixels = next(clip)
-                frame_image = pb.Image(format=pb.IMAGE_FORMAT_RAW_RGB8, data=pixels.tobytes(), width=args.width,
-                                       height=args.height)
+                frame_image = pixels if isinstance(pixels, pb.Image) else pb.Image(
+                    format=pb.IMAGE_FORMAT_RAW_RGB8, data=pixels.tobytes(), width=args.width, height=args.height)
             # A test clip is one live scene: its frames keep one seed (one noise), so what did not
             # change stays as it was; otherwise each frame gets the next seed.
             seed = args.seed if clip is not None else args.seed + i
@@ -452,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", choices=["moving", "static", "cut"], default="",
                    help="image-to-image from a generated test clip (10%% of the frame moving, nothing moving, a new "
                         "scene every frame) at --width x --height, one seed for all frames")
+    p.add_argument("--clip-format", choices=["raw", "jpeg"], default="raw",
+                   help="how --clip frames travel: raw RGB, or JPEG at quality 90 (encoded before the stream starts)")
     p.add_argument("--cache-threshold", type=float, default=0.0,
                    help="chunk cache threshold in 0-255 levels (0: the model's; negative: compute every frame whole)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")

@@ -75,7 +75,8 @@ class FastPathConfig:
     """Encode JPEG frames on the GPU (nvJPEG through torchvision) where it imports: 0.2-0.4 ms a
     1024 frame against 4.2-7.0 ms on a host core with PIL (benchmarks/image_codec.py, H200). Its
     frames keep full-resolution colour (4:4:4), so they are larger than PIL's 4:2:0 at the same
-    quality. Single-GPU replicas; others encode on the host."""
+    quality. Also decode JPEG input frames there: the gateway then checks only their headers and
+    sends them on compressed. Single-GPU replicas; others encode and decode on the host."""
 
     def validate(self, path: str) -> None:
         _check(self.attention in ATTENTION_CHOICES, f"{path}.attention",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import json
 import subprocess
 import sys
 import threading
@@ -253,6 +254,17 @@ def test_stream_reports_latency_and_fps(server, tmp_path):
     for p in frames:
         with Image.open(p) as im:
             assert im.size == (64, 64)
+
+
+@pytest.mark.parametrize("clip_format", ["raw", "jpeg"])
+def test_stream_of_a_test_clip(server, tmp_path, clip_format):
+    """--clip sends a generated clip for image-to-image, as raw pixels or as JPEG files."""
+    server.assert_alive()
+    r = run_cli("stream", "--server", server.target, "--prompt", "a clip", "--frames", "4", "--width", "64",
+                "--height", "64", "--steps", "2", "--clip", "moving", "--clip-format", clip_format, "--json")
+    assert r.returncode == 0, describe(r)
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["frames"] == 4, summary
 
 
 # ---- metrics -------------------------------------------------------------------------------

@@ -241,8 +241,8 @@ def test_cpu_replica_keeps_diffusers_modules_and_says_why():
     model = load_model(ModelConfig(device="cpu"))
     before = [type(m.processor).__name__ for m in model.backbone.modules() if hasattr(m, "processor")]
     fp = fastpaths.apply(model, FastPathConfig(quantization="fp8"), world=1)
-    assert fp.graphs is None and fp.registry is None and fp.jpeg is None
-    assert set(fp.report) == {"attention", "kernels", "fp8", "cuda_graphs", "jpeg"}
+    assert fp.graphs is None and fp.registry is None and fp.jpeg is None and fp.jpeg_decoder is None
+    assert set(fp.report) == {"attention", "kernels", "fp8", "cuda_graphs", "jpeg", "jpeg_decode"}
     assert all(v.startswith("off: CPU replica") for v in fp.report.values())
     assert [type(m.processor).__name__ for m in model.backbone.modules() if hasattr(m, "processor")] == before
 

@@ -181,3 +181,91 @@ def test_jpeg_frames_of_a_gpu_replica_come_from_nvjpeg_and_match_its_raw_frames(
         gw.stop()
         for g in actors:
             g.kill()
+
+
+def _pil_jpeg(raw, quality: int = 90, subsampling: int = -1) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(raw).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
+    return buf.getvalue()
+
+
+# Tolerance policy for decoding: as for encoding (JPEG_ERROR_RATIO), against the exact pixels the
+# file encodes. nvJPEG's decode may be at most 1.5x (+0.5 level) as far from them as libjpeg's
+# (PIL). The two decoders differ by their inverse DCT's rounding and, in 4:2:0 files, by how they
+# upsample the half-resolution colour, most at the edges of an image whose size is no multiple of
+# the 16-pixel block: at 200x224 the two decodes differed by 1.65 levels on average (30 at most)
+# on the H200. A wrong colour order, orientation or size is tens of levels off everywhere.
+
+
+def test_gpu_jpeg_decodes_within_libjpegs_error():
+    import numpy as np
+
+    from rtdiff_cluster import clips, imaging
+    from rtdiff_cluster.engine.gpu_jpeg import GpuJpegDecoder
+
+    dec, why = GpuJpegDecoder.probe(torch.device("cuda"))
+    assert dec is not None, why
+    for w, h in ((1024, 1024), (200, 224)):  # 200 x 224: not a multiple of the 16-pixel MCU
+        raw = next(clips.moving(h, w, 1)).astype(int)
+        for subsampling in (2, 0):  # 4:2:0 (PIL's default, what cameras send) and 4:4:4
+            data = _pil_jpeg(raw.astype(np.uint8), 90, subsampling)
+            ours = dec.decode(data).cpu().numpy().astype(int)
+            pil = imaging.decode(data, imaging.JPEG, 0, 0).astype(int)
+            assert ours.shape == pil.shape == (h, w, 3)
+            ours_err, pil_err = np.abs(ours - raw).mean(), np.abs(pil - raw).mean()
+            assert ours_err <= JPEG_ERROR_RATIO * pil_err + 0.5, \
+                f"{w}x{h} sampling {subsampling}: nvJPEG {ours_err:.2f} vs libjpeg {pil_err:.2f} levels from the source"
+    with pytest.raises(RuntimeError):
+        dec.decode(b"\xff\xd8\xff\xe0 not a jpeg at all")
+
+
+def test_jpeg_inputs_decode_on_a_gpu_replica_and_match_the_same_pixels_sent_raw(ray_cluster):
+    """A stream's JPEG input frames reach the GPU replica compressed and are decoded there: its
+    frames equal those of the same stream sent as the pixels nvJPEG decodes (RAW), chunk cache on.
+    A damaged frame ends the stream with INVALID_ARGUMENT, and the server keeps serving."""
+    import grpc
+    import numpy as np
+
+    from rtdiff_cluster import clips
+    from rtdiff_cluster.engine.gpu_jpeg import GpuJpegDecoder
+    from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
+
+    actors = spawn(1, device="cuda", num_gpus=1)
+    gw = GatewayThread(gateway_config(model=ModelConfig(source=TINY, device="cuda", warmup=True)), {TINY: actors})
+    try:
+        info = gw.call(lambda: gw.gateway.models[TINY].replicas.handles[0].info)
+        assert info.fast_paths["jpeg_decode"].startswith("nvJPEG"), info.fast_paths
+        assert gw.call(lambda: gw.gateway.models[TINY].decodes_jpeg)
+        dec, _ = GpuJpegDecoder.probe(torch.device("cuda"))
+        files = [_pil_jpeg(px) for px in clips.moving(512, 512, 8)]
+        decoded = [dec.decode(f).cpu().numpy() for f in files]
+
+        def frames(images):
+            for i, img in enumerate(images):
+                yield pb.FrameRequest(frame_id=i, prompt="a stream" if i == 0 else "", width=512, height=512, steps=4,
+                                      seed=5, strength=0.5, output_format=pb.IMAGE_FORMAT_RAW_RGB8, input_image=img)
+        with RtdiffClient(gw.target, timeout_s=120) as c:
+            as_jpeg = list(c.stream(frames(pb.Image(format=pb.IMAGE_FORMAT_JPEG, data=f) for f in files)))
+            as_raw = list(c.stream(frames(pb.Image(format=pb.IMAGE_FORMAT_RAW_RGB8, data=px.tobytes(), width=512,
+                                                   height=512) for px in decoded)))
+            assert [r.frame_id for r in as_jpeg] == list(range(8)) and any(r.recomputed_fraction < 1 for r in as_jpeg[1:])
+            for a, b in zip(as_jpeg, as_raw):
+                diff = np.abs(image_pixels(a.image).astype(int) - image_pixels(b.image).astype(int))
+                assert diff.mean() <= 0.05 and diff.max() <= 2, (a.frame_id, diff.mean(), diff.max())
+            from test_jpeg_inputs import scrambled
+
+            broken = scrambled(files[1])  # no quantisation tables: refused by the gateway's header check
+            with pytest.raises(grpc.RpcError) as err:
+                list(c.stream(frames([pb.Image(format=pb.IMAGE_FORMAT_JPEG, data=files[0]),
+                                      pb.Image(format=pb.IMAGE_FORMAT_JPEG, data=broken)])))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            assert err.value.details().startswith("input_image.data"), err.value.details()
+            assert len(list(c.stream(frames(pb.Image(format=pb.IMAGE_FORMAT_JPEG, data=f) for f in files[:3])))) == 3
+    finally:
+        gw.stop()
+        for g in actors:
+            g.kill()

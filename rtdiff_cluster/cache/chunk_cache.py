@@ -110,7 +110,8 @@ def _span(lo: int, hi: int, size: int, s: CacheSettings) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """Where a GPU's stream frames are planned (and their JPEG inputs decoded: engine/replica.py)."""
     return torch.cuda.Stream(device)
 
 
@@ -144,20 +145,22 @@ class StreamFrameCache:
         # No wait for the compute stream: the side stream's inputs (the uploads, the reference
         # inputs) are written on the side stream only, and the allocator keeps each stream's
         # blocks apart.
-        return torch.cuda.stream(_side_stream(self.device))
+        return torch.cuda.stream(side_stream(self.device))
 
-    def plan(self, new: np.ndarray, s: CacheSettings) -> Plan:
+    def plan(self, new: np.ndarray | torch.Tensor, s: CacheSettings) -> Plan:
+        """new: the frame, [H, W, 3] uint8, in host memory or already on the device (decoded there on
+        the side stream: engine/replica.py)."""
         h, w = new.shape[:2]
         grid = (-(-h // s.chunk_px), -(-w // s.chunk_px))
         with self._side():
-            frame = self._uploads.upload([new])[0]
+            frame = new.to(self.device) if isinstance(new, torch.Tensor) else self._uploads.upload([new])[0]
             if self.ref_input is None or tuple(self.ref_input.shape) != new.shape:
                 plan = Plan("full", np.ones(grid, dtype=bool), frame=frame)
             else:
                 plan = self._plan_change(frame, new, grid, s)
         if self.device.type == "cuda":  # the compute stream reads the frame after its upload
             main = torch.cuda.current_stream(self.device)
-            main.wait_stream(_side_stream(self.device))
+            main.wait_stream(side_stream(self.device))
             frame.record_stream(main)
         return plan
 

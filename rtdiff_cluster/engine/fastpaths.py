@@ -18,7 +18,7 @@ import logging
 import torch
 
 from rtdiff_cluster.config import FastPathConfig
-from rtdiff_cluster.engine.gpu_jpeg import GpuJpeg
+from rtdiff_cluster.engine.gpu_jpeg import GpuJpeg, GpuJpegDecoder
 from rtdiff_cluster.engine.graphs import GraphCache
 from rtdiff_cluster.models.base import LoadedModel
 from rtdiff_cluster.ops.attention import AttentionRegistry
@@ -48,6 +48,7 @@ class FastPaths:
         self.registry: AttentionRegistry | None = None
         self.graphs: GraphCache | None = None
         self.jpeg: GpuJpeg | None = None  # the frames' JPEG encoder on the GPU, where it runs
+        self.jpeg_decoder: GpuJpegDecoder | None = None  # JPEG input frames' decoder on the GPU, where it runs
         self.compile_attention_for_new_shapes = True  # FastPathConfig's; set by apply()
 
     def seal_attention(self) -> None:
@@ -83,7 +84,7 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
     if model.device.type != "cuda":
         for path in ("attention", "kernels", "fp8", "cuda_graphs"):
             r[path] = "off: CPU replica (diffusers' modules as loaded)"
-        r["jpeg"] = "off: CPU replica (PIL on the host)"
+        r["jpeg"] = r["jpeg_decode"] = "off: CPU replica (PIL on the host)"
         if cfg.quantization == "fp8":
             log.warning("%s: fast_paths.quantization=fp8 ignored: FP8 matmuls need a CUDA GPU", model.limits.name)
         return fp
@@ -147,11 +148,13 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
         r["cuda_graphs"] = (f"on: per (batch, height, width) bucket, loops of <= {cfg.loop_graph_max_steps} noise-free "
                             f"steps with the decode; <= {cfg.max_graphs} graphs, {cfg.graph_memory_mb} MiB")
     if not cfg.gpu_jpeg:
-        r["jpeg"] = "off: fast_paths.gpu_jpeg is false"
+        r["jpeg"] = r["jpeg_decode"] = "off: fast_paths.gpu_jpeg is false"
     elif world > 1:
-        r["jpeg"] = f"off: replica spans {world} ranks (PIL on the host)"  # its frames come back in host memory
+        # Its frames come back in host memory, and its inputs are broadcast to the ranks decoded.
+        r["jpeg"] = r["jpeg_decode"] = f"off: replica spans {world} ranks (PIL on the host)"
     else:
         fp.jpeg, r["jpeg"] = GpuJpeg.probe(model.device)
+        fp.jpeg_decoder, r["jpeg_decode"] = GpuJpegDecoder.probe(model.device)
     for path, what in r.items():
         log.info("%s fast path %s: %s", model.limits.name, path, what)
     return fp

@@ -272,11 +272,16 @@ class Pipeline:
 
     def _upload(self, images: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
         """Input frames as [B, H, W, 3] uint8 on the model's device, through pinned staging
-        buffers (rtdiff_cluster/pinned.py). Frames already on the device (chunk-cache regions)
-        are only stacked there."""
-        if all(isinstance(img, torch.Tensor) for img in images):
-            return torch.stack([img.to(self.model.device) for img in images])
-        return self._uploads.upload(images)
+        buffers (rtdiff_cluster/pinned.py). Frames already on the device (chunk-cache regions,
+        JPEG inputs decoded there) are only stacked there."""
+        on_host = [i for i, img in enumerate(images) if not isinstance(img, torch.Tensor)]
+        if len(on_host) == len(images):
+            return self._uploads.upload(images)
+        parts = list(images)
+        if on_host:
+            for i, up in zip(on_host, self._uploads.upload([images[i] for i in on_host])):
+                parts[i] = up
+        return torch.stack([img.to(self.model.device) for img in parts])
 
     def _scheduler(self, sampler: str, steps: int, h: int, w: int):
         """A fresh scheduler for the sampler with its timesteps set for steps at latent size h x w:

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from rtdiff_cluster import imaging
-from rtdiff_cluster.cache.chunk_cache import CacheCounters, StreamCaches
+from rtdiff_cluster.cache.chunk_cache import CacheCounters, StreamCaches, side_stream
 from rtdiff_cluster.config import ModelConfig
 from rtdiff_cluster.engine.adaptive_steps import StepCalibrator
 from rtdiff_cluster.engine.link import LinkAddress, LinkServer, current_peer, new_key, node_host
-from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline, StageTimes
+from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline, StageTimes, resize_images
 from rtdiff_cluster.engine.stream_frames import CachedFrame, cache_settings, dit_token_px, run_cached
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
@@ -91,7 +91,8 @@ class FrameResult:
     format: int
     seed: int
     encode_s: float
-    error: str = ""  # non-empty: this frame failed (the stream's state was lost)
+    error: str = ""  # non-empty: this frame failed (the stream's state was lost, its input frame did not decode)
+    error_code: str = "UNAVAILABLE"  # the gRPC status code's name the frame's caller gets with `error`
     from_cache: bool = False  # chunk cache: no chunk changed, the cached output was sent
     recomputed_fraction: float = 1.0  # chunk cache: the fraction of the frame's chunks recomputed
     # (text_encode_s, denoise_s, decode_s) of this frame alone, when it ran apart from its batch
@@ -183,6 +184,7 @@ class EngineRank:
         self.link = LinkServer({"run_batch": self.run_batch, "close_stream": self.close_stream}, new_key(),
                                on_disconnect=self._drop_peer_streams)
         self._rendezvous: tuple[str, int] | None = None
+        self._queueing = asyncio.Lock()  # run_batch: from a batch's arrival until its compute is queued
         self._following = False
 
     # ---- start-up (every rank) -------------------------------------------------------------
@@ -356,6 +358,40 @@ class EngineRank:
                 self.gpu.mark_batch(False)
         return collect, measuring_s, batch.steps, psnr_db
 
+    def _decode_inputs(self, batch: BatchSpec, keep: list[int]) -> tuple[BatchSpec, dict[int, str]]:
+        """On the compute thread, before the batch's compute is queued: the JPEG input frames the
+        gateway passed on compressed (imaging.EncodedImage) decoded and brought to the batch's size.
+        With nvJPEG (single-GPU replicas) on the GPU: a plain frame on the compute stream, a
+        chunk-cached one on the cache's side stream, where it is measured; the host does not wait.
+        Elsewhere, and for a frame nvJPEG refuses, with PIL on the host. Returns the batch and
+        {frame: why} for the frames that do not decode (the others go on)."""
+        frames, failed = list(batch.frames), {}
+        decoder = self.fast.jpeg_decoder
+        for i in keep:
+            img = frames[i].init_image
+            if not isinstance(img, imaging.EncodedImage):
+                continue
+            pixels = None
+            if decoder is not None:
+                stream = side_stream(self.model.device) if self._cached(batch, i) else torch.cuda.current_stream()
+                with torch.cuda.stream(stream):
+                    try:
+                        pixels = decoder.decode(img.data)
+                    except RuntimeError as e:
+                        log.info("nvJPEG refused an input frame (%s); decoding it with PIL", str(e).splitlines()[0])
+                    if pixels is not None and tuple(pixels.shape[:2]) != (batch.height, batch.width):
+                        pixels = resize_images(pixels[None], batch.width, batch.height)[0]
+            if pixels is None:
+                try:
+                    pixels = imaging.decode_encoded(img)
+                except imaging.ImageDecodeError as e:
+                    failed[i] = f"input_image.data: {e}"
+                    continue
+                if pixels.shape[:2] != (batch.height, batch.width):
+                    pixels = imaging.resize(pixels, batch.width, batch.height)
+            frames[i] = dataclasses.replace(frames[i], init_image=pixels)
+        return dataclasses.replace(batch, frames=frames), failed
+
     def _jpeg_on_gpu(self, batch: BatchSpec) -> bool:
         """Whether the batch's images stay on the device for nvJPEG: some of its frames are JPEG."""
         return self.fast.jpeg is not None and any(fr.output_format == imaging.JPEG for fr in batch.frames)
@@ -422,24 +458,35 @@ class EngineRank:
         t0 = time.perf_counter()
         self._need_started()
         loop = asyncio.get_running_loop()
-        keep, prompts, negatives, failed = self._resolve_prompts(batch)
-        pixels: dict[int, object] = {}
-        cache_info: dict[int, tuple[bool, float, tuple[float, float, float]]] = {}
-        # frame -> steps of its schedule, their PSNR vs 8 steps, chunk threshold, steps the step cache reused
-        applied: dict[int, tuple[int, float, float, int]] = {}
-        text_s = denoise_s = decode_s = 0.0
-        cached = [self._cached(batch, i) for i in keep]
-        plain = [k for k in range(len(keep)) if not cached[k]]
-        # All of the batch's compute is queued before the first await: the compute thread runs it
-        # in arrival order, so the next batch (perhaps with the same streams) waits behind it.
-        plain_run = None
-        if plain:
-            sub = dataclasses.replace(batch, frames=[batch.frames[keep[k]] for k in plain])
-            plain_run = loop.run_in_executor(self.compute, self._run_plain, sub, [prompts[k] for k in plain],
-                                             [negatives[k] for k in plain])
-        # Cached stream frames run one by one (a region's shape is the frame's own), after the plain ones.
-        cached_runs = [(i, loop.run_in_executor(self.compute, self._run_cached, batch, i, prompts[k], negatives[k]))
-                       for k, i in enumerate(keep) if cached[k]]
+        # Frames are queued on the compute thread in arrival order (a stream's frames see each
+        # other's commits); a batch whose JPEG inputs are being decoded holds the next batch back
+        # until its own compute is queued.
+        async with self._queueing:
+            keep, prompts, negatives, failed = self._resolve_prompts(batch)
+            undecoded = {}
+            if any(isinstance(fr.init_image, imaging.EncodedImage) for fr in batch.frames):
+                batch, undecoded = await loop.run_in_executor(self.compute, self._decode_inputs, batch, keep)
+                if undecoded:
+                    prompts = [p for i, p in zip(keep, prompts) if i not in undecoded]
+                    negatives = [n for i, n in zip(keep, negatives) if i not in undecoded]
+                    keep = [i for i in keep if i not in undecoded]
+            pixels: dict[int, object] = {}
+            cache_info: dict[int, tuple[bool, float, tuple[float, float, float]]] = {}
+            # frame -> steps of its schedule, their PSNR vs 8 steps, chunk threshold, steps the step cache reused
+            applied: dict[int, tuple[int, float, float, int]] = {}
+            text_s = denoise_s = decode_s = 0.0
+            cached = [self._cached(batch, i) for i in keep]
+            plain = [k for k in range(len(keep)) if not cached[k]]
+            # All of the batch's compute is queued before the first await: the compute thread runs it
+            # in arrival order, so the next batch (perhaps with the same streams) waits behind it.
+            plain_run = None
+            if plain:
+                sub = dataclasses.replace(batch, frames=[batch.frames[keep[k]] for k in plain])
+                plain_run = loop.run_in_executor(self.compute, self._run_plain, sub, [prompts[k] for k in plain],
+                                                 [negatives[k] for k in plain])
+            # Cached stream frames run one by one (a region's shape is the frame's own), after the plain ones.
+            cached_runs = [(i, loop.run_in_executor(self.compute, self._run_cached, batch, i, prompts[k], negatives[k]))
+                           for k, i in enumerate(keep) if cached[k]]
         if plain_run is not None:
             collect, measuring_s, plain_steps, plain_psnr = await plain_run
             images, times = await loop.run_in_executor(self.waiter, collect)
@@ -490,6 +537,11 @@ class EngineRank:
             fr = batch.frames[i]
             width, height = fr.output_size or (batch.width, batch.height)
             results[i] = FrameResult(b"", width, height, fr.output_format, fr.seed, 0.0, error=why)
+        for i, why in undecoded.items():  # the client's input, not the replica: INVALID_ARGUMENT
+            fr = batch.frames[i]
+            width, height = fr.output_size or (batch.width, batch.height)
+            results[i] = FrameResult(b"", width, height, fr.output_format, fr.seed, 0.0, error=why,
+                                     error_code="INVALID_ARGUMENT")
         return BatchResult(results, text_s, denoise_s, decode_s, time.perf_counter() - t0)
 
     async def close_stream(self, stream_id: str) -> bool:

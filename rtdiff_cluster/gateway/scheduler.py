@@ -303,7 +303,7 @@ class ModelScheduler:
         computed = 0
         for j, fr in zip(jobs, result.frames):
             if fr.error:
-                _resolve(j, error=RequestError(grpc.StatusCode.UNAVAILABLE, fr.error))
+                _resolve(j, error=RequestError(grpc.StatusCode[fr.error_code], fr.error))
                 continue
             computed += 1
             picked = j.picked_at if j.picked_at is not None else sent_at

@@ -37,7 +37,7 @@ class Checked:
     seed: int
     output_format: int
     jpeg_quality: int
-    input_image: np.ndarray | None
+    input_image: np.ndarray | imaging.EncodedImage | None
 
 
 def _size(field: str, value: int, default: int, lim: ModelLimits) -> int:
@@ -60,8 +60,9 @@ def _prompt(field: str, text: str, lim: ModelLimits, required: bool) -> str:
     return text
 
 
-def check_settings(req, lim: ModelLimits, prompt_required: bool) -> Checked:
-    """Shared checks of GenerateRequest and FrameRequest (they have the same field names)."""
+def check_settings(req, lim: ModelLimits, prompt_required: bool, defer_jpeg: bool = False) -> Checked:
+    """Shared checks of GenerateRequest and FrameRequest (they have the same field names).
+    defer_jpeg: a JPEG input frame is checked by its header and left compressed (check_input_image)."""
     width = _size("width", req.width, lim.default_width, lim)
     height = _size("height", req.height, lim.default_height, lim)
     target_psnr = req.target_psnr_db
@@ -99,7 +100,7 @@ def check_settings(req, lim: ModelLimits, prompt_required: bool) -> Checked:
         strength = round(req.strength, 4) or DEFAULT_STRENGTH
         if int(steps * strength) < 1:
             raise invalid("strength", f"{strength} x {steps} steps leaves no step to run; raise strength or steps")
-        image = check_input_image(req.input_image, width, height)
+        image = check_input_image(req.input_image, width, height, defer_jpeg)
     elif req.strength:
         raise invalid("strength", "only applies with input_image")
     step_cache = req.step_cache_threshold
@@ -110,7 +111,9 @@ def check_settings(req, lim: ModelLimits, prompt_required: bool) -> Checked:
                    prompt_text or None, negative, req.seed, fmt, quality, image)
 
 
-def check_input_image(img: pb.Image, width: int, height: int) -> np.ndarray:
+def check_input_image(img: pb.Image, width: int, height: int, defer_jpeg: bool = False) -> np.ndarray | imaging.EncodedImage:
+    """The input frame decoded ([H, W, 3] uint8), or with defer_jpeg (the model's replicas decode
+    JPEG on their GPUs) a JPEG checked by its header only and handed on still compressed."""
     if img.format == pb.IMAGE_FORMAT_UNSPECIFIED:
         raise invalid("input_image.format", "must be PNG, JPEG or RAW_RGB8")
     if img.format not in OUTPUT_FORMATS:
@@ -119,6 +122,14 @@ def check_input_image(img: pb.Image, width: int, height: int) -> np.ndarray:
         raise invalid("input_image.data", "is empty")
     if img.format == pb.IMAGE_FORMAT_RAW_RGB8 and (img.width, img.height) != (width, height):
         raise invalid("input_image", f"is {img.width}x{img.height}, expected {width}x{height} (the request's width x height)")
+    if defer_jpeg and img.format == pb.IMAGE_FORMAT_JPEG:
+        try:
+            w, h = imaging.jpeg_size(img.data)
+        except imaging.ImageDecodeError as e:
+            raise invalid("input_image.data", str(e)) from None
+        if (w, h) != (width, height):
+            raise invalid("input_image", f"is {w}x{h}, expected {width}x{height} (the request's width x height)")
+        return imaging.EncodedImage(img.data, w, h)
     try:
         pixels = imaging.decode(img.data, img.format, img.width, img.height)
     except imaging.ImageDecodeError as e:

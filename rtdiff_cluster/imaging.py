@@ -21,8 +21,9 @@ class ImageDecodeError(ValueError):
 class EncodedImage:
     """An input frame still compressed: a JPEG whose header the gateway checked (width x height),
     decoded by the replica that computes it, on its GPU (engine/gpu_jpeg.py) where it can: a 1024
-    frame is ~0.3 MB on the way there instead of 3 MB of pixels, and the gateway spends ~50 us
-    on it instead of a 4-7 ms decode on a host core."""
+    frame is ~0.3 MB on the way there instead of 3 MB of pixels, and the gateway spends ~25 us
+    on its header instead of a 4-7 ms decode on a host core (23 us against 5.5 ms for PIL's
+    decode of a 1024 clip frame on the 2-core VM)."""
 
     data: bytes
     width: int

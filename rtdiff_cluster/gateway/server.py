@@ -246,7 +246,7 @@ async def _check(req, served: ServedModel, lim: ModelLimits, prompt_required: bo
     # Decoding a PNG or JPEG input frame costs milliseconds of CPU: keep it off the event loop. A
     # RAW frame is only viewed in place (microseconds), so it skips the thread hop: a live stream's
     # queue time, which includes this check, was 1.2 ms p50 on the H200's host with the hop.
-    # A JPEG the replicas decode is only read to its header here (~50 us): no hop either.
+    # A JPEG the replicas decode is only read to its header here (~25 us): no hop either.
     fmt = req.input_image.format if req.HasField("input_image") else pb.IMAGE_FORMAT_RAW_RGB8
     if fmt == pb.IMAGE_FORMAT_RAW_RGB8 or (fmt == pb.IMAGE_FORMAT_JPEG and served.decodes_jpeg):
         checked = check_settings(req, lim, prompt_required, served.decodes_jpeg)

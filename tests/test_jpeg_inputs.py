@@ -7,7 +7,7 @@ the frame) and brings it to the batch's size. A frame whose header is fine but w
 not decode fails alone, INVALID_ARGUMENT naming input_image.data, and the rest of its batch goes on.
 
 On CPU the replicas decode with PIL: these tests cover the protocol, the per-frame failure and
-the resize; tests/test_gpu.py holds nvJPEG's decode to PIL's on the GPU.
+the resize; tests/test_gpu.py holds nvJPEG's decode to libjpeg's error on the GPU.
 """
 
 from __future__ import annotations

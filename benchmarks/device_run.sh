@@ -139,7 +139,8 @@ for mode in ("thread_local", "global"):
         print(f"{mode}: the capturing thread raised {type(e).__name__}: {str(e)[:160]}", flush=True)
 PY
       ;;
-    gn-ab) unet_profile_ab gn "--gn-knobs 4096,8,4" --sizes 1024,512 ;;
+    gn-ab) unet_profile_ab gn "--knob group_norm_silu._TILE_ELEMS=4096 --knob group_norm_silu._NUM_WARPS=8
+      --knob group_norm_silu._PROGRAMS_PER_SM=4" --sizes 1024,512 ;;
     new-bucket-ab) n=0; for ab in "" --eager-first "" --eager-first; do d="$OUT/nb${ab:+-eager}-$((++n))"
       mkdir -p "$d"; timeout 140 python3 benchmarks/new_bucket.py --device cuda $ab --out-dir "$d" 2>&1 \
       | grep -E "^\{'bucket'"; done ;;

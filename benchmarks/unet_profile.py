@@ -252,12 +252,10 @@ def main() -> None:
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark on: cuDNN times its convolution engines per shape and keeps "
                          "the fastest, instead of taking its heuristic's first choice (an A/B)")
-    ap.add_argument("--gn-knobs", default="", metavar="TILE,WARPS,PER_SM",
-                    help="group_norm_silu's elements per tile, warps and programs per SM instead of the shipped ones "
-                         "(an A/B; 4096,8,4 before benchmarks/tune_pointwise.py)")
     ap.add_argument("--knob", action="append", default=[], metavar="MODULE.NAME=INT",
                     help="a kernel's launch knob instead of the shipped value, e.g. activations._TILE_ELEMS=1024 "
-                         "(rtdiff_kernels.MODULE; repeatable; an A/B)")
+                         "(rtdiff_kernels.MODULE; repeatable; an A/B: group_norm_silu's _TILE_ELEMS=4096, "
+                         "_NUM_WARPS=8, _PROGRAMS_PER_SM=4 were its knobs before benchmarks/tune_pointwise.py)")
     ap.add_argument("--frame", type=int, default=0, metavar="STEPS",
                     help="profile a whole text-to-image frame of this many steps (tiny VAE) instead of a step")
     args = ap.parse_args()
@@ -265,10 +263,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     import rtdiff_kernels.group_norm_silu as gn
 
-    if args.gn_knobs:
-        gn._TILE_ELEMS, gn._NUM_WARPS, gn._PROGRAMS_PER_SM = (int(v) for v in args.gn_knobs.split(","))
-    gn_knobs = f"{gn._TILE_ELEMS},{gn._NUM_WARPS},{gn._PROGRAMS_PER_SM}"
     knobs = set_knobs(ap, args.knob)
+    gn_knobs = f"{gn._TILE_ELEMS},{gn._NUM_WARPS},{gn._PROGRAMS_PER_SM}"
     if args.scheduler_from_config:
         from rtdiff_cluster.engine import samplers
         from rtdiff_cluster.engine.pipeline import Pipeline
@@ -312,7 +308,6 @@ def main() -> None:
                                    ("no-small-triton", args.no_small_triton),
                                    ("kv-per-step", args.kv_per_step),
                                    ("cudnn-benchmark", args.cudnn_benchmark),
-                                   (f"gn-{gn_knobs.replace(',', '-')}", args.gn_knobs),
                                    ("knobs", knobs)) if on)
     write_results("unet_profile", args.device, {"source": args.source, "quantization": quant, "sizes": sizes,
                                                 "frame_steps": args.frame,

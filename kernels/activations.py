@@ -38,12 +38,17 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _gelu_erf(x):
+    """Exact GELU, as F.gelu's default: x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2)))."""
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
 def _geglu_product(h_row, cols, mask, N):
     """hidden * gelu(gate) in fp32 for the lanes cols of a row of h (0 where masked)."""
     hidden = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(h_row + N + cols, mask=mask, other=0.0).to(tl.float32)
-    # Exact GELU, as F.gelu's default: x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2))).
-    return hidden * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
+    return hidden * _gelu_erf(gate)
 
 
 @triton.jit

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from rtdiff_kernels._launch import triton_runs
+from rtdiff_kernels.activations import _gelu_erf
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,6 @@ class Config:
 
 
 DEFAULT = Config(128, 128, 64, 8, 3)
-
-
-@triton.jit
-def _gelu_erf(x):
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
 
 @triton.jit

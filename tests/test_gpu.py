@@ -112,14 +112,13 @@ def _jpeg_error(jpeg: bytes, raw) -> float:
     assert decoded.shape == raw.shape
     return float(np.abs(decoded.astype(int) - raw.astype(int)).mean())
 
-
-def _pil_444(raw, quality: int) -> bytes:
+def _pil_jpeg(raw, quality: int = 90, subsampling: int = -1) -> bytes:
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(raw).save(buf, format="JPEG", quality=quality, subsampling=0)
+    Image.fromarray(raw).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
     return buf.getvalue()
 
 
@@ -141,7 +140,7 @@ def test_gpu_jpeg_encodes_within_libjpegs_error():
         for quality in (90, 60):
             data = enc.encode(torch.from_numpy(raw).cuda(), quality)
             assert data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
-            ours, pil = _jpeg_error(data, raw), _jpeg_error(_pil_444(raw, quality), raw)
+            ours, pil = _jpeg_error(data, raw), _jpeg_error(_pil_jpeg(raw, quality, subsampling=0), raw)
             assert ours <= JPEG_ERROR_RATIO * pil + 0.5, f"{size} q{quality}: nvJPEG {ours:.2f} vs libjpeg {pil:.2f} levels"
 
 
@@ -162,7 +161,7 @@ def test_jpeg_frames_of_a_gpu_replica_come_from_nvjpeg_and_match_its_raw_frames(
                 raw = image_pixels(c.generate("jpeg", output_format="raw", **kw).images[0])
                 jpeg = c.generate("jpeg", output_format="jpeg", **kw).images[0]
                 assert jpeg.format == pb.IMAGE_FORMAT_JPEG and (jpeg.width, jpeg.height) == (512, 384)
-                assert _jpeg_error(jpeg.data, raw) <= JPEG_ERROR_RATIO * _jpeg_error(_pil_444(raw, 90), raw) + 0.5
+                assert _jpeg_error(jpeg.data, raw) <= JPEG_ERROR_RATIO * _jpeg_error(_pil_jpeg(raw, 90, subsampling=0), raw) + 0.5
 
             clip = list(clips.moving(512, 512, 8))
 
@@ -176,21 +175,12 @@ def test_jpeg_frames_of_a_gpu_replica_come_from_nvjpeg_and_match_its_raw_frames(
             jpegs = list(c.stream(frames(pb.IMAGE_FORMAT_JPEG), timeout_s=120))
             assert [r.frame_id for r in jpegs] == list(range(8)) and any(r.recomputed_fraction < 1 for r in jpegs[1:])
             for raw, r in zip(raws, jpegs):
-                assert _jpeg_error(r.image.data, raw) <= JPEG_ERROR_RATIO * _jpeg_error(_pil_444(raw, 90), raw) + 0.5, r.frame_id
+                assert _jpeg_error(r.image.data, raw) <= JPEG_ERROR_RATIO * _jpeg_error(_pil_jpeg(raw, 90, subsampling=0), raw) + 0.5, r.frame_id
     finally:
         gw.stop()
         for g in actors:
             g.kill()
 
-
-def _pil_jpeg(raw, quality: int = 90, subsampling: int = -1) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(raw).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
-    return buf.getvalue()
 
 
 # Tolerance policy for decoding: as for encoding (JPEG_ERROR_RATIO), against the exact pixels the

@@ -28,6 +28,8 @@
 #                 then tests/test_kernels_linear.py on the GPU
 #   jpeg-stream   the GPU tests of JPEG input frames decoded on the replica (tests/test_gpu.py -k jpeg), then
 #                 stream_serving.py's 1-step cases, raw and JPEG input frames
+#   aside-tests   the GPU fast-path tests of captures aside, batch splits, launched and chunk-cached frames
+#   aside-ab      stream_serving.py's chunk-cache and governed cases with graph_capture_aside on, then off
 #   jpeg-ab       stream_serving.py's chunk-cache cases (raw and JPEG input frames, windows 2 and 3), twice, each run
 #                 a fresh server, into $OUT/jpeg-ab-N
 #   pointwise-check  the step profile at 1024 and 512 (geglu's kernel now takes a row tile), then the GPU tests of
@@ -126,6 +128,12 @@ for part in $parts; do
     cudnn-once) for ab in "" --cudnn-benchmark; do dir="$OUT/cudnn${ab:+-bench}"; mkdir -p "$dir"
       timeout 200 python3 benchmarks/unet_profile.py $ab --sizes 1024,512 --out-dir "$dir" 2>&1 | grep -E "^(1024|512): "
       done ;;
+    aside-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py \
+      -k "aside or batch_size or launched_back_to_back or capture or chunk" 2>&1 | tail -30 | tee "$OUT/aside_tests.log" ;;
+    aside-ab) for ab in ${ASIDE_RUNS:-on off}; do
+      timeout 290 python3 benchmarks/stream_serving.py --device cuda --frames 240 --skip-engine-alone --capture-aside $ab \
+        --tag "aside-$ab" --cases "1-step, chunk cache;4 steps, governed" --out-dir "$OUT" 2>&1 | grep -v WARNING \
+        | tee "$OUT/aside-$ab.log"; done ;;
     capture-race) timeout 120 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/capture_race.log"
 import sys
 sys.path.insert(0, "tests")

@@ -47,7 +47,10 @@ def load_engine(args):
     cfg = FastPathConfig(quantization="fp8" if getattr(args, "fp8", False) else "none",
                          **({"fp8_min_features": fp8_min} if fp8_min else {}),
                          **({"attention": attention} if attention else {}),
-                         compile_attention_for_new_shapes=getattr(args, "compile_attention_for_new_shapes", False))
+                         compile_attention_for_new_shapes=getattr(args, "compile_attention_for_new_shapes", False),
+                         # Benchmarks time steady states: captured aside, a new bucket's graph could
+                         # land in the middle of the timed calls (they run step by step until then).
+                         graph_capture_aside=False)
     return model, fastpaths.apply(model, cfg, world=1)
 
 

@@ -13,7 +13,8 @@ sees them. Cases, all image-to-image at strength 0.5 from rtdiff_cluster/clips.p
                stream ungoverned
 
 Each setting runs once unmeasured first (CUDA graph captures of its shapes and step counts); the
-graph captures that still happen during the measured run are reported (each one a stall). Before
+graph captures that still happen during the measured run are reported: on the serving path (each
+one a stall) and aside (fast_paths.graph_capture_aside; --capture-aside off for the A/B). Before
 the gateway cases, the engine alone (engine/pipeline.py with its fast paths, no gateway or
 Ray) times the 1-step frame on the same device in the same run: the gateway's share is the gap.
 
@@ -81,16 +82,24 @@ def stream(target: str, args, **kw) -> dict:
 STATS_SETTLE_S = 1.5  # the gateway polls replica stats every second (ServerConfig.stats_interval_s)
 
 
-def graph_captures(metrics_port: int, settle_s: float = 0.0) -> float:
-    """The replicas' CUDA graph captures so far, from the server's /metrics (after settle_s, so
-    that the last stats poll has seen the case's end). A capture in a measured run is a stall:
-    a shape or step count whose graph was never captured or was evicted from the cache."""
+def graph_counts(metrics_port: int, settle_s: float = 0.0) -> dict[str, float]:
+    """The replicas' CUDA graph captures so far by path ("serving": the frame waited for it, a
+    stall; "aside": on a thread of its own) and launches deferred while one was captured aside,
+    from the server's /metrics (after settle_s, so that the last stats poll has seen the case's
+    end). A capture on the serving path in a measured run is a shape or step count whose graph was
+    never captured or was evicted from the cache."""
     import urllib.request
 
     time.sleep(settle_s)
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("rtdiff_cuda_graph_captures_total{"))
+    counts = {"serving": 0.0, "aside": 0.0, "deferred": 0.0}
+    for line in text.splitlines():
+        if line.startswith("rtdiff_cuda_graph_captures_total{"):
+            path = "aside" if 'path="aside"' in line else "serving"
+            counts[path] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("rtdiff_cuda_graph_deferrals_total{"):
+            counts["deferred"] += float(line.rsplit(" ", 1)[1])
+    return counts
 
 
 def main() -> int:
@@ -101,6 +110,10 @@ def main() -> int:
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--tp", type=int, default=1, help="the replica's tensor-parallel degree (GPUs per replica)")
     ap.add_argument("--cfg-parallel", type=int, choices=[1, 2], default=1)
+    ap.add_argument("--capture-aside", choices=["on", "off"], default="on",
+                    help="fast_paths.graph_capture_aside of the served model (off: every capture on the serving path)")
+    ap.add_argument("--skip-engine-alone", action="store_true", help="no engine-alone baseline (A/B runs of the gateway)")
+    ap.add_argument("--tag", default="", help="appended to the result files' names")
     ap.add_argument("--cases", default="", help="';'-separated case-name prefixes to run (default: all), e.g. "
                                                 "'4 steps, ungoverned' for the sharded scaling run")
     args = ap.parse_args()
@@ -113,7 +126,8 @@ def main() -> int:
 
     t0 = time.perf_counter()
     sharded = args.tp * args.cfg_parallel > 1
-    engine = None if sharded else engine_alone(args)  # the engine-alone baseline is a single-GPU pipeline
+    # The engine-alone baseline is a single-GPU pipeline.
+    engine = None if sharded or args.skip_engine_alone else engine_alone(args)
     print(json.dumps({"engine alone, 1 step": engine}), flush=True)
 
     port, metrics_port = free_port(), free_port()
@@ -124,6 +138,12 @@ def main() -> int:
         cmd += ["--vae", args.vae]
     if sharded:
         cmd += ["--tp", str(args.tp), "--cfg-parallel", str(args.cfg_parallel)]
+    if args.capture_aside == "off":
+        import tempfile
+
+        conf = Path(tempfile.mkdtemp()) / "serve.toml"
+        conf.write_text(f'[[models]]\nsource = "{args.source}"\n[models.fast_paths]\ngraph_capture_aside = false\n')
+        cmd += ["--config", str(conf)]
     server = subprocess.Popen(cmd)
     rows = []
     try:
@@ -153,12 +173,20 @@ def main() -> int:
             # (the governed case walks its whole ladder; deeper windows let frames of the stream batch
             # together, new batch sizes): the measured run is the steady state.
             setting = tuple(sorted(kw.items()))
+            first = None
             if setting not in warmed:
-                stream(target, args, frames=min(n, 60), **kw)
+                before = graph_counts(metrics_port)
+                first = stream(target, args, frames=min(n, 60), **kw)
+                after = graph_counts(metrics_port, settle_s=STATS_SETTLE_S)
+                first = {"p99_ms": first["p99_ms"], "max_ms": first.get("max_ms"), "fps": first["fps"],
+                         **{k: after[k] - before[k] for k in after}}
                 warmed.add(setting)
-            before = graph_captures(metrics_port)
-            r = {"case": name, **kw, **stream(target, args, frames=n, **kw)}
-            r["graph_captures"] = graph_captures(metrics_port, settle_s=STATS_SETTLE_S) - before
+            before = graph_counts(metrics_port)
+            r = {"case": name, **kw, **stream(target, args, frames=n, **kw), "first_run": first}
+            after = graph_counts(metrics_port, settle_s=STATS_SETTLE_S)
+            r["graph_captures"] = after["serving"] - before["serving"]
+            r["graph_captures_aside"] = after["aside"] - before["aside"]
+            r["graph_deferrals"] = after["deferred"] - before["deferred"]
             rows.append(r)
             print(json.dumps(r), flush=True)
     finally:
@@ -169,12 +197,12 @@ def main() -> int:
     best = max(one_step, key=lambda r: (r["p99_ms"] < TARGET_P99_MS, r["fps"])) if one_step else None
     write_results("stream_serving", "cuda" if cuda else "cpu", {
         "model": args.source, "vae": args.vae or "model's", "size": args.size, "frames": args.frames,
-        "tp": args.tp, "cfg_parallel": args.cfg_parallel,
+        "tp": args.tp, "cfg_parallel": args.cfg_parallel, "capture_aside": args.capture_aside,
         "engine_alone": engine, "rows": rows, "overlap": overlap(rows), "runtime_s": time.perf_counter() - t0,
         "target": best and {"fps": TARGET_FPS, "p99_ms": TARGET_P99_MS, "best_window": best["window"],
                             "best_case": best["case"], "best_fps": best["fps"], "best_p99_ms": best["p99_ms"],
                             "met": best["fps"] >= TARGET_FPS and best["p99_ms"] < TARGET_P99_MS}},
-        args.out_dir, markdown, tag=f"tp{args.tp}x{args.cfg_parallel}" if sharded else "")
+        args.out_dir, markdown, tag="-".join(t for t in (f"tp{args.tp}x{args.cfg_parallel}" if sharded else "", args.tag) if t))
     return 0
 
 
@@ -201,19 +229,31 @@ def markdown(r: dict) -> str:
     lines = [f"# Live streams through the gateway: {r['model']} {r['size']}x{r['size']}, VAE {r['vae']}, "
              f"{r['frames']} frames per case{sharded}", "",
              f"Device: {r['gpu_name'] or r['cpu']} ({r['cpu_cores']} cores); torch {r['torch']}; {r['date_utc']}. "
-             "Client: `rtdiff stream` in its own process on the same machine; image-to-image at strength 0.5.", "",
+             "Client: `rtdiff stream` in its own process on the same machine; image-to-image at strength 0.5. "
+             f"Graph capture aside: {r.get('capture_aside', 'off')}.", "",
              (f"Engine alone (pipeline, no gateway), 1-step frame: {e['ms_p50']:.1f} ms p50, {e['ms_p99']:.1f} ms p99, "
-              f"{e['fps']:.1f} fps." if e else "Engine alone: not run (a sharded replica)."), "",
+              f"{e['fps']:.1f} fps." if e else "Engine alone: not run."), "",
              "| case | window | fps | p50 ms | p95 ms | p99 ms | steps (schedule) | smallest computed width | "
-             "governed frames | graph captures | server p50 ms: queue / batch wait / denoise+decode / encode / replica / total |",
+             "governed frames | graph captures: serving path / aside (deferred launches) | server p50 ms: queue / batch wait / denoise+decode / encode / replica / total |",
              "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|---|"]
     for x in r["rows"]:
         t = x["server_p50_ms"]
         lines.append(f"| {x['case']} | {x['window']} | {x['fps']:.1f} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
                      f"{x['p99_ms']:.1f} | {x['steps_min']}..{x['steps_max']} | {x.get('computed_width_min', '-')} | "
-                     f"{x.get('governed_frames', 0)} | {x.get('graph_captures', '-')} | "
+                     f"{x.get('governed_frames', 0)} | {x.get('graph_captures', '-')} / {x.get('graph_captures_aside', '-')} "
+                     f"({x.get('graph_deferrals', '-')}) | "
                      f"{t['queue_ms']:.1f} / {t['batch_wait_ms']:.1f} / {t['denoise_ms'] + t['decode_ms']:.1f} / "
                      f"{t['encode_ms']:.1f} / {t['replica_ms']:.1f} / {t['total_ms']:.1f} |")
+    firsts = [x for x in r["rows"] if x.get("first_run")]
+    if firsts:
+        lines += ["", "The first, unmeasured run of each setting (60 frames: where a stream meets its new buckets):", "",
+                  "| case | window | fps | p99 ms | slowest frame ms | graph captures: serving path / aside (deferred launches) |",
+                  "|---|--:|--:|--:|--:|---|"]
+        for x in firsts:
+            f = x["first_run"]
+            slowest = f"{f['max_ms']:.1f}" if f.get("max_ms") is not None else "-"
+            lines.append(f"| {x['case']} | {x['window']} | {f['fps']:.1f} | {f['p99_ms']:.1f} | {slowest} | "
+                         f"{f['serving']:g} / {f['aside']:g} ({f['deferred']:g}) |")
     o = overlap(r["rows"])
     if o:
         lines += ["", f"Overlap (1-step, cache off): one frame in flight takes {o['serial_ms']:.1f} ms end to end, "

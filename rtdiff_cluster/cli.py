@@ -310,7 +310,7 @@ def run_stream(client, args, out_dir: Path | None, live: bool) -> dict:
     # Sustained FPS excludes the first frame's latency (pipeline fill).
     steady = (len(latencies) - 1) / (time.perf_counter() - first_at) if first_at and len(latencies) > 1 else float("nan")
     return {"frames": len(latencies), "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
-            "p99_ms": percentile(latencies, 99), "fps": steady, "elapsed_s": elapsed, "replica": replica,
+            "p99_ms": percentile(latencies, 99), "max_ms": max(latencies, default=float("nan")), "fps": steady, "elapsed_s": elapsed, "replica": replica,
             "steps_min": min(steps, default=0), "steps_max": max(steps, default=0), "governed_frames": governed,
             "computed_width_min": min(widths, default=0),
             # the server's own breakdown, p50 per field; client p50 minus total_ms is gRPC and the client

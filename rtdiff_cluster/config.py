@@ -71,6 +71,16 @@ class FastPathConfig:
     bucket met once is never captured (services of many one-off sizes), but a stream meeting a new
     size pays two slow frames (H200: a new 768x1024 SDXL frame 269-333 ms, then 103-135 ms, against
     390-591 ms once; benchmarks/NOTES.md)."""
+    graph_capture_aside: bool = True
+    """Capture on a thread of its own, off the serving path, the graphs a frame can do without for
+    a while: a chunk-cache region (the frame is computed whole meanwhile), a frame at a size new to
+    its stream (computed at the stream's last size meanwhile, input and output resized on the GPU,
+    and the response's applied size says so), a whole loop of a step count new at its size (run
+    step by step meanwhile) and a batch size that captured sizes cover (split into them
+    meanwhile). Off: each is captured on the serving path when first needed (0.2-0.6 s for an SDXL
+    frame on an H200). On an H200 a governed SDXL stream's worst frames while it met new buckets
+    went from 0.8-2.3 s to 0.1-0.2 s, but until its graphs have landed it runs slower (a governed
+    4-step stream: 31.9 against 54.6 fps over its first 300 frames; benchmarks/NOTES.md)."""
     gpu_jpeg: bool = True
     """Encode JPEG frames on the GPU (nvJPEG through torchvision) where it imports: 0.2-0.4 ms a
     1024 frame against 4.2-7.0 ms on a host core with PIL (benchmarks/image_codec.py, H200). Its

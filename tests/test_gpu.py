@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY, GatewayThread, gateway_config, metric, spawn, wait_until
 from rtdiff_cluster.client.client import RtdiffClient, image_pixels
-from rtdiff_cluster.config import ModelConfig
+from rtdiff_cluster.config import FastPathConfig, ModelConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -144,13 +144,18 @@ def test_gpu_jpeg_encodes_within_libjpegs_error():
             assert ours <= JPEG_ERROR_RATIO * pil + 0.5, f"{size} q{quality}: nvJPEG {ours:.2f} vs libjpeg {pil:.2f} levels"
 
 
+# Graphs captured on the spot: captured aside (the default), a short stream's first frames run
+# whole while its regions' graphs land, and these tests compare streams that must reach regions.
+ON_THE_SPOT = FastPathConfig(graph_capture_aside=False)
+
+
 def test_jpeg_frames_of_a_gpu_replica_come_from_nvjpeg_and_match_its_raw_frames(ray_cluster):
     """Unary frames and a stream's launched chunk-cache frames (several in flight, so a frame is
     encoded while the next ones compute): each JPEG decodes to its RAW twin within JPEG's error."""
     from rtdiff_cluster import clips
     from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
 
-    actors = spawn(1, device="cuda", num_gpus=1)
+    actors = spawn(1, device="cuda", num_gpus=1, fast_paths=ON_THE_SPOT)
     gw = GatewayThread(gateway_config(model=ModelConfig(source=TINY, device="cuda", warmup=True)), {TINY: actors})
     try:
         info = gw.call(lambda: gw.gateway.models[TINY].replicas.handles[0].info)
@@ -224,7 +229,7 @@ def test_jpeg_inputs_decode_on_a_gpu_replica_and_match_the_same_pixels_sent_raw(
     from rtdiff_cluster.engine.gpu_jpeg import GpuJpegDecoder
     from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
 
-    actors = spawn(1, device="cuda", num_gpus=1)
+    actors = spawn(1, device="cuda", num_gpus=1, fast_paths=ON_THE_SPOT)
     gw = GatewayThread(gateway_config(model=ModelConfig(source=TINY, device="cuda", warmup=True)), {TINY: actors})
     try:
         info = gw.call(lambda: gw.gateway.models[TINY].replicas.handles[0].info)

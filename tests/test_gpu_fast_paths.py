@@ -34,9 +34,11 @@ def single_rank():
 
 
 def pipelines(source: str, **fast):
+    """(diffusers' plain modules, the fast paths, their FastPaths). Graphs are captured on the spot
+    unless a test asks for graph_capture_aside (the tests of it do)."""
     plain = Pipeline(load_model(ModelConfig(source=source, device="cuda")), prompt_cache_size=2)
     model = load_model(ModelConfig(source=source, device="cuda"))
-    cfg = FastPathConfig(**fast)
+    cfg = FastPathConfig(**{"graph_capture_aside": False, **fast})
     fp = fastpaths.apply(model, cfg, world=1)
     return plain, Pipeline(model, prompt_cache_size=2, graphs=fp.graphs, loop_graph_max_steps=cfg.loop_graph_max_steps), fp
 
@@ -412,6 +414,8 @@ def test_chunk_cached_frames_launched_back_to_back_equal_frames_run_one_by_one()
     from rtdiff_cluster.cache.chunk_cache import CacheSettings, StreamFrameCache
     from rtdiff_cluster.engine.stream_frames import run_cached
 
+    # Captured on the spot (pipelines' default), as the one-by-one run does: aside, launched
+    # regions would run whole.
     _, fast, _ = pipelines("synthetic:tiny-sdxl")
     settings = CacheSettings(chunk_px=32, threshold=2.0, halo_px=32, max_region_fraction=0.6, region_buckets=4,
                              multiple=8)
@@ -427,14 +431,14 @@ def test_chunk_cached_frames_launched_back_to_back_equal_frames_run_one_by_one()
     launched, cache = [], StreamFrameCache("cuda")
     for img in frames:
         launched.append(run_cached(None, cache, batch(img), settings,
-                                   launch=lambda b: fast.launch(b, ["a lighthouse"], [""], copy_out=False)))
+                                   launch=lambda b, **kw: fast.launch(b, ["a lighthouse"], [""], copy_out=False, **kw)))
     assert [d.plan.kind for d in launched] == [d.plan.kind for d in one_by_one] == \
         ["full", "region", "cache", "region", "region", "region"], [d.plan.kind for d in launched]
     for i, (a, b) in enumerate(zip(launched, one_by_one)):
         assert np.array_equal(a.pixels, b.pixels), f"frame {i} ({a.plan.kind}) differs when launched back to back"
     assert isinstance(cache.output, torch.Tensor) and cache.output.is_cuda
     half = run_cached(None, cache, batch(frames[-1], out=(128, 96)), settings,
-                      launch=lambda b: fast.launch(b, ["a lighthouse"], [""], copy_out=False))
+                      launch=lambda b, **kw: fast.launch(b, ["a lighthouse"], [""], copy_out=False, **kw))
     assert half.plan.kind == "cache" and half.pixels.shape == (96, 128, 3)
 
 
@@ -482,17 +486,135 @@ def test_after_the_warm_up_new_attention_shapes_skip_cudnn_and_match_the_plain_m
     assert all(c.endswith(" (new shapes: torch flash)") for c in per_shape.values()), per_shape
 
 
-def test_a_batch_size_without_a_graph_replays_captured_sizes_until_it_comes_often():
+@pytest.mark.parametrize("aside", [False, True])
+def test_a_batch_size_without_a_graph_replays_captured_sizes_until_it_comes_often(aside):
     """No capture on the serving path for a new batch size that captured sizes can cover: a batch
     of three runs as three replays of the batch-of-one graph, with the images of three lone frames,
-    until it came splits_before_capture times; then it gets its own graph."""
-    plain, fast, fp = pipelines("synthetic:tiny-sdxl")
+    until it came splits_before_capture times; then it gets its own graph: captured on the spot,
+    or (graph_capture_aside) on the cache's thread while the batches go on splitting."""
+    plain, fast, fp = pipelines("synthetic:tiny-sdxl", graph_capture_aside=aside)
     fast.splits_before_capture = 2
     alone = np.concatenate([frame(fast, 128, 2, seeds=(s,)) for s in (1, 2, 3)])
-    captures = fp.graphs.captures
+    wait_for_captures_aside(fp.graphs)  # aside, the batch of one's loop lands after its first frames
+    captures, aside_before = fp.graphs.captures, fp.graphs.stats().aside
     for _ in range(2):
         assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), alone, "batch of three as replays")
         assert fp.graphs.captures == captures
     assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), alone, "batch of three, its own graph")
+    if aside:
+        for _ in range(4):  # each call queues the next graph the batch lacks, and splits meanwhile
+            wait_for_captures_aside(fp.graphs)
+            assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), alone, "batch of three while capturing aside")
+        aside_now = fp.graphs.stats().aside - aside_before
+        assert aside_now >= 1 and fp.graphs.captures == captures + aside_now  # none on the serving path
     assert fp.graphs.captures > captures
     assert_images_close(frame(fast, 128, 2, seeds=(1, 2, 3)), frame(plain, 128, 2, seeds=(1, 2, 3)), "vs plain modules")
+
+
+def wait_for_captures_aside(cache, timeout_s: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while cache.pending():
+        assert time.monotonic() < deadline, "captures aside did not finish"
+        time.sleep(0.01)
+
+
+def test_a_capture_aside_leaves_the_caller_replaying():
+    """GraphCache(aside=True).capture_aside queues a bucket's capture on the cache's thread and
+    returns at once; meanwhile the caller replays its other graphs with correct results, then finds
+    the new graph captured (counted aside, not on the serving path) and its replays correct. A
+    bucket whose capture fails aside goes back to the caller, which then sees the error itself."""
+    from rtdiff_cluster.engine.graphs import GraphCache
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(512, 512, device="cuda", generator=g) / 24
+
+    def fn(x):
+        for _ in range(100):
+            x = torch.tanh(x @ w)
+        return x
+
+    cache = GraphCache(torch.device("cuda"), 8, 1 << 34, aside=True)
+    a = torch.randn(64, 512, device="cuda", generator=g)
+    torch.testing.assert_close(cache.call("a", fn, a), fn(a), rtol=1e-3, atol=1e-3)
+    b = torch.randn(128, 512, device="cuda", generator=g)
+    assert cache.capture_aside("b", fn, b)
+    b.zero_()  # the caller may overwrite its inputs at once: the capture copied them
+    replays = 0
+    while cache.pending() or replays < 3:
+        x = torch.randn(64, 512, device="cuda", generator=g)
+        torch.testing.assert_close(cache.call("a", fn, x), fn(x), rtol=1e-3, atol=1e-3)
+        replays += 1
+        assert replays < 10_000, "the capture aside did not finish"
+    assert "b" in cache and not cache.capture_aside("b", fn, b)
+    x = torch.randn(128, 512, device="cuda", generator=g)
+    torch.testing.assert_close(cache.call("b", fn, x), fn(x), rtol=1e-3, atol=1e-3)
+    st = cache.stats()
+    assert (st.captures, st.aside, st.deferred) == (2, 1, 1), st
+
+    def host_read(x):
+        return x * x.sum().item()
+
+    assert cache.capture_aside("host read", host_read, a)
+    wait_for_captures_aside(cache)
+    assert not cache.capture_aside("host read", host_read, a)  # failed aside: the caller's turn
+    with pytest.raises(Exception):
+        cache.call("host read", host_read, a)
+    torch.testing.assert_close(cache.call("a", fn, a), fn(a), rtol=1e-3, atol=1e-3)
+    assert torch.randn(4, device="cuda").isfinite().all()  # the default generator works after the failed captures
+
+
+def test_a_stream_computes_whole_frames_and_its_last_size_while_new_graphs_capture_aside():
+    """graph_capture_aside: a chunk-cache region whose graphs are not captured yet is computed as
+    a whole frame (the captures go on aside), so a stream never waits for a capture after its first
+    frame; once they are ready its regions are computed alone. A frame asked at a size new to the
+    stream is computed at the stream's last size meanwhile (computed_size says so) and comes back
+    at the asked output size; once its graphs are ready the stream moves to the new size. Whole
+    frames match the frame computed plainly; regions stay close to it."""
+    from rtdiff_cluster import clips, fidelity
+    from rtdiff_cluster.cache.chunk_cache import CacheSettings, StreamFrameCache
+    from rtdiff_cluster.engine.stream_frames import run_cached
+
+    _, fast, fp = pipelines("synthetic:tiny-sdxl", graph_capture_aside=True)
+    settings = CacheSettings(chunk_px=32, threshold=2.0, halo_px=32, max_region_fraction=0.6, region_buckets=4,
+                             multiple=8)
+
+    def batch(img, size=256, out=None):
+        return BatchSpec(size, size, 2, 0.0, 0.5, [FrameSpec("a lighthouse", seed=3, init_image=img, output_size=out)])
+
+    def launch(b, **kw):
+        return fast.launch(b, ["a lighthouse"], [""], copy_out=False, **kw)
+
+    cache = StreamFrameCache("cuda")
+    frames = list(clips.moving(256, 256, 8, area=0.1, step_px=8))
+    kinds = []
+    for i, img in enumerate(frames):
+        deferred = fp.graphs.deferred
+        done = run_cached(None, cache, batch(img), settings, launch=launch)
+        kinds.append(done.plan.kind)
+        want, _ = fast.run(batch(img), ["a lighthouse"], [""])
+        if done.plan.kind == "full":
+            assert_images_close(done.pixels.astype(int), want[0].astype(int), f"frame {i}, whole")
+            assert i == 0 or fp.graphs.deferred > deferred, f"frame {i} was whole without a region to wait for"
+        else:
+            # tests/test_chunk_cache.py's policy for a region's recomputed chunks (GroupNorm and
+            # attention see the region, not the frame): 25 dB; here over the whole frame.
+            assert fidelity.psnr(done.pixels, want[0]) >= 25.0, f"frame {i} ({done.plan.kind})"
+        wait_for_captures_aside(fp.graphs)
+        if i == 0:  # the stream's first frame: its whole frame's encoder, step and decode graphs, on the spot
+            serving = fp.graphs.captures - fp.graphs.stats().aside
+    assert kinds[0] == "full" and kinds[1] == "full" and "region" in kinds, kinds
+    st = fp.graphs.stats()
+    assert st.captures - st.aside == serving and st.aside >= 2, st  # after the first frame, only aside
+
+    # The governor's half size: computed at the stream's 256 until the 128 graphs are ready.
+    small = [np.ascontiguousarray(f[::2, ::2]) for f in clips.moving(256, 256, 6, area=0.1, step_px=8)]
+    sizes = []
+    for img in small:
+        done = run_cached(None, cache, batch(img, 128, out=(256, 256)), settings, launch=launch)
+        assert done.pixels.shape == (256, 256, 3)
+        sizes.append(done.computed_size)
+        wait_for_captures_aside(fp.graphs)
+    assert sizes[0] == (256, 256) and sizes[-1] is None and cache.output.shape[:2] == (128, 128), sizes
+    assert fp.graphs.stats().captures - fp.graphs.stats().aside == serving

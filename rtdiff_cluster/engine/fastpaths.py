@@ -144,9 +144,11 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
         r["cuda_graphs"] = f"off: replica spans {world} ranks (single-rank replicas only for now)"
     else:
         fp.graphs = GraphCache(model.device, cfg.max_graphs, cfg.graph_memory_mb << 20,
-                               eager_first=cfg.graph_capture_at_call == 2)
+                               eager_first=cfg.graph_capture_at_call == 2, aside=cfg.graph_capture_aside)
         r["cuda_graphs"] = (f"on: per (batch, height, width) bucket, loops of <= {cfg.loop_graph_max_steps} noise-free "
-                            f"steps with the decode; <= {cfg.max_graphs} graphs, {cfg.graph_memory_mb} MiB")
+                            f"steps with the decode; <= {cfg.max_graphs} graphs, {cfg.graph_memory_mb} MiB; "
+                            + ("regions, new stream sizes and batch sizes captured aside" if cfg.graph_capture_aside
+                               else "every bucket captured on the serving path"))
     if not cfg.gpu_jpeg:
         r["jpeg"] = r["jpeg_decode"] = "off: fast_paths.gpu_jpeg is false"
     elif world > 1:

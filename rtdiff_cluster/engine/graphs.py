@@ -26,6 +26,18 @@ slowest call from 390-591 ms to 269-333 ms (then 103-135 ms for the capture), bu
 then pays two slow frames per new size and its p99 grew (benchmarks/NOTES.md), so it is off by
 default.
 
+Capture aside (fast_paths.graph_capture_aside): a caller that can do without a bucket for now (a
+chunk-cache region, which its stream can compute as a whole frame; a frame at a size new to its
+stream, computed at the stream's last size; a loop of a schedule new at its size, run step by step
+on graphs every schedule of that size shares; a batch size that smaller captured sizes cover) asks
+`capture_aside`, which queues the capture on a thread of its own and returns at once; `call` then
+finds the graph ready some frames later. The capture's 0.2-0.6 s of
+host time (warm-up runs with the libraries' per-shape set-up, the recording) leaves the serving
+path: a governed SDXL stream met 11 new buckets in 240 frames and its p99 was 1.68 s
+(results/stream_serving-2026-11-24-*-final-jpeg.md). Captures, aside or not, run one at a time:
+they share the pool. The capturing thread never replays: every replay stays on the callers'
+stream, one after another, as the shared pool needs.
+
 `torch.cuda.graphs.make_graphed_callables` targets autograd training steps (it captures a
 backward too); inference needs only capture and replay, with the inputs copied into static
 buffers, which is what this does.
@@ -34,6 +46,8 @@ buffers, which is what this does.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -86,6 +100,16 @@ class GraphStats:
     captures: int
     evictions: int
     replays: int
+    aside: int = 0  # of captures, those made off the caller's thread (capture_aside)
+    deferred: int = 0  # calls turned back by capture_aside because their graph was not ready
+
+
+class BucketNotReady(Exception):
+    """A bucket's graph is being captured aside; the caller computes something else for now."""
+
+    def __init__(self, key: Hashable):
+        super().__init__(f"CUDA graph {key} is being captured aside")
+        self.key = key
 
 
 class GraphCache:
@@ -97,10 +121,11 @@ class GraphCache:
     them across calls clones them."""
 
     def __init__(self, device: torch.device, max_graphs: int, max_bytes: int, warmup_runs: int = 2,
-                 eager_first: bool = False, capture_error_mode: str = "thread_local"):
+                 eager_first: bool = False, capture_error_mode: str = "thread_local", aside: bool = False):
         """warmup_runs: eager runs on a side stream before a capture that no eager call preceded
         (eager_first=False, or a bucket whose first call was forgotten). capture_error_mode:
-        torch.cuda.graph's; "global" makes other threads' synchronising calls fail the capture."""
+        torch.cuda.graph's; "global" makes other threads' synchronising calls fail the capture.
+        aside: capture_aside queues captures on a thread of the cache's own."""
         if device.type != "cuda":
             raise ValueError(f"GraphCache: CUDA graphs need a CUDA device, got {device}")
         self.device = device
@@ -118,6 +143,17 @@ class GraphCache:
         self._pool_bytes = 0  # what the captures grew the device reservation by
         self.captures = 0
         self.evictions = 0
+        self.aside = aside
+        self.aside_captures = 0
+        self.deferred = 0
+        # One capture at a time (they share the pool), on any thread; re-entrant for _capture's
+        # own evictions. _lock guards the dicts that the capturing thread and callers both change.
+        self._capturing = threading.RLock()
+        self._lock = threading.Lock()
+        self._pending: set[Hashable] = set()  # queued or being captured aside
+        self._failed_aside: set[Hashable] = set()  # their capture failed aside: the caller captures (and learns why)
+        self._jobs: queue.SimpleQueue | None = None
+        self._worker: threading.Thread | None = None
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._graphs
@@ -125,24 +161,32 @@ class GraphCache:
     def stats(self) -> GraphStats:
         g = list(self._graphs.values())  # a snapshot: the replica's stats call reads it from another thread
         return GraphStats(len(g), self._pool_bytes + sum(c.bytes for c in g), self.captures, self.evictions,
-                          sum(c.replays for c in g))
+                          sum(c.replays for c in g), self.aside_captures, self.deferred)
 
     def call(self, key: Hashable, fn: Fn, *inputs: torch.Tensor):
         """fn(*inputs): eagerly at a bucket's first call (eager_first), captured at its second (or at
         its first without eager_first), replayed from then on."""
         entry = self._graphs.get(key)
+        fresh = False
         if entry is None:
             layout = self._seen.get(key)
             if layout is None and self.eager_first:
                 out = fn(*inputs)
-                self._seen[key] = _Layout.of(out)
-                while len(self._seen) > SEEN_PER_GRAPH * self.max_graphs:
-                    self._seen.popitem(last=False)
+                with self._lock:
+                    self._seen[key] = _Layout.of(out)
+                    while len(self._seen) > SEEN_PER_GRAPH * self.max_graphs:
+                        self._seen.popitem(last=False)
                 self.eager_calls += 1
                 return out
-            entry = self._capture(key, fn, inputs, layout)
-        else:
-            self._graphs.move_to_end(key)
+            with self._capturing:  # waits for a capture aside in progress (perhaps this very bucket's)
+                entry = self._graphs.get(key)
+                if entry is None:
+                    entry = self._capture(key, fn, inputs, layout, torch.cuda.current_stream(self.device))
+                    fresh = True
+        if not fresh:
+            with self._lock:
+                if key in self._graphs:
+                    self._graphs.move_to_end(key)
             for static, x in zip(entry.inputs, inputs):
                 if static.shape != x.shape or static.dtype != x.dtype:
                     raise ValueError(f"graph {key}: input {tuple(x.shape)} {x.dtype} does not match the captured "
@@ -152,10 +196,65 @@ class GraphCache:
         entry.replays += 1
         return entry.outputs[0] if entry.single else entry.outputs
 
-    def _capture(self, key: Hashable, fn: Fn, inputs: Sequence[torch.Tensor], layout: "_Layout | None") -> _Captured:
+    def capture_aside(self, key: Hashable, fn: Fn, *inputs: torch.Tensor) -> bool:
+        """Queues key's capture on the cache's own thread, unless it is captured or queued already;
+        the inputs are copied now, in the calling stream's order (the caller may overwrite them).
+        True: the caller must not call this bucket now (BucketNotReady) and computes something
+        else. False: call it now (it is captured, aside is off, or its capture failed aside:
+        called, it is captured on the caller's thread, where a failure reaches the caller)."""
+        if not self.aside or key in self._graphs or key in self._failed_aside:
+            return False
+        with self._lock:
+            self.deferred += 1
+            if key in self._pending:
+                return True
+            self._pending.add(key)
+            if self._worker is None:
+                self._jobs = queue.SimpleQueue()
+                self._worker = threading.Thread(target=self._capture_aside_loop, name="rtdiff-graph-capture", daemon=True)
+                self._worker.start()
+        home = torch.cuda.current_stream(self.device)
+        static = [x.detach().clone() for x in inputs]
+        copied = torch.cuda.Event()
+        copied.record(home)
+        self._jobs.put((key, fn, static, copied, home))
+        return True
+
+    def pending(self) -> int:
+        """Captures queued or running aside."""
+        return len(self._pending)
+
+    def _capture_aside_loop(self) -> None:
+        stream = None
+        while True:
+            key, fn, static, copied, home = self._jobs.get()
+            try:
+                if stream is None:
+                    torch.cuda.set_device(home.device)  # the callers' device, with its index
+                    stream = torch.cuda.Stream(home.device)  # warm-ups and set-up off the callers' streams
+                # Inference mode is per thread: the callers' launches run in it, and the graph must
+                # record what they would.
+                with torch.inference_mode(), torch.cuda.stream(stream), self._capturing:
+                    stream.wait_event(copied)
+                    if key not in self._graphs:
+                        self._capture(key, fn, static, None, home, clone=False)
+                        self.aside_captures += 1
+            except Exception as e:  # noqa: BLE001 - the bucket goes back to its callers, which capture it or run it eagerly
+                log.warning("CUDA graph %s failed to capture aside (%s: %s); its callers capture it", key,
+                            type(e).__name__, e)
+                self._failed_aside.add(key)
+            finally:
+                with self._lock:
+                    self._pending.discard(key)
+
+    def _capture(self, key: Hashable, fn: Fn, inputs: Sequence[torch.Tensor], layout: "_Layout | None",
+                 home: torch.cuda.Stream, clone: bool = True) -> _Captured:
+        """home: the stream the graph will be replayed on, which its static buffers belong to (the
+        allocator may hand a freed block to that stream's next allocation). clone=False: the
+        inputs are the static buffers already (capture_aside copied them on home)."""
         t0 = time.perf_counter()
         self._evict(keep_room_for_one=True)
-        static = [x.detach().clone() for x in inputs]
+        static = [x.detach().clone() for x in inputs] if clone else list(inputs)
         if layout is None:
             # No eager call came first: warm-up runs on a side stream do the lazy set-up the graph
             # must not contain (cuBLAS/cuDNN workspaces, Triton compilation and autotuning).
@@ -169,7 +268,8 @@ class GraphCache:
             del out
         single = layout.single
         # The outputs' buffers, outside the pool: the graph's last kernels copy into them.
-        outputs = layout.empty(self.device)
+        with torch.cuda.stream(home):
+            outputs = layout.empty(self.device)
         torch.cuda.synchronize(self.device)
         # torch.cuda.graph empties the allocator's cache on entry; doing it first makes the
         # reservation's growth during capture the shared pool's.
@@ -199,7 +299,8 @@ class GraphCache:
         self._pool_bytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
         held = sum(x.numel() * x.element_size() for x in (*static, *outputs))
         entry = _Captured(graph, static, outputs, single, held, time.perf_counter() - t0, fn)
-        self._graphs[key] = entry
+        with self._lock:
+            self._graphs[key] = entry
         self.captures += 1
         log.info("captured CUDA graph %s in %.2f s, holding %.0f MiB (%d graphs, %.0f MiB in all)", key, entry.capture_s,
                  held / 2**20, len(self._graphs), self.stats().bytes / 2**20)
@@ -207,6 +308,10 @@ class GraphCache:
         return entry
 
     def _evict(self, keep_room_for_one: bool) -> None:
+        with self._lock:  # callers reorder the dict from their threads (call's move_to_end)
+            self._evict_locked(keep_room_for_one)
+
+    def _evict_locked(self, keep_room_for_one: bool) -> None:
         limit = self.max_graphs - (1 if keep_room_for_one else 0)
         while len(self._graphs) > limit:
             key, entry = self._graphs.popitem(last=False)
@@ -239,9 +344,21 @@ class GraphCache:
             except Exception:  # noqa: BLE001 - best effort; the new pool below is what matters
                 pass
         self._pool = None
+        # PyTorch puts the device's default random generator in capture mode at a capture's start and
+        # takes it out only at a successful end: after a failed capture every later draw from it
+        # outside a capture raised ("Offset increment outside graph capture encountered
+        # unexpectedly"; found when a model was loaded after a failed capture aside). A trivial
+        # capture ends that mode.
+        try:
+            scratch = torch.zeros(1, device=self.device)
+            with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+                scratch.add_(1)
+        except Exception as e:  # noqa: BLE001 - the generator stays as PyTorch left it
+            log.warning("could not reset the CUDA generator after a failed capture: %s: %s", type(e).__name__, e)
 
     def clear(self) -> None:
-        self._graphs.clear()
-        self._seen.clear()
+        with self._capturing, self._lock:
+            self._graphs.clear()
+            self._seen.clear()
         self._pool, self._pool_bytes = None, 0
         torch.cuda.empty_cache()

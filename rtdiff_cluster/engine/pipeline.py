@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from rtdiff_cluster.cache import token_kv
 from rtdiff_cluster.cache.prompt_cache import PromptCache
 from rtdiff_cluster.engine.families import family_for
-from rtdiff_cluster.engine.graphs import GraphCache
+from rtdiff_cluster.engine.graphs import BucketNotReady, GraphCache
 from rtdiff_cluster.engine.samplers import scheduler_for
 from rtdiff_cluster.engine.step_cache import StepCache
 from rtdiff_cluster.models.base import LoadedModel
@@ -236,6 +236,7 @@ class Pipeline:
         self._graphed_sizes: dict[tuple, set[int]] = {}
         self._splits: dict[tuple, int] = {}
         self._launch_graphed: bool | None = None  # this launch's calls all replayed or captured a graph
+        self._defer = False  # this launch raises BucketNotReady where a graph is not ready (launch's defer_capture)
         self._eager_keys: set = set()  # buckets whose capture failed: they run eagerly from then on
         # Samplers whose step cannot be captured (DDIM reads the timestep on the host): their loops
         # run step by step, each backbone call still a captured graph.
@@ -336,6 +337,8 @@ class Pipeline:
         if self.graphs is None or key in self._eager_keys or (key[0] == "step" and token_kv.active()):
             self._launch_graphed = False
             return fn(*inputs)
+        if self._defer and self.graphs.capture_aside(key, fn, *inputs):
+            raise BucketNotReady(key)
         try:
             out = self.graphs.call(key, fn, *inputs)
             self._launch_graphed = self._launch_graphed is not False
@@ -352,29 +355,29 @@ class Pipeline:
         return (batch.width, batch.height, batch.steps, batch.strength, batch.crop, batch.sampler,
                 self.uses_cfg(batch.guidance_scale), batch.step_cache > 0)
 
-    def _captured_parts(self, batch: BatchSpec) -> list[int] | None:
+    def _captured_parts(self, batch: BatchSpec) -> tuple[list[int] | None, bool]:
         """Sub-batch sizes, largest first, that cover this batch with sizes already captured at its
-        signature, when its own size has none and has not yet come often enough to capture it;
-        else None (run it whole)."""
+        signature, when its own size has none (else None: run it whole); and whether it came often
+        enough (splits_before_capture) for a graph of its own."""
         n = len(batch.frames)
         if self.graphs is None or n == 1:
-            return None
+            return None, False
         sig = self._signature(batch)
         sizes = self._graphed_sizes.get(sig)
-        if not sizes or n in sizes or self._splits.get((sig, n), 0) >= self.splits_before_capture:
-            return None
+        if not sizes or n in sizes:
+            return None, False
         parts, rest = [], n
         while rest:
             size = max((k for k in sizes if k <= rest), default=0)
             if size == 0:
-                return None
+                return None, False
             parts.append(size)
             rest -= size
         count = self._splits[(sig, n)] = self._splits.get((sig, n), 0) + 1
         if count == 1:
             log.info("a batch of %d at %dx%d runs as replays of captured batch sizes %s; its own graph is captured "
                      "once %d such batches came", n, batch.width, batch.height, parts, self.splits_before_capture)
-        return parts
+        return parts, count > self.splits_before_capture
 
     def run(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str],
             decode: bool = True) -> tuple[np.ndarray | None, StageTimes]:
@@ -384,7 +387,7 @@ class Pipeline:
     @torch.inference_mode()
     def launch(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str],
                decode: bool = True, resize_output: bool = False, copy_out: bool = True,
-               keep_on_device: bool = False) -> Launched | _Joined:
+               keep_on_device: bool = False, defer_capture: bool = False) -> Launched | _Joined:
         """Queues the batch's GPU work and returns without waiting for it (where nothing in the
         schedule needs a value on the host): the caller may prepare and launch the next batch
         while this one runs, and collects this one's images with result().
@@ -396,8 +399,21 @@ class Pipeline:
         and result() returns None for them (the chunk cache pastes them there). keep_on_device
         (a GPU, with copy_out): the copy out is a device tensor, for an encoder on the GPU
         (engine/gpu_jpeg.py), and result() returns it finished. A batch whose size has no graph
-        yet may run as replays of smaller captured sizes (SPLITS_BEFORE_CAPTURE)."""
-        parts = self._captured_parts(batch) if decode and copy_out else None
+        yet may run as replays of smaller captured sizes (SPLITS_BEFORE_CAPTURE).
+
+        defer_capture (a graph cache capturing aside): where one of the batch's graphs is not
+        captured, its capture is queued off this thread and BucketNotReady raised, before any of
+        the batch's results exist (work queued before it, such as the upload, is simply dropped);
+        the caller computes the frame another way meanwhile (stream_frames.run_cached)."""
+        parts, due = self._captured_parts(batch) if decode and copy_out else (None, False)
+        if parts and due:
+            # Its own graph: captured aside where the cache can (the split goes on until it is
+            # ready), else on this thread now.
+            try:
+                return self._launch_whole(batch, prompts, negative_prompts, decode, resize_output, copy_out,
+                                          keep_on_device, defer_capture=self.graphs.aside)
+            except BucketNotReady:
+                pass
         if parts:
             launched, at = [], 0
             for size in parts:
@@ -406,8 +422,17 @@ class Pipeline:
                                             resize_output, copy_out, keep_on_device))
                 at += size
             return _Joined(launched)
+        return self._launch_whole(batch, prompts, negative_prompts, decode, resize_output, copy_out, keep_on_device,
+                                  defer_capture)
+
+    def _launch_whole(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str], decode: bool,
+                      resize_output: bool, copy_out: bool, keep_on_device: bool, defer_capture: bool) -> Launched:
         self._launch_graphed = None
-        launched = self._launch(batch, prompts, negative_prompts, decode, resize_output, copy_out, keep_on_device)
+        self._defer = defer_capture
+        try:
+            launched = self._launch(batch, prompts, negative_prompts, decode, resize_output, copy_out, keep_on_device)
+        finally:
+            self._defer = False
         if self._launch_graphed and batch.crop is None:  # a chunk-cache region is one frame: never split
             if len(self._graphed_sizes) >= MAX_SIGNATURES:
                 self._graphed_sizes.clear()
@@ -507,21 +532,29 @@ class Pipeline:
                       and _noise_free_step(scheduler) and batch.sampler not in self._uncapturable_loops
                       and batch.step_cache <= 0  # the step cache decides on the host between steps
                       and not token_kv.active())  # a stream's recorded K/V: graphs would freeze one stream's
+        template = scheduler
+
+        def loop_of(x, g, *tensors):
+            # Each run (warm-ups, capture) walks a fresh copy of the schedule; a replay copies
+            # it again from this template, which the graph cache keeps alive with loop_of.
+            s = copy.deepcopy(template)
+            with held_across_forwards(m.backbone):  # the same text states every step: projected once
+                for t in s.timesteps[begin * s.order:]:
+                    x = s.step(eps_of(fam.scale_input(s, x, t), t, g, *tensors), t, x).prev_sample
+            return decode_of(x)
+
+        # The schedule is frozen into the loop: the key holds what it depends on (a region's
+        # follows its whole frame's size).
+        key = ("loop", batch.sampler, batch.steps, begin, sched_h, sched_w) + shapes
+        if (whole_loop and not self._defer and key not in self._eager_keys
+                and self.graphs.capture_aside(key, loop_of, latents, guidance, *inputs)):
+            # A schedule new at this size (the governor's step rungs): its loop is captured aside
+            # while this batch runs step by step, on the step and decode graphs, which every
+            # schedule of this size shares (captured here at most once per size). It steps a
+            # copy: the capture aside walks copies of the template, which must stay unstepped.
+            whole_loop = False
+            scheduler = copy.deepcopy(template)
         if whole_loop:
-            template = scheduler
-
-            def loop_of(x, g, *tensors):
-                # Each run (warm-ups, capture) walks a fresh copy of the schedule; a replay copies
-                # it again from this template, which the graph cache keeps alive with loop_of.
-                s = copy.deepcopy(template)
-                with held_across_forwards(m.backbone):  # the same text states every step: projected once
-                    for t in s.timesteps[begin * s.order:]:
-                        x = s.step(eps_of(fam.scale_input(s, x, t), t, g, *tensors), t, x).prev_sample
-                return decode_of(x)
-
-            # The schedule is frozen into the loop: the key holds what it depends on (a region's
-            # follows its whole frame's size).
-            key = ("loop", batch.sampler, batch.steps, begin, sched_h, sched_w) + shapes
             images = self._graphed(key, loop_of, latents, guidance, *inputs)
             if key in self._eager_keys:
                 self._uncapturable_loops.add(batch.sampler)

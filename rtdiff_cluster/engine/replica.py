@@ -48,7 +48,7 @@ from rtdiff_cluster.engine.stream_frames import CachedFrame, cache_settings, dit
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.engine import fastpaths
-from rtdiff_cluster.engine.graphs import GraphStats
+from rtdiff_cluster.engine.graphs import BucketNotReady, GraphStats
 from rtdiff_cluster.models.registry import load_model
 from rtdiff_cluster.parallel import groups
 
@@ -102,6 +102,9 @@ class FrameResult:
     psnr_db: float = 0.0  # adaptive steps: the chosen steps' measured PSNR against 8 steps; 0: not adaptive
     cache_threshold: float = 0.0  # chunk cache: the threshold applied; 0: not cached
     steps_reused: int = 0  # step cache: steps that reused the last prediction
+    # (width, height) the frame was computed at when the replica chose another size than the
+    # batch's (its graph was capturing aside: engine/stream_frames.run_cached); None: the batch's
+    computed_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -295,6 +298,8 @@ class EngineRank:
         for _ in range(2 if graphs is not None and graphs.eager_first else 1):
             await asyncio.get_running_loop().run_in_executor(self.compute, self._lead,
                                                              _Work(batch, ["warm-up"], [""], warmup=True))
+        while graphs is not None and graphs.pending():  # the default bucket's loop, captured aside
+            await asyncio.sleep(0.01)
         return time.perf_counter() - t0, self.fast.attention_choices()
 
     def _lead(self, work: _Work):
@@ -427,12 +432,17 @@ class EngineRank:
         token_px = self._token_px if one.step_cache <= 0 else 0
         launches = []
 
-        def launch(b: BatchSpec):
+        def launch(b: BatchSpec, defer_capture: bool = False):
             # Queued, not waited for: the paste and the copy out follow in stream order, and this
             # thread goes on to the next frame (perhaps this stream's) while the GPU computes.
             self.gpu.mark_batch(True)
             launches.append(b)
-            return self.pipeline.launch(b, [prompt], [negative], copy_out=False)
+            try:
+                return self.pipeline.launch(b, [prompt], [negative], copy_out=False, defer_capture=defer_capture)
+            except BucketNotReady:  # run_cached computes the frame another way
+                launches.pop()
+                self.gpu.mark_batch(False)
+                raise
         single_gpu = groups.layout().world == 1 and self.model.device.type == "cuda"
         try:
             done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings, token_px,
@@ -471,7 +481,7 @@ class EngineRank:
                     negatives = [n for i, n in zip(keep, negatives) if i not in undecoded]
                     keep = [i for i in keep if i not in undecoded]
             pixels: dict[int, object] = {}
-            cache_info: dict[int, tuple[bool, float, tuple[float, float, float]]] = {}
+            cache_info: dict[int, tuple[bool, float, tuple[float, float, float], tuple[int, int] | None]] = {}
             # frame -> steps of its schedule, their PSNR vs 8 steps, chunk threshold, steps the step cache reused
             applied: dict[int, tuple[int, float, float, int]] = {}
             text_s = denoise_s = decode_s = 0.0
@@ -501,7 +511,7 @@ class EngineRank:
             pixels[i], t = await loop.run_in_executor(self.waiter, self._collect_cached, done, measuring_s)
             applied[i] = (steps, psnr_db, threshold, t.steps_reused)
             cache_info[i] = (done.plan.kind == "cache", done.plan.recomputed_fraction,
-                             (t.text_encode_s, t.denoise_s, t.decode_s))
+                             (t.text_encode_s, t.denoise_s, t.decode_s), done.computed_size)
             text_s += t.text_encode_s
             denoise_s += t.denoise_s
             decode_s += t.decode_s
@@ -522,11 +532,12 @@ class EngineRank:
                 if fr.output_size is not None:  # computed smaller by the governor (a GPU replica resized it already)
                     image = imaging.resize(image, *fr.output_size)
                 data = imaging.encode(image, fr.output_format, fr.jpeg_quality)
-            from_cache, fraction, stages = cache_info.get(i, (False, 1.0, None))
+            from_cache, fraction, stages, computed_size = cache_info.get(i, (False, 1.0, None, None))
             steps, psnr_db, threshold, reused = applied[i]
             return FrameResult(data, image.shape[1], image.shape[0], fr.output_format, fr.seed, time.perf_counter() - t,
                                from_cache=from_cache, recomputed_fraction=fraction, stage_s=stages, steps=steps,
-                               psnr_db=psnr_db, cache_threshold=threshold, steps_reused=reused)
+                               psnr_db=psnr_db, cache_threshold=threshold, steps_reused=reused,
+                               computed_size=computed_size)
 
         order = sorted(pixels)
         encoded = await asyncio.gather(*(loop.run_in_executor(self.encoder, encode, i, pixels[i]) for i in order))

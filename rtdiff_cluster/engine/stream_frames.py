@@ -14,12 +14,15 @@ import numpy as np
 import torch
 
 from rtdiff_cluster.cache import token_kv
-from rtdiff_cluster.cache.chunk_cache import CacheSettings, Plan, StreamFrameCache
+from rtdiff_cluster.cache.chunk_cache import CacheSettings, Plan, StreamFrameCache, side_stream
 from rtdiff_cluster.config import StreamCacheConfig
+from rtdiff_cluster.engine.graphs import BucketNotReady
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Launched, StageTimes, copy_images_out, resize_images
 
 Compute = Callable[[BatchSpec], tuple[np.ndarray, StageTimes]]  # a batch -> images [B, H, W, 3], times
-Launch = Callable[[BatchSpec], Launched]  # a batch -> its work queued (Pipeline.launch(..., copy_out=False))
+# A batch -> its work queued (Pipeline.launch(..., copy_out=False)); with defer_capture=True it may
+# raise BucketNotReady instead, its graph being captured aside (Pipeline.launch's defer_capture).
+Launch = Callable[..., Launched]
 
 
 class CachedFrame:
@@ -32,6 +35,7 @@ class CachedFrame:
                  launched: Launched | None = None, copied: torch.cuda.Event | None = None):
         self.plan = plan
         self._pixels, self._times, self._launched, self._copied = pixels, times or StageTimes(), launched, copied
+        self.computed_size: tuple[int, int] | None = None  # (width, height) it was computed at, when not the asked one
 
     @property
     def launched(self) -> bool:
@@ -87,6 +91,13 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
     own, for nvJPEG), so the caller can plan and launch the stream's next frame meanwhile
     (CachedFrame.result() collects it).
 
+    With launch, a frame whose graph is being captured aside (the pipeline's graph cache with
+    fast_paths.graph_capture_aside) is not held up by the capture: a region is computed as a
+    whole frame, and a frame at a new size (the governor's size rungs) at the size the stream's
+    cache has, its input resized there on the device, and the output resized to the asked size
+    (CachedFrame.computed_size says so). A whole frame at the cache's own size is captured on the
+    spot if it must be (a stream's first frame).
+
     token_px > 0 (a DiT whose image tokens cover token_px x token_px pixels, its attention through
     our processor): whole frames record their image tokens' keys and values, and a region's
     attention also sees the static tokens' (cache/token_kv.py). A region whose stream has no
@@ -94,6 +105,29 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
     frame = batch.frames[0]
     new = frame.init_image
     plan = cache.plan(new, settings)
+    computed_size = None
+    if (plan.kind == "full" and launch is not None and not token_px and cache.ref_input is not None
+            and tuple(cache.ref_input.shape) != tuple(new.shape)):  # a new size for this stream: its graphs may be capturing aside
+        try:
+            done = launch(batch, defer_capture=True)
+        except BucketNotReady:
+            height, width = cache.ref_input.shape[:2]
+            asked = frame.output_size or (batch.width, batch.height)
+            new = _resized_like_the_plan(plan.frame, width, height, cache.device)
+            frame = dataclasses.replace(frame, init_image=new, output_size=asked)
+            batch = dataclasses.replace(batch, width=width, height=height, frames=[frame])
+            plan = cache.plan(new, settings)
+            computed_size = (width, height)
+        else:
+            return _committed(cache, plan, new, done, frame, settings, keep_on_device)
+    done = _computed(compute, cache, plan, batch, new, settings, token_px, launch, keep_on_device)
+    done.computed_size = computed_size
+    return done
+
+
+def _computed(compute: Compute | None, cache: StreamFrameCache, plan: Plan, batch: BatchSpec, new,
+              settings: CacheSettings, token_px: int, launch: Launch | None, keep_on_device: bool) -> CachedFrame:
+    frame = batch.frames[0]
     if plan.kind == "cache":
         if isinstance(cache.output, torch.Tensor):
             return _copied_out(plan, cache.output, frame, None, keep_on_device)
@@ -101,31 +135,46 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
     schedule = (batch.steps, batch.strength, batch.sampler)
     grid = (new.shape[0] // token_px, new.shape[1] // token_px) if token_px else None
     if plan.kind == "region" and token_px and (cache.kv is None or (cache.kv.grid, cache.kv.schedule) != (grid, schedule)):
-        plan = dataclasses.replace(plan, kind="full", changed=np.ones_like(plan.changed), region=None)
-    if plan.kind == "full":
-        kv = token_kv.TokenKV(grid, schedule) if token_px else None
-        cache.kv = None  # a record stands only once its frame computed (or was queued) to the end
-        with token_kv.recording(kv) if kv is not None else contextlib.nullcontext():
-            done = _run(compute, launch, batch)
-        cache.kv = kv
-        return _committed(cache, plan, new, done, frame, settings, keep_on_device)
-    r = plan.region
-    # The region is cut from the frame the plan uploaded to measure changes: no second upload.
-    region = dataclasses.replace(batch, width=r.width, height=r.height, crop=(new.shape[0], new.shape[1], r.top, r.left),
-                                 frames=[dataclasses.replace(frame, init_image=r.crop(plan.frame))])
-    extend = contextlib.nullcontext()
-    if token_px:
-        index = token_kv.region_index(grid, r.top // token_px, r.left // token_px, r.height // token_px,
-                                      r.width // token_px, cache.device)
-        extend = token_kv.extending(cache.kv, index)
-    with extend:
-        done = _run(compute, launch, region)
+        plan = _whole(plan)
+    if plan.kind == "region":
+        r = plan.region
+        # The region is cut from the frame the plan uploaded to measure changes: no second upload.
+        region = dataclasses.replace(batch, width=r.width, height=r.height, crop=(new.shape[0], new.shape[1], r.top, r.left),
+                                     frames=[dataclasses.replace(frame, init_image=r.crop(plan.frame))])
+        extend = contextlib.nullcontext()
+        if token_px:
+            index = token_kv.region_index(grid, r.top // token_px, r.left // token_px, r.height // token_px,
+                                          r.width // token_px, cache.device)
+            extend = token_kv.extending(cache.kv, index)
+        try:
+            with extend:
+                done = _run(compute, launch, region, defer_capture=True)
+            return _committed(cache, plan, new, done, frame, settings, keep_on_device)
+        except BucketNotReady:  # its graph is capturing aside: this frame is computed whole
+            plan = _whole(plan)
+    kv = token_kv.TokenKV(grid, schedule) if token_px else None
+    cache.kv = None  # a record stands only once its frame computed (or was queued) to the end
+    with token_kv.recording(kv) if kv is not None else contextlib.nullcontext():
+        done = _run(compute, launch, batch)
+    cache.kv = kv
     return _committed(cache, plan, new, done, frame, settings, keep_on_device)
 
 
-def _run(compute: Compute | None, launch: Launch | None, batch: BatchSpec) -> Launched | tuple[np.ndarray, StageTimes]:
+def _whole(plan: Plan) -> Plan:
+    return dataclasses.replace(plan, kind="full", changed=np.ones_like(plan.changed), region=None)
+
+
+def _resized_like_the_plan(uploaded: torch.Tensor, width: int, height: int, device: torch.device) -> torch.Tensor:
+    """The frame the plan uploaded, resized on the stream the cache plans on (the next plan reads
+    it there; the compute stream waits for that stream after each plan)."""
+    with torch.cuda.stream(side_stream(device)):
+        return resize_images(uploaded[None], width, height)[0]
+
+
+def _run(compute: Compute | None, launch: Launch | None, batch: BatchSpec,
+         defer_capture: bool = False) -> Launched | tuple[np.ndarray, StageTimes]:
     if launch is not None:
-        return launch(batch)
+        return launch(batch, defer_capture=defer_capture) if defer_capture else launch(batch)
     return compute(batch)
 
 

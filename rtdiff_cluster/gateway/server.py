@@ -233,8 +233,9 @@ class Gateway:
 
 def _applied(o: FrameOutcome, key: BatchKey, governed: bool = False) -> pb.Applied:
     r = o.result
+    width, height = r.computed_size or (key.width, key.height)
     return pb.Applied(steps=r.steps, sampler=key.sampler, cache_threshold=r.cache_threshold, governed=governed,
-                      psnr_db_vs_reference=r.psnr_db, steps_reused=r.steps_reused, width=key.width, height=key.height)
+                      psnr_db_vs_reference=r.psnr_db, steps_reused=r.steps_reused, width=width, height=height)
 
 
 def _image(o: FrameOutcome) -> pb.Image:
@@ -392,7 +393,8 @@ class _Servicer(pb_grpc.DiffusionServicer):
                 call.jobs.remove(job)
                 slots.release()
                 total = loop.time() - t0
-                governor.observe(total, epoch)
+                if outcome.result.computed_size is None:  # a frame the replica computed at another size says nothing of this rung
+                    governor.observe(total, epoch)
                 yield pb.FrameResponse(frame_id=frame_id, image=_image(outcome), timing=gw.observe(call.model, outcome, total),
                                        replica=outcome.replica, from_cache=outcome.result.from_cache,
                                        recomputed_fraction=outcome.result.recomputed_fraction,

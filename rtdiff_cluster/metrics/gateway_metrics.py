@@ -163,7 +163,10 @@ class _PolledCollector:
         graph_mem = GaugeMetricFamily("rtdiff_cuda_graph_memory_bytes", "Device memory a replica's captured graphs hold",
                                       labels=["model", "replica"])
         captures = CounterMetricFamily("rtdiff_cuda_graph_captures", "CUDA graph captures (a new shape bucket, or one "
-                                       "captured again after eviction)", labels=["model", "replica"])
+                                       "captured again after eviction), by where: on the serving path (the frame "
+                                       "waited for it) or aside (on a thread of its own)", labels=["model", "replica", "path"])
+        deferred = CounterMetricFamily("rtdiff_cuda_graph_deferrals", "Launches that computed another way because "
+                                       "their graph was being captured aside", labels=["model", "replica"])
         chunks = CounterMetricFamily("rtdiff_stream_chunks", "Chunks of image-to-image stream frames, by whether the "
                                      "chunk cache reused or recomputed them", labels=["model", "replica", "outcome"])
         from_cache = CounterMetricFamily("rtdiff_stream_frames_from_cache", "Stream frames answered from the chunk "
@@ -181,7 +184,9 @@ class _PolledCollector:
             if s.graphs is not None:
                 graphs.add_metric([model, replica], s.graphs.graphs)
                 graph_mem.add_metric([model, replica], s.graphs.bytes)
-                captures.add_metric([model, replica], s.graphs.captures)
+                captures.add_metric([model, replica, "serving"], s.graphs.captures - s.graphs.aside)
+                captures.add_metric([model, replica, "aside"], s.graphs.aside)
+                deferred.add_metric([model, replica], s.graphs.deferred)
             hits.add_metric([model, replica], s.prompt_cache_hits)
             misses.add_metric([model, replica], s.prompt_cache_misses)
             states.add_metric([model, replica], s.streams)
@@ -197,4 +202,4 @@ class _PolledCollector:
         # CPU replicas): the series are absent, not zero, and dashboards can still be checked
         # against the names the server declares.
         yield from (computed, hits, misses, states, chunks, from_cache, cache_bytes, cache_streams,
-                    power, power_limit, energy, util, mem, memt, graphs, graph_mem, captures)
+                    power, power_limit, energy, util, mem, memt, graphs, graph_mem, captures, deferred)

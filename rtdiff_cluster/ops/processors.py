@@ -11,6 +11,8 @@ to it); only the attention call and, for Flux, the QK-norm + rotary step change.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -164,9 +166,27 @@ class CrossKV(torch.nn.Module):
     def __init__(self, proj: torch.nn.Linear):
         super().__init__()
         self.proj = proj
-        self.held = False
-        self._for: tuple | None = None
-        self._out: torch.Tensor | None = None
+        # Per thread: a graph cache capturing aside (engine/graphs.py) runs the backbone on its own
+        # thread while the compute thread may run it eagerly; each holds its own result.
+        self._states: dict[int, _HeldKV] = {}
+
+    def _state(self) -> "_HeldKV":
+        st = self._states.get(threading.get_ident())
+        if st is None:
+            st = self._states[threading.get_ident()] = _HeldKV()
+        return st
+
+    @property
+    def held(self) -> bool:
+        return self._state().held
+
+    @held.setter
+    def held(self, value: bool) -> None:
+        self._state().held = value
+
+    @property
+    def _out(self) -> torch.Tensor | None:  # this thread's last result (tests check it is not kept)
+        return self._state().out
 
     def clear(self, *_args) -> None:
         """Forgets the last result (a hook at each backbone forward's start and end: a captured
@@ -176,16 +196,25 @@ class CrossKV(torch.nn.Module):
             self.forget()
 
     def forget(self) -> None:
-        self._for = self._out = None
+        st = self._state()
+        st.key = st.out = None
 
     def of(self, context: torch.Tensor) -> torch.Tensor:
         # The same states object all through one forward (the UNet hands it to every block); a
         # different one, or the same storage grown, computes again.
+        st = self._state()
         key = (id(context), context.data_ptr(), tuple(context.shape))
-        if self._for != key:
-            self._out = self.proj(context)  # [B, tokens, sum of 2 x each module's width]
-            self._for = key
-        return self._out
+        if st.key != key:
+            st.out = self.proj(context)  # [B, tokens, sum of 2 x each module's width]
+            st.key = key
+        return st.out
+
+
+@dataclasses.dataclass
+class _HeldKV:
+    held: bool = False
+    key: tuple | None = None
+    out: torch.Tensor | None = None
 
 
 @contextlib.contextmanager

@@ -45,6 +45,7 @@ buffers, which is what this does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -73,6 +74,10 @@ class _Captured:
 
 
 SEEN_PER_GRAPH = 4  # buckets remembered as run once, per graph the cache may keep
+# Eager runs before a capture aside: one does the lazy set-up on the capturing thread (Triton's
+# compiles and autotuning, cuDNN's per-thread plans); a second costs another frame's host time,
+# shared with the compute thread, while the stream it is for computes whole frames meanwhile.
+ASIDE_WARMUP_RUNS = 1
 
 
 @dataclass
@@ -154,6 +159,7 @@ class GraphCache:
         self._failed_aside: set[Hashable] = set()  # their capture failed aside: the caller captures (and learns why)
         self._jobs: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None
+        self._aside_stream: torch.cuda.Stream | None = None  # where the capturing thread records
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._graphs
@@ -237,7 +243,7 @@ class GraphCache:
                 with torch.inference_mode(), torch.cuda.stream(stream), self._capturing:
                     stream.wait_event(copied)
                     if key not in self._graphs:
-                        self._capture(key, fn, static, None, home, clone=False)
+                        self._capture(key, fn, static, None, home, clone=False, warmup_runs=ASIDE_WARMUP_RUNS)
                         self.aside_captures += 1
             except Exception as e:  # noqa: BLE001 - the bucket goes back to its callers, which capture it or run it eagerly
                 log.warning("CUDA graph %s failed to capture aside (%s: %s); its callers capture it", key,
@@ -248,7 +254,7 @@ class GraphCache:
                     self._pending.discard(key)
 
     def _capture(self, key: Hashable, fn: Fn, inputs: Sequence[torch.Tensor], layout: "_Layout | None",
-                 home: torch.cuda.Stream, clone: bool = True) -> _Captured:
+                 home: torch.cuda.Stream, clone: bool = True, warmup_runs: int | None = None) -> _Captured:
         """home: the stream the graph will be replayed on, which its static buffers belong to (the
         allocator may hand a freed block to that stream's next allocation). clone=False: the
         inputs are the static buffers already (capture_aside copied them on home)."""
@@ -261,7 +267,7 @@ class GraphCache:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                for _ in range(max(1, self.warmup_runs)):
+                for _ in range(max(1, self.warmup_runs if warmup_runs is None else warmup_runs)):
                     out = fn(*static)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             layout = _Layout.of(out)
@@ -270,10 +276,12 @@ class GraphCache:
         # The outputs' buffers, outside the pool: the graph's last kernels copy into them.
         with torch.cuda.stream(home):
             outputs = layout.empty(self.device)
-        torch.cuda.synchronize(self.device)
-        # torch.cuda.graph empties the allocator's cache on entry; doing it first makes the
-        # reservation's growth during capture the shared pool's.
-        torch.cuda.empty_cache()
+        aside = threading.current_thread() is self._worker
+        if not aside:
+            torch.cuda.synchronize(self.device)
+            # torch.cuda.graph empties the allocator's cache on entry; doing it first makes the
+            # reservation's growth during capture the shared pool's.
+            torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved(self.device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -287,7 +295,8 @@ class GraphCache:
             # (results/stream_serving-2026-11-24-*-race.log). After warm-up runs the other threads are
             # usually done, but nothing waits for them. No other thread touches the capture stream,
             # the one thing thread_local does not guard.
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=self.capture_error_mode):
+            with self._recording_aside(graph) if aside else torch.cuda.graph(
+                    graph, pool=self._pool, capture_error_mode=self.capture_error_mode):
                 out = fn(*static)
                 for dst, src in zip(outputs, (out,) if single else out):
                     dst.copy_(src)
@@ -295,7 +304,8 @@ class GraphCache:
         except BaseException:
             self._abandon_pool()
             raise
-        torch.cuda.synchronize(self.device)
+        if not aside:
+            torch.cuda.synchronize(self.device)
         self._pool_bytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
         held = sum(x.numel() * x.element_size() for x in (*static, *outputs))
         entry = _Captured(graph, static, outputs, single, held, time.perf_counter() - t0, fn)
@@ -306,6 +316,23 @@ class GraphCache:
                  held / 2**20, len(self._graphs), self.stats().bytes / 2**20)
         self._evict(keep_room_for_one=False)
         return entry
+
+    @contextlib.contextmanager
+    def _recording_aside(self, graph: torch.cuda.CUDAGraph):
+        """torch.cuda.graph's recording without what it does first: a device synchronize and the
+        allocator's cache emptied. From the capturing thread those would wait for the serving
+        stream's queue and send its next allocations back to cudaMalloc. (The reservation's growth
+        measured around it then may hold a concurrent allocation of the callers': accounting only.)"""
+        if self._aside_stream is None:
+            self._aside_stream = torch.cuda.Stream(self.device)
+        stream = self._aside_stream  # this thread's alone: thread_local capture does not guard it
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            graph.capture_begin(self._pool, capture_error_mode=self.capture_error_mode)
+            try:
+                yield
+            finally:
+                graph.capture_end()
 
     def _evict(self, keep_room_for_one: bool) -> None:
         with self._lock:  # callers reorder the dict from their threads (call's move_to_end)

@@ -159,7 +159,6 @@ class GraphCache:
         self._failed_aside: set[Hashable] = set()  # their capture failed aside: the caller captures (and learns why)
         self._jobs: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None
-        self._aside_stream: torch.cuda.Stream | None = None  # where the capturing thread records
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._graphs
@@ -243,7 +242,7 @@ class GraphCache:
                 with torch.inference_mode(), torch.cuda.stream(stream), self._capturing:
                     stream.wait_event(copied)
                     if key not in self._graphs:
-                        self._capture(key, fn, static, None, home, clone=False, warmup_runs=ASIDE_WARMUP_RUNS)
+                        self._capture(key, fn, static, None, home, aside=True)
                         self.aside_captures += 1
             except Exception as e:  # noqa: BLE001 - the bucket goes back to its callers, which capture it or run it eagerly
                 log.warning("CUDA graph %s failed to capture aside (%s: %s); its callers capture it", key,
@@ -254,20 +253,22 @@ class GraphCache:
                     self._pending.discard(key)
 
     def _capture(self, key: Hashable, fn: Fn, inputs: Sequence[torch.Tensor], layout: "_Layout | None",
-                 home: torch.cuda.Stream, clone: bool = True, warmup_runs: int | None = None) -> _Captured:
+                 home: torch.cuda.Stream, aside: bool = False) -> _Captured:
         """home: the stream the graph will be replayed on, which its static buffers belong to (the
-        allocator may hand a freed block to that stream's next allocation). clone=False: the
-        inputs are the static buffers already (capture_aside copied them on home)."""
+        allocator may hand a freed block to that stream's next allocation). aside: on the cache's
+        capturing thread, whose inputs are the static buffers already (capture_aside copied them on
+        home): ASIDE_WARMUP_RUNS, and recorded on this thread's stream without torch.cuda.graph's
+        entry synchronize and cache emptying (_recording_aside)."""
         t0 = time.perf_counter()
         self._evict(keep_room_for_one=True)
-        static = [x.detach().clone() for x in inputs] if clone else list(inputs)
+        static = list(inputs) if aside else [x.detach().clone() for x in inputs]
         if layout is None:
             # No eager call came first: warm-up runs on a side stream do the lazy set-up the graph
             # must not contain (cuBLAS/cuDNN workspaces, Triton compilation and autotuning).
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                for _ in range(max(1, self.warmup_runs if warmup_runs is None else warmup_runs)):
+                for _ in range(max(1, ASIDE_WARMUP_RUNS if aside else self.warmup_runs)):
                     out = fn(*static)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             layout = _Layout.of(out)
@@ -276,7 +277,6 @@ class GraphCache:
         # The outputs' buffers, outside the pool: the graph's last kernels copy into them.
         with torch.cuda.stream(home):
             outputs = layout.empty(self.device)
-        aside = threading.current_thread() is self._worker
         if not aside:
             torch.cuda.synchronize(self.device)
             # torch.cuda.graph empties the allocator's cache on entry; doing it first makes the
@@ -322,17 +322,14 @@ class GraphCache:
         """torch.cuda.graph's recording without what it does first: a device synchronize and the
         allocator's cache emptied. From the capturing thread those would wait for the serving
         stream's queue and send its next allocations back to cudaMalloc. (The reservation's growth
-        measured around it then may hold a concurrent allocation of the callers': accounting only.)"""
-        if self._aside_stream is None:
-            self._aside_stream = torch.cuda.Stream(self.device)
-        stream = self._aside_stream  # this thread's alone: thread_local capture does not guard it
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            graph.capture_begin(self._pool, capture_error_mode=self.capture_error_mode)
-            try:
-                yield
-            finally:
-                graph.capture_end()
+        measured around it then may hold a concurrent allocation of the callers': accounting only.)
+        It records on the capturing thread's own stream, which no other thread uses (the one thing
+        a thread_local capture does not guard)."""
+        graph.capture_begin(self._pool, capture_error_mode=self.capture_error_mode)
+        try:
+            yield
+        finally:
+            graph.capture_end()
 
     def _evict(self, keep_room_for_one: bool) -> None:
         with self._lock:  # callers reorder the dict from their threads (call's move_to_end)

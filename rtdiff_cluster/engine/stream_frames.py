@@ -174,7 +174,7 @@ def _resized_like_the_plan(uploaded: torch.Tensor, width: int, height: int, devi
 def _run(compute: Compute | None, launch: Launch | None, batch: BatchSpec,
          defer_capture: bool = False) -> Launched | tuple[np.ndarray, StageTimes]:
     if launch is not None:
-        return launch(batch, defer_capture=defer_capture) if defer_capture else launch(batch)
+        return launch(batch, defer_capture=defer_capture)
     return compute(batch)
 
 

@@ -580,19 +580,22 @@ def test_a_stream_computes_whole_frames_and_its_last_size_while_new_graphs_captu
     settings = CacheSettings(chunk_px=32, threshold=2.0, halo_px=32, max_region_fraction=0.6, region_buckets=4,
                              multiple=8)
 
-    def batch(img, size=256, out=None):
-        return BatchSpec(size, size, 2, 0.0, 0.5, [FrameSpec("a lighthouse", seed=3, init_image=img, output_size=out)])
+    def batch(img, size=256, out=None, steps=2):
+        return BatchSpec(size, size, steps, 0.0, 0.5, [FrameSpec("a lighthouse", seed=3, init_image=img, output_size=out)])
 
     def launch(b, **kw):
         return fast.launch(b, ["a lighthouse"], [""], copy_out=False, **kw)
 
     cache = StreamFrameCache("cuda")
-    frames = list(clips.moving(256, 256, 8, area=0.1, step_px=8))
-    kinds = []
+    clip = list(clips.moving(256, 256, 14, area=0.1, step_px=8))
+    frames, later = clip[:8], clip[8:]
+    kinds, region_shapes = [], set()
     for i, img in enumerate(frames):
         deferred = fp.graphs.deferred
         done = run_cached(None, cache, batch(img), settings, launch=launch)
         kinds.append(done.plan.kind)
+        if done.plan.kind == "region":
+            region_shapes.add((done.plan.region.height, done.plan.region.width))
         want, _ = fast.run(batch(img), ["a lighthouse"], [""])
         if done.plan.kind == "full":
             assert_images_close(done.pixels.astype(int), want[0].astype(int), f"frame {i}, whole")
@@ -607,6 +610,25 @@ def test_a_stream_computes_whole_frames_and_its_last_size_while_new_graphs_captu
     assert kinds[0] == "full" and kinds[1] == "full" and "region" in kinds, kinds
     st = fp.graphs.stats()
     assert st.captures - st.aside == serving and st.aside >= 2, st  # after the first frame, only aside
+
+    # A schedule new to the stream (the governor's step rungs): a region of a shape met before
+    # runs at once, step by step on that shape's step and decode graphs (queued aside with its
+    # first loop), while its loop for the new schedule is captured aside.
+    met_again = 0
+    for i, img in enumerate(later):
+        shape = cache.plan(img, settings).region
+        shape = shape and (shape.height, shape.width)
+        done = run_cached(None, cache, batch(img, steps=4), settings, launch=launch)
+        if shape in region_shapes:
+            met_again += 1
+            assert done.plan.kind == "region", f"later frame {i}: a region of a shape met before was computed whole"
+            want, _ = fast.run(batch(img, steps=4), ["a lighthouse"], [""])
+            assert fidelity.psnr(done.pixels, want[0]) >= 25.0, f"later frame {i}"
+            break
+        wait_for_captures_aside(fp.graphs)
+    assert met_again == 1, (region_shapes, "no later region had a shape met before")
+    wait_for_captures_aside(fp.graphs)
+    assert fp.graphs.stats().captures - fp.graphs.stats().aside == serving
 
     # The governor's half size: computed at the stream's 256 until the 128 graphs are ready.
     small = [np.ascontiguousarray(f[::2, ::2]) for f in clips.moving(256, 256, 6, area=0.1, step_px=8)]

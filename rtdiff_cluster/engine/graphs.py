@@ -201,16 +201,18 @@ class GraphCache:
         entry.replays += 1
         return entry.outputs[0] if entry.single else entry.outputs
 
-    def capture_aside(self, key: Hashable, fn: Fn, *inputs: torch.Tensor) -> bool:
+    def capture_aside(self, key: Hashable, fn: Fn, *inputs: torch.Tensor, count: bool = True) -> bool:
         """Queues key's capture on the cache's own thread, unless it is captured or queued already;
         the inputs are copied now, in the calling stream's order (the caller may overwrite them).
         True: the caller must not call this bucket now (BucketNotReady) and computes something
-        else. False: call it now (it is captured, aside is off, or its capture failed aside:
-        called, it is captured on the caller's thread, where a failure reaches the caller)."""
+        else (counted in stats' deferred, unless count is False: a launch that asks about several
+        buckets counts once). False: call it now (it is captured, aside is off, or its capture
+        failed aside: called, it is captured on the caller's thread, where a failure reaches the
+        caller)."""
         if not self.aside or key in self._graphs or key in self._failed_aside:
             return False
         with self._lock:
-            self.deferred += 1
+            self.deferred += count
             if key in self._pending:
                 return True
             self._pending.add(key)

@@ -332,6 +332,11 @@ class Pipeline:
     def uses_cfg(self, guidance_scale: float) -> bool:
         return self.family.uses_cfg and guidance_scale > 1.0
 
+    def _ready_aside(self, key, fn, *inputs) -> bool:
+        """Under defer_capture: whether the bucket can be called now; if not, its capture is queued
+        aside (not counted as a deferral: the launch that asks was counted once already)."""
+        return key in self._eager_keys or not self.graphs.capture_aside(key, fn, *inputs, count=False)
+
     def _graphed(self, key, fn, *inputs):
         """fn(*inputs) through the graph cache when there is one and this bucket captures; else eager."""
         if self.graphs is None or key in self._eager_keys or (key[0] == "step" and token_kv.active()):
@@ -546,14 +551,24 @@ class Pipeline:
         # The schedule is frozen into the loop: the key holds what it depends on (a region's
         # follows its whole frame's size).
         key = ("loop", batch.sampler, batch.steps, begin, sched_h, sched_w) + shapes
-        if (whole_loop and not self._defer and key not in self._eager_keys
+        if (whole_loop and key not in self._eager_keys
                 and self.graphs.capture_aside(key, loop_of, latents, guidance, *inputs)):
             # A schedule new at this size (the governor's step rungs): its loop is captured aside
             # while this batch runs step by step, on the step and decode graphs, which every
-            # schedule of this size shares (captured here at most once per size). It steps a
-            # copy: the capture aside walks copies of the template, which must stay unstepped.
+            # schedule of this size shares. It steps a copy: the capture aside walks copies of
+            # the template, which must stay unstepped.
             whole_loop = False
             scheduler = copy.deepcopy(template)
+            if self._defer:
+                # Those graphs are queued aside too (else captured here, at most once per size),
+                # and the batch is turned back until they are ready: a chunk-cache region that
+                # met one schedule then waits for no loop at the next. Their inputs' values do
+                # not matter to a capture, only their shapes.
+                steps_ready = self._ready_aside(("step", timesteps.dtype) + shapes, eps_of, latents, timesteps[0],
+                                                guidance, *inputs)
+                decode_ready = self._ready_aside(("decode", tuple(latents.shape), h, w), decode_of, latents)
+                if not (steps_ready and decode_ready):
+                    raise BucketNotReady(key)
         if whole_loop:
             images = self._graphed(key, loop_of, latents, guidance, *inputs)
             if key in self._eager_keys:

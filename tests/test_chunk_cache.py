@@ -104,6 +104,29 @@ def test_region_covers_changed_chunks_with_halo_on_model_multiples():
     assert r.height % 256 == 0 and r.width % 256 == 0  # 4 buckets per axis: a few shapes, a few CUDA graphs
 
 
+@pytest.mark.parametrize("top, left", [(0, 0), (448, 320), (832, 896)])
+def test_a_region_grows_to_the_smallest_captured_shape_that_holds_it_inside_the_frame(top, left):
+    """engine/stream_frames.py: a region whose graphs are being captured aside is computed as a
+    larger region whose graphs are ready: the smallest that holds it, inside the frame, on the
+    model's multiples, under max_region_fraction; none fits: None (the whole frame)."""
+    from rtdiff_cluster.cache.chunk_cache import Plan, Region
+    from rtdiff_cluster.engine.stream_frames import _grown
+
+    r = Region(top, left, 192, 128)
+    plan = Plan("region", np.zeros((32, 32), dtype=bool), r)
+    region = BatchSpec(128, 192, 2, 0.0, 0.5, crop=(1024, 1024, top, left))
+    captured = {(256, 256), (256, 512), (512, 256), (768, 768), (128, 128), (192, 64)}
+    grown = _grown(plan, region, lambda b: captured, SETTINGS).region
+    assert (grown.height, grown.width) == (256, 256)
+    assert grown.top <= r.top and grown.top + grown.height >= r.top + r.height
+    assert grown.left <= r.left and grown.left + grown.width >= r.left + r.width
+    assert 0 <= grown.top <= 1024 - grown.height and 0 <= grown.left <= 1024 - grown.width
+    assert all(v % SETTINGS.multiple == 0 for v in (grown.top, grown.left))
+    # 768 x 768 is over max_region_fraction (0.5 of the frame): not a region; smaller ones do not hold it.
+    assert _grown(plan, region, lambda b: {(768, 768), (128, 512), (1024, 64)}, SETTINGS) is None
+    assert _grown(plan, region, None, SETTINGS) is None
+
+
 def test_large_change_computes_whole_frame_and_drift_accumulates():
     frames = list(clips.cut(256, 256, 2))
     cache = StreamFrameCache()

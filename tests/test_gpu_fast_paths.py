@@ -568,7 +568,8 @@ def test_a_capture_aside_leaves_the_caller_replaying():
 def test_a_stream_computes_whole_frames_and_its_last_size_while_new_graphs_capture_aside():
     """graph_capture_aside: a chunk-cache region whose graphs are not captured yet is computed as
     a whole frame (the captures go on aside), so a stream never waits for a capture after its first
-    frame; once they are ready its regions are computed alone. A frame asked at a size new to the
+    frame; once they are ready its regions are computed alone (or, with graphed_regions, a
+    region of a new shape as a larger one whose graphs are ready). A frame asked at a size new to the
     stream is computed at the stream's last size meanwhile (computed_size says so) and comes back
     at the asked output size; once its graphs are ready the stream moves to the new size. Whole
     frames match the frame computed plainly; regions stay close to it."""
@@ -627,6 +628,23 @@ def test_a_stream_computes_whole_frames_and_its_last_size_while_new_graphs_captu
             break
         wait_for_captures_aside(fp.graphs)
     assert met_again == 1, (region_shapes, "no later region had a shape met before")
+    wait_for_captures_aside(fp.graphs)
+
+    # A region of a shape new to the stream (a small change in a corner) is computed as the
+    # smallest larger region whose graphs are ready, placed over it, while its own are captured.
+    img = later[i].copy()
+    img[8:32, 8:32] = 255 - img[8:32, 8:32]
+    small = cache.plan(img, settings).region
+    assert (small.height, small.width) not in region_shapes, (small, region_shapes)
+    deferred = fp.graphs.deferred
+    done = run_cached(None, cache, batch(img), settings, launch=launch, graphed_regions=fast.graphed_region_shapes)
+    grown = done.plan.region
+    assert done.plan.kind == "region" and (grown.height, grown.width) in region_shapes, (done.plan.kind, grown)
+    assert grown.top <= small.top and grown.top + grown.height >= small.top + small.height, (grown, small)
+    assert grown.left <= small.left and grown.left + grown.width >= small.left + small.width, (grown, small)
+    assert fp.graphs.deferred > deferred  # the small region's own graphs were asked for, and are captured aside
+    want, _ = fast.run(batch(img), ["a lighthouse"], [""])
+    assert fidelity.psnr(done.pixels, want[0]) >= 25.0, "a small change computed as a larger region"
     wait_for_captures_aside(fp.graphs)
     assert fp.graphs.stats().captures - fp.graphs.stats().aside == serving
 

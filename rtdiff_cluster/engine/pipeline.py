@@ -235,6 +235,9 @@ class Pipeline:
         # graphed, and how often each uncaptured size was split.
         self._graphed_sizes: dict[tuple, set[int]] = {}
         self._splits: dict[tuple, int] = {}
+        # Per frame size and schedule (_region_signature): the (height, width) of chunk-cache
+        # regions that ran on captured graphs, where a region whose own are not ready can grow.
+        self._graphed_regions: dict[tuple, set[tuple[int, int]]] = {}
         self._launch_graphed: bool | None = None  # this launch's calls all replayed or captured a graph
         self._defer = False  # this launch raises BucketNotReady where a graph is not ready (launch's defer_capture)
         self._eager_keys: set = set()  # buckets whose capture failed: they run eagerly from then on
@@ -443,7 +446,21 @@ class Pipeline:
                 self._graphed_sizes.clear()
                 self._splits.clear()
             self._graphed_sizes.setdefault(self._signature(batch), set()).add(len(batch.frames))
+        elif self._launch_graphed:
+            if len(self._graphed_regions) >= MAX_SIGNATURES:
+                self._graphed_regions.clear()
+            self._graphed_regions.setdefault(self._region_signature(batch), set()).add((batch.height, batch.width))
         return launched
+
+    def _region_signature(self, batch: BatchSpec) -> tuple:
+        """What a chunk-cache region's graphs depend on besides its shape (not where it lies)."""
+        return (batch.crop[0], batch.crop[1], batch.steps, batch.strength, batch.sampler,
+                self.uses_cfg(batch.guidance_scale), batch.step_cache > 0, len(batch.frames))
+
+    def graphed_region_shapes(self, region: BatchSpec) -> set[tuple[int, int]]:
+        """(height, width) of the regions of this region's frame size and schedule that ran on
+        captured graphs (and so run at once, unless their graphs were evicted since)."""
+        return set(self._graphed_regions.get(self._region_signature(region), ()))
 
     def _launch(self, batch: BatchSpec, prompts: list[str], negative_prompts: list[str], decode: bool,
                 resize_output: bool, copy_out: bool, keep_on_device: bool) -> Launched:

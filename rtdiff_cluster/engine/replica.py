@@ -446,7 +446,8 @@ class EngineRank:
         single_gpu = groups.layout().world == 1 and self.model.device.type == "cuda"
         try:
             done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings, token_px,
-                              launch if single_gpu else None, keep_on_device=single_gpu and self._jpeg_on_gpu(one))
+                              launch if single_gpu else None, keep_on_device=single_gpu and self._jpeg_on_gpu(one),
+                              graphed_regions=self.pipeline.graphed_region_shapes)
         except BaseException:
             for _ in launches:  # no CachedFrame will end them
                 self.gpu.mark_batch(False)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from rtdiff_cluster.cache import token_kv
-from rtdiff_cluster.cache.chunk_cache import CacheSettings, Plan, StreamFrameCache, side_stream
+from rtdiff_cluster.cache.chunk_cache import CacheSettings, Plan, Region, StreamFrameCache, side_stream
 from rtdiff_cluster.config import StreamCacheConfig
 from rtdiff_cluster.engine.graphs import BucketNotReady
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Launched, StageTimes, copy_images_out, resize_images
@@ -23,6 +23,9 @@ Compute = Callable[[BatchSpec], tuple[np.ndarray, StageTimes]]  # a batch -> ima
 # A batch -> its work queued (Pipeline.launch(..., copy_out=False)); with defer_capture=True it may
 # raise BucketNotReady instead, its graph being captured aside (Pipeline.launch's defer_capture).
 Launch = Callable[..., Launched]
+# A region batch -> (height, width) of the regions of its frame size and schedule that ran on
+# captured graphs (Pipeline.graphed_region_shapes).
+GraphedRegions = Callable[[BatchSpec], set[tuple[int, int]]]
 
 
 class CachedFrame:
@@ -81,7 +84,8 @@ def dit_token_px(model) -> int:
 
 
 def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpec, settings: CacheSettings,
-               token_px: int = 0, launch: Launch | None = None, keep_on_device: bool = False) -> CachedFrame:
+               token_px: int = 0, launch: Launch | None = None, keep_on_device: bool = False,
+               graphed_regions: GraphedRegions | None = None) -> CachedFrame:
     """batch: one frame of a stream, with its init_image (strength > 0). The output has the
     frame's output_size where it has one and the cache is on a GPU (else the caller resizes).
 
@@ -93,8 +97,9 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
 
     With launch, a frame whose graph is being captured aside (the pipeline's graph cache with
     fast_paths.graph_capture_aside) is not held up by the capture: a region is computed as a
-    whole frame (a region at a step count new to its shape runs step by step instead, on its
-    shape's step and decode graphs where they are ready: Pipeline.launch), and a frame at a new size (the governor's size rungs) at the size the stream's
+    larger region whose graphs are ready (graphed_regions says which shapes ran on captured
+    graphs), else as a whole frame (a region at a step count new to its shape runs step by step
+    instead, on its shape's step and decode graphs where they are ready: Pipeline.launch), and a frame at a new size (the governor's size rungs) at the size the stream's
     cache has, its input resized there on the device, and the output resized to the asked size
     (CachedFrame.computed_size says so). A whole frame at the cache's own size is captured on the
     spot if it must be (a stream's first frame).
@@ -121,13 +126,14 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
             computed_size = (width, height)
         else:
             return _committed(cache, plan, new, done, frame, settings, keep_on_device)
-    done = _computed(compute, cache, plan, batch, new, settings, token_px, launch, keep_on_device)
+    done = _computed(compute, cache, plan, batch, new, settings, token_px, launch, keep_on_device, graphed_regions)
     done.computed_size = computed_size
     return done
 
 
 def _computed(compute: Compute | None, cache: StreamFrameCache, plan: Plan, batch: BatchSpec, new,
-              settings: CacheSettings, token_px: int, launch: Launch | None, keep_on_device: bool) -> CachedFrame:
+              settings: CacheSettings, token_px: int, launch: Launch | None, keep_on_device: bool,
+              graphed_regions: GraphedRegions | None) -> CachedFrame:
     frame = batch.frames[0]
     if plan.kind == "cache":
         if isinstance(cache.output, torch.Tensor):
@@ -138,21 +144,25 @@ def _computed(compute: Compute | None, cache: StreamFrameCache, plan: Plan, batc
     if plan.kind == "region" and token_px and (cache.kv is None or (cache.kv.grid, cache.kv.schedule) != (grid, schedule)):
         plan = _whole(plan)
     if plan.kind == "region":
-        r = plan.region
-        # The region is cut from the frame the plan uploaded to measure changes: no second upload.
-        region = dataclasses.replace(batch, width=r.width, height=r.height, crop=(new.shape[0], new.shape[1], r.top, r.left),
-                                     frames=[dataclasses.replace(frame, init_image=r.crop(plan.frame))])
-        extend = contextlib.nullcontext()
-        if token_px:
-            index = token_kv.region_index(grid, r.top // token_px, r.left // token_px, r.height // token_px,
-                                          r.width // token_px, cache.device)
-            extend = token_kv.extending(cache.kv, index)
-        try:
-            with extend:
-                done = _run(compute, launch, region, defer_capture=True)
-            return _committed(cache, plan, new, done, frame, settings, keep_on_device)
-        except BucketNotReady:  # its graph is capturing aside: this frame is computed whole
-            plan = _whole(plan)
+        attempt = plan
+        while attempt is not None:
+            r = attempt.region
+            # The region is cut from the frame the plan uploaded to measure changes: no second upload.
+            region = dataclasses.replace(batch, width=r.width, height=r.height,
+                                         crop=(new.shape[0], new.shape[1], r.top, r.left),
+                                         frames=[dataclasses.replace(frame, init_image=r.crop(plan.frame))])
+            extend = contextlib.nullcontext()
+            if token_px:
+                index = token_kv.region_index(grid, r.top // token_px, r.left // token_px, r.height // token_px,
+                                              r.width // token_px, cache.device)
+                extend = token_kv.extending(cache.kv, index)
+            try:
+                with extend:
+                    done = _run(compute, launch, region, defer_capture=True)
+                return _committed(cache, attempt, new, done, frame, settings, keep_on_device)
+            except BucketNotReady:  # its graphs are capturing aside: a larger region that has them, else the whole frame
+                attempt = _grown(attempt, region, graphed_regions, settings) if attempt is plan else None
+        plan = _whole(plan)
     kv = token_kv.TokenKV(grid, schedule) if token_px else None
     cache.kv = None  # a record stands only once its frame computed (or was queued) to the end
     with token_kv.recording(kv) if kv is not None else contextlib.nullcontext():
@@ -163,6 +173,31 @@ def _computed(compute: Compute | None, cache: StreamFrameCache, plan: Plan, batc
 
 def _whole(plan: Plan) -> Plan:
     return dataclasses.replace(plan, kind="full", changed=np.ones_like(plan.changed), region=None)
+
+
+def _grown(plan: Plan, region: BatchSpec, graphed_regions: GraphedRegions | None, s: CacheSettings) -> Plan | None:
+    """The plan with its region grown to the smallest shape of this frame size and schedule that
+    ran on captured graphs and holds it (within max_region_fraction), or None. Only the changed
+    chunks are pasted, so a larger region changes nothing else; it costs less than the whole
+    frame a missing graph otherwise falls back to (about 2x a region's GPU time at 1024)."""
+    if graphed_regions is None:
+        return None
+    r, (frame_h, frame_w) = plan.region, region.crop[:2]
+    shapes = [(h, w) for h, w in graphed_regions(region)
+              if h >= r.height and w >= r.width and h * w <= s.max_region_fraction * frame_h * frame_w]
+    if not shapes:
+        return None
+    h, w = min(shapes, key=lambda hw: hw[0] * hw[1])
+    grown = Region(_placed(r.top, r.height, h, frame_h, s.multiple), _placed(r.left, r.width, w, frame_w, s.multiple), h, w)
+    return dataclasses.replace(plan, region=grown)
+
+
+def _placed(start: int, length: int, grown: int, size: int, multiple: int) -> int:
+    """Where a span of `grown` starts that holds [start, start + length) inside [0, size): centred
+    on it, on the model's multiple, where the frame's edges allow (start, length, grown and size
+    are multiples of it)."""
+    lo, hi = max(0, start + length - grown), min(start, size - grown)
+    return min(max((start - (grown - length) // 2) // multiple * multiple, lo), hi)
 
 
 def _resized_like_the_plan(uploaded: torch.Tensor, width: int, height: int, device: torch.device) -> torch.Tensor:

@@ -73,11 +73,11 @@ class FastPathConfig:
     390-591 ms once; benchmarks/NOTES.md)."""
     graph_capture_aside: bool = True
     """Capture on a thread of its own, off the serving path, the graphs a frame can do without for
-    a while: a chunk-cache region (the frame is computed whole meanwhile), a frame at a size new to
-    its stream (computed at the stream's last size meanwhile, input and output resized on the GPU,
-    and the response's applied size says so), a whole loop of a step count new at its size (run
-    step by step meanwhile) and a batch size that captured sizes cover (split into them
-    meanwhile). Off: each is captured on the serving path when first needed (0.2-0.6 s for an SDXL
+    a while: a chunk-cache region (computed meanwhile as a larger region whose graphs are ready,
+    else as a whole frame), a frame at a size new to its stream (computed at the stream's last
+    size meanwhile, input and output resized on the GPU, and the response's applied size says
+    so), a whole loop of a step count new at its size (run step by step meanwhile) and a batch
+    size that captured sizes cover (split into them meanwhile). Off: each is captured on the serving path when first needed (0.2-0.6 s for an SDXL
     frame on an H200). On an H200 a governed SDXL stream's worst frames while it met new buckets
     went from 1.2-2.3 s to 0.12-0.14 s, and it held the same rate after them (54.3 against 54.8 fps);
     a chunk-cache stream's region shapes first met later fall back to whole frames once each

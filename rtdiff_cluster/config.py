@@ -77,11 +77,11 @@ class FastPathConfig:
     else as a whole frame), a frame at a size new to its stream (computed at the stream's last
     size meanwhile, input and output resized on the GPU, and the response's applied size says
     so), a whole loop of a step count new at its size (run step by step meanwhile) and a batch
-    size that captured sizes cover (split into them meanwhile). Off: each is captured on the serving path when first needed (0.2-0.6 s for an SDXL
-    frame on an H200). On an H200 a governed SDXL stream's worst frames while it met new buckets
-    went from 1.2-2.3 s to 0.12-0.14 s, and it held the same rate after them (54.3 against 54.8 fps);
-    a chunk-cache stream's region shapes first met later fall back to whole frames once each
-    (benchmarks/NOTES.md)."""
+    size that captured sizes cover (split into them meanwhile). Off: each is captured on the
+    serving path when first needed (0.2-0.6 s for an SDXL frame on an H200). On an H200 a governed
+    SDXL stream's worst frames while it met new buckets went from 1.2-2.3 s to 0.12-0.14 s, and it
+    held the same rate after them (54.3 against 54.8 fps); a chunk-cache stream's region shapes
+    first met later fall back to whole frames once each (benchmarks/NOTES.md)."""
     gpu_jpeg: bool = True
     """Encode JPEG frames on the GPU (nvJPEG through torchvision) where it imports: 0.2-0.4 ms a
     1024 frame against 4.2-7.0 ms on a host core with PIL (benchmarks/image_codec.py, H200). Its

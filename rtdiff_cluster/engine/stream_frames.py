@@ -96,13 +96,16 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
     (CachedFrame.result() collects it).
 
     With launch, a frame whose graph is being captured aside (the pipeline's graph cache with
-    fast_paths.graph_capture_aside) is not held up by the capture: a region is computed as a
-    larger region whose graphs are ready (graphed_regions says which shapes ran on captured
-    graphs), else as a whole frame (a region at a step count new to its shape runs step by step
-    instead, on its shape's step and decode graphs where they are ready: Pipeline.launch), and a frame at a new size (the governor's size rungs) at the size the stream's
-    cache has, its input resized there on the device, and the output resized to the asked size
-    (CachedFrame.computed_size says so). A whole frame at the cache's own size is captured on the
-    spot if it must be (a stream's first frame).
+    fast_paths.graph_capture_aside) is not held up by the capture:
+      - a region is computed as a larger region whose graphs are ready (graphed_regions says
+        which shapes ran on captured graphs), else as a whole frame; a region at a step count
+        new to its shape runs step by step instead, on its shape's step and decode graphs where
+        they are ready (Pipeline.launch);
+      - a frame at a new size (the governor's size rungs) is computed at the size the stream's
+        cache has, its input resized there on the device, and the output resized to the asked
+        size (CachedFrame.computed_size says so).
+    A whole frame at the cache's own size is captured on the spot if it must be (a stream's first
+    frame).
 
     token_px > 0 (a DiT whose image tokens cover token_px x token_px pixels, its attention through
     our processor): whole frames record their image tokens' keys and values, and a region's

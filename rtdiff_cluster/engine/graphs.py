@@ -27,11 +27,11 @@ then pays two slow frames per new size and its p99 grew (benchmarks/NOTES.md), s
 default.
 
 Capture aside (fast_paths.graph_capture_aside): a caller that can do without a bucket for now (a
-chunk-cache region, which its stream can compute as a whole frame; a frame at a size new to its
-stream, computed at the stream's last size; a loop of a schedule new at its size, run step by step
-on graphs every schedule of that size shares; a batch size that smaller captured sizes cover) asks
-`capture_aside`, which queues the capture on a thread of its own and returns at once; `call` then
-finds the graph ready some frames later. The capture's 0.2-0.6 s of
+chunk-cache region, which its stream can compute as a larger captured region or the whole frame;
+a frame at a size new to its stream, computed at the stream's last size; a loop of a schedule new
+at its size, run step by step on graphs every schedule of that size shares; a batch size that
+smaller captured sizes cover) asks `capture_aside`, which queues the capture on a thread of its
+own and returns at once; `call` then finds the graph ready some frames later. The capture's 0.2-0.6 s of
 host time (warm-up runs with the libraries' per-shape set-up, the recording) leaves the serving
 path: a governed SDXL stream met 11 new buckets in 240 frames and its p99 was 1.68 s
 (results/stream_serving-2026-11-24-*-final-jpeg.md). Captures, aside or not, run one at a time:

@@ -545,15 +545,13 @@ class EngineRank:
         results: list[FrameResult | None] = [None] * len(batch.frames)
         for i, r in zip(order, encoded):
             results[i] = r
-        for i, why in failed.items():
+        # A lost stream is the replica's failure; an input frame that does not decode, the client's.
+        errors = [(i, why, "UNAVAILABLE") for i, why in failed.items()]
+        errors += [(i, why, "INVALID_ARGUMENT") for i, why in undecoded.items()]
+        for i, why, code in errors:
             fr = batch.frames[i]
             width, height = fr.output_size or (batch.width, batch.height)
-            results[i] = FrameResult(b"", width, height, fr.output_format, fr.seed, 0.0, error=why)
-        for i, why in undecoded.items():  # the client's input, not the replica: INVALID_ARGUMENT
-            fr = batch.frames[i]
-            width, height = fr.output_size or (batch.width, batch.height)
-            results[i] = FrameResult(b"", width, height, fr.output_format, fr.seed, 0.0, error=why,
-                                     error_code="INVALID_ARGUMENT")
+            results[i] = FrameResult(b"", width, height, fr.output_format, fr.seed, 0.0, error=why, error_code=code)
         return BatchResult(results, text_s, denoise_s, decode_s, time.perf_counter() - t0)
 
     async def close_stream(self, stream_id: str) -> bool:

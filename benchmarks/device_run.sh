@@ -13,6 +13,11 @@
 #   stream-cache-flux  the same for Flux-dev at 1024, with the static tokens' recorded K/V as a setting
 #   knobs         benchmarks/knobs.py (SDXL 1024, tiny VAE: samplers x steps, fp8, adaptive steps vs the exact pipeline)
 #   stream-serving  benchmarks/stream_serving.py (live 1024 streams through the gateway: 1-step fps/p99, governor)
+#   region-batch  benchmarks/region_batch.py (k chunk-cache regions of one shape in one launch against one by one)
+#   region-batch-tests  the GPU tests of region batches and chunk-cache launches
+#   region-batch-ab  stream_serving.py's 1-step JPEG cases (chunk cache at windows 2-5, cache off at 2 and 4) with
+#                 stream_cache.region_batch 4, then 1 (env RB_RUNS: the values, in order; RB_CASES, RB_ARGS and
+#                 RB_TAG: other cases, stream_serving.py options and a file-name suffix)
 #   image-codec   benchmarks/image_codec.py (a frame's JPEG encode and decode: PIL on the host, nvJPEG on the GPU)
 #   unet-profile  benchmarks/unet_profile.py (an SDXL step's kernels one by one at 1024, 512 and 384)
 #   frame-profile  benchmarks/unet_profile.py --frame 1 (a whole 1-step frame's kernels against its wall time)
@@ -73,6 +78,14 @@ for part in $parts; do
       | tail -40 | tee "$OUT/fast_path_tests.log" ;;
     norm-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_norms.py 2>&1 \
       | tail -30 | tee "$OUT/norm_tests.log" ;;
+    region-batch) timeout 400 python3 benchmarks/region_batch.py --device cuda --out-dir "$OUT" 2>&1 \
+      | grep -v WARNING | tee "$OUT/region_batch.log" ;;
+    region-batch-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py \
+        -k "region or launched_back_to_back or chunk" 2>&1 | tail -30 | tee "$OUT/region_batch_tests.log" ;;
+    region-batch-ab) for rb in ${RB_RUNS:-4 1}; do timeout 330 python3 benchmarks/stream_serving.py --device cuda --frames 240 --skip-engine-alone \
+        --cases "${RB_CASES:-1-step, cache off, JPEG;1-step, chunk cache, JPEG}" --region-batch $rb ${RB_ARGS:-} \
+        --tag region-batch-$rb${RB_TAG:-} \
+        --out-dir "$OUT" 2>&1 | grep -E "^\| 1-step|Error|error" ; done ;;
     image-codec) timeout 200 python3 benchmarks/image_codec.py --out-dir "$OUT" 2>&1 | tee "$OUT/image_codec.log" ;;
     hop) timeout 90 python3 benchmarks/hop_floor.py --n 900 --out "$OUT/hop_floor.json" 2>&1 | grep -v WARNING | tee "$OUT/hop_floor.log" ;;
     gateway) timeout 420 python3 benchmarks/gateway_overhead.py --device cuda --out-dir "$OUT" --samples 300 --stream-frames 200 \

@@ -7,7 +7,9 @@ sees them. Cases, all image-to-image at strength 0.5 from rtdiff_cluster/clips.p
 
   1-step       2-step schedule at strength 0.5 (one denoising step), cache off, windows 1-3: the
                real-time target (60 fps, p99 under 40 ms at 1024 with the tiny VAE, one GPU)
-  1-step cached  the same on the 10%-moving clip with the chunk cache on, windows 2 and 3
+  1-step cached  the same on the 10%-moving clip with the chunk cache on, windows 2 and 3; with
+               JPEG input frames, windows 2 to 5 (deeper windows let a stream's regions batch:
+               stream_cache.region_batch, --region-batch for the A/B), against the cache off
   governed     8-step schedule (4 steps at strength 0.5) with --target-fps, min 2 steps, cache
                threshold up to 8, on the moving clip, then also down to half size; against the same
                stream ungoverned
@@ -92,13 +94,17 @@ def graph_counts(metrics_port: int, settle_s: float = 0.0) -> dict[str, float]:
 
     time.sleep(settle_s)
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    counts = {"serving": 0.0, "aside": 0.0, "deferred": 0.0}
+    counts = {"serving": 0.0, "aside": 0.0, "deferred": 0.0, "batched_frames": 0.0, "batches": 0.0}
     for line in text.splitlines():
         if line.startswith("rtdiff_cuda_graph_captures_total{"):
             path = "aside" if 'path="aside"' in line else "serving"
             counts[path] += float(line.rsplit(" ", 1)[1])
         elif line.startswith("rtdiff_cuda_graph_deferrals_total{"):
             counts["deferred"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("rtdiff_batch_size_sum{"):  # the gateway's batches, of any frames
+            counts["batched_frames"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("rtdiff_batch_size_count{"):
+            counts["batches"] += float(line.rsplit(" ", 1)[1])
     return counts
 
 
@@ -112,6 +118,11 @@ def main() -> int:
     ap.add_argument("--cfg-parallel", type=int, choices=[1, 2], default=1)
     ap.add_argument("--capture-aside", choices=["on", "off"], default="on",
                     help="fast_paths.graph_capture_aside of the served model (off: every capture on the serving path)")
+    ap.add_argument("--region-batch", type=int, default=0,
+                    help="stream_cache.region_batch of the served model (default: the model's; 1: regions one by one)")
+    ap.add_argument("--batching", action="append", default=[], metavar="NAME=INT",
+                    help="a [batching] setting of the server (config.BatchingConfig), e.g. max_inflight_batches_per_replica=1")
+    ap.add_argument("--windows", default="", help="','-separated windows of the chunk-cache JPEG cases (default 2,3,4,5)")
     ap.add_argument("--skip-engine-alone", action="store_true", help="no engine-alone baseline (A/B runs of the gateway)")
     ap.add_argument("--tag", default="", help="appended to the result files' names")
     ap.add_argument("--cases", default="", help="';'-separated case-name prefixes to run (default: all), e.g. "
@@ -138,11 +149,17 @@ def main() -> int:
         cmd += ["--vae", args.vae]
     if sharded:
         cmd += ["--tp", str(args.tp), "--cfg-parallel", str(args.cfg_parallel)]
-    if args.capture_aside == "off":
+    if args.capture_aside == "off" or args.region_batch or args.batching:
         import tempfile
 
         conf = Path(tempfile.mkdtemp()) / "serve.toml"
-        conf.write_text(f'[[models]]\nsource = "{args.source}"\n[models.fast_paths]\ngraph_capture_aside = false\n')
+        text = "[batching]\n" + "".join(f"{kv.split('=')[0]} = {int(kv.split('=')[1])}\n" for kv in args.batching)
+        text += f'[[models]]\nsource = "{args.source}"\n'
+        if args.capture_aside == "off":
+            text += "[models.fast_paths]\ngraph_capture_aside = false\n"
+        if args.region_batch:
+            text += f"[models.stream_cache]\nregion_batch = {args.region_batch}\n"
+        conf.write_text(text)
         cmd += ["--config", str(conf)]
     server = subprocess.Popen(cmd)
     rows = []
@@ -153,10 +170,10 @@ def main() -> int:
         cases += [("1-step, chunk cache", dict(window=w, steps=2, clip="moving")) for w in (2, 3)]
         # The same clip sent as JPEG (quality 90): decoded by the replica (nvJPEG where it has it)
         # or by the gateway (PIL), against the raw frames above.
-        cases += [("1-step, cache off, JPEG input", dict(window=2, steps=2, clip="moving", cache_threshold=-1,
-                                                         clip_format="jpeg"))]
+        cases += [("1-step, cache off, JPEG input", dict(window=w, steps=2, clip="moving", cache_threshold=-1,
+                                                         clip_format="jpeg")) for w in (2, 4)]
         cases += [("1-step, chunk cache, JPEG input", dict(window=w, steps=2, clip="moving", clip_format="jpeg"))
-                  for w in (2, 3)]
+                  for w in ([int(w) for w in args.windows.split(",")] if args.windows else (2, 3, 4, 5))]
         cases += [("4 steps, ungoverned", dict(window=2, steps=8, clip="moving")),
                   (f"4 steps, governed to {args.target_fps:g} fps",
                    dict(window=2, steps=8, clip="moving", target_fps=args.target_fps, min_steps=4, max_cache_threshold=8)),
@@ -187,6 +204,8 @@ def main() -> int:
             r["graph_captures"] = after["serving"] - before["serving"]
             r["graph_captures_aside"] = after["aside"] - before["aside"]
             r["graph_deferrals"] = after["deferred"] - before["deferred"]
+            batches = after["batches"] - before["batches"]
+            r["mean_batch"] = (after["batched_frames"] - before["batched_frames"]) / batches if batches else None
             rows.append(r)
             print(json.dumps(r), flush=True)
     finally:
@@ -198,6 +217,7 @@ def main() -> int:
     write_results("stream_serving", "cuda" if cuda else "cpu", {
         "model": args.source, "vae": args.vae or "model's", "size": args.size, "frames": args.frames,
         "tp": args.tp, "cfg_parallel": args.cfg_parallel, "capture_aside": args.capture_aside,
+        "region_batch": args.region_batch or "model's", "batching": args.batching,
         "engine_alone": engine, "rows": rows, "overlap": overlap(rows), "runtime_s": time.perf_counter() - t0,
         "target": best and {"fps": TARGET_FPS, "p99_ms": TARGET_P99_MS, "best_window": best["window"],
                             "best_case": best["case"], "best_fps": best["fps"], "best_p99_ms": best["p99_ms"],
@@ -230,19 +250,22 @@ def markdown(r: dict) -> str:
              f"{r['frames']} frames per case{sharded}", "",
              f"Device: {r['gpu_name'] or r['cpu']} ({r['cpu_cores']} cores); torch {r['torch']}; {r['date_utc']}. "
              "Client: `rtdiff stream` in its own process on the same machine; image-to-image at strength 0.5. "
-             f"Graph capture aside: {r.get('capture_aside', 'off')}.", "",
+             f"Graph capture aside: {r.get('capture_aside', 'off')}. Regions per launch (stream_cache.region_batch): "
+             f"{r.get('region_batch', 1)}." + (f" Batching: {', '.join(r['batching'])}." if r.get("batching") else ""),
+             "",
              (f"Engine alone (pipeline, no gateway), 1-step frame: {e['ms_p50']:.1f} ms p50, {e['ms_p99']:.1f} ms p99, "
               f"{e['fps']:.1f} fps." if e else "Engine alone: not run."), "",
              "| case | window | fps | p50 ms | p95 ms | p99 ms | steps (schedule) | smallest computed width | "
-             "governed frames | graph captures: serving path / aside (deferred launches) | server p50 ms: queue / batch wait / denoise+decode / encode / replica / total |",
-             "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|---|"]
+             "governed frames | graph captures: serving path / aside (deferred launches) | mean batch | server p50 ms: queue / batch wait / denoise+decode / encode / replica / total |",
+             "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|---|"]
     for x in r["rows"]:
         t = x["server_p50_ms"]
         lines.append(f"| {x['case']} | {x['window']} | {x['fps']:.1f} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
                      f"{x['p99_ms']:.1f} | {x['steps_min']}..{x['steps_max']} | {x.get('computed_width_min', '-')} | "
                      f"{x.get('governed_frames', 0)} | {x.get('graph_captures', '-')} / {x.get('graph_captures_aside', '-')} "
                      f"({x.get('graph_deferrals', '-')}) | "
-                     f"{t['queue_ms']:.1f} / {t['batch_wait_ms']:.1f} / {t['denoise_ms'] + t['decode_ms']:.1f} / "
+                     + (f"{x['mean_batch']:.2f} | " if x.get("mean_batch") else "- | ")
+                     + f"{t['queue_ms']:.1f} / {t['batch_wait_ms']:.1f} / {t['denoise_ms'] + t['decode_ms']:.1f} / "
                      f"{t['encode_ms']:.1f} / {t['replica_ms']:.1f} / {t['total_ms']:.1f} |")
     firsts = [x for x in r["rows"] if x.get("first_run")]
     if firsts:

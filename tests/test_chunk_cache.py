@@ -14,7 +14,7 @@ from rtdiff_cluster import clips, fidelity
 from rtdiff_cluster.cache.chunk_cache import CacheSettings, StreamCaches, StreamFrameCache
 from rtdiff_cluster.config import ModelConfig, StreamCacheConfig
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline
-from rtdiff_cluster.engine.stream_frames import cache_settings, run_cached
+from rtdiff_cluster.engine.stream_frames import RegionBatch, cache_settings, run_cached
 from rtdiff_cluster.models.registry import load_model
 
 SETTINGS = CacheSettings(chunk_px=32, threshold=2.0, halo_px=32, max_region_fraction=0.5, region_buckets=4, multiple=64)
@@ -200,6 +200,84 @@ def test_recomputed_and_static_chunks_against_the_uncached_frames(pipeline):
     assert kinds == ["full", "region", "region"]
 
 
+def _launcher(p):
+    return lambda b, defer_capture=False: p.launch(b, ["a stream"] * len(b.frames), [""] * len(b.frames),
+                                                   copy_out=False, defer_capture=defer_capture)
+
+
+def test_regions_of_several_frames_in_one_launch_equal_them_one_by_one(pipeline):
+    """Two streams (the moving square, and the same clip mirrored so its regions lie elsewhere),
+    their frames interleaved as a batch brings them: the regions go in one launch, each frame is
+    planned against its stream's previous frame (whose region is not computed yet) exactly as one
+    by one, and each output equals the one-by-one output. Tolerance: 1 level of 255, where the
+    tiny model's fp32 sums run in another order at batch 4 than at batch 1."""
+    # Frame 1 changes a patch, frame 2 another beside it: against frame 1 only the second patch
+    # changed; a plan that missed frame 1 (not computed yet) would take both. All regions are
+    # 256x256 (no halo, half-frame buckets), so all four can share a launch.
+    settings = dataclasses.replace(SETTINGS, halo_px=0, region_buckets=2)
+    bg, patch = clips.texture(512, 512, seed=0), clips.texture(64, 64, seed=1)
+    first, second = bg.copy(), bg.copy()
+    first[192:256, 64:128] = patch
+    second[192:256, 64:128] = patch
+    second[192:256, 128:192] = patch[::-1]
+    clip = [bg, first, second]
+    streams = {"a": clip, "b": [np.ascontiguousarray(f[:, ::-1]) for f in clip]}
+
+    def run(batched: bool):
+        caches = {sid: StreamFrameCache() for sid in streams}
+        for sid in streams:  # each stream's first frame: whole
+            run_cached(None, caches[sid], _frame(streams[sid][0], 512), settings, launch=_launcher(pipeline))
+        regions = RegionBatch(lambda b, tags: _launcher(pipeline)(b, defer_capture=True), 4) if batched else None
+        done = [run_cached(None, caches[sid], _frame(streams[sid][i], 512), settings, launch=_launcher(pipeline),
+                           regions=regions) for i in (1, 2) for sid in streams]
+        if regions is not None:
+            assert len(regions) == 4  # nothing launched before the flush
+            regions.flush()
+        return done, regions
+
+    alone, _ = run(batched=False)
+    together, regions = run(batched=True)
+    assert regions.launches == 1 and len(regions) == 0
+    assert alone[2].plan.changed.sum() == 4  # frame 2 of stream a: the second patch's 2x2 chunks
+    origins = set()
+    for a, b in zip(alone, together):
+        assert a.plan.kind == b.plan.kind == "region"
+        assert a.plan.region == b.plan.region and np.array_equal(a.plan.changed, b.plan.changed)
+        origins.add((b.plan.region.top, b.plan.region.left))
+        diff = np.abs(a.pixels.astype(int) - b.pixels.astype(int))
+        assert diff.max() <= 1, diff.max()
+    assert len(origins) >= 2  # regions at several places in one launch: each one's noise is cut at its own
+
+
+def test_a_region_batch_holds_one_shape_and_a_bounded_count(pipeline):
+    """A region of another shape, or one past max_frames, launches what was queued first; a frame
+    answered from the cache waits for the regions queued before it (its stream's output builds on
+    theirs)."""
+    clip = list(clips.moving(512, 512, 4, area=0.1, step_px=8))
+    wide = list(clips.moving(512, 512, 2, area=0.1, step_px=64, seed=5))  # a wider region
+    caches = [StreamFrameCache() for _ in range(3)]
+    launched = []
+
+    def launch(b, tags):
+        launched.append((len(b.frames), b.height, b.width))
+        return _launcher(pipeline)(b, defer_capture=True)
+
+    regions = RegionBatch(launch, 2)
+    for cache, img in zip(caches, (clip[0], clip[0], wide[0])):
+        run_cached(None, cache, _frame(img, 512), SETTINGS, launch=_launcher(pipeline))
+    small_a = run_cached(None, caches[0], _frame(clip[1], 512), SETTINGS, launch=_launcher(pipeline), regions=regions)
+    small_b = run_cached(None, caches[1], _frame(clip[1], 512), SETTINGS, launch=_launcher(pipeline), regions=regions)
+    assert launched == []
+    run_cached(None, caches[0], _frame(clip[2], 512), SETTINGS, launch=_launcher(pipeline), regions=regions)
+    assert launched == [(2,) + (small_a.plan.region.height, small_a.plan.region.width)]  # max_frames reached
+    large = run_cached(None, caches[2], _frame(wide[1], 512), SETTINGS, launch=_launcher(pipeline), regions=regions)
+    assert (large.plan.region.height, large.plan.region.width) != (small_a.plan.region.height, small_a.plan.region.width)
+    assert len(launched) == 1 and len(regions) == 1  # a lone region is not launched as a batch ...
+    still = run_cached(None, caches[1], _frame(clip[1], 512), SETTINGS, launch=_launcher(pipeline), regions=regions)
+    assert still.plan.kind == "cache" and len(regions) == 0  # ... but computed alone before the cached frame
+    assert np.array_equal(still.pixels, small_b.pixels)
+
+
 def test_flux_region_follows_the_whole_frames_schedule():
     """Flux shifts its sigmas by the token count: a 512 region of a 1024 frame computed on the
     region's own schedule starts from another noise level (28.4 dB against the whole frame's
@@ -292,7 +370,7 @@ def test_model_settings_and_frame_threshold():
 
 def test_config_rejects_bad_values():
     for field, value in [("chunk_px", 4), ("threshold", float("nan")), ("threshold", 300.0), ("halo_px", -1),
-                         ("max_region_fraction", 0.0), ("region_buckets", 0), ("memory_mb", 0)]:
+                         ("max_region_fraction", 0.0), ("region_buckets", 0), ("region_batch", 0), ("memory_mb", 0)]:
         with pytest.raises(ValueError, match=f"models\\[0\\].stream_cache.{field}"):
             StreamCacheConfig(**{field: value}).validate("models[0].stream_cache")
 

@@ -442,6 +442,65 @@ def test_chunk_cached_frames_launched_back_to_back_equal_frames_run_one_by_one()
     assert half.plan.kind == "cache" and half.pixels.shape == (96, 128, 3)
 
 
+@pytest.mark.parametrize("aside", [False, True])
+def test_regions_of_several_streams_share_a_launch(aside):
+    """stream_frames.RegionBatch on a GPU: two streams' regions at different places (the clip and
+    its mirror image), two frames each, go in one launch, pasted into each stream's device output
+    in order; every frame equals the same frames launched one by one (bf16 policy above: another
+    batch size reorders bf16 sums). Captures aside: the first batch has no graph, so its frames
+    run alone meanwhile (nothing captured on the serving path), and the next batch shares a launch."""
+    from rtdiff_cluster import clips
+    from rtdiff_cluster.cache.chunk_cache import CacheSettings, StreamFrameCache
+    from rtdiff_cluster.engine.stream_frames import RegionBatch, run_cached
+
+    _, fast, fp = pipelines("synthetic:tiny-sdxl", graph_capture_aside=aside)
+    settings = CacheSettings(chunk_px=32, threshold=2.0, halo_px=32, max_region_fraction=0.6, region_buckets=4,
+                             multiple=8)
+    clip = list(clips.moving(256, 256, 5, area=0.1, step_px=8))
+    streams = {"a": clip, "b": [np.ascontiguousarray(f[:, ::-1]) for f in clip]}
+
+    def launch(b, **kw):
+        return fast.launch(b, ["a lighthouse"] * len(b.frames), [""] * len(b.frames), copy_out=False, **kw)
+
+    def batch(img):
+        return BatchSpec(256, 256, 2, 0.0, 0.5, [FrameSpec("a lighthouse", seed=3, init_image=img)])
+
+    def run(frames, regions):
+        caches = {sid: StreamFrameCache("cuda") for sid in streams}
+        out = []
+        for i in frames:
+            for sid in streams:
+                out.append(run_cached(None, caches[sid], batch(streams[sid][i]), settings, launch=launch,
+                                      regions=regions if i else None))
+            if regions is not None and i:
+                regions.flush()
+        return out
+
+    if aside:
+        regions = RegionBatch(lambda b, tags: launch(b, defer_capture=True), 4)
+        for attempt in range(4):  # each turned-back launch queues its next missing graph aside
+            captures = fp.graphs.captures
+            done = run([0, 1], regions)
+            if regions.launches:
+                break
+            wait_for_captures_aside(fp.graphs)
+        assert regions.launches == 1 and attempt >= 1  # the first batch ran alone, its graphs captured aside
+        assert [d.plan.kind for d in done] == ["full", "full", "region", "region"]
+        assert fp.graphs.captures == captures  # the batch's launch captured nothing on the serving path
+        return
+    alone = run([0, 1, 2], None)
+    regions = RegionBatch(lambda b, tags: launch(b, defer_capture=True), 4)
+    together = run([0, 1, 2], regions)
+    assert regions.launches == 2  # frames 1 and 2 of both streams
+    places = set()
+    for a, b in zip(alone, together):
+        assert a.plan.kind == b.plan.kind and a.plan.region == b.plan.region
+        if b.plan.kind == "region":
+            places.add((b.plan.region.top, b.plan.region.left))
+        assert_images_close(b.pixels.astype(int), a.pixels.astype(int), f"{b.plan.kind} frame in a region batch")
+    assert len(places) >= 2
+
+
 def test_dit_stream_regions_attend_to_recorded_keys_and_values_on_the_fast_paths():
     """stream_cache.dit_token_kv on a GPU: a Flux stream's whole frame records its image tokens'
     keys and values (eagerly: a graph would freeze one stream's tensors), and its regions attend to

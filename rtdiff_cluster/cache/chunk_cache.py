@@ -176,16 +176,36 @@ class StreamFrameCache:
             return Plan("full", np.ones(grid, dtype=bool), frame=frame)
         return Plan("region", changed, Region(top, left, height, width), frame)
 
+    def take_input(self, plan: Plan, s: CacheSettings) -> None:
+        """The plan's computed chunks take its frame as their reference input: the stream's next
+        frame measures its change against that. commit() does it; a batch of regions
+        (engine/stream_frames.RegionBatch) does it as each frame joins, before any is computed,
+        so that the stream's next frame, planned meanwhile, does not count the same change again."""
+        if plan.kind == "full":
+            self.ref_input = plan.frame
+            return
+        assert plan.kind == "region" and self.ref_input is not None
+        r = s.chunk_px
+        h, w = self.ref_input.shape[:2]
+        with self._side():
+            # The chunk grid is widened to pixels where it is used: on the device for the reference
+            # input (only the [rows, cols] grid crosses), on the host for the region alone.
+            grid = torch.from_numpy(plan.changed).to(self.device)
+            pixels = grid.repeat_interleave(r, 0).repeat_interleave(r, 1)[:h, :w]  # [H, W]: pixels of changed chunks
+            self.ref_input = torch.where(pixels[..., None], plan.frame, self.ref_input)
+
     def commit(self, plan: Plan, new: np.ndarray, computed: np.ndarray | torch.Tensor,
-               s: CacheSettings) -> np.ndarray | torch.Tensor:
+               s: CacheSettings, input_taken: bool = False) -> np.ndarray | torch.Tensor:
         """Stores a computed frame (plan `full`) or region (plan `region`: `computed` is the
         region's output) and returns the frame's output. computed: a host array (the returned
         output is a copy: the next frame updates the cache while this one is still being
         encoded), or a tensor on the device (the returned output is the cache's own tensor: the
-        caller copies it out in stream order, before the next frame's commit is queued)."""
+        caller copies it out in stream order, before the next frame's commit is queued).
+        input_taken: take_input(plan) ran already (and later frames may have taken theirs since)."""
         on_device = isinstance(computed, torch.Tensor)
+        if not input_taken:
+            self.take_input(plan, s)
         if plan.kind == "full":
-            self.ref_input = plan.frame
             self.output = computed.clone() if on_device else computed.copy()
             return self.output if on_device else computed
         assert plan.kind == "region" and plan.region is not None and self.output is not None
@@ -195,12 +215,6 @@ class StreamFrameCache:
             self.output = self.output.cpu().numpy()
         r, c = s.chunk_px, plan.region
         h, w = new.shape[:2]
-        with self._side():
-            # The chunk grid is widened to pixels where it is used: on the device for the reference
-            # input (only the [rows, cols] grid crosses), on the host for the region alone.
-            grid = torch.from_numpy(plan.changed).to(self.device)
-            pixels = grid.repeat_interleave(r, 0).repeat_interleave(r, 1)[:h, :w]  # [H, W]: pixels of changed chunks
-            self.ref_input = torch.where(pixels[..., None], plan.frame, self.ref_input)
         # The changed chunks are pasted as runs of a chunk row, slice copies (a masked copy of the
         # region measured 3 ms per 1024 frame on the H200's host); the region covers them all.
         for row, (start, stop) in _runs(plan.changed):

@@ -38,6 +38,9 @@ class Family:
     """The UNet kinds (sd, sdxl); FluxFamily overrides what flux does differently."""
 
     uses_cfg = True  # classifier-free guidance (two conditionings per frame) when guidance_scale > 1
+    # Whether a chunk-cache region's place in its frame enters the backbone's inputs (a DiT's token
+    # positions, one tensor for the batch): then regions at different places cannot share a batch.
+    origin_in_inputs = False
 
     def __init__(self, model: LoadedModel):
         self.m = model
@@ -175,6 +178,7 @@ class FluxFamily(Family):
     take the guidance scale as an input instead of a second pass."""
 
     uses_cfg = False
+    origin_in_inputs = True  # img_ids: the region's tokens at their whole-frame positions
 
     def __init__(self, model: LoadedModel):
         super().__init__(model)

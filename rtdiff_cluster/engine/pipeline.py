@@ -70,9 +70,20 @@ class BatchSpec:
     # width and height above are the region's. Its noise is the frame's noise cut to the region,
     # so a region agrees with the whole frame computed at once wherever context does not reach.
     crop: tuple[int, int, int, int] | None = None
+    # Regions of several frames (stream_frames.RegionBatch): each frame's (top, left) in its frame,
+    # in pixels; crop's top and left are the first frame's. Empty: every frame's region is crop's.
+    origins: tuple[tuple[int, int], ...] = ()
     sampler: str = ""  # engine/samplers.py; "": the checkpoint's own scheduler
     target_psnr_db: float = 0.0  # > 0: the replica picks the fewest steps, up to `steps`, within this PSNR of 8 steps
     step_cache: float = 0.0  # > 0: skip a step's backbone call when its probe changed less than this (step_cache.py)
+
+    def region_origins(self) -> list[tuple[int, int]]:
+        """Each frame's region (top, left) in its whole frame, in pixels (a region batch)."""
+        assert self.crop is not None
+        if self.origins:
+            assert len(self.origins) == len(self.frames) and self.origins[0] == tuple(self.crop[2:]), self.origins
+            return list(self.origins)
+        return [tuple(self.crop[2:])] * len(self.frames)
 
 
 @dataclass
@@ -251,16 +262,16 @@ class Pipeline:
         self._schedulers: OrderedDict[tuple, tuple] = OrderedDict()
 
     def initial_noise(self, seeds: list[int], latent_hw: tuple[int, int],
-                      window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                      windows: list[tuple[int, int, int, int]] | None = None) -> torch.Tensor:
         """Per-frame noise from a CPU generator: the same seed gives the same image on any device.
-        window (top, left, height, width), in latent pixels: that part of the latent_hw noise."""
+        windows, one (top, left, height, width) per seed in latent pixels: that part of each
+        frame's latent_hw noise (chunk-cache regions)."""
         h, w = latent_hw
         c = self.family.latent_channels()
         draws = [self._noise_of(s, (1, c, h, w)) for s in seeds]
+        if windows is not None:
+            draws = [d[:, :, top:top + wh, left:left + ww] for d, (top, left, wh, ww) in zip(draws, windows, strict=True)]
         noise = draws[0] if len(draws) == 1 else torch.cat(draws)
-        if window is not None:
-            top, left, wh, ww = window
-            noise = noise[:, :, top:top + wh, left:left + ww]
         return noise.clone(memory_format=torch.contiguous_format)  # [B, C, h, w]; the cached draws stay untouched
 
     def _noise_of(self, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -494,8 +505,13 @@ class Pipeline:
         if batch.crop is None:
             noise = self.initial_noise(seeds, (h, w))
         else:
-            full_h, full_w, top, left = batch.crop
-            noise = self.initial_noise(seeds, (full_h // f, full_w // f), (top // f, left // f, h, w))
+            full_h, full_w = batch.crop[:2]
+            origins = batch.region_origins()
+            if fam.origin_in_inputs and len(set(origins)) > 1:
+                raise ValueError(f"{self.model.kind} regions at different places cannot share a batch: their token "
+                                 f"positions are one input (origins {origins})")
+            noise = self.initial_noise(seeds, (full_h // f, full_w // f),
+                                       [(top // f, left // f, h, w) for top, left in origins])
         noise = fam.to_model_layout(noise)
         init = None
         if batch.strength > 0:

@@ -44,11 +44,11 @@ from rtdiff_cluster.config import ModelConfig
 from rtdiff_cluster.engine.adaptive_steps import StepCalibrator
 from rtdiff_cluster.engine.link import LinkAddress, LinkServer, current_peer, new_key, node_host
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline, StageTimes, resize_images
-from rtdiff_cluster.engine.stream_frames import CachedFrame, cache_settings, dit_token_px, run_cached
+from rtdiff_cluster.engine.stream_frames import CachedFrame, RegionBatch, cache_settings, dit_token_px, run_cached
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.engine import fastpaths
-from rtdiff_cluster.engine.graphs import BucketNotReady, GraphStats
+from rtdiff_cluster.engine.graphs import GraphStats
 from rtdiff_cluster.models.registry import load_model
 from rtdiff_cluster.parallel import groups
 
@@ -416,45 +416,70 @@ class EngineRank:
             return 0
         return dit_token_px(self.model)
 
-    def _run_cached(self, batch: BatchSpec, i: int, prompt: str,
-                    negative: str) -> tuple[CachedFrame, int, float, float, float]:
+    def _run_cached(self, batch: BatchSpec, frames: list[tuple[int, str, str]]
+                    ) -> list[tuple[CachedFrame, int, float, float, float]]:
         """On the compute thread, in arrival order: frames of one stream see each other's commits.
-        Returns the frame (on a single-GPU replica still computing: collect it with
-        _collect_cached), the steps its schedule had, their PSNR against 8 steps (0: not
-        adaptive), the chunk threshold applied and the seconds spent choosing the steps."""
-        fr = batch.frames[i]
-        one = dataclasses.replace(batch, frames=[fr])
-        one, psnr_db, measuring_s = self._adapt(one, prompt, negative)
-        settings = cache_settings(self.config.stream_cache, self.model.limits.size_multiple, fr.cache_threshold)
-        cache = self.stream_caches.get(fr.stream_id)
-        before = cache.nbytes
-        # The step cache skips steps, whose keys and values then are never recorded.
-        token_px = self._token_px if one.step_cache <= 0 else 0
-        launches = []
-
-        def launch(b: BatchSpec, defer_capture: bool = False):
-            # Queued, not waited for: the paste and the copy out follow in stream order, and this
-            # thread goes on to the next frame (perhaps this stream's) while the GPU computes.
-            self.gpu.mark_batch(True)
-            launches.append(b)
-            try:
-                return self.pipeline.launch(b, [prompt], [negative], copy_out=False, defer_capture=defer_capture)
-            except BucketNotReady:  # run_cached computes the frame another way
-                launches.pop()
-                self.gpu.mark_batch(False)
-                raise
+        frames: (index in the batch, prompt, negative prompt). Per frame, returns the frame (on a
+        single-GPU replica still computing: collect it with _collect_cached), the steps its
+        schedule had, their PSNR against 8 steps (0: not adaptive), the chunk threshold applied
+        and the seconds spent choosing the steps. On a single-GPU replica, regions of one shape
+        and schedule share a launch (stream_frames.RegionBatch), up to stream_cache.region_batch."""
         single_gpu = groups.layout().world == 1 and self.model.device.type == "cuda"
+        marked = 0  # batches marked started for the energy series, each ended by one frame's collect
+
+        def launch_many(region: BatchSpec, tags: list[tuple[str, str]]):
+            nonlocal marked
+            launched = self.pipeline.launch(region, [p for p, _ in tags], [n for _, n in tags],
+                                            copy_out=False, defer_capture=True)
+            for _ in tags:  # each frame's collect ends one
+                self.gpu.mark_batch(True)
+            marked += len(tags)
+            return launched
+
+        regions = None
+        if single_gpu and self.config.stream_cache.region_batch > 1:
+            regions = RegionBatch(launch_many, self.config.stream_cache.region_batch,
+                                  fixed_origin=self.pipeline.family.origin_in_inputs)
+        out = []
+        sizes: dict[str, tuple[object, int]] = {}  # stream -> its cache and the cache's bytes before these frames
         try:
-            done = run_cached(lambda b: self._lead(_Work(b, [prompt], [negative])), cache, one, settings, token_px,
-                              launch if single_gpu else None, keep_on_device=single_gpu and self._jpeg_on_gpu(one),
-                              graphed_regions=self.pipeline.graphed_region_shapes)
+            for i, prompt, negative in frames:
+                fr = batch.frames[i]
+                one = dataclasses.replace(batch, frames=[fr])
+                one, psnr_db, measuring_s = self._adapt(one, prompt, negative)
+                settings = cache_settings(self.config.stream_cache, self.model.limits.size_multiple, fr.cache_threshold)
+                cache = self.stream_caches.get(fr.stream_id)
+                sizes.setdefault(fr.stream_id, (cache, cache.nbytes))
+                # The step cache skips steps, whose keys and values then are never recorded.
+                token_px = self._token_px if one.step_cache <= 0 else 0
+
+                def launch(b: BatchSpec, defer_capture: bool = False, prompt=prompt, negative=negative):
+                    # Queued, not waited for: the paste and the copy out follow in stream order, and this
+                    # thread goes on to the next frame (perhaps this stream's) while the GPU computes.
+                    nonlocal marked
+                    launched = self.pipeline.launch(b, [prompt], [negative], copy_out=False, defer_capture=defer_capture)
+                    self.gpu.mark_batch(True)  # BucketNotReady above: run_cached computes the frame another way
+                    marked += 1
+                    return launched
+                done = run_cached(lambda b, p=prompt, n=negative: self._lead(_Work(b, [p], [n])), cache, one, settings,
+                                  token_px, launch if single_gpu else None,
+                                  keep_on_device=single_gpu and self._jpeg_on_gpu(one),
+                                  graphed_regions=self.pipeline.graphed_region_shapes, regions=regions,
+                                  tag=(prompt, negative))
+                out.append((done, one.steps, psnr_db, settings.threshold, measuring_s))
+            if regions is not None:
+                regions.flush()
         except BaseException:
-            for _ in launches:  # no CachedFrame will end them
+            for _ in range(marked):  # no CachedFrame will end them
                 self.gpu.mark_batch(False)
+            for sid in sizes:  # their inputs may be taken without their outputs: their next frames start over
+                self.stream_caches.drop(sid)
             raise
-        self.stream_caches.account(fr.stream_id, before, cache.nbytes)
-        self.stream_caches.count(done.plan)
-        return done, one.steps, psnr_db, settings.threshold, measuring_s
+        for sid, (cache, before) in sizes.items():
+            self.stream_caches.account(sid, before, cache.nbytes)
+        for done, *_ in out:
+            self.stream_caches.count(done.plan)
+        return out
 
     def _collect_cached(self, done: CachedFrame, measuring_s: float) -> tuple[np.ndarray | torch.Tensor, StageTimes]:
         """Off the compute thread: a chunk-cache frame's pixels and times, once its GPU work is done."""
@@ -495,9 +520,9 @@ class EngineRank:
                 sub = dataclasses.replace(batch, frames=[batch.frames[keep[k]] for k in plain])
                 plain_run = loop.run_in_executor(self.compute, self._run_plain, sub, [prompts[k] for k in plain],
                                                  [negatives[k] for k in plain])
-            # Cached stream frames run one by one (a region's shape is the frame's own), after the plain ones.
-            cached_runs = [(i, loop.run_in_executor(self.compute, self._run_cached, batch, i, prompts[k], negatives[k]))
-                           for k, i in enumerate(keep) if cached[k]]
+            # Cached stream frames run after the plain ones, in arrival order.
+            cached_frames = [(i, prompts[k], negatives[k]) for k, i in enumerate(keep) if cached[k]]
+            cached_run = loop.run_in_executor(self.compute, self._run_cached, batch, cached_frames) if cached_frames else None
         if plain_run is not None:
             collect, measuring_s, plain_steps, plain_psnr = await plain_run
             images, times = await loop.run_in_executor(self.waiter, collect)
@@ -507,8 +532,8 @@ class EngineRank:
             text_s, denoise_s, decode_s = times.text_encode_s, times.denoise_s, times.decode_s
             self.frames_computed += len(plain)
             self.batches += 1
-        for i, run in cached_runs:
-            done, steps, psnr_db, threshold, measuring_s = await run
+        cached_done = await cached_run if cached_run is not None else []
+        for (i, _, _), (done, steps, psnr_db, threshold, measuring_s) in zip(cached_frames, cached_done):
             pixels[i], t = await loop.run_in_executor(self.waiter, self._collect_cached, done, measuring_s)
             applied[i] = (steps, psnr_db, threshold, t.steps_reused)
             cache_info[i] = (done.plan.kind == "cache", done.plan.recomputed_fraction,

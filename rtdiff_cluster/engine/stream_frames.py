@@ -40,6 +40,12 @@ class CachedFrame:
         self._pixels, self._times, self._launched, self._copied = pixels, times or StageTimes(), launched, copied
         self.computed_size: tuple[int, int] | None = None  # (width, height) it was computed at, when not the asked one
 
+    def adopt(self, other: CachedFrame) -> None:
+        """Takes other's pixels and pending work: a frame of a region batch, answered when its
+        batch is launched (RegionBatch.flush)."""
+        self._pixels, self._times, self._launched, self._copied = other._pixels, other._times, other._launched, other._copied
+        self.plan = other.plan
+
     @property
     def launched(self) -> bool:
         """Whether a batch was launched for it (result() then ends that batch)."""
@@ -85,7 +91,8 @@ def dit_token_px(model) -> int:
 
 def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpec, settings: CacheSettings,
                token_px: int = 0, launch: Launch | None = None, keep_on_device: bool = False,
-               graphed_regions: GraphedRegions | None = None) -> CachedFrame:
+               graphed_regions: GraphedRegions | None = None, regions: RegionBatch | None = None,
+               tag: object = None) -> CachedFrame:
     """batch: one frame of a stream, with its init_image (strength > 0). The output has the
     frame's output_size where it has one and the cache is on a GPU (else the caller resizes).
 
@@ -110,13 +117,20 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
     token_px > 0 (a DiT whose image tokens cover token_px x token_px pixels, its attention through
     our processor): whole frames record their image tokens' keys and values, and a region's
     attention also sees the static tokens' (cache/token_kv.py). A region whose stream has no
-    record on its schedule is computed whole, to make one."""
+    record on its schedule is computed whole, to make one.
+
+    regions (with launch, token_px 0): a region joins that batch of regions of its shape and
+    schedule (with tag, which the batch's launch gets), and the frame comes back empty until the
+    batch is launched (RegionBatch.flush, which the caller runs after the last frame; a frame
+    that is not such a region runs it first)."""
     frame = batch.frames[0]
     new = frame.init_image
     plan = cache.plan(new, settings)
     computed_size = None
     if (plan.kind == "full" and launch is not None and not token_px and cache.ref_input is not None
             and tuple(cache.ref_input.shape) != tuple(new.shape)):  # a new size for this stream: its graphs may be capturing aside
+        if regions is not None:
+            regions.flush()
         try:
             done = launch(batch, defer_capture=True)
         except BucketNotReady:
@@ -129,9 +143,105 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
             computed_size = (width, height)
         else:
             return _committed(cache, plan, new, done, frame, settings, keep_on_device)
+    if regions is not None and launch is not None and not token_px and plan.kind == "region":
+        return regions.add(cache, plan, batch, new, _region_of(batch, plan, new), settings, keep_on_device,
+                           lambda: _computed(compute, cache, plan, batch, new, settings, 0, launch, keep_on_device,
+                                             graphed_regions), tag)
+    if regions is not None:  # this frame's output may build on theirs (one stream), and launches keep arrival order
+        regions.flush()
     done = _computed(compute, cache, plan, batch, new, settings, token_px, launch, keep_on_device, graphed_regions)
     done.computed_size = computed_size
     return done
+
+
+def _region_of(batch: BatchSpec, plan: Plan, new) -> BatchSpec:
+    """The one-frame batch of plan's region. Cut from the frame the plan uploaded to measure
+    changes: no second upload."""
+    r, frame = plan.region, batch.frames[0]
+    return dataclasses.replace(batch, width=r.width, height=r.height, crop=(new.shape[0], new.shape[1], r.top, r.left),
+                               frames=[dataclasses.replace(frame, init_image=r.crop(plan.frame))])
+
+
+class RegionBatch:
+    """Chunk-cache regions of one shape and schedule, from a batch's frames (one stream's
+    consecutive frames, or several streams'), computed in one launch.
+
+    Why: at SDXL's region sizes the backbone is bound by its launches and its occupancy, not by
+    its arithmetic: on an H200 a 1024 frame's 512x512 region took 9.2 ms alone and 12.6, 16.0
+    and 19.9 ms for 2, 3 and 4 of them in one launch (results/region_batch-2026-11-25-*.md).
+
+    Each frame takes its input as it joins (StreamFrameCache.take_input), so the stream's next
+    frame measures its change against it before either is computed. flush() launches them and
+    pastes each region into its stream's cache in arrival order (a stream's later frame pastes
+    over its earlier one). A batch whose graphs are not captured yet (captures aside) runs its
+    frames one by one the usual way meanwhile: their own graphs, a larger region, or the whole
+    frame (run_cached)."""
+
+    def __init__(self, launch: Callable[[BatchSpec, list], Launched], max_frames: int, fixed_origin: bool = False):
+        """launch(region batch, its frames' tags as add() took them): queues the batch like
+        Pipeline.launch with copy_out=False and defer_capture=True (it may raise BucketNotReady).
+        fixed_origin: only regions at the same place share a batch (a DiT's token positions are
+        one input)."""
+        self._launch, self.max_frames, self.fixed_origin = launch, max_frames, fixed_origin
+        self._pending: list[_PendingRegion] = []
+        self.launches = 0  # batched launches made (frames computed one by one are not counted)
+
+    def _key(self, region: BatchSpec) -> tuple:
+        place = tuple(region.crop[2:]) if self.fixed_origin else ()
+        return (dataclasses.replace(region, frames=[], crop=region.crop[:2] + (0, 0), origins=()), place)
+
+    def add(self, cache: StreamFrameCache, plan: Plan, batch: BatchSpec, new, region: BatchSpec,
+            settings: CacheSettings, keep_on_device: bool, alone: Callable[[], CachedFrame],
+            tag: object = None) -> CachedFrame:
+        """Queues a frame's region (alone() computes it by itself, committed; tag goes to launch,
+        the caller's prompts for it) and returns its frame, answered at flush()."""
+        if self._pending and (len(self._pending) >= self.max_frames
+                              or self._key(region) != self._key(self._pending[0].region)):
+            self.flush()
+        cache.take_input(plan, settings)
+        waiting = CachedFrame(plan)
+        self._pending.append(_PendingRegion(cache, plan, batch.frames[0], new, region, settings, keep_on_device,
+                                            alone, waiting, tag))
+        return waiting
+
+    def flush(self) -> None:
+        """Launches the queued regions (the frames they came from then have their pixels coming)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        done = None
+        if len(pending) > 1:
+            first = pending[0].region
+            batch = dataclasses.replace(first, frames=[p.region.frames[0] for p in pending],
+                                        origins=tuple((p.plan.region.top, p.plan.region.left) for p in pending))
+            try:
+                done = self._launch(batch, [p.tag for p in pending])
+                self.launches += 1
+            except BucketNotReady:  # its graphs are capturing aside: each frame the usual way meanwhile
+                done = None
+        for j, p in enumerate(pending):
+            if done is None:
+                p.waiting.adopt(p.alone())
+                continue
+            p.waiting.adopt(_committed(p.cache, p.plan, p.new, done, p.asked, p.settings, p.keep_on_device, index=j,
+                                       input_taken=True))
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+@dataclasses.dataclass
+class _PendingRegion:
+    cache: StreamFrameCache
+    plan: Plan
+    asked: FrameSpec  # the frame as the stream sent it (its output size, format)
+    new: object  # the frame's input, [H, W, 3] uint8
+    region: BatchSpec  # its region alone
+    settings: CacheSettings
+    keep_on_device: bool
+    alone: Callable[[], CachedFrame]
+    waiting: CachedFrame
+    tag: object
 
 
 def _computed(compute: Compute | None, cache: StreamFrameCache, plan: Plan, batch: BatchSpec, new,
@@ -150,10 +260,7 @@ def _computed(compute: Compute | None, cache: StreamFrameCache, plan: Plan, batc
         attempt = plan
         while attempt is not None:
             r = attempt.region
-            # The region is cut from the frame the plan uploaded to measure changes: no second upload.
-            region = dataclasses.replace(batch, width=r.width, height=r.height,
-                                         crop=(new.shape[0], new.shape[1], r.top, r.left),
-                                         frames=[dataclasses.replace(frame, init_image=r.crop(plan.frame))])
+            region = _region_of(batch, attempt, new)
             extend = contextlib.nullcontext()
             if token_px:
                 index = token_kv.region_index(grid, r.top // token_px, r.left // token_px, r.height // token_px,
@@ -218,9 +325,11 @@ def _run(compute: Compute | None, launch: Launch | None, batch: BatchSpec,
 
 
 def _committed(cache: StreamFrameCache, plan: Plan, new: np.ndarray, done, frame: FrameSpec,
-               settings: CacheSettings, keep_on_device: bool) -> CachedFrame:
+               settings: CacheSettings, keep_on_device: bool, index: int = 0, input_taken: bool = False) -> CachedFrame:
+    """The frame's output once its computed images (done: launched, or finished) are in its cache;
+    index: its image in done's batch."""
     if isinstance(done, Launched):
-        output = cache.commit(plan, new, done.output[0], settings)
+        output = cache.commit(plan, new, done.output[index], settings, input_taken)
         if isinstance(output, torch.Tensor):
             return _copied_out(plan, output, frame, done, keep_on_device)
         return CachedFrame(plan, _sized(output, frame, cache.device), launched=done)  # a CPU pipeline's finished array

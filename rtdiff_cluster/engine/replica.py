@@ -427,10 +427,13 @@ class EngineRank:
         single_gpu = groups.layout().world == 1 and self.model.device.type == "cuda"
         marked = 0  # batches marked started for the energy series, each ended by one frame's collect
 
-        def launch_many(region: BatchSpec, tags: list[tuple[str, str]]):
+        def launch_many(b: BatchSpec, tags: list[tuple[str, str]], defer_capture: bool = True):
+            # Queued, not waited for: the paste and the copy out follow in stream order, and this
+            # thread goes on to the next frame (perhaps this stream's) while the GPU computes.
+            # BucketNotReady (a capture aside): nothing marked, run_cached computes the frames another way.
             nonlocal marked
-            launched = self.pipeline.launch(region, [p for p, _ in tags], [n for _, n in tags],
-                                            copy_out=False, defer_capture=True)
+            launched = self.pipeline.launch(b, [p for p, _ in tags], [n for _, n in tags],
+                                            copy_out=False, defer_capture=defer_capture)
             for _ in tags:  # each frame's collect ends one
                 self.gpu.mark_batch(True)
             marked += len(tags)
@@ -453,14 +456,8 @@ class EngineRank:
                 # The step cache skips steps, whose keys and values then are never recorded.
                 token_px = self._token_px if one.step_cache <= 0 else 0
 
-                def launch(b: BatchSpec, defer_capture: bool = False, prompt=prompt, negative=negative):
-                    # Queued, not waited for: the paste and the copy out follow in stream order, and this
-                    # thread goes on to the next frame (perhaps this stream's) while the GPU computes.
-                    nonlocal marked
-                    launched = self.pipeline.launch(b, [prompt], [negative], copy_out=False, defer_capture=defer_capture)
-                    self.gpu.mark_batch(True)  # BucketNotReady above: run_cached computes the frame another way
-                    marked += 1
-                    return launched
+                def launch(b: BatchSpec, defer_capture: bool = False, tag=(prompt, negative)):
+                    return launch_many(b, [tag], defer_capture)
                 done = run_cached(lambda b, p=prompt, n=negative: self._lead(_Work(b, [p], [n])), cache, one, settings,
                                   token_px, launch if single_gpu else None,
                                   keep_on_device=single_gpu and self._jpeg_on_gpu(one),

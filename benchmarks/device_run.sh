@@ -18,6 +18,9 @@
 #   region-batch-ab  stream_serving.py's 1-step JPEG cases (chunk cache at windows 2-5, cache off at 2 and 4) with
 #                 stream_cache.region_batch 4, then 1 (env RB_RUNS: the values, in order; RB_CASES, RB_ARGS and
 #                 RB_TAG: other cases, stream_serving.py options and a file-name suffix)
+#   serving-runs  stream_serving.py once per line of env SERVING_RUNS, each "TAG ARGS..." (a fresh
+#                 server each; e.g. "hold --cases '1-step, chunk cache, JPEG' --stream-cache hold_regions=true"),
+#                 after the GPU tests of held regions and region batches (env SKIP_TESTS: the runs alone)
 #   image-codec   benchmarks/image_codec.py (a frame's JPEG encode and decode: PIL on the host, nvJPEG on the GPU)
 #   unet-profile  benchmarks/unet_profile.py (an SDXL step's kernels one by one at 1024, 512 and 384)
 #   frame-profile  benchmarks/unet_profile.py --frame 1 (a whole 1-step frame's kernels against its wall time)
@@ -86,6 +89,14 @@ for part in $parts; do
         --cases "${RB_CASES:-1-step, cache off, JPEG;1-step, chunk cache, JPEG}" --region-batch $rb ${RB_ARGS:-} \
         --tag region-batch-$rb${RB_TAG:-} \
         --out-dir "$OUT" 2>&1 | grep -E "^\| 1-step|Error|error" ; done ;;
+    serving-runs) [ -n "${SKIP_TESTS:-}" ] || timeout 240 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu.py \
+        tests/test_gpu_fast_paths.py -k "holds_regions or region or launched_back_to_back or chunk" 2>&1 | tail -15 \
+        | tee "$OUT/hold_tests.log"
+      mapfile -t runs <<< "${SERVING_RUNS:?set SERVING_RUNS}"
+      for run in "${runs[@]}"; do [ -n "$run" ] && eval "set -- $run" || continue; tag=$1; shift
+        echo "--- $tag: $*"
+        timeout 300 python3 benchmarks/stream_serving.py --device cuda --frames 240 --skip-engine-alone --tag "$tag" \
+          --out-dir "$OUT" "$@" 2>&1 | grep -E "^\| 1-step|Error|error|Traceback" ; done ;;
     image-codec) timeout 200 python3 benchmarks/image_codec.py --out-dir "$OUT" 2>&1 | tee "$OUT/image_codec.log" ;;
     hop) timeout 90 python3 benchmarks/hop_floor.py --n 900 --out "$OUT/hop_floor.json" 2>&1 | grep -v WARNING | tee "$OUT/hop_floor.log" ;;
     gateway) timeout 420 python3 benchmarks/gateway_overhead.py --device cuda --out-dir "$OUT" --samples 300 --stream-frames 200 \

@@ -9,7 +9,8 @@ sees them. Cases, all image-to-image at strength 0.5 from rtdiff_cluster/clips.p
                real-time target (60 fps, p99 under 40 ms at 1024 with the tiny VAE, one GPU)
   1-step cached  the same on the 10%-moving clip with the chunk cache on, windows 2 and 3; with
                JPEG input frames, windows 2 to 5 (deeper windows let a stream's regions batch:
-               stream_cache.region_batch, --region-batch for the A/B), against the cache off
+               stream_cache.region_batch, --region-batch for the A/B; --stream-cache NAME=VALUE sets
+               any other stream_cache setting, e.g. hold_regions=false), against the cache off
   governed     8-step schedule (4 steps at strength 0.5) with --target-fps, min 2 steps, cache
                threshold up to 8, on the moving clip, then also down to half size; against the same
                stream ungoverned
@@ -94,7 +95,8 @@ def graph_counts(metrics_port: int, settle_s: float = 0.0) -> dict[str, float]:
 
     time.sleep(settle_s)
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    counts = {"serving": 0.0, "aside": 0.0, "deferred": 0.0, "batched_frames": 0.0, "batches": 0.0}
+    counts = {"serving": 0.0, "aside": 0.0, "deferred": 0.0, "batched_frames": 0.0, "batches": 0.0,
+              "stream_launches": 0.0, "stream_launched_frames": 0.0}
     for line in text.splitlines():
         if line.startswith("rtdiff_cuda_graph_captures_total{"):
             path = "aside" if 'path="aside"' in line else "serving"
@@ -105,6 +107,10 @@ def graph_counts(metrics_port: int, settle_s: float = 0.0) -> dict[str, float]:
             counts["batched_frames"] += float(line.rsplit(" ", 1)[1])
         elif line.startswith("rtdiff_batch_size_count{"):
             counts["batches"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("rtdiff_stream_launches_total{"):  # the replicas' chunk-cache launches
+            counts["stream_launches"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("rtdiff_stream_launched_frames_total{"):
+            counts["stream_launched_frames"] += float(line.rsplit(" ", 1)[1])
     return counts
 
 
@@ -120,6 +126,9 @@ def main() -> int:
                     help="fast_paths.graph_capture_aside of the served model (off: every capture on the serving path)")
     ap.add_argument("--region-batch", type=int, default=0,
                     help="stream_cache.region_batch of the served model (default: the model's; 1: regions one by one)")
+    ap.add_argument("--stream-cache", action="append", default=[], metavar="NAME=VALUE",
+                    help="a [models.stream_cache] setting of the served model, VALUE as TOML writes it, "
+                         "e.g. hold_regions=false or region_buckets=8")
     ap.add_argument("--batching", action="append", default=[], metavar="NAME=INT",
                     help="a [batching] setting of the server (config.BatchingConfig), e.g. max_inflight_batches_per_replica=1")
     ap.add_argument("--windows", default="", help="','-separated windows of the chunk-cache JPEG cases (default 2,3,4,5)")
@@ -149,7 +158,7 @@ def main() -> int:
         cmd += ["--vae", args.vae]
     if sharded:
         cmd += ["--tp", str(args.tp), "--cfg-parallel", str(args.cfg_parallel)]
-    if args.capture_aside == "off" or args.region_batch or args.batching:
+    if args.capture_aside == "off" or args.region_batch or args.batching or args.stream_cache:
         import tempfile
 
         conf = Path(tempfile.mkdtemp()) / "serve.toml"
@@ -157,8 +166,9 @@ def main() -> int:
         text += f'[[models]]\nsource = "{args.source}"\n'
         if args.capture_aside == "off":
             text += "[models.fast_paths]\ngraph_capture_aside = false\n"
-        if args.region_batch:
-            text += f"[models.stream_cache]\nregion_batch = {args.region_batch}\n"
+        if args.region_batch or args.stream_cache:
+            text += "[models.stream_cache]\n" + (f"region_batch = {args.region_batch}\n" if args.region_batch else "")
+            text += "".join(f"{kv.split('=')[0]} = {kv.split('=', 1)[1]}\n" for kv in args.stream_cache)
         conf.write_text(text)
         cmd += ["--config", str(conf)]
     server = subprocess.Popen(cmd)
@@ -206,6 +216,9 @@ def main() -> int:
             r["graph_deferrals"] = after["deferred"] - before["deferred"]
             batches = after["batches"] - before["batches"]
             r["mean_batch"] = (after["batched_frames"] - before["batched_frames"]) / batches if batches else None
+            launches = after["stream_launches"] - before["stream_launches"]
+            r["frames_per_launch"] = ((after["stream_launched_frames"] - before["stream_launched_frames"]) / launches
+                                      if launches else None)
             rows.append(r)
             print(json.dumps(r), flush=True)
     finally:
@@ -217,7 +230,7 @@ def main() -> int:
     write_results("stream_serving", "cuda" if cuda else "cpu", {
         "model": args.source, "vae": args.vae or "model's", "size": args.size, "frames": args.frames,
         "tp": args.tp, "cfg_parallel": args.cfg_parallel, "capture_aside": args.capture_aside,
-        "region_batch": args.region_batch or "model's", "batching": args.batching,
+        "region_batch": args.region_batch or "model's", "batching": args.batching, "stream_cache": args.stream_cache,
         "engine_alone": engine, "rows": rows, "overlap": overlap(rows), "runtime_s": time.perf_counter() - t0,
         "target": best and {"fps": TARGET_FPS, "p99_ms": TARGET_P99_MS, "best_window": best["window"],
                             "best_case": best["case"], "best_fps": best["fps"], "best_p99_ms": best["p99_ms"],
@@ -251,13 +264,15 @@ def markdown(r: dict) -> str:
              f"Device: {r['gpu_name'] or r['cpu']} ({r['cpu_cores']} cores); torch {r['torch']}; {r['date_utc']}. "
              "Client: `rtdiff stream` in its own process on the same machine; image-to-image at strength 0.5. "
              f"Graph capture aside: {r.get('capture_aside', 'off')}. Regions per launch (stream_cache.region_batch): "
-             f"{r.get('region_batch', 1)}." + (f" Batching: {', '.join(r['batching'])}." if r.get("batching") else ""),
+             f"{r.get('region_batch', 1)}." + (f" Batching: {', '.join(r['batching'])}." if r.get("batching") else "")
+             + (f" Stream cache: {', '.join(r['stream_cache'])}." if r.get("stream_cache") else ""),
              "",
              (f"Engine alone (pipeline, no gateway), 1-step frame: {e['ms_p50']:.1f} ms p50, {e['ms_p99']:.1f} ms p99, "
               f"{e['fps']:.1f} fps." if e else "Engine alone: not run."), "",
              "| case | window | fps | p50 ms | p95 ms | p99 ms | steps (schedule) | smallest computed width | "
-             "governed frames | graph captures: serving path / aside (deferred launches) | mean batch | server p50 ms: queue / batch wait / denoise+decode / encode / replica / total |",
-             "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|---|"]
+             "governed frames | graph captures: serving path / aside (deferred launches) | mean batch | chunk-cache frames per launch | "
+             "server p50 ms: queue / batch wait / denoise+decode / encode / replica / total |",
+             "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|---|"]
     for x in r["rows"]:
         t = x["server_p50_ms"]
         lines.append(f"| {x['case']} | {x['window']} | {x['fps']:.1f} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
@@ -265,6 +280,7 @@ def markdown(r: dict) -> str:
                      f"{x.get('governed_frames', 0)} | {x.get('graph_captures', '-')} / {x.get('graph_captures_aside', '-')} "
                      f"({x.get('graph_deferrals', '-')}) | "
                      + (f"{x['mean_batch']:.2f} | " if x.get("mean_batch") else "- | ")
+                     + (f"{x['frames_per_launch']:.2f} | " if x.get("frames_per_launch") else "- | ")
                      + f"{t['queue_ms']:.1f} / {t['batch_wait_ms']:.1f} / {t['denoise_ms'] + t['decode_ms']:.1f} / "
                      f"{t['encode_ms']:.1f} / {t['replica_ms']:.1f} / {t['total_ms']:.1f} |")
     firsts = [x for x in r["rows"] if x.get("first_run")]

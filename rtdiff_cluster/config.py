@@ -130,6 +130,11 @@ class StreamCacheConfig:
     streams') are computed in one launch on a single-GPU replica; 1: one by one. A batch of 4
     regions of 512 cost 2.2x one on an H200 (SDXL at 1024, results/region_batch-*.md): at those
     sizes the backbone is bound by its launches and its occupancy, not by its arithmetic."""
+    hold_regions: bool = True
+    """On a single-GPU replica, regions wait while the GPU has not yet started the replica's latest
+    launch, so that the regions of the batches arriving meanwhile join them (up to region_batch);
+    they are queued behind that launch as it starts. Off: each batch's regions are launched at its
+    end."""
     memory_mb: int = 1024
     """Cache memory per replica, in MiB: a 1024x1024 stream holds 3 MiB of reference input on the
     model's device (where changes are measured), 3 MiB of output in host memory and, on a GPU,

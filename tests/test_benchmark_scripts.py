@@ -117,6 +117,14 @@ def test_stream_serving_through_a_sharded_replica(tmp_path):
     assert r["rows"][0]["frames"] == 6 and r["rows"][0]["fps"] > 0 and r["rows"][0]["steps_min"] == 8
 
 
+def test_region_host_times_and_profiles_each_part_of_a_frame(tmp_path):
+    r = run("region_host.py", tmp_path, "--device", "cpu", "--size", "128", "--rounds", "2", "--batches", "1,2")
+    assert [row["batch"] for row in r["rows"]] == [1, 2]
+    assert all(row["host_ms_per_frame"] > 0 for row in r["rows"])
+    assert sorted(r["profiles"]) == ["flush at 1 regions per launch", "flush at 2 regions per launch",
+                                     "plan + join at 1 regions per launch", "plan + join at 2 regions per launch"]
+
+
 def test_image_codec_times_pil_where_there_is_no_gpu(tmp_path):
     r = run("image_codec.py", tmp_path, "--sizes", "64,96", "--n", "3")
     assert [(x["size"], x["image"]) for x in r["rows"]] == [(s, i) for s in (64, 96) for i in ("clip frame", "grainy")]

@@ -5,6 +5,8 @@ cancellation freeing the cache)."""
 from __future__ import annotations
 
 import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -276,6 +278,62 @@ def test_a_region_batch_holds_one_shape_and_a_bounded_count(pipeline):
     still = run_cached(None, caches[1], _frame(clip[1], 512), SETTINGS, launch=_launcher(pipeline), regions=regions)
     assert still.plan.kind == "cache" and len(regions) == 0  # ... but computed alone before the cached frame
     assert np.array_equal(still.pixels, small_b.pixels)
+
+
+def test_a_held_region_is_answered_from_another_thread_when_its_batch_launches(pipeline):
+    """A replica holds regions while its GPU is busy and collects each frame on another thread:
+    the collector waits until the batch launches (not a frame with no pixels), then gets the
+    one-by-one output (within 1 level: fp32 sums at batch 2 against 1), and the frame still says
+    it was launched, which is how the replica ends the frame's energy mark."""
+    clip = list(clips.moving(512, 512, 2, area=0.1, step_px=8))
+    caches = [StreamFrameCache() for _ in range(3)]
+    for cache in caches:
+        run_cached(None, cache, _frame(clip[0], 512), SETTINGS, launch=_launcher(pipeline))
+    alone = run_cached(None, caches[2], _frame(clip[1], 512), SETTINGS, launch=_launcher(pipeline))
+    regions = RegionBatch(lambda b, tags: _launcher(pipeline)(b, defer_capture=True), 4)
+    held = [run_cached(None, c, _frame(clip[1], 512), SETTINGS, launch=_launcher(pipeline), regions=regions)
+            for c in caches[:2]]
+    with ThreadPoolExecutor(1) as collector:
+        collected = collector.submit(lambda: held[0].result()[0])
+        time.sleep(0.2)
+        assert not collected.done() and not held[0].answered
+        regions.flush()
+        pixels = collected.result(timeout=60)
+    assert regions.launches == 1
+    assert np.abs(pixels.astype(int) - alone.pixels.astype(int)).max() <= 1
+    assert held[0].launched and held[1].launched
+
+
+def test_a_failed_region_batch_fails_its_frames_and_their_streams_start_over(pipeline):
+    """A region batch whose launch fails (a device error) answers each of its frames with that
+    error, so their callers are not left waiting, and their streams' next frames are computed
+    whole: their inputs were taken, their outputs never pasted. A caller that gives up on its
+    queued frames (withdraw) leaves the same state."""
+    clip = list(clips.moving(512, 512, 3, area=0.1, step_px=8))
+
+    def broken(b, tags):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    for how in ("launch fails", "withdrawn"):
+        caches = [StreamFrameCache() for _ in range(2)]
+        for cache in caches:
+            run_cached(None, cache, _frame(clip[0], 512), SETTINGS, launch=_launcher(pipeline))
+        regions = RegionBatch(broken, 4)
+        held = [run_cached(None, c, _frame(clip[1], 512), SETTINGS, launch=_launcher(pipeline), regions=regions)
+                for c in caches]
+        assert [f.plan.kind for f in held] == ["region", "region"]
+        if how == "launch fails":
+            with pytest.raises(RuntimeError, match="illegal memory access"):
+                regions.flush()
+        else:
+            regions.withdraw(held)
+            assert len(regions) == 0
+        for frame in held:
+            with pytest.raises(RuntimeError):
+                frame.result()
+            assert not frame.launched
+        for cache in caches:
+            assert cache.plan(clip[2], SETTINGS).kind == "full", how
 
 
 def test_flux_region_follows_the_whole_frames_schedule():

@@ -268,3 +268,75 @@ def test_jpeg_inputs_decode_on_a_gpu_replica_and_match_the_same_pixels_sent_raw(
         gw.stop()
         for g in actors:
             g.kill()
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_busy_gpu_replica_holds_regions_so_later_batches_join_their_launch(hold):
+    """stream_cache.hold_regions: while the replica's GPU has not started its latest launch, the
+    regions of two batches (two streams, one frame each) wait, and both go in one launch as it
+    starts; each frame equals the same frame computed alone (bf16 policy of
+    test_gpu_fast_paths.py: another batch size reorders bf16 sums). Off, each batch launches its
+    region at its end."""
+    import asyncio
+
+    import numpy as np
+
+    from rtdiff_cluster import clips, imaging
+    from rtdiff_cluster.cache.chunk_cache import StreamFrameCache
+    from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec
+    from rtdiff_cluster.engine.replica import EngineRank
+    from rtdiff_cluster.engine.stream_frames import cache_settings, run_cached
+    from rtdiff_cluster.parallel import groups
+    from test_gpu_fast_paths import BF16_MAX_LEVELS, BF16_MEAN_LEVELS
+
+    # 32 px chunks and halo: the 10% square's region of a 256 frame stays under max_region_fraction.
+    config = ModelConfig(source=TINY, device="cuda", fast_paths=ON_THE_SPOT,
+                         stream_cache=StreamCacheConfig(chunk_px=32, halo_px=32, max_region_fraction=0.6,
+                                                        hold_regions=hold))
+    clip = list(clips.moving(256, 256, 3, area=0.1, step_px=8))
+    streams = {"a": clip, "b": [np.ascontiguousarray(f[:, ::-1]) for f in clip]}  # regions elsewhere, same shape
+
+    def batch(sid, i):
+        return BatchSpec(256, 256, 4, 0.0, 0.5, [FrameSpec("a stream" if i == 0 else None, seed=5, stream_id=sid,
+                                                            init_image=streams[sid][i], output_format=imaging.RAW)])
+
+    def pixels(result):
+        (fr,) = result.frames
+        assert not fr.error, fr.error
+        return np.frombuffer(fr.data, np.uint8).reshape(fr.height, fr.width, 3).astype(int)
+
+    rank = EngineRank(config, 0, 1.0)
+
+    async def serve():
+        await rank.start("127.0.0.1", 0)
+        for i in (0, 1):  # whole frames, then a region each: their graphs captured before the busy spell
+            for sid in streams:
+                await rank.run_batch(batch(sid, i))
+        before = rank.stream_caches.snapshot()
+        def busy():  # ~0.25 s of GPU work, then a launch that starts after it and runs as long
+            torch.cuda._sleep(500_000_000)
+            rank._note_launch()
+            torch.cuda._sleep(500_000_000)
+        await asyncio.get_running_loop().run_in_executor(rank.compute, busy)
+        out = await asyncio.gather(*(rank.run_batch(batch(sid, 2)) for sid in streams))
+        after = rank.stream_caches.snapshot()
+        return before, after, [pixels(r) for r in out]
+
+    try:
+        before, after, served = asyncio.run(serve())
+        assert after.frames_region - before.frames_region == 2
+        launches, frames = after.launches - before.launches, after.launched_frames - before.launched_frames
+        assert (launches, frames) == ((1, 2) if hold else (2, 2))
+        for sid, got in zip(streams, served):  # the same frames alone, on the replica's own pipeline
+            cache = StreamFrameCache("cuda")
+            settings = cache_settings(config.stream_cache, rank.model.limits.size_multiple)
+            for i in range(3):
+                alone = run_cached(None, cache, batch(sid, i), settings, launch=lambda x, **kw: rank.pipeline.launch(
+                    x, ["a stream"], [""], copy_out=False, **kw))
+            diff = np.abs(alone.pixels.astype(int) - got)
+            assert alone.plan.kind == "region" and diff.mean() < BF16_MEAN_LEVELS and diff.max() <= BF16_MAX_LEVELS, \
+                (sid, diff.mean(), diff.max())
+    finally:
+        rank.compute.shutdown(wait=True)
+        groups.destroy()
+        torch.cuda.empty_cache()

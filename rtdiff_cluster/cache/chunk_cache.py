@@ -176,6 +176,12 @@ class StreamFrameCache:
             return Plan("full", np.ones(grid, dtype=bool), frame=frame)
         return Plan("region", changed, Region(top, left, height, width), frame)
 
+    def forget(self) -> None:
+        """The next frame is computed whole: a frame took its input (take_input) and its output
+        will never be pasted (its batch failed), so the reference no longer matches the output."""
+        self.ref_input = None
+        self.kv = None
+
     def take_input(self, plan: Plan, s: CacheSettings) -> None:
         """The plan's computed chunks take its frame as their reference input: the stream's next
         frame measures its change against that. commit() does it; a batch of regions
@@ -239,6 +245,8 @@ class CacheCounters:
     frames_from_cache: int = 0
     frames_region: int = 0
     frames_full: int = 0
+    launches: int = 0  # GPU launches that computed stream frames (a frame, a region, or a batch of regions)
+    launched_frames: int = 0  # the frames those launches computed: over launches, the mean region batch
 
 
 class StreamCaches:
@@ -296,6 +304,11 @@ class StreamCaches:
             else:
                 c.frames_full += 1
                 c.chunks_recomputed += n
+
+    def count_launch(self, frames: int) -> None:
+        with self._lock:
+            self.counters.launches += 1
+            self.counters.launched_frames += frames
 
     def snapshot(self) -> CacheCounters:
         with self._lock:

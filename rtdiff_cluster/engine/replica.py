@@ -15,7 +15,9 @@ single-GPU replica the compute thread only queues a plain batch's GPU work (Pipe
 moves on: the next batch's host work (its upload, noise, graph launches) overlaps this batch's
 GPU work, a waiter thread collects the images, and the encoder pool encodes them while later
 batches compute: JPEG frames through nvJPEG from a device copy of the images (engine/gpu_jpeg.py),
-the others with PIL. That thread computes on a CUDA stream of its own.
+the others with PIL. That thread computes on a CUDA stream of its own. Chunk-cache regions of
+several frames share a launch (stream_frames.RegionBatch); while the GPU has not started the
+latest launch they wait, so that the next batches' regions join them (stream_cache.hold_regions).
 
 Ray carries the control calls (start, info, warmup, stats, lifeline); batches and stream closes
 come over the link. run_batch and close_stream stay callable through Ray too, for scripts that
@@ -29,7 +31,9 @@ import dataclasses
 import functools
 import logging
 import os
+import queue
 import socket
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +161,23 @@ class _StreamState:
 
 
 @dataclass
+class _CachedCall:
+    """One _run_cached call: the energy marks made for its frames' launches, which its caller
+    never collects (so never ends) if the call fails."""
+
+    marked: int = 0
+
+
+@dataclass
+class _RegionTag:
+    """A chunk-cache frame's prompts, as its launch gets them, and the call it came in."""
+
+    prompt: str
+    negative: str
+    call: _CachedCall
+
+
+@dataclass
 class _Work:
     """What the leader broadcasts to the followers for one batch."""
 
@@ -175,7 +196,9 @@ class EngineRank:
         self.stats_interval_s = stats_interval_s
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="rtdiff-compute")
         self.encoder = ThreadPoolExecutor(2, thread_name_prefix="rtdiff-encode")
-        self.waiter = ThreadPoolExecutor(2, thread_name_prefix="rtdiff-wait")  # collects launched batches
+        # Collects launched batches. A chunk-cache frame whose region is held (hold_regions) keeps
+        # its collector waiting until the region batch launches: one thread per batch in flight.
+        self.waiter = ThreadPoolExecutor(8, thread_name_prefix="rtdiff-wait")
         self.started: asyncio.Future | None = None
         self.model = self.pipeline = self.gpu = None
         self.streams: OrderedDict[str, _StreamState] = OrderedDict()
@@ -189,6 +212,12 @@ class EngineRank:
         self._rendezvous: tuple[str, int] | None = None
         self._queueing = asyncio.Lock()  # run_batch: from a batch's arrival until its compute is queued
         self._following = False
+        # Single-GPU replicas: the chunk-cache regions queued to share a launch, kept across batches
+        # while the GPU is busy (stream_cache.hold_regions), and the thread that notices it is ready.
+        self._regions: RegionBatch | None = None
+        self._launch_started: torch.cuda.Event | None = None  # compute thread: recorded before its latest launch
+        self._busy_until: queue.SimpleQueue[torch.cuda.Event] = queue.SimpleQueue()
+        self._watching = False  # compute thread: an event is with the watcher, a flush will follow
 
     # ---- start-up (every rank) -------------------------------------------------------------
 
@@ -236,6 +265,11 @@ class EngineRank:
                                  self.config.fast_paths.loop_graph_max_steps)
         self.gpu = GpuSampler(self.model.device, self.stats_interval_s)
         self.stream_caches.device = self.model.device
+        if self.layout.world == 1 and device.type == "cuda" and self.config.stream_cache.region_batch > 1:
+            self._regions = RegionBatch(self._launch_frames, self.config.stream_cache.region_batch,
+                                        fixed_origin=self.pipeline.family.origin_in_inputs)
+            if self.config.stream_cache.hold_regions:
+                threading.Thread(target=self._watch_held_regions, name="rtdiff-regions", daemon=True).start()
         self.load_s = time.perf_counter() - t0
 
     async def lifeline(self) -> None:
@@ -350,6 +384,7 @@ class EngineRank:
             return (lambda: done), measuring_s, batch.steps, psnr_db
         self.gpu.mark_batch(True)
         try:
+            self._note_launch()
             launched = self.pipeline.launch(batch, prompts, negatives, resize_output=True,
                                             keep_on_device=self._jpeg_on_gpu(batch))
         except BaseException:
@@ -416,33 +451,33 @@ class EngineRank:
             return 0
         return dit_token_px(self.model)
 
+    def _launch_frames(self, b: BatchSpec, tags: list[_RegionTag], defer_capture: bool = True):
+        """Compute thread, single-GPU replica: chunk-cache frames' work queued, not waited for (the
+        paste and the copy out follow in stream order, and the thread goes on to the next frame,
+        perhaps this stream's, while the GPU computes). BucketNotReady (a capture aside): nothing
+        marked; run_cached computes the frames another way."""
+        self._note_launch()
+        launched = self.pipeline.launch(b, [t.prompt for t in tags], [t.negative for t in tags],
+                                        copy_out=False, defer_capture=defer_capture)
+        for t in tags:  # each frame's collect ends one
+            self.gpu.mark_batch(True)
+            t.call.marked += 1
+        self.stream_caches.count_launch(len(tags))
+        return launched
+
     def _run_cached(self, batch: BatchSpec, frames: list[tuple[int, str, str]]
                     ) -> list[tuple[CachedFrame, int, float, float, float]]:
         """On the compute thread, in arrival order: frames of one stream see each other's commits.
         frames: (index in the batch, prompt, negative prompt). Per frame, returns the frame (on a
-        single-GPU replica still computing: collect it with _collect_cached), the steps its
-        schedule had, their PSNR against 8 steps (0: not adaptive), the chunk threshold applied
-        and the seconds spent choosing the steps. On a single-GPU replica, regions of one shape
-        and schedule share a launch (stream_frames.RegionBatch), up to stream_cache.region_batch."""
+        single-GPU replica still computing, or waiting for its region batch: collect it with
+        _collect_cached), the steps its schedule had, their PSNR against 8 steps (0: not
+        adaptive), the chunk threshold applied and the seconds spent choosing the steps. On a
+        single-GPU replica, regions of one shape and schedule share a launch (stream_frames.RegionBatch),
+        up to stream_cache.region_batch; with hold_regions they wait for the GPU to run dry,
+        and later batches' regions join them."""
         single_gpu = groups.layout().world == 1 and self.model.device.type == "cuda"
-        marked = 0  # batches marked started for the energy series, each ended by one frame's collect
-
-        def launch_many(b: BatchSpec, tags: list[tuple[str, str]], defer_capture: bool = True):
-            # Queued, not waited for: the paste and the copy out follow in stream order, and this
-            # thread goes on to the next frame (perhaps this stream's) while the GPU computes.
-            # BucketNotReady (a capture aside): nothing marked, run_cached computes the frames another way.
-            nonlocal marked
-            launched = self.pipeline.launch(b, [p for p, _ in tags], [n for _, n in tags],
-                                            copy_out=False, defer_capture=defer_capture)
-            for _ in tags:  # each frame's collect ends one
-                self.gpu.mark_batch(True)
-            marked += len(tags)
-            return launched
-
-        regions = None
-        if single_gpu and self.config.stream_cache.region_batch > 1:
-            regions = RegionBatch(launch_many, self.config.stream_cache.region_batch,
-                                  fixed_origin=self.pipeline.family.origin_in_inputs)
+        call = _CachedCall()
+        regions = self._regions
         out = []
         sizes: dict[str, tuple[object, int]] = {}  # stream -> its cache and the cache's bytes before these frames
         try:
@@ -455,19 +490,21 @@ class EngineRank:
                 sizes.setdefault(fr.stream_id, (cache, cache.nbytes))
                 # The step cache skips steps, whose keys and values then are never recorded.
                 token_px = self._token_px if one.step_cache <= 0 else 0
+                tag = _RegionTag(prompt, negative, call)
 
-                def launch(b: BatchSpec, defer_capture: bool = False, tag=(prompt, negative)):
-                    return launch_many(b, [tag], defer_capture)
+                def launch(b: BatchSpec, defer_capture: bool = False, tag=tag):
+                    return self._launch_frames(b, [tag], defer_capture)
                 done = run_cached(lambda b, p=prompt, n=negative: self._lead(_Work(b, [p], [n])), cache, one, settings,
                                   token_px, launch if single_gpu else None,
                                   keep_on_device=single_gpu and self._jpeg_on_gpu(one),
-                                  graphed_regions=self.pipeline.graphed_region_shapes, regions=regions,
-                                  tag=(prompt, negative))
+                                  graphed_regions=self.pipeline.graphed_region_shapes, regions=regions, tag=tag)
                 out.append((done, one.steps, psnr_db, settings.threshold, measuring_s))
             if regions is not None:
-                regions.flush()
+                self._flush_regions_unless_busy()
         except BaseException:
-            for _ in range(marked):  # no CachedFrame will end them
+            if regions is not None:  # this call's frames still queued: nobody will collect them
+                regions.withdraw([done for done, *_ in out])
+            for _ in range(call.marked):  # this call's launched frames: nobody will collect them either
                 self.gpu.mark_batch(False)
             for sid in sizes:  # their inputs may be taken without their outputs: their next frames start over
                 self.stream_caches.drop(sid)
@@ -477,6 +514,52 @@ class EngineRank:
         for done, *_ in out:
             self.stream_caches.count(done.plan)
         return out
+
+    def _note_launch(self) -> None:
+        """Compute thread, single-GPU replica, just before a launch is queued: an event the GPU
+        reaches when that launch starts (held regions wait for it)."""
+        if self._regions is not None and self.config.stream_cache.hold_regions:
+            self._launch_started = torch.cuda.Event()
+            self._launch_started.record()
+
+    def _flush_regions_unless_busy(self) -> None:
+        """Compute thread: launches the queued regions, unless (hold_regions) the GPU has not yet
+        started this replica's latest launch: then they wait, the regions of batches arriving
+        meanwhile join them, and the watcher thread has them launched as it starts, so they are
+        queued behind it while it computes and the GPU never waits for them.
+
+        Why: a lone stream's frames reach the replica a batch or two at a time, and launching them
+        as they come keeps its region batches at that size. On an H200 (SDXL at 1024, 512x512
+        regions) 2 regions took 12.6 ms a launch and 4 took 19.9 ms: 6.3 against 5.0 ms a frame.
+        They wait for the latest launch to start, not for the GPU to run dry: then it would idle
+        while the flush is prepared (~1-2 ms of host work a launch, benchmarks/region_host.py)."""
+        regions = self._regions
+        if not len(regions):
+            return
+        started = self._launch_started
+        if not self.config.stream_cache.hold_regions or started is None or started.query():
+            regions.flush()
+        elif not self._watching:
+            self._watching = True
+            self._busy_until.put(started)
+
+    def _watch_held_regions(self) -> None:
+        """A thread of its own, for the process's life: waits for the launch that held regions wait
+        for to start, then has the compute thread flush them (or hold them again behind a newer
+        launch)."""
+        while True:
+            self._busy_until.get().synchronize()
+            try:
+                self.compute.submit(self._flush_held_regions)
+            except RuntimeError:  # the compute pool was shut down: the process is ending
+                return
+
+    def _flush_held_regions(self) -> None:
+        self._watching = False
+        try:
+            self._flush_regions_unless_busy()
+        except Exception:  # the region batch failed its frames: their batches answer the error
+            log.exception("a held region batch failed to launch")
 
     def _collect_cached(self, done: CachedFrame, measuring_s: float) -> tuple[np.ndarray | torch.Tensor, StageTimes]:
         """Off the compute thread: a chunk-cache frame's pixels and times, once its GPU work is done."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Callable
 
 import numpy as np
@@ -32,32 +33,50 @@ class CachedFrame:
     """A chunk-cache frame: its plan, and its pixels and stage times from result(). A frame
     launched on a GPU (run_cached's launch) is still computing when run_cached returns; its
     output is being copied to pinned host memory (or, keep_on_device, to a device tensor), and
-    result() waits for that copy."""
+    result() waits for that copy. A frame of a region batch (waiting=True) is answered later, by
+    the batch's launch (adopt) or its failure (fail); result() waits for that too, from any
+    thread."""
 
     def __init__(self, plan: Plan, pixels: np.ndarray | None = None, times: StageTimes | None = None,
-                 launched: Launched | None = None, copied: torch.cuda.Event | None = None):
+                 launched: Launched | None = None, copied: torch.cuda.Event | None = None, waiting: bool = False):
         self.plan = plan
         self._pixels, self._times, self._launched, self._copied = pixels, times or StageTimes(), launched, copied
+        # Whether a batch was launched for it: its collector ends that batch (the energy marks). It
+        # stays set after result(), which drops the launch itself.
+        self.launched = launched is not None
         self.computed_size: tuple[int, int] | None = None  # (width, height) it was computed at, when not the asked one
+        self._error: BaseException | None = None
+        self._answered = threading.Event()
+        if not waiting:
+            self._answered.set()
 
     def adopt(self, other: CachedFrame) -> None:
         """Takes other's pixels and pending work: a frame of a region batch, answered when its
         batch is launched (RegionBatch.flush)."""
         self._pixels, self._times, self._launched, self._copied = other._pixels, other._times, other._launched, other._copied
-        self.plan = other.plan
+        self.plan, self.launched, self.computed_size = other.plan, other.launched, other.computed_size
+        self._answered.set()
+
+    def fail(self, error: BaseException) -> None:
+        """A waiting frame whose batch failed to launch: result() raises error."""
+        self._error = error
+        self._answered.set()
 
     @property
-    def launched(self) -> bool:
-        """Whether a batch was launched for it (result() then ends that batch)."""
-        return self._launched is not None
+    def answered(self) -> bool:
+        return self._answered.is_set()
 
     @property
     def pixels(self) -> np.ndarray | torch.Tensor:
         return self.result()[0]
 
     def result(self) -> tuple[np.ndarray | torch.Tensor, StageTimes]:
-        """([H, W, 3] uint8 at the frame's output size, stage times); waits for launched work.
-        The pixels are a host array, or a finished device tensor where they were kept there."""
+        """([H, W, 3] uint8 at the frame's output size, stage times); waits for the frame's
+        batch to be launched, and for launched work. The pixels are a host array, or a finished
+        device tensor where they were kept there."""
+        self._answered.wait()
+        if self._error is not None:
+            raise self._error
         if self._launched is not None:
             self._times = self._launched.result()[1]
             self._launched = None
@@ -120,9 +139,9 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
     record on its schedule is computed whole, to make one.
 
     regions (with launch, token_px 0): a region joins that batch of regions of its shape and
-    schedule (with tag, which the batch's launch gets), and the frame comes back empty until the
-    batch is launched (RegionBatch.flush, which the caller runs after the last frame; a frame
-    that is not such a region runs it first)."""
+    schedule (with tag, which the batch's launch gets), and the frame comes back waiting until the
+    batch is launched (RegionBatch.flush: the caller runs it after its last frame, or later, as
+    a replica does while its GPU is busy; a frame that is not such a region runs it first)."""
     frame = batch.frames[0]
     new = frame.init_image
     plan = cache.plan(new, settings)
@@ -163,8 +182,10 @@ def _region_of(batch: BatchSpec, plan: Plan, new) -> BatchSpec:
 
 
 class RegionBatch:
-    """Chunk-cache regions of one shape and schedule, from a batch's frames (one stream's
-    consecutive frames, or several streams'), computed in one launch.
+    """Chunk-cache regions of one shape and schedule (one stream's consecutive frames, or
+    several streams'), computed in one launch. The queue may outlive a batch: a single-GPU
+    replica keeps adding its next batches' regions while its GPU has not started its latest
+    launch, and flushes as it starts (engine/replica.py, stream_cache.hold_regions).
 
     Why: at SDXL's region sizes the backbone is bound by its launches and its occupancy, not by
     its arithmetic: on an H200 a 1024 frame's 512x512 region took 9.2 ms alone and 12.6, 16.0
@@ -199,32 +220,50 @@ class RegionBatch:
                               or self._key(region) != self._key(self._pending[0].region)):
             self.flush()
         cache.take_input(plan, settings)
-        waiting = CachedFrame(plan)
+        waiting = CachedFrame(plan, waiting=True)
         self._pending.append(_PendingRegion(cache, plan, batch.frames[0], new, region, settings, keep_on_device,
                                             alone, waiting, tag))
         return waiting
 
     def flush(self) -> None:
-        """Launches the queued regions (the frames they came from then have their pixels coming)."""
+        """Launches the queued regions (the frames they came from then have their pixels coming).
+        If that fails, every frame still waiting fails with the error (their collectors get it),
+        their streams' caches start over with a whole frame, and the error is raised."""
         pending, self._pending = self._pending, []
         if not pending:
             return
-        done = None
-        if len(pending) > 1:
-            first = pending[0].region
-            batch = dataclasses.replace(first, frames=[p.region.frames[0] for p in pending],
-                                        origins=tuple((p.plan.region.top, p.plan.region.left) for p in pending))
-            try:
-                done = self._launch(batch, [p.tag for p in pending])
-                self.launches += 1
-            except BucketNotReady:  # its graphs are capturing aside: each frame the usual way meanwhile
-                done = None
-        for j, p in enumerate(pending):
-            if done is None:
-                p.waiting.adopt(p.alone())
-                continue
-            p.waiting.adopt(_committed(p.cache, p.plan, p.new, done, p.asked, p.settings, p.keep_on_device, index=j,
-                                       input_taken=True))
+        try:
+            done = None
+            if len(pending) > 1:
+                first = pending[0].region
+                batch = dataclasses.replace(first, frames=[p.region.frames[0] for p in pending],
+                                            origins=tuple((p.plan.region.top, p.plan.region.left) for p in pending))
+                try:
+                    done = self._launch(batch, [p.tag for p in pending])
+                    self.launches += 1
+                except BucketNotReady:  # its graphs are capturing aside: each frame the usual way meanwhile
+                    done = None
+            for j, p in enumerate(pending):
+                if done is None:
+                    p.waiting.adopt(p.alone())
+                    continue
+                p.waiting.adopt(_committed(p.cache, p.plan, p.new, done, p.asked, p.settings, p.keep_on_device,
+                                           index=j, input_taken=True))
+        except BaseException as e:
+            for p in pending:
+                if not p.waiting.answered:
+                    p.cache.forget()  # its input was taken, its output never pasted
+                    p.waiting.fail(e)
+            raise
+
+    def withdraw(self, frames) -> None:
+        """Takes these frames (add()'s answers) out of the queue unlaunched: their caller gave up
+        on them (it failed before collecting them). Their streams' caches start over."""
+        gone = {id(f) for f in frames}
+        for p in [p for p in self._pending if id(p.waiting) in gone]:
+            self._pending.remove(p)
+            p.cache.forget()
+            p.waiting.fail(RuntimeError("withdrawn from its region batch"))
 
     def __len__(self) -> int:
         return len(self._pending)

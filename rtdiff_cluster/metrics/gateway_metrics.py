@@ -171,6 +171,11 @@ class _PolledCollector:
                                      "chunk cache reused or recomputed them", labels=["model", "replica", "outcome"])
         from_cache = CounterMetricFamily("rtdiff_stream_frames_from_cache", "Stream frames answered from the chunk "
                                          "cache with nothing computed", labels=["model", "replica"])
+        launches = CounterMetricFamily("rtdiff_stream_launches", "GPU launches that computed chunk-cache stream "
+                                       "frames on single-GPU replicas: a frame, a region, or several frames' regions "
+                                       "in one launch", labels=["model", "replica"])
+        launched = CounterMetricFamily("rtdiff_stream_launched_frames", "Chunk-cache stream frames those launches "
+                                       "computed (over rtdiff_stream_launches: frames per launch)", labels=["model", "replica"])
         cache_bytes = GaugeMetricFamily("rtdiff_stream_cache_bytes", "Memory the streams' chunk caches hold",
                                         labels=["model", "replica"])
         cache_streams = GaugeMetricFamily("rtdiff_stream_caches", "Streams with a chunk cache", labels=["model", "replica"])
@@ -179,6 +184,8 @@ class _PolledCollector:
             chunks.add_metric([model, replica, "reused"], s.stream_cache.chunks_reused)
             chunks.add_metric([model, replica, "recomputed"], s.stream_cache.chunks_recomputed)
             from_cache.add_metric([model, replica], s.stream_cache.frames_from_cache)
+            launches.add_metric([model, replica], s.stream_cache.launches)
+            launched.add_metric([model, replica], s.stream_cache.launched_frames)
             cache_bytes.add_metric([model, replica], s.stream_cache_bytes)
             cache_streams.add_metric([model, replica], s.stream_caches)
             if s.graphs is not None:
@@ -201,5 +208,5 @@ class _PolledCollector:
         # Every family is declared even without samples (GPU series on a CPU-only machine, graphs on
         # CPU replicas): the series are absent, not zero, and dashboards can still be checked
         # against the names the server declares.
-        yield from (computed, hits, misses, states, chunks, from_cache, cache_bytes, cache_streams,
+        yield from (computed, hits, misses, states, chunks, from_cache, launches, launched, cache_bytes, cache_streams,
                     power, power_limit, energy, util, mem, memt, graphs, graph_mem, captures, deferred)

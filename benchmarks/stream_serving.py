@@ -20,6 +20,9 @@ graph captures that still happen during the measured run are reported: on the se
 one a stall) and aside (fast_paths.graph_capture_aside; --capture-aside off for the A/B). Before
 the gateway cases, the engine alone (engine/pipeline.py with its fast paths, no gateway or
 Ray) times the 1-step frame on the same device in the same run: the gateway's share is the gap.
+Each measured run also reports how busy the replica's compute thread was, by job (from /metrics);
+--cpu-threads adds the CPU time of every thread of the server, its replicas and the client, and
+NVML's GPU utilization, over the run (benchmarks/cpu_threads.py).
 
     python benchmarks/stream_serving.py [--device cuda|cpu] [--source synthetic:sdxl] [--vae tiny]
                                         [--size 1024] [--frames 240] [--out-dir DIR]
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import cpu_threads  # noqa: E402
 from engine_bench import add_model_args, load_engine, resolve_model_args, write_results  # noqa: E402
 
 TARGET_FPS, TARGET_P99_MS = 60.0, 40.0
@@ -70,16 +75,28 @@ def engine_alone(args) -> dict:
             "fps": 1e3 / statistics.median(ms[5:])}
 
 
-def stream(target: str, args, **kw) -> dict:
+def stream(target: str, args, sampler=None, **kw) -> dict:
     cmd = [sys.executable, "-m", "rtdiff_cluster.cli", "stream", "--server", target, "--json", "--prompt", "a stream",
            "--width", str(args.size), "--height", str(args.size), "--strength", "0.5", "--format", "jpeg",
            "--seed", "3", "--timeout", "600"]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[2:])} failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = client.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        client.kill()
+        raise
+    ended = time.monotonic()
+    if client.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[2:])} failed: {stderr[-2000:]}")
+    r = json.loads(stdout.strip().splitlines()[-1])
+    if sampler:
+        # The stream ran for its last elapsed_s seconds before the client exited; the middle 60%
+        # of that span leaves out its start-up, its first frames and its exit.
+        streamed = r["elapsed_s"]
+        r["cpu_threads"] = sampler.busiest(ended - 0.8 * streamed, ended - 0.2 * streamed)
+    return r
 
 
 STATS_SETTLE_S = 1.5  # the gateway polls replica stats every second (ServerConfig.stats_interval_s)
@@ -111,6 +128,9 @@ def graph_counts(metrics_port: int, settle_s: float = 0.0) -> dict[str, float]:
             counts["stream_launches"] += float(line.rsplit(" ", 1)[1])
         elif line.startswith("rtdiff_stream_launched_frames_total{"):
             counts["stream_launched_frames"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("rtdiff_replica_compute_busy_seconds_total{"):  # the compute thread's jobs
+            job = "busy:" + line.split('job="', 1)[1].split('"', 1)[0]
+            counts[job] = counts.get(job, 0.0) + float(line.rsplit(" ", 1)[1])
     return counts
 
 
@@ -133,6 +153,8 @@ def main() -> int:
                     help="a [batching] setting of the server (config.BatchingConfig), e.g. max_inflight_batches_per_replica=1")
     ap.add_argument("--windows", default="", help="','-separated windows of the chunk-cache JPEG cases (default 2,3,4,5)")
     ap.add_argument("--skip-engine-alone", action="store_true", help="no engine-alone baseline (A/B runs of the gateway)")
+    ap.add_argument("--cpu-threads", action="store_true",
+                    help="sample every thread's CPU time (and NVML's GPU utilization) during the measured runs")
     ap.add_argument("--tag", default="", help="appended to the result files' names")
     ap.add_argument("--cases", default="", help="';'-separated case-name prefixes to run (default: all), e.g. "
                                                 "'4 steps, ungoverned' for the sharded scaling run")
@@ -171,7 +193,9 @@ def main() -> int:
             text += "".join(f"{kv.split('=')[0]} = {kv.split('=', 1)[1]}\n" for kv in args.stream_cache)
         conf.write_text(text)
         cmd += ["--config", str(conf)]
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     server = subprocess.Popen(cmd)
+    sampler = cpu_threads.ThreadSampler([os.getpid()], gpu_index=0 if cuda else None).start() if args.cpu_threads else None
     rows = []
     try:
         wait_serving(target, 900, server)
@@ -206,10 +230,10 @@ def main() -> int:
                 first = stream(target, args, frames=min(n, 60), **kw)
                 after = graph_counts(metrics_port, settle_s=STATS_SETTLE_S)
                 first = {"p99_ms": first["p99_ms"], "max_ms": first.get("max_ms"), "fps": first["fps"],
-                         **{k: after[k] - before[k] for k in after}}
+                         **{k: after[k] - before.get(k, 0.0) for k in after if not k.startswith("busy:")}}
                 warmed.add(setting)
             before = graph_counts(metrics_port)
-            r = {"case": name, **kw, **stream(target, args, frames=n, **kw), "first_run": first}
+            r = {"case": name, **kw, **stream(target, args, sampler, frames=n, **kw), "first_run": first}
             after = graph_counts(metrics_port, settle_s=STATS_SETTLE_S)
             r["graph_captures"] = after["serving"] - before["serving"]
             r["graph_captures_aside"] = after["aside"] - before["aside"]
@@ -219,9 +243,14 @@ def main() -> int:
             launches = after["stream_launches"] - before["stream_launches"]
             r["frames_per_launch"] = ((after["stream_launched_frames"] - before["stream_launched_frames"]) / launches
                                       if launches else None)
+            # The compute thread's busy fraction over the run, by job: near 1, it is the replica's limit.
+            r["compute_busy"] = {k[5:]: (after[k] - before.get(k, 0.0)) / r["elapsed_s"]
+                                 for k in after if k.startswith("busy:") and after[k] > before.get(k, 0.0)}
             rows.append(r)
             print(json.dumps(r), flush=True)
     finally:
+        if sampler:
+            sampler.stop()
         stop_process(server, 60)
 
     # The target counts a case that holds the p99 bound; among those, the fastest.
@@ -255,6 +284,15 @@ def overlap(rows: list[dict]) -> dict | None:
                           for w, x in sorted(cases.items())}}
 
 
+def busy_text(x: dict) -> str:
+    """"64%: queue_batch 59%, flush_held_regions 5%": the compute thread's time in jobs over the run."""
+    busy = x.get("compute_busy")
+    if not busy:
+        return "-"
+    jobs = sorted(busy.items(), key=lambda kv: -kv[1])
+    return f"{sum(busy.values()):.0%}: " + ", ".join(f"{k} {v:.0%}" for k, v in jobs if v >= 0.005)
+
+
 def markdown(r: dict) -> str:
     e = r["engine_alone"]
     sharded = f", one replica on {r['tp'] * r['cfg_parallel']} GPUs (tp={r['tp']}, cfg-parallel={r['cfg_parallel']})" \
@@ -271,8 +309,8 @@ def markdown(r: dict) -> str:
               f"{e['fps']:.1f} fps." if e else "Engine alone: not run."), "",
              "| case | window | fps | p50 ms | p95 ms | p99 ms | steps (schedule) | smallest computed width | "
              "governed frames | graph captures: serving path / aside (deferred launches) | mean batch | chunk-cache frames per launch | "
-             "server p50 ms: queue / batch wait / denoise+decode / encode / replica / total |",
-             "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|---|"]
+             "server p50 ms: queue / batch wait / denoise+decode / encode / replica / total | replica's compute thread busy |",
+             "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|---|---|"]
     for x in r["rows"]:
         t = x["server_p50_ms"]
         lines.append(f"| {x['case']} | {x['window']} | {x['fps']:.1f} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
@@ -282,7 +320,7 @@ def markdown(r: dict) -> str:
                      + (f"{x['mean_batch']:.2f} | " if x.get("mean_batch") else "- | ")
                      + (f"{x['frames_per_launch']:.2f} | " if x.get("frames_per_launch") else "- | ")
                      + f"{t['queue_ms']:.1f} / {t['batch_wait_ms']:.1f} / {t['denoise_ms'] + t['decode_ms']:.1f} / "
-                     f"{t['encode_ms']:.1f} / {t['replica_ms']:.1f} / {t['total_ms']:.1f} |")
+                     f"{t['encode_ms']:.1f} / {t['replica_ms']:.1f} / {t['total_ms']:.1f} | {busy_text(x)} |")
     firsts = [x for x in r["rows"] if x.get("first_run")]
     if firsts:
         lines += ["", "The first, unmeasured run of each setting (60 frames: where a stream meets its new buckets):", "",
@@ -293,6 +331,9 @@ def markdown(r: dict) -> str:
             slowest = f"{f['max_ms']:.1f}" if f.get("max_ms") is not None else "-"
             lines.append(f"| {x['case']} | {x['window']} | {f['fps']:.1f} | {f['p99_ms']:.1f} | {slowest} | "
                          f"{f['serving']:g} / {f['aside']:g} ({f['deferred']:g}) |")
+    for x in r["rows"]:
+        if x.get("cpu_threads"):
+            lines += [""] + cpu_threads.markdown(f"{x['case']}, window {x['window']}", x["cpu_threads"])
     o = overlap(r["rows"])
     if o:
         lines += ["", f"Overlap (1-step, cache off): one frame in flight takes {o['serial_ms']:.1f} ms end to end, "

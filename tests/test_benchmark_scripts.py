@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,8 +52,12 @@ def test_knobs_reports_every_sampler_and_adaptive_choice(tmp_path):
 
 
 def test_stream_serving_runs_every_case_through_the_cli(tmp_path):
-    r = run("stream_serving.py", tmp_path, "--device", "cpu", "--frames", "6", "--size", "128", timeout=600)
+    r = run("stream_serving.py", tmp_path, "--device", "cpu", "--frames", "6", "--size", "128", "--cpu-threads",
+            timeout=600)
     assert [row["case"] for row in r["rows"]][:3] == ["1-step, cache off"] * 3
+    # The replica's compute thread did every batch's work (scraped from /metrics); on CPU it computes.
+    assert all(row["compute_busy"].get("queue_batch", 0) > 0 for row in r["rows"])
+    assert all("window_s" in row["cpu_threads"] for row in r["rows"])
     assert all(row["frames"] == 6 and row["fps"] > 0 for row in r["rows"])
     governed = r["rows"][-1]
     assert governed["target_fps"] > 0 and governed["steps_min"] >= governed["min_steps"]
@@ -131,3 +138,44 @@ def test_image_codec_times_pil_where_there_is_no_gpu(tmp_path):
     for x in r["rows"]:
         assert x["pil_encode_ms"] > 0 and x["pil_decode_ms"] > 0 and x["pil_444_bytes"] > x["pil_bytes"] > 0
         assert "nvjpeg_encode_ms" not in x  # CPU only here: the GPU rows need the device
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cpu_threads_finds_a_busy_thread_by_its_own_name():
+    """The sampler attributes a child process's spinning thread to the name it gave itself in the
+    OS (rtdiff_cluster/thread_names.py); an idle named thread stays under the threshold."""
+    import time
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import cpu_threads
+
+    child = subprocess.Popen([sys.executable, "-c", """if True:
+        import threading, time
+        from rtdiff_cluster.thread_names import set_native_name
+        def spin():
+            set_native_name("rtdiff-spin")
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                pass
+        def idle():
+            set_native_name()  # its Python name, less our prefix
+            time.sleep(30)
+        for target, name in ((spin, "rtdiff-spinner"), (idle, "rtdiff-idle")):
+            threading.Thread(target=target, name=name).start()
+        print("started", flush=True)
+        """], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "started"
+        sampler = cpu_threads.ThreadSampler([os.getpid()], interval_s=0.05).start()
+        t0 = time.monotonic()
+        time.sleep(1.0)
+        r = sampler.busiest(t0, time.monotonic())
+        sampler.stop()
+    finally:
+        child.kill()
+        child.wait()
+    names = {t["thread"]: t for t in r["threads"]}
+    assert names["spin"]["cores"] > 0.5 and names["spin"]["pid"] == child.pid, r
+    assert "idle" not in names and r["window_s"] > 0.5
+    assert any(p["pid"] == child.pid and p["cores"] > 0.5 for p in r["processes"])
+    assert r["gpu_busy_pct"] is None  # no GPU asked for

@@ -116,5 +116,8 @@ def test_metrics_endpoint_moves(shared_gateway, client):
     assert metric(after, "rtdiff_replica_up", model=TINY) == 1
     assert metric(after, "rtdiff_queue_depth", model=TINY) == 0
     assert metric(after, "rtdiff_prompt_cache_hits_total") + metric(after, "rtdiff_prompt_cache_misses_total") > 0
+    # The compute thread's time in the batch's job (on CPU it computes the frames itself: far above 0).
+    busy = "rtdiff_replica_compute_busy_seconds_total"
+    assert metric(after, busy, job="queue_batch") - metric(before, busy, job="queue_batch") > 1e-3
     # No GPU here: the GPU series are absent rather than zero.
     assert not any(name.startswith("rtdiff_gpu_") for name, _ in after)

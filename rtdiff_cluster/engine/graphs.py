@@ -56,6 +56,8 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
+from rtdiff_cluster.thread_names import set_native_name
+
 log = logging.getLogger("rtdiff.graphs")
 
 Fn = Callable[..., "torch.Tensor | tuple[torch.Tensor, ...]"]
@@ -232,6 +234,7 @@ class GraphCache:
         return len(self._pending)
 
     def _capture_aside_loop(self) -> None:
+        set_native_name()
         stream = None
         while True:
             key, fn, static, copied, home = self._jobs.get()

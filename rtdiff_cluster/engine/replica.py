@@ -47,6 +47,7 @@ from rtdiff_cluster.cache.chunk_cache import CacheCounters, StreamCaches, side_s
 from rtdiff_cluster.config import ModelConfig
 from rtdiff_cluster.engine.adaptive_steps import StepCalibrator
 from rtdiff_cluster.engine.link import LinkAddress, LinkServer, current_peer, new_key, node_host
+from rtdiff_cluster.engine.timed_pool import TimedPool
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline, StageTimes, resize_images
 from rtdiff_cluster.engine.stream_frames import CachedFrame, RegionBatch, cache_settings, dit_token_px, run_cached
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
@@ -55,6 +56,7 @@ from rtdiff_cluster.engine import fastpaths
 from rtdiff_cluster.engine.graphs import GraphStats
 from rtdiff_cluster.models.registry import load_model
 from rtdiff_cluster.parallel import groups
+from rtdiff_cluster.thread_names import set_native_name
 
 log = logging.getLogger("rtdiff.replica")
 
@@ -151,6 +153,7 @@ class ReplicaStats:
     stream_cache: CacheCounters = field(default_factory=CacheCounters)
     stream_cache_bytes: int = 0
     stream_caches: int = 0
+    compute_busy_s: dict[str, float] = field(default_factory=dict)  # the compute thread's seconds in jobs, by job
 
 
 @dataclass
@@ -158,6 +161,22 @@ class _StreamState:
     prompt: str
     negative_prompt: str
     peer: int | None  # the link connection that opened it: its state goes when that connection closes
+
+
+@dataclass
+class _Queued:
+    """A batch's compute as _queue_batch queued it: the batch with its inputs decoded, the frames
+    kept (indices into it), those that did not decode, the plain frames (indices into keep) and
+    their _run_plain result, the chunk-cache frames and their _run_cached result or error."""
+
+    batch: BatchSpec
+    keep: list[int]
+    undecoded: dict[int, str]
+    plain: list[int]
+    plain_run: tuple | None
+    cached_frames: list[tuple[int, str, str]]
+    cached_run: list = field(default_factory=list)
+    cached_error: BaseException | None = None
 
 
 @dataclass
@@ -194,11 +213,11 @@ class EngineRank:
         self.rank = rank
         self.layout = groups.Layout(tp=config.tp, cfg=config.cfg_parallel)
         self.stats_interval_s = stats_interval_s
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="rtdiff-compute")
-        self.encoder = ThreadPoolExecutor(2, thread_name_prefix="rtdiff-encode")
+        self.compute = TimedPool(1, thread_name_prefix="rtdiff-compute", initializer=set_native_name)
+        self.encoder = ThreadPoolExecutor(2, thread_name_prefix="rtdiff-encode", initializer=set_native_name)
         # Collects launched batches. A chunk-cache frame whose region is held (hold_regions) keeps
         # its collector waiting until the region batch launches: one thread per batch in flight.
-        self.waiter = ThreadPoolExecutor(8, thread_name_prefix="rtdiff-wait")
+        self.waiter = ThreadPoolExecutor(8, thread_name_prefix="rtdiff-wait", initializer=set_native_name)
         self.started: asyncio.Future | None = None
         self.model = self.pipeline = self.gpu = None
         self.streams: OrderedDict[str, _StreamState] = OrderedDict()
@@ -210,7 +229,6 @@ class EngineRank:
         self.link = LinkServer({"run_batch": self.run_batch, "close_stream": self.close_stream}, new_key(),
                                on_disconnect=self._drop_peer_streams)
         self._rendezvous: tuple[str, int] | None = None
-        self._queueing = asyncio.Lock()  # run_batch: from a batch's arrival until its compute is queued
         self._following = False
         # Single-GPU replicas: the chunk-cache regions queued to share a launch, kept across batches
         # while the GPU is busy (stream_cache.hold_regions), and the thread that notices it is ready.
@@ -235,6 +253,7 @@ class EngineRank:
         """Joins the replica's process groups and loads this rank's shard; idempotent. The leader
         returns its ReplicaInfo, followers None. Collective: all ranks are started together."""
         if self.started is None:
+            set_native_name("replica-loop")  # Ray's thread that runs this actor's event loop (and its link)
             self.started = asyncio.get_running_loop().run_in_executor(self.compute, self._start, master_addr, master_port)
         await asyncio.shield(self.started)
         if self.rank != 0:
@@ -398,6 +417,35 @@ class EngineRank:
                 self.gpu.mark_batch(False)
         return collect, measuring_s, batch.steps, psnr_db
 
+    def _queue_batch(self, batch: BatchSpec, keep: list[int], prompts: list[str], negatives: list[str]) -> _Queued:
+        """On the compute thread, one job per batch in arrival order: its JPEG inputs decoded, its
+        plain frames launched (_run_plain), then its chunk-cache frames (_run_cached). A failure of
+        the plain frames fails the batch with nothing left running; one of the cached frames comes
+        back in cached_error, so that the caller still collects the plain frames' launch."""
+        undecoded: dict[int, str] = {}
+        if any(isinstance(fr.init_image, imaging.EncodedImage) for fr in batch.frames):
+            batch, undecoded = self._decode_inputs(batch, keep)
+            if undecoded:
+                prompts = [p for i, p in zip(keep, prompts) if i not in undecoded]
+                negatives = [n for i, n in zip(keep, negatives) if i not in undecoded]
+                keep = [i for i in keep if i not in undecoded]
+        cached = [self._cached(batch, i) for i in keep]
+        plain = [k for k in range(len(keep)) if not cached[k]]
+        plain_run = None
+        if plain:
+            sub = dataclasses.replace(batch, frames=[batch.frames[keep[k]] for k in plain])
+            plain_run = self._run_plain(sub, [prompts[k] for k in plain], [negatives[k] for k in plain])
+        # Cached stream frames run after the plain ones, in arrival order.
+        cached_frames = [(i, prompts[k], negatives[k]) for k, i in enumerate(keep) if cached[k]]
+        q = _Queued(batch, keep, undecoded, plain, plain_run, cached_frames)
+        try:
+            q.cached_run = self._run_cached(batch, cached_frames) if cached_frames else []
+        except BaseException as e:
+            if plain_run is None:
+                raise
+            q.cached_error = e
+        return q
+
     def _decode_inputs(self, batch: BatchSpec, keep: list[int]) -> tuple[BatchSpec, dict[int, str]]:
         """On the compute thread, before the batch's compute is queued: the JPEG input frames the
         gateway passed on compressed (imaging.EncodedImage) decoded and brought to the batch's size.
@@ -547,6 +595,7 @@ class EngineRank:
         """A thread of its own, for the process's life: waits for the launch that held regions wait
         for to start, then has the compute thread flush them (or hold them again behind a newer
         launch)."""
+        set_native_name()
         while True:
             self._busy_until.get().synchronize()
             try:
@@ -574,37 +623,21 @@ class EngineRank:
         t0 = time.perf_counter()
         self._need_started()
         loop = asyncio.get_running_loop()
-        # Frames are queued on the compute thread in arrival order (a stream's frames see each
-        # other's commits); a batch whose JPEG inputs are being decoded holds the next batch back
-        # until its own compute is queued.
-        async with self._queueing:
-            keep, prompts, negatives, failed = self._resolve_prompts(batch)
-            undecoded = {}
-            if any(isinstance(fr.init_image, imaging.EncodedImage) for fr in batch.frames):
-                batch, undecoded = await loop.run_in_executor(self.compute, self._decode_inputs, batch, keep)
-                if undecoded:
-                    prompts = [p for i, p in zip(keep, prompts) if i not in undecoded]
-                    negatives = [n for i, n in zip(keep, negatives) if i not in undecoded]
-                    keep = [i for i in keep if i not in undecoded]
-            pixels: dict[int, object] = {}
-            cache_info: dict[int, tuple[bool, float, tuple[float, float, float], tuple[int, int] | None]] = {}
-            # frame -> steps of its schedule, their PSNR vs 8 steps, chunk threshold, steps the step cache reused
-            applied: dict[int, tuple[int, float, float, int]] = {}
-            text_s = denoise_s = decode_s = 0.0
-            cached = [self._cached(batch, i) for i in keep]
-            plain = [k for k in range(len(keep)) if not cached[k]]
-            # All of the batch's compute is queued before the first await: the compute thread runs it
-            # in arrival order, so the next batch (perhaps with the same streams) waits behind it.
-            plain_run = None
-            if plain:
-                sub = dataclasses.replace(batch, frames=[batch.frames[keep[k]] for k in plain])
-                plain_run = loop.run_in_executor(self.compute, self._run_plain, sub, [prompts[k] for k in plain],
-                                                 [negatives[k] for k in plain])
-            # Cached stream frames run after the plain ones, in arrival order.
-            cached_frames = [(i, prompts[k], negatives[k]) for k, i in enumerate(keep) if cached[k]]
-            cached_run = loop.run_in_executor(self.compute, self._run_cached, batch, cached_frames) if cached_frames else None
-        if plain_run is not None:
-            collect, measuring_s, plain_steps, plain_psnr = await plain_run
+        keep, prompts, negatives, failed = self._resolve_prompts(batch)
+        # The whole batch is one compute job, queued before the first await: the compute thread runs
+        # jobs in arrival order, so a stream's frames see each other's commits without a lock
+        # held across an await, and the thread never waits for this loop between a batch's input
+        # decode and its compute.
+        q: _Queued = await loop.run_in_executor(self.compute, self._queue_batch, batch, keep, prompts, negatives)
+        batch, keep, undecoded, cached_frames = q.batch, q.keep, q.undecoded, q.cached_frames
+        pixels: dict[int, object] = {}
+        cache_info: dict[int, tuple[bool, float, tuple[float, float, float], tuple[int, int] | None]] = {}
+        # frame -> steps of its schedule, their PSNR vs 8 steps, chunk threshold, steps the step cache reused
+        applied: dict[int, tuple[int, float, float, int]] = {}
+        text_s = denoise_s = decode_s = 0.0
+        plain = q.plain
+        if q.plain_run is not None:
+            collect, measuring_s, plain_steps, plain_psnr = q.plain_run
             images, times = await loop.run_in_executor(self.waiter, collect)
             times.denoise_s += measuring_s  # the frames waited for it
             pixels.update((keep[k], img) for k, img in zip(plain, images))
@@ -612,7 +645,9 @@ class EngineRank:
             text_s, denoise_s, decode_s = times.text_encode_s, times.denoise_s, times.decode_s
             self.frames_computed += len(plain)
             self.batches += 1
-        cached_done = await cached_run if cached_run is not None else []
+        if q.cached_error is not None:
+            raise q.cached_error
+        cached_done = q.cached_run
         for (i, _, _), (done, steps, psnr_db, threshold, measuring_s) in zip(cached_frames, cached_done):
             pixels[i], t = await loop.run_in_executor(self.waiter, self._collect_cached, done, measuring_s)
             applied[i] = (steps, psnr_db, threshold, t.steps_reused)
@@ -677,4 +712,5 @@ class EngineRank:
         graphs = self.fast.graphs.stats() if self.fast.graphs is not None else None
         c = self.stream_caches
         return ReplicaStats(self.frames_computed, self.batches, p.hits, p.misses, len(p), len(self.streams),
-                            self.gpu.latest(), self.gpu.batch_energy_joules, graphs, c.snapshot(), c.nbytes, len(c))
+                            self.gpu.latest(), self.gpu.batch_energy_joules, graphs, c.snapshot(), c.nbytes, len(c),
+                            self.compute.busy_seconds())

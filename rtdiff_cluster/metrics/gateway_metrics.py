@@ -176,6 +176,9 @@ class _PolledCollector:
                                        "in one launch", labels=["model", "replica"])
         launched = CounterMetricFamily("rtdiff_stream_launched_frames", "Chunk-cache stream frames those launches "
                                        "computed (over rtdiff_stream_launches: frames per launch)", labels=["model", "replica"])
+        busy = CounterMetricFamily("rtdiff_replica_compute_busy_seconds", "Seconds a replica's compute thread (its host "
+                                   "work for every batch, in order) spent in jobs, by job: near 1 s per second, it is "
+                                   "the replica's limit", labels=["model", "replica", "job"])
         cache_bytes = GaugeMetricFamily("rtdiff_stream_cache_bytes", "Memory the streams' chunk caches hold",
                                         labels=["model", "replica"])
         cache_streams = GaugeMetricFamily("rtdiff_stream_caches", "Streams with a chunk cache", labels=["model", "replica"])
@@ -188,6 +191,8 @@ class _PolledCollector:
             launched.add_metric([model, replica], s.stream_cache.launched_frames)
             cache_bytes.add_metric([model, replica], s.stream_cache_bytes)
             cache_streams.add_metric([model, replica], s.stream_caches)
+            for job, seconds in s.compute_busy_s.items():
+                busy.add_metric([model, replica, job], seconds)
             if s.graphs is not None:
                 graphs.add_metric([model, replica], s.graphs.graphs)
                 graph_mem.add_metric([model, replica], s.graphs.bytes)
@@ -208,5 +213,5 @@ class _PolledCollector:
         # Every family is declared even without samples (GPU series on a CPU-only machine, graphs on
         # CPU replicas): the series are absent, not zero, and dashboards can still be checked
         # against the names the server declares.
-        yield from (computed, hits, misses, states, chunks, from_cache, launches, launched, cache_bytes, cache_streams,
+        yield from (computed, hits, misses, states, chunks, from_cache, launches, launched, busy, cache_bytes, cache_streams,
                     power, power_limit, energy, util, mem, memt, graphs, graph_mem, captures, deferred)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rtdiff_cluster.thread_names import set_native_name
+
 
 @dataclass
 class GpuSample:
@@ -84,6 +86,7 @@ class GpuSampler:
             self._latest = out
 
     def _loop(self) -> None:
+        set_native_name()
         while not self._stop.wait(self.interval_s):
             try:
                 self._sample()
@@ -105,6 +108,7 @@ class GpuSampler:
     def _read_marks(self) -> None:
         # Batches overlap (the next one is launched while the last one's GPU work runs): energy is
         # counted while at least one is in flight, from the first start to the last end.
+        set_native_name()
         start, active = None, 0
         while not self._stop.is_set():
             started = self._marks.get()

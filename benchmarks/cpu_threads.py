@@ -9,7 +9,8 @@ thread alone near one core is bound by itself. On a CUDA device NVML's GPU utili
 fraction of time a kernel ran) is sampled beside, so the same window says whether the GPU waited.
 
     sampler = ThreadSampler([os.getpid()]).start()  # this process and all it starts
-    rows = sampler.busiest(t0, t1)  # [{"process", "pid", "thread", "cores"}], busiest first
+    r = sampler.busiest(t0, t1)  # {"threads": [{"process", "pid", "thread", "cores"}, ...] busiest first,
+                                 #  "processes": [...], "gpu_busy_pct": ..., "window_s": ...}
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 """Chunk cache of image-to-image streams: speed and fidelity of each knob against the exact pipeline.
 
 For each clip (rtdiff_cluster/clips.py: 10% of the frame moving, a static scene, a cut every frame)
-and each setting (cache off; on with halo 32 or 64 px; a higher threshold; for a DiT on our
-attention processor, halo 32 with the static tokens' recorded keys and values), the clip's frames run
+and each setting (cache off; on with halo 32 or 64 px; a higher threshold; region sizes in 16ths of
+the frame instead of quarters; for a DiT on our attention processor, halo 32 with the static
+tokens' recorded keys and values), the clip's frames run
 through engine/stream_frames.run_cached, the code the replica serves them with. "off" computes every
 frame whole: it is both the baseline for speed and the exact output the cached frames are compared
 with (same weights, inputs, seed). Each setting runs the clip twice: a warm-up pass (CUDA graph
@@ -44,6 +45,7 @@ SETTINGS = {  # name -> StreamCacheConfig overrides; None: cache off
     "on, halo 32": dict(halo_px=32),
     "on, halo 64": dict(halo_px=64),
     "on, halo 32, threshold 8": dict(halo_px=32, threshold=8.0),
+    "on, halo 32, 16 buckets": dict(halo_px=32, region_buckets=16),  # smaller regions, more shapes
 }
 
 

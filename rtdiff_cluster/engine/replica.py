@@ -521,8 +521,8 @@ class EngineRank:
         _collect_cached), the steps its schedule had, their PSNR against 8 steps (0: not
         adaptive), the chunk threshold applied and the seconds spent choosing the steps. On a
         single-GPU replica, regions of one shape and schedule share a launch (stream_frames.RegionBatch),
-        up to stream_cache.region_batch; with hold_regions they wait for the GPU to run dry,
-        and later batches' regions join them."""
+        up to stream_cache.region_batch; with hold_regions they wait while the GPU has not started the
+        replica's latest launch, and later batches' regions join them."""
         single_gpu = groups.layout().world == 1 and self.model.device.type == "cuda"
         call = _CachedCall()
         regions = self._regions

@@ -251,10 +251,10 @@ def test_regions_of_several_frames_in_one_launch_equal_them_one_by_one(pipeline)
     assert len(origins) >= 2  # regions at several places in one launch: each one's noise is cut at its own
 
 
-def test_a_region_batch_holds_one_shape_and_a_bounded_count(pipeline):
-    """A region of another shape, or one past max_frames, launches what was queued first; a frame
-    answered from the cache waits for the regions queued before it (its stream's output builds on
-    theirs)."""
+def test_a_region_batch_bounds_each_shape_and_a_cached_frame_waits_for_it(pipeline):
+    """A region past max_frames of its shape launches what was queued first; a region of another
+    shape waits beside them; a frame answered from the cache waits for the regions queued before
+    it (its stream's output builds on theirs)."""
     clip = list(clips.moving(512, 512, 4, area=0.1, step_px=8))
     wide = list(clips.moving(512, 512, 2, area=0.1, step_px=64, seed=5))  # a wider region
     caches = [StreamFrameCache() for _ in range(3)]
@@ -274,10 +274,47 @@ def test_a_region_batch_holds_one_shape_and_a_bounded_count(pipeline):
     assert launched == [(2,) + (small_a.plan.region.height, small_a.plan.region.width)]  # max_frames reached
     large = run_cached(None, caches[2], _frame(wide[1], 512), SETTINGS, launch=_launcher(pipeline), regions=regions)
     assert (large.plan.region.height, large.plan.region.width) != (small_a.plan.region.height, small_a.plan.region.width)
-    assert len(launched) == 1 and len(regions) == 1  # a lone region is not launched as a batch ...
+    assert len(launched) == 1 and len(regions) == 2  # it waits beside the small one; lone regions ...
     still = run_cached(None, caches[1], _frame(clip[1], 512), SETTINGS, launch=_launcher(pipeline), regions=regions)
-    assert still.plan.kind == "cache" and len(regions) == 0  # ... but computed alone before the cached frame
+    assert still.plan.kind == "cache" and len(regions) == 0  # ... are computed alone before the cached frame
+    assert len(launched) == 1
     assert np.array_equal(still.pixels, small_b.pixels)
+
+
+def test_a_streams_regions_of_two_shapes_wait_together_and_paste_in_order(pipeline):
+    """One stream whose region alternates between two shapes (small, wide, small): all three wait
+    in the queue, the flush launches the two small ones together and the wide one alone, and
+    pastes them in arrival order, so each output equals the one-by-one output (1 level of 255:
+    fp32 sums at batch 2 against 1) and the stream's cache ends as one by one leaves it."""
+    settings = dataclasses.replace(SETTINGS, halo_px=0, region_buckets=2)  # regions: 256 or 512 per side
+    bg, patch = clips.texture(512, 512, seed=0), clips.texture(64, 64, seed=1)
+    small = bg.copy()
+    small[192:256, 64:128] = patch  # one patch: a 256x256 region
+    wide = bg.copy()
+    wide[192:256, 384:448] = patch  # the patch moved right: both places changed, a 256x512 region
+    small_again = wide.copy()
+    small_again[320:384, 384:448] = patch[::-1]  # a second patch below it: 256x256 again
+    clip = [bg, small, wide, small_again]
+
+    def run(batched: bool):
+        cache = StreamFrameCache()
+        run_cached(None, cache, _frame(clip[0], 512), settings, launch=_launcher(pipeline))
+        regions = RegionBatch(lambda b, tags: _launcher(pipeline)(b, defer_capture=True), 4) if batched else None
+        done = [run_cached(None, cache, _frame(img, 512), settings, launch=_launcher(pipeline), regions=regions)
+                for img in clip[1:]]
+        if regions is not None:
+            assert len(regions) == 3  # another shape did not launch what was queued
+            regions.flush()
+        return done, cache, regions
+
+    alone, alone_cache, _ = run(batched=False)
+    together, cache, regions = run(batched=True)
+    assert [(d.plan.region.height, d.plan.region.width) for d in together] == [(256, 256), (256, 512), (256, 256)]
+    assert regions.launches == 1  # the two small regions; the wide one alone
+    for a, b in zip(alone, together):
+        assert a.plan.region == b.plan.region and np.array_equal(a.plan.changed, b.plan.changed)
+        assert np.abs(a.pixels.astype(int) - b.pixels.astype(int)).max() <= 1
+    assert np.abs(np.asarray(cache.output).astype(int) - np.asarray(alone_cache.output).astype(int)).max() <= 1
 
 
 def test_a_held_region_is_answered_from_another_thread_when_its_batch_launches(pipeline):

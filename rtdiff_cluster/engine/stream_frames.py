@@ -182,10 +182,15 @@ def _region_of(batch: BatchSpec, plan: Plan, new) -> BatchSpec:
 
 
 class RegionBatch:
-    """Chunk-cache regions of one shape and schedule (one stream's consecutive frames, or
-    several streams'), computed in one launch. The queue may outlive a batch: a single-GPU
-    replica keeps adding its next batches' regions while its GPU has not started its latest
-    launch, and flushes as it starts (engine/replica.py, stream_cache.hold_regions).
+    """Chunk-cache regions queued to be computed together: one launch per shape and schedule
+    (one stream's consecutive frames, or several streams'). The queue may outlive a batch: a
+    single-GPU replica keeps adding its next batches' regions while its GPU has not started its
+    latest launch, and flushes as it starts (engine/replica.py, stream_cache.hold_regions).
+
+    Regions of several shapes wait together, each shape a group: a moving object's region
+    alternates between a few bucket sizes from frame to frame (on the 10%-moving clip at 1024,
+    512x512 and 768x512), and launching what was queued at every change of shape left 223 of 387
+    launches with one frame (an H200 trace at window 16, benchmarks/NOTES.md).
 
     Why: at SDXL's region sizes the backbone is bound by its launches and its occupancy, not by
     its arithmetic: on an H200 a 1024 frame's 512x512 region took 9.2 ms alone and 12.6, 16.0
@@ -193,8 +198,11 @@ class RegionBatch:
 
     Each frame takes its input as it joins (StreamFrameCache.take_input), so the stream's next
     frame measures its change against it before either is computed. flush() launches them and
-    pastes each region into its stream's cache in arrival order (a stream's later frame pastes
-    over its earlier one). A batch whose graphs are not captured yet (captures aside) runs its
+    pastes each region into its stream's cache in arrival order across the groups (a stream's
+    later frame pastes over its earlier one). The groups' launches are all queued before the
+    pastes: each launch of two or more frames writes its own graph's output buffers, and the
+    frames computed alone (groups of one) use other graphs, so no launch overwrites another's
+    output before it is pasted. A batch whose graphs are not captured yet (captures aside) runs its
     frames one by one the usual way meanwhile: their own graphs, a larger region, or the whole
     frame (run_cached)."""
 
@@ -216,8 +224,8 @@ class RegionBatch:
             tag: object = None) -> CachedFrame:
         """Queues a frame's region (alone() computes it by itself, committed; tag goes to launch,
         the caller's prompts for it) and returns its frame, answered at flush()."""
-        if self._pending and (len(self._pending) >= self.max_frames
-                              or self._key(region) != self._key(self._pending[0].region)):
+        key = self._key(region)
+        if sum(self._key(p.region) == key for p in self._pending) >= self.max_frames:
             self.flush()
         cache.take_input(plan, settings)
         waiting = CachedFrame(plan, waiting=True)
@@ -233,20 +241,32 @@ class RegionBatch:
         if not pending:
             return
         try:
-            done = None
-            if len(pending) > 1:
-                first = pending[0].region
-                batch = dataclasses.replace(first, frames=[p.region.frames[0] for p in pending],
-                                            origins=tuple((p.plan.region.top, p.plan.region.left) for p in pending))
+            groups: list[tuple[tuple, list[int]]] = []  # (shape and schedule, indices into pending in arrival order)
+            for i, p in enumerate(pending):
+                key = self._key(p.region)  # not hashable (a BatchSpec): found by equality among a few
+                members = next((m for k, m in groups if k == key), None)
+                if members is None:
+                    groups.append((key, members := []))
+                members.append(i)
+            launched: dict[int, tuple[Launched, int]] = {}  # index into pending -> its launch and place in it
+            for _, members in groups:
+                if len(members) < 2:
+                    continue  # a lone region is computed alone, in its turn below
+                first = pending[members[0]].region
+                batch = dataclasses.replace(first, frames=[pending[i].region.frames[0] for i in members],
+                                            origins=tuple((pending[i].plan.region.top, pending[i].plan.region.left)
+                                                          for i in members))
                 try:
-                    done = self._launch(batch, [p.tag for p in pending])
-                    self.launches += 1
+                    done = self._launch(batch, [pending[i].tag for i in members])
                 except BucketNotReady:  # its graphs are capturing aside: each frame the usual way meanwhile
-                    done = None
-            for j, p in enumerate(pending):
-                if done is None:
+                    continue
+                self.launches += 1
+                launched.update((i, (done, j)) for j, i in enumerate(members))
+            for i, p in enumerate(pending):
+                if i not in launched:
                     p.waiting.adopt(p.alone())
                     continue
+                done, j = launched[i]
                 p.waiting.adopt(_committed(p.cache, p.plan, p.new, done, p.asked, p.settings, p.keep_on_device,
                                            index=j, input_taken=True))
         except BaseException as e:

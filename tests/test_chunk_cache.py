@@ -373,6 +373,42 @@ def test_a_failed_region_batch_fails_its_frames_and_their_streams_start_over(pip
             assert cache.plan(clip[2], SETTINGS).kind == "full", how
 
 
+def test_a_region_group_launched_before_another_failed_still_says_so(pipeline):
+    """Two shapes, two launches at the flush: when the second fails, every frame fails, and the
+    frames of the first (launched) still say so, which is how the replica ends their launch's
+    energy marks; the other frames were never launched."""
+    settings = dataclasses.replace(SETTINGS, halo_px=0, region_buckets=2)
+    bg, patch = clips.texture(512, 512, seed=0), clips.texture(64, 64, seed=1)
+    frames, img = [bg], bg.copy()
+    for top, left, erase in ((192, 64, None), (192, 384, (192, 64)), (320, 384, None), (192, 64, (192, 384))):
+        img = img.copy()
+        if erase:
+            img[erase[0]:erase[0] + 64, erase[1]:erase[1] + 64] = bg[erase[0]:erase[0] + 64, erase[1]:erase[1] + 64]
+        img[top:top + 64, left:left + 64] = patch
+        frames.append(img)
+    calls = []
+
+    def second_fails(b, tags):
+        calls.append(b.width)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return _launcher(pipeline)(b, defer_capture=True)
+
+    cache = StreamFrameCache()
+    run_cached(None, cache, _frame(frames[0], 512), settings, launch=_launcher(pipeline))
+    regions = RegionBatch(second_fails, 4)
+    held = [run_cached(None, cache, _frame(f, 512), settings, launch=_launcher(pipeline), regions=regions)
+            for f in frames[1:]]
+    assert [f.plan.region.width for f in held] == [256, 512, 256, 512]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        regions.flush()
+    assert calls == [256, 512]
+    for frame in held:
+        with pytest.raises(RuntimeError):
+            frame.result()
+    assert [f.launched for f in held] == [True, False, True, False]
+
+
 def test_flux_region_follows_the_whole_frames_schedule():
     """Flux shifts its sigmas by the token count: a 512 region of a 1024 frame computed on the
     region's own schedule starts from another noise level (28.4 dB against the whole frame's

@@ -240,6 +240,7 @@ class RegionBatch:
         pending, self._pending = self._pending, []
         if not pending:
             return
+        launched: dict[int, tuple[Launched, int]] = {}  # index into pending -> its launch and place in it
         try:
             groups: list[tuple[tuple, list[int]]] = []  # (shape and schedule, indices into pending in arrival order)
             for i, p in enumerate(pending):
@@ -248,7 +249,6 @@ class RegionBatch:
                 if members is None:
                     groups.append((key, members := []))
                 members.append(i)
-            launched: dict[int, tuple[Launched, int]] = {}  # index into pending -> its launch and place in it
             for _, members in groups:
                 if len(members) < 2:
                     continue  # a lone region is computed alone, in its turn below
@@ -270,9 +270,12 @@ class RegionBatch:
                 p.waiting.adopt(_committed(p.cache, p.plan, p.new, done, p.asked, p.settings, p.keep_on_device,
                                            index=j, input_taken=True))
         except BaseException as e:
-            for p in pending:
+            for i, p in enumerate(pending):
                 if not p.waiting.answered:
                     p.cache.forget()  # its input was taken, its output never pasted
+                    # A launch was made for it (its group's, before a later one failed): its
+                    # collector still ends that launch (the replica's energy marks).
+                    p.waiting.launched = i in launched
                     p.waiting.fail(e)
             raise
 

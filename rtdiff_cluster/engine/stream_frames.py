@@ -225,12 +225,12 @@ class RegionBatch:
         """Queues a frame's region (alone() computes it by itself, committed; tag goes to launch,
         the caller's prompts for it) and returns its frame, answered at flush()."""
         key = self._key(region)
-        if sum(self._key(p.region) == key for p in self._pending) >= self.max_frames:
+        if sum(p.key == key for p in self._pending) >= self.max_frames:
             self.flush()
         cache.take_input(plan, settings)
         waiting = CachedFrame(plan, waiting=True)
         self._pending.append(_PendingRegion(cache, plan, batch.frames[0], new, region, settings, keep_on_device,
-                                            alone, waiting, tag))
+                                            alone, waiting, tag, key))
         return waiting
 
     def flush(self) -> None:
@@ -243,11 +243,10 @@ class RegionBatch:
         launched: dict[int, tuple[Launched, int]] = {}  # index into pending -> its launch and place in it
         try:
             groups: list[tuple[tuple, list[int]]] = []  # (shape and schedule, indices into pending in arrival order)
-            for i, p in enumerate(pending):
-                key = self._key(p.region)  # not hashable (a BatchSpec): found by equality among a few
-                members = next((m for k, m in groups if k == key), None)
+            for i, p in enumerate(pending):  # keys are not hashable (a BatchSpec): found by equality among a few
+                members = next((m for k, m in groups if k == p.key), None)
                 if members is None:
-                    groups.append((key, members := []))
+                    groups.append((p.key, members := []))
                 members.append(i)
             for _, members in groups:
                 if len(members) < 2:
@@ -304,6 +303,7 @@ class _PendingRegion:
     alone: Callable[[], CachedFrame]
     waiting: CachedFrame
     tag: object
+    key: tuple  # RegionBatch._key(region): the regions with equal keys share a launch
 
 
 def _computed(compute: Compute | None, cache: StreamFrameCache, plan: Plan, batch: BatchSpec, new,

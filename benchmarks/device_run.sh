@@ -13,7 +13,8 @@
 #   stream-cache-flux  the same for Flux-dev at 1024, with the static tokens' recorded K/V as a setting
 #   knobs         benchmarks/knobs.py (SDXL 1024, tiny VAE: samplers x steps, fp8, adaptive steps vs the exact pipeline)
 #   stream-serving  benchmarks/stream_serving.py (live 1024 streams through the gateway: 1-step fps/p99, governor)
-#   region-batch  benchmarks/region_batch.py (k chunk-cache regions of one shape in one launch against one by one)
+#   region-batch  benchmarks/region_batch.py (k chunk-cache regions of one shape in one launch against one by one;
+#                 env REGION_BATCH_ARGS: more options, e.g. "--lanes 2")
 #   region-batch-tests  the GPU tests of region batches and chunk-cache launches
 #   region-batch-ab  stream_serving.py's 1-step JPEG cases (chunk cache at windows 2-5, cache off at 2 and 4) with
 #                 stream_cache.region_batch 4, then 1 (env RB_RUNS: the values, in order; RB_CASES, RB_ARGS and
@@ -81,7 +82,7 @@ for part in $parts; do
       | tail -40 | tee "$OUT/fast_path_tests.log" ;;
     norm-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_norms.py 2>&1 \
       | tail -30 | tee "$OUT/norm_tests.log" ;;
-    region-batch) timeout 400 python3 benchmarks/region_batch.py --device cuda --out-dir "$OUT" 2>&1 \
+    region-batch) timeout 400 python3 benchmarks/region_batch.py --device cuda --out-dir "$OUT" ${REGION_BATCH_ARGS:-} 2>&1 \
       | grep -v WARNING | tee "$OUT/region_batch.log" ;;
     region-batch-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py \
         -k "region or launched_back_to_back or chunk" 2>&1 | tail -30 | tee "$OUT/region_batch_tests.log" ;;

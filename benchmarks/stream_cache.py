@@ -3,8 +3,8 @@
 
 For each clip (rtdiff_cluster/clips.py: 10% of the frame moving, a static scene, a cut every frame)
 and each setting (cache off; on with halo 32 or 64 px; a higher threshold; region sizes in 16ths of
-the frame instead of quarters; for a DiT on our attention processor, halo 32 with the static
-tokens' recorded keys and values), the clip's frames run
+the frame instead of quarters, with halo 32, 16 or 0; 32 px chunks; for a DiT on our attention
+processor, halo 32 with the static tokens' recorded keys and values), the clip's frames run
 through engine/stream_frames.run_cached, the code the replica serves them with. "off" computes every
 frame whole: it is both the baseline for speed and the exact output the cached frames are compared
 with (same weights, inputs, seed). Each setting runs the clip twice: a warm-up pass (CUDA graph
@@ -18,6 +18,7 @@ frame (NVML energy over the pass).
 
     python benchmarks/stream_cache.py [--device cpu|cuda] [--source synthetic:tiny] [--size 512]
                                       [--frames 12] [--steps 2] [--strength 0.5] [--out-dir DIR]
+                                      [--clips "10% moving"] [--settings "on, halo 0, 16 buckets"] [--tag T]
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ SETTINGS = {  # name -> StreamCacheConfig overrides; None: cache off
     "on, halo 64": dict(halo_px=64),
     "on, halo 32, threshold 8": dict(halo_px=32, threshold=8.0),
     "on, halo 32, 16 buckets": dict(halo_px=32, region_buckets=16),  # smaller regions, more shapes
+    # Tighter regions still: less context at the region's edge, 32 px chunks around the motion.
+    "on, halo 16, 16 buckets": dict(halo_px=16, region_buckets=16),
+    "on, halo 0, 16 buckets": dict(halo_px=0, region_buckets=16),
+    "on, 32 px chunks, halo 16, 32 buckets": dict(chunk_px=32, halo_px=16, region_buckets=32),
 }
 
 
@@ -81,8 +86,19 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--strength", type=float, default=0.5)
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--clips", default="", help="comma-separated clip names to run (default: all)")
+    ap.add_argument("--settings", default="",
+                    help="semicolon-separated settings to run besides 'off' (default: all); e.g. 'on, halo 32'")
+    ap.add_argument("--tag", default="")
     args = ap.parse_args()
     resolve_model_args(args, cpu_size=512)
+    chosen = [name.strip() for name in args.settings.split(";") if name.strip()]
+    unknown = [name for name in chosen if name not in SETTINGS]
+    if unknown:
+        ap.error(f"--settings: unknown {unknown}; known: {list(SETTINGS)}")
+    known_clips = ("10% moving", "static", "cut every frame")
+    if args.clips and set(args.clips.split(",")) - set(known_clips):
+        ap.error(f"--clips: unknown {sorted(set(args.clips.split(',')) - set(known_clips))}; known: {list(known_clips)}")
 
     from rtdiff_cluster import clips, fidelity
     from rtdiff_cluster.config import StreamCacheConfig
@@ -105,6 +121,9 @@ def main() -> int:
         "static": list(clips.static(size, size, args.frames)),
         "cut every frame": list(clips.cut(size, size, args.frames)),
     }
+    if args.clips:
+        clip_frames = {name: clip_frames[name] for name in args.clips.split(",")}
+    settings_chosen = {name: o for name, o in SETTINGS.items() if name == "off" or not chosen or name in chosen}
     rows = []
     for clip, frames in clip_frames.items():
         changed_ever = np.zeros(frames[0].shape[:2], bool)
@@ -116,7 +135,7 @@ def main() -> int:
         # A DiT on our attention processor also runs with its regions attending to the recorded
         # keys and values of the static tokens (stream_cache.dit_token_kv).
         token_px = dit_token_px(model)
-        settings_run = list(SETTINGS.items()) + ([("on, halo 32, token K/V", dict(halo_px=32))] if token_px else [])
+        settings_run = list(settings_chosen.items()) + ([("on, halo 32, token K/V", dict(halo_px=32))] if token_px else [])
         for name, overrides in settings_run:
             settings = None if overrides is None else cache_settings(
                 StreamCacheConfig(**overrides), model.limits.size_multiple)
@@ -153,7 +172,7 @@ def main() -> int:
     write_results("stream_cache", device.type, {"source": source, "vae": vae or "model's", "size": size,
                                                 "steps": args.steps, "strength": args.strength, "rows": rows,
                                                 "graphs": dataclasses.asdict(fp.graphs.stats()) if fp.graphs else None},
-                  args.out_dir, markdown, tag=source_tag(args))
+                  args.out_dir, markdown, tag="-".join(t for t in (source_tag(args), args.tag) if t))
     groups.destroy()
     return 0
 

@@ -51,6 +51,22 @@ def test_knobs_reports_every_sampler_and_adaptive_choice(tmp_path):
     assert chosen == sorted(chosen) and 1 <= chosen[0] and chosen[-1] <= 8  # stricter targets never need fewer steps
 
 
+def test_stream_cache_runs_the_chosen_clip_and_settings_against_the_uncached_frames(tmp_path):
+    r = run("stream_cache.py", tmp_path, "--device", "cpu", "--size", "128", "--frames", "3", "--clips", "10% moving",
+            "--settings", "on, halo 0, 16 buckets", "--tag", "dry")
+    assert [(row["clip"], row["setting"]) for row in r["rows"]] == [("10% moving", "off"),
+                                                                    ("10% moving", "on, halo 0, 16 buckets")]
+    off, tight = r["rows"]
+    assert off["psnr_db"] == 99.0 and 0 < tight["computed_area"] < 1 and tight["psnr_static_db"] > 0
+    assert all(p.name.endswith("-dry.json") or p.name.endswith("-dry.md") for p in tmp_path.iterdir())
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stream_cache.py"), "--device", "cpu",
+                          "--settings", "on, halo 7"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and "--settings: unknown ['on, halo 7']" in bad.stderr, bad.stderr[-500:]
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stream_cache.py"), "--device", "cpu",
+                          "--clips", "10% moving,jumping"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and "--clips: unknown ['jumping']" in bad.stderr, bad.stderr[-500:]
+
+
 def test_stream_serving_runs_every_case_through_the_cli(tmp_path):
     r = run("stream_serving.py", tmp_path, "--device", "cpu", "--frames", "6", "--size", "128", "--cpu-threads",
             timeout=600)

@@ -118,7 +118,7 @@ for part in $parts; do
       | tail -8 | tee "$OUT/attention_registry_tests.log" ;;
     roofline-*) timeout 580 python3 benchmarks/roofline.py --parts "${part#roofline-}" --tag "${part#roofline-}" \
       --out-dir "$OUT" 2>&1 | tee "$OUT/$part.log" ;;
-    stream-cache) timeout 500 python3 benchmarks/stream_cache.py --device cuda --frames 12 --out-dir "$OUT" 2>&1 \
+    stream-cache) timeout 580 python3 benchmarks/stream_cache.py --device cuda --frames 12 --out-dir "$OUT" 2>&1 \
       | tee "$OUT/stream_cache.log" ;;
     stream-cache-flux) timeout 580 python3 benchmarks/stream_cache.py --device cuda --source synthetic:flux-dev \
       --frames 8 --out-dir "$OUT" 2>&1 | tee "$OUT/stream_cache_flux.log" ;;

@@ -119,5 +119,9 @@ def test_metrics_endpoint_moves(shared_gateway, client):
     # The compute thread's time in the batch's job (on CPU it computes the frames itself: far above 0).
     busy = "rtdiff_replica_compute_busy_seconds_total"
     assert metric(after, busy, job="queue_batch") - metric(before, busy, job="queue_batch") > 1e-3
+    # Each process's garbage collections, counted from start-up: the collection before the
+    # freeze of the start-up heap (gc_pauses.py) is a full one, in the replica and the gateway.
+    assert metric(after, "rtdiff_replica_gc_pause_seconds_total", model=TINY, generation="2") > 0
+    assert metric(after, "rtdiff_gateway_gc_pause_seconds_total", generation="2") > 0
     # No GPU here: the GPU series are absent rather than zero.
     assert not any(name.startswith("rtdiff_gpu_") for name, _ in after)

@@ -54,6 +54,7 @@ from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.engine import fastpaths
 from rtdiff_cluster.engine.graphs import GraphStats
+from rtdiff_cluster.gc_pauses import GcPauses, freeze_startup_objects
 from rtdiff_cluster.models.registry import load_model
 from rtdiff_cluster.parallel import groups
 from rtdiff_cluster.thread_names import set_native_name
@@ -154,6 +155,7 @@ class ReplicaStats:
     stream_cache_bytes: int = 0
     stream_caches: int = 0
     compute_busy_s: dict[str, float] = field(default_factory=dict)  # the compute thread's seconds in jobs, by job
+    gc_pause_s: tuple[float, ...] = ()  # this process's seconds in garbage collections, by generation (gc_pauses.py)
 
 
 @dataclass
@@ -214,6 +216,7 @@ class EngineRank:
         self.layout = groups.Layout(tp=config.tp, cfg=config.cfg_parallel)
         self.stats_interval_s = stats_interval_s
         self.compute = TimedPool(1, thread_name_prefix="rtdiff-compute", initializer=set_native_name)
+        self._gc = GcPauses.install()
         self.encoder = ThreadPoolExecutor(2, thread_name_prefix="rtdiff-encode", initializer=set_native_name)
         # Collects launched batches. A chunk-cache frame whose region is held (hold_regions) keeps
         # its collector waiting until the region batch launches: one thread per batch in flight.
@@ -290,6 +293,7 @@ class EngineRank:
             if self.config.stream_cache.hold_regions:
                 threading.Thread(target=self._watch_held_regions, name="rtdiff-regions", daemon=True).start()
         self.load_s = time.perf_counter() - t0
+        freeze_startup_objects(f"replica rank {self.rank}")  # what loading left: a full collection walked it ~200 ms
 
     async def lifeline(self) -> None:
         """Never returns: the supervisor holds this call open, and Ray fails it when the process dies."""
@@ -353,7 +357,9 @@ class EngineRank:
                                                              _Work(batch, ["warm-up"], [""], warmup=True))
         while graphs is not None and graphs.pending():  # the default bucket's loop, captured aside
             await asyncio.sleep(0.01)
-        return time.perf_counter() - t0, self.fast.attention_choices()
+        took = time.perf_counter() - t0
+        freeze_startup_objects("replica warm-up")  # and what the warm-up left (compiled kernels, graphs)
+        return took, self.fast.attention_choices()
 
     def _lead(self, work: _Work):
         try:
@@ -713,4 +719,4 @@ class EngineRank:
         c = self.stream_caches
         return ReplicaStats(self.frames_computed, self.batches, p.hits, p.misses, len(p), len(self.streams),
                             self.gpu.latest(), self.gpu.batch_energy_joules, graphs, c.snapshot(), c.nbytes, len(c),
-                            self.compute.busy_seconds())
+                            self.compute.busy_seconds(), tuple(self._gc.seconds))

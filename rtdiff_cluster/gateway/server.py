@@ -26,6 +26,7 @@ from rtdiff_cluster.config import ModelConfig, ServerConfig
 from rtdiff_cluster.engine import samplers
 from rtdiff_cluster.engine.group import spawn_replicas
 from rtdiff_cluster.gateway.auth import TokenAuthInterceptor, load_tokens, server_credentials
+from rtdiff_cluster.gc_pauses import GcPauses, freeze_startup_objects
 from rtdiff_cluster.gateway.errors import RequestError, invalid
 from rtdiff_cluster.gateway.governor import FrameRateGovernor
 from rtdiff_cluster.gateway.router import ReplicaSet
@@ -87,6 +88,7 @@ class Gateway:
     async def start(self, wait_ready: bool = True) -> None:
         """Listens at once (health NOT_SERVING), then loads replicas and turns SERVING."""
         cfg = self.config
+        GcPauses.install()  # rtdiff_gateway_gc_pause_seconds counts from here
         interceptors = []
         tokens = load_tokens(cfg.auth)
         if tokens:
@@ -145,6 +147,8 @@ class Gateway:
             served.limits = infos[0].limits
             served.decodes_jpeg = all(i.fast_paths.get("jpeg_decode", "").startswith("nvJPEG") for i in infos)
         self.ready = True
+        # Before SERVING: the collection that precedes the freeze stops the event loop once, now.
+        freeze_startup_objects("gateway")
         if not self.draining:
             for name in ("", SERVICE_NAME):
                 await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

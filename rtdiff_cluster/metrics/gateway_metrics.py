@@ -14,6 +14,8 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from rtdiff_cluster.gc_pauses import GcPauses
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 JOULE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250)
@@ -144,6 +146,13 @@ class _PolledCollector:
         for model, series in list(self.m._models.items()):
             fps.add_metric([model], series.fps.rate())
         yield fps
+        pauses = GcPauses.install()
+        gateway_gc = CounterMetricFamily("rtdiff_gateway_gc_pause_seconds", "Seconds the gateway process spent in "
+                                         "Python garbage collections (every thread stopped), by generation",
+                                         labels=["generation"])
+        for g in range(3):
+            gateway_gc.add_metric([str(g)], pauses.seconds[g])
+        yield gateway_gc
         with self.m._lock:
             items = list(self.m._replica_stats.items())
         computed = CounterMetricFamily("rtdiff_replica_frames_computed", "Frames a replica computed since it started",
@@ -182,6 +191,9 @@ class _PolledCollector:
         cache_bytes = GaugeMetricFamily("rtdiff_stream_cache_bytes", "Memory the streams' chunk caches hold",
                                         labels=["model", "replica"])
         cache_streams = GaugeMetricFamily("rtdiff_stream_caches", "Streams with a chunk cache", labels=["model", "replica"])
+        replica_gc = CounterMetricFamily("rtdiff_replica_gc_pause_seconds", "Seconds a replica's leader process spent "
+                                         "in Python garbage collections (every thread stopped), by generation",
+                                         labels=["model", "replica", "generation"])
         for (model, replica), s in items:
             computed.add_metric([model, replica], s.frames_computed)
             chunks.add_metric([model, replica, "reused"], s.stream_cache.chunks_reused)
@@ -193,6 +205,8 @@ class _PolledCollector:
             cache_streams.add_metric([model, replica], s.stream_caches)
             for job, seconds in s.compute_busy_s.items():
                 busy.add_metric([model, replica, job], seconds)
+            for g, seconds in enumerate(s.gc_pause_s):
+                replica_gc.add_metric([model, replica, str(g)], seconds)
             if s.graphs is not None:
                 graphs.add_metric([model, replica], s.graphs.graphs)
                 graph_mem.add_metric([model, replica], s.graphs.bytes)
@@ -213,5 +227,5 @@ class _PolledCollector:
         # Every family is declared even without samples (GPU series on a CPU-only machine, graphs on
         # CPU replicas): the series are absent, not zero, and dashboards can still be checked
         # against the names the server declares.
-        yield from (computed, hits, misses, states, chunks, from_cache, launches, launched, busy, cache_bytes, cache_streams,
+        yield from (computed, hits, misses, states, chunks, from_cache, launches, launched, busy, cache_bytes, cache_streams, replica_gc,
                     power, power_limit, energy, util, mem, memt, graphs, graph_mem, captures, deferred)

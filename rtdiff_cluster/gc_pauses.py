@@ -33,7 +33,6 @@ class GcPauses:
     def __init__(self):
         self.seconds = [0.0, 0.0, 0.0]
         self.collections = [0, 0, 0]
-        self.longest_s = 0.0
         self._started = 0.0
 
     @classmethod
@@ -54,7 +53,6 @@ class GcPauses:
         g = info["generation"]
         self.seconds[g] += s
         self.collections[g] += 1
-        self.longest_s = max(self.longest_s, s)
 
 
 def freeze_startup_objects(where: str) -> int:

@@ -26,13 +26,13 @@ from rtdiff_cluster.config import ModelConfig, ServerConfig
 from rtdiff_cluster.engine import samplers
 from rtdiff_cluster.engine.group import spawn_replicas
 from rtdiff_cluster.gateway.auth import TokenAuthInterceptor, load_tokens, server_credentials
-from rtdiff_cluster.gc_pauses import GcPauses, freeze_startup_objects
 from rtdiff_cluster.gateway.errors import RequestError, invalid
 from rtdiff_cluster.gateway.governor import FrameRateGovernor
 from rtdiff_cluster.gateway.router import ReplicaSet
 from rtdiff_cluster.gateway.scheduler import BatchKey, FrameJob, FrameOutcome, ModelScheduler, StreamPin
 from rtdiff_cluster.gateway.validation import (MAX_SEED, check_cache_threshold, check_governor, check_num_images,
                                                check_settings, frame_specs, scaled_size)
+from rtdiff_cluster.gc_pauses import GcPauses, freeze_startup_objects
 from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb

@@ -8,7 +8,10 @@ the gateway process ran one of 210 ms, its event loop and every stream stalled m
 logging each process's collections during benchmarks/stream_serving.py on CPU). gc.freeze() moves
 everything alive at the end of start-up into a permanent generation the collector no longer walks,
 so later full collections see only what serving allocated since; start-up garbage is collected
-first, so freezing keeps nothing that was already dead.
+first, so freezing keeps nothing that was already dead. The price: a frozen object that serving
+drops later is still freed by its reference count, but a reference cycle among such objects is
+never collected. What start-up builds (the model, its graphs and caches, the gateway's state)
+lives as long as the process anyway.
 
 GcPauses counts the collections and their seconds per generation, for the metrics
 (rtdiff_gateway_gc_pause_seconds_total, rtdiff_replica_gc_pause_seconds_total).

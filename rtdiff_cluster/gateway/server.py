@@ -32,7 +32,7 @@ from rtdiff_cluster.gateway.router import ReplicaSet
 from rtdiff_cluster.gateway.scheduler import BatchKey, FrameJob, FrameOutcome, ModelScheduler, StreamPin
 from rtdiff_cluster.gateway.validation import (MAX_SEED, check_cache_threshold, check_governor, check_num_images,
                                                check_settings, frame_specs, scaled_size)
-from rtdiff_cluster.gc_pauses import GcPauses, freeze_startup_objects
+from rtdiff_cluster.gc_pauses import freeze_startup_objects
 from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
 from rtdiff_cluster.models.base import ModelLimits
 from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
@@ -88,7 +88,6 @@ class Gateway:
     async def start(self, wait_ready: bool = True) -> None:
         """Listens at once (health NOT_SERVING), then loads replicas and turns SERVING."""
         cfg = self.config
-        GcPauses.install()  # rtdiff_gateway_gc_pause_seconds counts from here
         interceptors = []
         tokens = load_tokens(cfg.auth)
         if tokens:

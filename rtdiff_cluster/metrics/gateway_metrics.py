@@ -76,6 +76,7 @@ class GatewayMetrics:
         self._requests: dict[tuple[str, str, str], object] = {}
         self._replica_stats: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
+        self.gc_pauses = GcPauses.install()  # this process's collections, counted from here
         r.register(_PolledCollector(self))
 
     def request_done(self, model: str, method: str, code: str) -> None:
@@ -146,7 +147,7 @@ class _PolledCollector:
         for model, series in list(self.m._models.items()):
             fps.add_metric([model], series.fps.rate())
         yield fps
-        pauses = GcPauses.install()
+        pauses = self.m.gc_pauses
         gateway_gc = CounterMetricFamily("rtdiff_gateway_gc_pause_seconds", "Seconds the gateway process spent in "
                                          "Python garbage collections (every thread stopped), by generation",
                                          labels=["generation"])

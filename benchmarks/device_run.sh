@@ -3,6 +3,8 @@
 #   gpu-tests  tests/test_gpu.py (CUDA replica, NVML series; sharded serving where there are 2 GPUs)
 #   fast-path-tests  tests/test_gpu_fast_paths.py alone (fast paths, graphs, attention sealing, batch splits)
 #   norm-tests  tests/test_kernels_norms.py alone, at full sizes on the GPU
+#   vae-tests  the GPU tests of the VAEs as served (tiny and KL: tolerance policy, graph replay) and of the
+#              attention backend for head dims over 256
 #   hop        benchmarks/hop_floor.py           gateway  benchmarks/gateway_overhead.py --device cuda
 #   sharding   benchmarks/sharding.py (SDXL and Flux-dev at 1024, every layout the GPUs allow, flux-80b)
 #   kernel-tests  the kernel, fast-path and FP8 tests at full sizes on the GPU
@@ -32,6 +34,8 @@
 #   frame-ab      the frame profile A/B, twice each: each batch's scheduler a copy of one built once, or built from its config
 #   frame8-kv-ab  the 8-step frame at 1024, alternating twice: cross-attention K/V once per captured loop or every step
 #   gn-tune       benchmarks/tune_pointwise.py --kernels group_norm_silu (its launch knobs on an SDXL step's own calls)
+#   gn-large-tune  benchmarks/tune_pointwise.py --kernels group_norm_silu_large --model vae (GroupNorm's large-problem
+#                 knobs on an SDXL KL VAE decode's own calls at 1024)
 #   pointwise-tune  benchmarks/tune_pointwise.py: geglu's and add_layer_norm's launch knobs on an SDXL step's own calls
 #   linear-bench  kernels/bench_linear.py (our Triton linear and linear+GEGLU against cuBLAS at an SDXL step's linears),
 #                 then tests/test_kernels_linear.py on the GPU
@@ -80,6 +84,9 @@ for part in $parts; do
     gpu-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
     fast-path-tests) timeout 400 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py 2>&1 \
       | tail -40 | tee "$OUT/fast_path_tests.log" ;;
+    vae-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py \
+      tests/test_kernels_attention.py -k "vae or blocked_matmul" 2>&1 \
+      | tail -15 | tee "$OUT/vae_tests.log" ;;
     norm-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_norms.py 2>&1 \
       | tail -30 | tee "$OUT/norm_tests.log" ;;
     region-batch) timeout 400 python3 benchmarks/region_batch.py --device cuda --out-dir "$OUT" ${REGION_BATCH_ARGS:-} 2>&1 \
@@ -133,6 +140,8 @@ for part in $parts; do
     frame8-kv-ab) unet_profile_ab kv8 --kv-per-step --frame 8 --sizes 1024 ;;
     gn-tune) timeout 330 python3 benchmarks/tune_pointwise.py --kernels group_norm_silu --sizes 1024,512 --budget-s 240 \
       --tag gn --out-dir "$OUT" 2>&1 | grep -v WARNING | tee "$OUT/tune_group_norm.log" ;;
+    gn-large-tune) timeout 330 python3 benchmarks/tune_pointwise.py --kernels group_norm_silu_large --model vae \
+      --sizes 1024 --budget-s 200 --out-dir "$OUT" 2>&1 | grep -v WARNING | tee "$OUT/tune_gn_large.log" ;;
     pointwise-tune) timeout 420 python3 benchmarks/tune_pointwise.py --kernels geglu,add_layer_norm --sizes 1024,512 \
       --budget-s 150 --out-dir "$OUT" 2>&1 | grep -v WARNING | tee "$OUT/tune_pointwise.log" ;;
     linear-bench) timeout 300 python3 kernels/bench_linear.py --out "$OUT/bench_linear.json" 2>&1 | tee "$OUT/bench_linear.log"

@@ -329,48 +329,75 @@ def part_frame(ctx: Ctx, plain, fast, fp, source: str, compiled_unet, fp8: bool)
 # ---- VAE decode ---------------------------------------------------------------------------------
 
 def part_vae(ctx: Ctx) -> None:
+    """Decode at 1024 for both VAEs; for the KL VAE also the encode (image-to-image's first
+    call), and our fused modules in channels-last beside diffusers' modules as loaded, each
+    in a CUDA graph, with the GPU time of both by kernel family."""
     import diffusers
 
+    from rtdiff_cluster.engine.fastpaths import prepare_vae
+    from rtdiff_cluster.engine.graphs import GraphCache
+    from rtdiff_cluster.ops.attention import AttentionRegistry
     from rtdiff_cluster.models.synthetic import PRESETS
     source = "synthetic:tiny-sdxl" if ctx.tiny else "synthetic:sdxl"
     size = 256 if ctx.tiny else 1024
     cuda = ctx.device.type == "cuda"
-    for name, make in (("full VAE", lambda: diffusers.AutoencoderKL(**PRESETS[source].vae)),
-                       ("tiny VAE", lambda: diffusers.AutoencoderTiny(latent_channels=4, scaling_factor=1.0, shift_factor=0.0))):
+    vaes = (("full VAE", lambda: diffusers.AutoencoderKL(**PRESETS[source].vae)),
+            ("tiny VAE", lambda: diffusers.AutoencoderTiny(latent_channels=4, scaling_factor=1.0, shift_factor=0.0)))
+    for name, make in vaes:
         torch.manual_seed(3)
         ref = make().to(ctx.device).eval().requires_grad_(False)
-        vae = make().to(ctx.device, ctx.dtype).eval().requires_grad_(False)
-        vae.load_state_dict(ref.state_dict())
-        ours_vae = make().to(ctx.device, ctx.dtype).eval().requires_grad_(False)
-        ours_vae.load_state_dict(ref.state_dict())
-        z = torch.randn(1, 4, size // 8, size // 8, device=ctx.device, generator=None).to(ctx.dtype)
-        ref_out = ref.decode(z.float()).sample
-        del ref
-        work = f"{name} decode {size}x{size}"
-        eager = lambda: vae.decode(z).sample  # noqa: E731
-        flops = count_flops(eager)
-        add_row(ctx, work, "diffusers eager", eager, flops, ref_out, eager())
-        if ctx.compile:
-            dec = torch.compile(vae.decoder)
-            vae_c = make().to(ctx.device, ctx.dtype).eval().requires_grad_(False)
-            vae_c.load_state_dict(vae.state_dict())
-            vae_c.decoder = dec
-            t0 = time.perf_counter()
-            out = vae_c.decode(z).sample
-            _sync(ctx.device)
-            add_row(ctx, work, "diffusers + torch.compile", lambda: vae_c.decode(z).sample, flops, ref_out, out,
-                    time.perf_counter() - t0)
-        if cuda:
-            from rtdiff_cluster.engine.graphs import GraphCache
 
-            if name == "tiny VAE":  # what engine/fastpaths.py does: the KL VAE stays as loaded, in a graph
-                from rtdiff_cluster.ops.fused import install_fused
+        def copy_of():
+            m = make().to(ctx.device, ctx.dtype).eval().requires_grad_(False)
+            m.load_state_dict(ref.state_dict())
+            return m
 
-                install_fused(ours_vae)
-                ours_vae.to(memory_format=torch.channels_last)
-            graphs = GraphCache(ctx.device, 4, 1 << 40)
-            run = _graph(graphs, name, lambda x: ours_vae.decode(x).sample, z)
-            add_row(ctx, work, "ours bf16", run, flops, ref_out, run().clone())
+        vae = copy_of()
+        z = torch.randn(1, 4, size // 8, size // 8, device=ctx.device).to(ctx.dtype)
+        # An image-like input: smooth enough that the encoder's statistics are not pure noise.
+        img = torch.nn.functional.interpolate(torch.rand(1, 3, size // 16, size // 16, device=ctx.device),
+                                              size=(size, size), mode="bilinear").mul(2).sub(1).to(ctx.dtype)
+        calls = {"decode": (lambda m, x: m.decode(x).sample, z)}
+        if name == "full VAE":
+            calls["encode"] = (lambda m, x: m.encode(x).latent_dist.mean, img)
+        # Ours as engine/fastpaths.py serves it (prepare_vae); for the KL VAE also diffusers'
+        # modules as loaded in a graph (what the engine served before its VAE was fused).
+        treatments = {"ours bf16": True}
+        if name == "full VAE":
+            treatments = {"ours bf16, as loaded": False, "ours bf16": True}
+        ours = {}
+        for variant, prepared in treatments.items():
+            m = copy_of()
+            if prepared and cuda:
+                ctx.notes.append(f"{name} {variant}: {prepare_vae(m, AttentionRegistry(), kernels=True)}")
+            ours[variant] = m
+        for what, (call, x) in calls.items():
+            ref_out = call(ref, x.float())
+            work = f"{name} {what} {size}x{size}"
+            eager = lambda: call(vae, x)  # noqa: E731
+            flops = count_flops(eager)
+            add_row(ctx, work, "diffusers eager", eager, flops, ref_out, eager())
+            if ctx.compile:
+                vae_c = copy_of()
+                part = "decoder" if what == "decode" else "encoder"
+                setattr(vae_c, part, torch.compile(getattr(vae_c, part)))
+                t0 = time.perf_counter()
+                out = call(vae_c, x)
+                _sync(ctx.device)
+                add_row(ctx, work, "diffusers + torch.compile", lambda: call(vae_c, x), flops, ref_out, out,
+                        time.perf_counter() - t0)
+                del vae_c
+            if not cuda:
+                continue
+            for variant, m in ours.items():
+                xin = x.contiguous(memory_format=torch.channels_last) if treatments[variant] else x
+                graphs = GraphCache(ctx.device, 4, 1 << 40)
+                run = _graph(graphs, (name, what), lambda t, m=m: call(m, t), xin)
+                add_row(ctx, work, variant, run, flops, ref_out, run().clone())
+                if len(ours) > 1:
+                    breakdown(ctx, f"{work}, {variant}", lambda m=m, xin=xin: call(m, xin))
+                graphs.clear()
+        ref = vae = ours = None  # noqa: F841 - freed before the next VAE is built
         gc.collect()
 
 

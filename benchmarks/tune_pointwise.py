@@ -15,6 +15,11 @@ the time, not the bytes. For each kernel this script
   3. writes a table: GPU microseconds of that kernel per step at each size, per knob set.
 
     python benchmarks/tune_pointwise.py --kernels geglu,add_layer_norm --sizes 1024,512 --out-dir DIR
+    python benchmarks/tune_pointwise.py --kernels group_norm_silu_large --model vae --sizes 1024
+
+--model vae records the calls of one decode of SDXL's KL VAE (fused, channels-last, as the
+engine serves it) instead of a UNet step: the large problems' knobs of group_norm_silu are tuned
+on those.
 
 GPU only. A knob set's first pass compiles its kernel variants; --budget-s stops a kernel's sweep
 (its later knob sets are reported as not run). A knob set passes if its worst error is at most
@@ -64,6 +69,13 @@ TARGETS = {
         ((4096, 8192, 16384), (4, 8), (1, 2, 4), (256, 512)),
         "fewer, fatter programs: a 32x32 latent's GroupNorm was cut into ~350 one-tile programs at 4 per SM",
         clear="_plan"),
+    "group_norm_silu_large": Target(
+        "rtdiff_kernels.group_norm_silu", "group_norm_silu", "group_norm_silu_reference",
+        ("_LARGE_TILE_ELEMS", "_LARGE_NUM_WARPS", "_LARGE_PROGRAMS_PER_SM"),
+        ((4096, 8192, 16384), (4, 8), (2, 4, 8, 16)),
+        "more programs and warps in flight: a KL VAE decoder's 128-512 channels at 256^2-1024^2 ran "
+        "at 0.7-0.9 TB/s with 64-264 programs of 4 warps",
+        clear="_plan"),
     "geglu": Target(
         "rtdiff_kernels.activations", "geglu", "geglu_reference",
         ("_MAX_BLOCK_N", "_TILE_ELEMS", "_NUM_WARPS"),
@@ -85,9 +97,34 @@ def describe(v):
     return ("value", v)
 
 
-def record_calls(model, target: Target, size: int, device) -> list[tuple[list, dict]]:
-    """Every call of target's function in one eager UNet step at size x size. The fast paths import
-    the kernels inside the patched forwards, so replacing the module attribute catches them."""
+def unet_step(model, size: int, device) -> None:
+    x = _inputs("sdxl", 1, size, device, model.dtype)
+    model.backbone(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"],
+                   added_cond_kwargs=x["added_cond_kwargs"])
+
+
+def vae_decode(vae, size: int, device) -> None:
+    z = torch.randn(1, vae.config.latent_channels, size // 8, size // 8, device=device, dtype=vae.dtype)
+    vae.decode(z.contiguous(memory_format=torch.channels_last))
+
+
+def kl_vae(device):
+    """SDXL's KL VAE in bf16 as engine/fastpaths.py serves it: fused modules, channels-last."""
+    import diffusers
+
+    from rtdiff_cluster.models.synthetic import PRESETS
+    from rtdiff_cluster.ops.fused import install_fused
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(**PRESETS["synthetic:sdxl"].vae).to(device, torch.bfloat16).eval()
+    install_fused(vae)
+    return vae.to(memory_format=torch.channels_last).requires_grad_(False)
+
+
+def record_calls(run: Callable, target: Target, size: int, device) -> list[tuple[list, dict]]:
+    """Every call of target's function in one eager run(size, device) (a UNet step or a VAE
+    decode). The fast paths import the kernels inside the patched forwards, so replacing the
+    module attribute catches them."""
     mod = importlib.import_module(target.module)
     calls, original = [], getattr(mod, target.function)
 
@@ -97,10 +134,8 @@ def record_calls(model, target: Target, size: int, device) -> list[tuple[list, d
 
     setattr(mod, target.function, recording)
     try:
-        x = _inputs("sdxl", 1, size, device, model.dtype)
         with torch.no_grad():
-            model.backbone(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"],
-                           added_cond_kwargs=x["added_cond_kwargs"])
+            run(size, device)
         torch.cuda.synchronize(device)
     finally:
         setattr(mod, target.function, original)
@@ -139,12 +174,12 @@ def worst_error(fn: Callable, ref: Callable, calls) -> float:
     return err
 
 
-def sweep(target: Target, model, sizes: list[int], device, budget_s: float) -> dict:
+def sweep(target: Target, run: Callable, sizes: list[int], device, budget_s: float) -> dict:
     from rtdiff_kernels._bench import bench_us
 
     mod = importlib.import_module(target.module)
     fn, ref = getattr(mod, target.function), getattr(mod, target.reference)
-    recorded = {s: record_calls(model, target, s, device) for s in sizes}
+    recorded = {s: record_calls(run, target, s, device) for s in sizes}
     inputs = {s: materialise(recorded[s], device) for s in sizes}
     default = tuple(getattr(mod, k) for k in target.knobs)
     t_start, rows, base_err = time.monotonic(), [], {}
@@ -192,6 +227,8 @@ def main() -> None:
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop a kernel's sweep after this long")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
+    ap.add_argument("--model", choices=["unet", "vae"], default="unet",
+                    help="whose calls: an SDXL UNet step's, or an SDXL KL VAE decode's")
     args = ap.parse_args()
     names = [k for k in args.kernels.split(",") if k]
     bad = [k for k in names if k not in TARGETS]
@@ -200,22 +237,28 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("tune_pointwise: needs a CUDA GPU", file=sys.stderr)
         raise SystemExit(2)
-    args.device, args.source, args.vae = "cuda", "synthetic:sdxl", ""
     device = torch.device("cuda")
-    model, _ = load_engine(args)  # the fast paths patch the backbone in place
+    if args.model == "vae":
+        vae = kl_vae(device)
+        run = lambda size, dev: vae_decode(vae, size, dev)  # noqa: E731
+    else:
+        args.device, args.source, args.vae = "cuda", "synthetic:sdxl", ""
+        model, _ = load_engine(args)  # the fast paths patch the backbone in place
+        run = lambda size, dev: unet_step(model, size, dev)  # noqa: E731
     sizes = [int(s) for s in args.sizes.split(",")]
-    results = {k: sweep(TARGETS[k], model, sizes, device, args.budget_s) for k in names}
-    write_results("tune_pointwise", "cuda", {"sizes": sizes, "kernels": results}, args.out_dir, markdown,
-                  tag=args.tag)
+    results = {k: sweep(TARGETS[k], run, sizes, device, args.budget_s) for k in names}
+    write_results("tune_pointwise", "cuda", {"sizes": sizes, "model": args.model, "kernels": results}, args.out_dir,
+                  markdown, tag=args.tag)
 
 
 def markdown(r: dict) -> str:
     sizes = r["sizes"]
-    lines = [f"# Launch geometry on an SDXL step's own calls: {r.get('gpu_name')} ({r['date']})", "",
-             f"torch {r.get('torch')}. Per knob set: GPU time of all of a step's calls of the kernel back to back in "
+    whose = "an SDXL KL VAE decode's" if r.get("model") == "vae" else "an SDXL step's"
+    lines = [f"# Launch geometry on {whose} own calls: {r.get('gpu_name')} ({r['date']})", "",
+             f"torch {r.get('torch')}. Per knob set: GPU time of all of the calls of the kernel back to back in "
              "a CUDA graph (median), and the worst error against the fp32 reference.", ""]
     for name, k in r["kernels"].items():
-        lines += [f"## {name}", "", "Calls per step: " + ", ".join(f"{s}: {k['calls_per_step'][str(s)]}" for s in sizes)
+        lines += [f"## {name}", "", "Calls recorded per size: " + ", ".join(f"{s}: {k['calls_per_step'][str(s)]}" for s in sizes)
                   + f". Hypothesis: {k['hypothesis']}.", "",
                   "| " + " | ".join(k["knobs"]) + " | " + " | ".join(f"{s} us" for s in sizes) + " | "
                   + " | ".join(f"{s} max err" for s in sizes) + " | note |",

@@ -17,6 +17,11 @@ Here:
      and rstd, folds weight/bias into one per-channel scale and shift, and writes
      silu(x * scale + shift) in x's dtype and memory format.
 
+  3. Large problems only (from _LARGE_ELEMS elements per sample, e.g. a KL VAE decoder's
+     activations): `_gn_merge_kernel` merges each group's partials once, into (mean, rstd), and
+     the apply programs read those. Their grid has more chunks than an apply program could merge
+     in registers (partials per group = chunks).
+
 Bytes moved: x read twice + y written once = 3 * numel * itemsize, the floor for a two-pass norm
 whose tensor does not fit on chip. SDXL's activations at 1024x1024 (128x128 latents) are 21-63 MB
 in bf16, around H200's 50 MB L2, so part of the second read can come from L2: the apply kernel
@@ -62,6 +67,19 @@ _MAX_BLOCK_C_CL = 256  # channels_last: wide rows of contiguous channels per til
 _MAX_BLOCK_C_NCHW = 128  # NCHW: rows are H*W-contiguous, a narrower channel block suffices
 _MAX_GROUPS_PER_BLOCK = 32  # bounds the [BLOCK_C, BLOCK_G] one-hot that maps channels to groups
 _MAX_PARTIALS = 2048  # BLOCK_G * slices * chunks: the partials each apply program merges
+# Large problems (a KL VAE decoder's activations at 1024: 128-512 channels of 256^2-1024^2): at
+# the knobs above a [1, 128, 1024, 1024] call got 64 programs (the partials cap: 32 groups per
+# block leaves 64 chunks), one per two SMs. From _LARGE_ELEMS elements per sample the grid is
+# sized by the knobs below and the partials are merged once per group by a third kernel
+# (_gn_merge_kernel), not by every apply program. SDXL's UNet at 1024 stays below (its largest
+# GroupNorm input is 960 x 128 x 128 = 15.7 M).
+_LARGE_ELEMS = 1 << 24
+_LARGE_TILE_ELEMS = 4096
+# Swept on a KL VAE decode's 30 calls at 1024 (benchmarks/tune_pointwise.py --model vae, H200,
+# results/tune_pointwise-2026-11-25-*-gn-large.md): 8 warps at 4 per SM took 3.95 ms, the first
+# guess (4 warps, 8 per SM) 4.30, larger tiles 4.35-7.67.
+_LARGE_NUM_WARPS = 8
+_LARGE_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -172,6 +190,28 @@ def _gn_stats_kernel(
 
 
 @triton.jit(do_not_specialize=["HW", "K", "HW_PER_CHUNK"])
+def _gn_merge_kernel(part_ptr, stat_ptr, HW, CG, SUB_C, K, HW_PER_CHUNK, eps,
+                     SUBS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Large problems: one program per (n, group) merges its SUBS * K partials (Chan's formula,
+    weights = element counts) into (mean, rstd) at stat_ptr[(n * G + g) * 2 + {0, 1}]."""
+    ng = tl.program_id(0)
+    offs_p = tl.arange(0, BLOCK_P)  # p = slice * K + chunk
+    p_ok = offs_p < SUBS * K
+    slot = ng.to(tl.int64) * (SUBS * K) + offs_p
+    p_mean = tl.load(part_ptr + slot * 2, mask=p_ok, other=0.0)
+    p_m2 = tl.load(part_ptr + slot * 2 + 1, mask=p_ok, other=0.0)
+    p_cnt = tl.minimum(SUB_C, CG - (offs_p // K) * SUB_C).to(tl.float32) * \
+        tl.minimum(HW_PER_CHUNK, HW - (offs_p % K) * HW_PER_CHUNK).to(tl.float32)
+    p_cnt = tl.where(p_ok, p_cnt, 0.0)
+    total = tl.sum(p_cnt, axis=0)
+    mean = tl.sum(p_cnt * p_mean, axis=0) / total
+    dev = tl.where(p_ok, p_mean - mean, 0.0)
+    var = (tl.sum(p_m2, axis=0) + tl.sum(p_cnt * dev * dev, axis=0)) / total
+    tl.store(stat_ptr + ng * 2, mean)
+    tl.store(stat_ptr + ng * 2 + 1, 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit(do_not_specialize=["HW", "K", "HW_PER_CHUNK"])
 def _gn_apply_kernel(
     x_ptr, t_ptr, y_ptr, w_ptr, b_ptr, part_ptr,
     HW, G, CG, SUB_C, K, HW_PER_CHUNK, eps,
@@ -179,7 +219,10 @@ def _gn_apply_kernel(
     GPB: tl.constexpr, SUBS: tl.constexpr, C_ALIGN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
     C_FASTEST: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, HAS_T: tl.constexpr,
+    MERGED: tl.constexpr,
 ):
+    """MERGED: part_ptr holds each group's (mean, rstd) from _gn_merge_kernel; otherwise the
+    stats kernel's partials, which each program merges for its groups."""
     cb = tl.program_id(0)
     # Walk (n, chunk) in the reverse of the stats kernel's launch order: what it read last is the
     # likeliest to still be in L2.
@@ -189,25 +232,30 @@ def _gn_apply_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     c_ok = offs_c < n_ch
 
-    # Merge each group's SUBS * K partials (Chan's formula, weights = element counts).
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < tl.minimum(GPB, G - g0)
-    offs_p = tl.arange(0, BLOCK_P)  # p = slice * K + chunk
-    p_ok = offs_p < SUBS * K
-    gp_ok = g_ok[:, None] & p_ok[None, :]
-    slot = (n * G + g0 + offs_g).to(tl.int64)[:, None] * (SUBS * K) + offs_p[None, :]
-    p_mean = tl.load(part_ptr + slot * 2, mask=gp_ok, other=0.0)
-    p_m2 = tl.load(part_ptr + slot * 2 + 1, mask=gp_ok, other=0.0)
-    p_sub = offs_p // K
-    p_chunk = offs_p % K
-    p_cnt = tl.minimum(SUB_C, CG - p_sub * SUB_C).to(tl.float32) * \
-        tl.minimum(HW_PER_CHUNK, HW - p_chunk * HW_PER_CHUNK).to(tl.float32)
-    p_cnt = tl.where(p_ok, p_cnt, 0.0)[None, :]
-    total = tl.sum(p_cnt, axis=1)  # = CG * HW, the group's element count
-    g_mean = tl.sum(p_cnt * p_mean, axis=1) / total
-    dev = tl.where(gp_ok, p_mean - g_mean[:, None], 0.0)
-    g_var = (tl.sum(p_m2, axis=1) + tl.sum(p_cnt * dev * dev, axis=1)) / total
-    g_rstd = 1.0 / tl.sqrt(g_var + eps)
+    if MERGED:
+        stat = (n * G + g0 + offs_g).to(tl.int64) * 2
+        g_mean = tl.load(part_ptr + stat, mask=g_ok, other=0.0)
+        g_rstd = tl.load(part_ptr + stat + 1, mask=g_ok, other=0.0)
+    else:
+        # Merge each group's SUBS * K partials (Chan's formula, weights = element counts).
+        offs_p = tl.arange(0, BLOCK_P)  # p = slice * K + chunk
+        p_ok = offs_p < SUBS * K
+        gp_ok = g_ok[:, None] & p_ok[None, :]
+        slot = (n * G + g0 + offs_g).to(tl.int64)[:, None] * (SUBS * K) + offs_p[None, :]
+        p_mean = tl.load(part_ptr + slot * 2, mask=gp_ok, other=0.0)
+        p_m2 = tl.load(part_ptr + slot * 2 + 1, mask=gp_ok, other=0.0)
+        p_sub = offs_p // K
+        p_chunk = offs_p % K
+        p_cnt = tl.minimum(SUB_C, CG - p_sub * SUB_C).to(tl.float32) * \
+            tl.minimum(HW_PER_CHUNK, HW - p_chunk * HW_PER_CHUNK).to(tl.float32)
+        p_cnt = tl.where(p_ok, p_cnt, 0.0)[None, :]
+        total = tl.sum(p_cnt, axis=1)  # = CG * HW, the group's element count
+        g_mean = tl.sum(p_cnt * p_mean, axis=1) / total
+        dev = tl.where(gp_ok, p_mean - g_mean[:, None], 0.0)
+        g_var = (tl.sum(p_m2, axis=1) + tl.sum(p_cnt * dev * dev, axis=1)) / total
+        g_rstd = 1.0 / tl.sqrt(g_var + eps)
 
     # Groups -> channels, then weight/bias folded into one scale and shift per channel.
     onehot = (offs_c // SUB_C)[:, None] == offs_g[None, :]
@@ -294,7 +342,7 @@ def _hw_view(t: torch.Tensor) -> torch.Tensor | None:
 
 def _knobs() -> tuple:
     return (_TILE_ELEMS, _NUM_WARPS, _PROGRAMS_PER_SM, _MAX_BLOCK_C_CL, _MAX_BLOCK_C_NCHW, _MAX_GROUPS_PER_BLOCK,
-            _MAX_PARTIALS)
+            _MAX_PARTIALS, _LARGE_ELEMS, _LARGE_TILE_ELEMS, _LARGE_NUM_WARPS, _LARGE_PROGRAMS_PER_SM)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -302,8 +350,11 @@ def _plan(n: int, c: int, hw: int, groups: int, c_fastest: bool, sms: int, knobs
     """Launch geometry for one problem shape (cached: the per-call Python cost matters next to a
     few-microsecond kernel). `knobs` is only part of the cache key."""
     cg = c // groups
+    large = c * hw >= _LARGE_ELEMS
+    tile_elems, num_warps, per_sm = ((_LARGE_TILE_ELEMS, _LARGE_NUM_WARPS, _LARGE_PROGRAMS_PER_SM) if large
+                                     else (_TILE_ELEMS, _NUM_WARPS, _PROGRAMS_PER_SM))
     gpb, subs, sub_c, block_c = _channel_blocking(groups, cg, c_fastest)
-    block_hw = max(1, min(_TILE_ELEMS // block_c, triton.next_power_of_2(hw)))
+    block_hw = max(1, min(tile_elems // block_c, triton.next_power_of_2(hw)))
     block_g = triton.next_power_of_2(gpb)
     n_cblocks = triton.cdiv(groups, gpb) * subs
     # Split H*W into chunks until the grid holds a few programs per SM (N * 32 groups alone would
@@ -313,8 +364,10 @@ def _plan(n: int, c: int, hw: int, groups: int, c_fastest: bool, sms: int, knobs
     # a plan that moved with N compiled new kernel variants for every new batch size on the
     # serving path (19 for an SDXL batch of two at 1024, 9 s on an H200 host,
     # benchmarks/results/new_bucket-2026-11-24-*). A larger batch just has more programs.
-    want_chunks = triton.cdiv(_PROGRAMS_PER_SM * sms, n_cblocks)
-    want_chunks = max(1, min(want_chunks, _MAX_PARTIALS // (block_g * subs)))
+    want_chunks = triton.cdiv(per_sm * sms, n_cblocks)
+    merged = large and want_chunks * block_g * subs > _MAX_PARTIALS
+    if not merged:
+        want_chunks = max(1, min(want_chunks, _MAX_PARTIALS // (block_g * subs)))
     tiles_per_chunk = triton.cdiv(n_tiles, want_chunks)
     hw_per_chunk = tiles_per_chunk * block_hw
     chunks = triton.cdiv(hw, hw_per_chunk)
@@ -323,8 +376,8 @@ def _plan(n: int, c: int, hw: int, groups: int, c_fastest: bool, sms: int, knobs
     # the chunks compiled one per resolution (10 for a 512 chunk-cache region of an SDXL stream).
     block_p = triton.next_power_of_2(subs * want_chunks)
     meta = dict(GPB=gpb, SUBS=subs, C_ALIGN=_channel_align(c, cg, gpb, subs, sub_c), BLOCK_C=block_c,
-                BLOCK_HW=block_hw, BLOCK_G=block_g, C_FASTEST=c_fastest, num_warps=_NUM_WARPS)
-    return (n_cblocks, chunks, n), sub_c, chunks, hw_per_chunk, block_p, meta
+                BLOCK_HW=block_hw, BLOCK_G=block_g, C_FASTEST=c_fastest, num_warps=num_warps)
+    return (n_cblocks, chunks, n), sub_c, chunks, hw_per_chunk, block_p, merged, meta
 
 
 def _check_offset(offset, x) -> None:
@@ -378,7 +431,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     n, c, hw = x3.shape
     c_fastest = c > 1 and x3.stride(1) < x3.stride(2)  # channels_last (or [N, L, C] transposed)
     sms = sm_count(x)
-    grid, sub_c, chunks, hw_per_chunk, block_p, meta = _plan(n, c, hw, num_groups, c_fastest, sms, _knobs())
+    grid, sub_c, chunks, hw_per_chunk, block_p, merged, meta = _plan(n, c, hw, num_groups, c_fastest, sms, _knobs())
     groups, cg, subs = num_groups, c // num_groups, meta["SUBS"]
 
     t = channel_offset if channel_offset is not None else x3
@@ -388,12 +441,17 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     part = torch.empty((n, groups, subs, chunks, 2), device=x.device, dtype=torch.float32)
     _gn_stats_kernel[grid](x3, t, part, hw, groups, cg, sub_c, chunks, hw_per_chunk,
                            x3.stride(0), x3.stride(1), x3.stride(2), st_n, st_c, HAS_T=has_t, **meta)
+    if merged:
+        stat = torch.empty((n, groups, 2), device=x.device, dtype=torch.float32)
+        _gn_merge_kernel[(n * groups,)](part, stat, hw, cg, sub_c, chunks, hw_per_chunk, float(eps),
+                                        SUBS=subs, BLOCK_P=block_p, num_warps=4)
+        part, block_p = stat, 1
     w = weight.contiguous() if weight is not None else x3
     b = bias.contiguous() if bias is not None else x3
     _gn_apply_kernel[grid](x3, t, y3, w, b, part, hw, groups, cg, sub_c, chunks, hw_per_chunk, float(eps),
                            x3.stride(0), x3.stride(1), x3.stride(2), st_n, st_c, y3.stride(0), y3.stride(1), y3.stride(2),
                            BLOCK_P=block_p, HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu),
-                           HAS_T=has_t, **meta)
+                           HAS_T=has_t, MERGED=merged, **meta)
     return y
 
 

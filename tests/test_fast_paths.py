@@ -207,11 +207,34 @@ def test_fused_unet_keeps_channels_last_through_its_transformers():
 def test_fused_vae_decoder_matches(model):
     from rtdiff_cluster.ops.fused import install_fused
 
+    from diffusers.models.resnet import ResnetBlock2D
+
     vae = copy.deepcopy(model.vae).to(memory_format=torch.channels_last)
-    assert install_fused(vae).get("resnet group_norm+silu", 0) > 0
+    resnets = sum(isinstance(m, ResnetBlock2D) for m in vae.modules())
+    # Every resnet, the KL decoder's up blocks too (built with time_embedding_norm="group", which
+    # without a time embedding computes what "default" does).
+    assert resnets and install_fused(vae).get("resnet group_norm+silu") == resnets
     z = torch.randn(1, model.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert_close(vae.decode(z).sample, model.vae.decode(z).sample, "VAE decoder with fused resnets")
+
+
+@pytest.mark.parametrize("backends", [["math"], ["sdpa"]])
+def test_vae_attention_through_the_registry_matches(model, backends):
+    """The KL VAE's mid-block attentions (one 4-D, group-normed, residual head) through our
+    processor and the registry, as a CUDA replica serves them, against diffusers' processor."""
+    from rtdiff_cluster.ops import processors
+
+    vae = copy.deepcopy(model.vae)
+    registry = AttentionRegistry(allowed=backends)
+    assert processors.install(vae, registry, fused=False) == 2  # the encoder's and the decoder's
+    g = torch.Generator().manual_seed(2)
+    z, img = torch.randn(1, model.vae.config.latent_channels, 8, 6, generator=g), torch.rand(1, 3, 48, 40, generator=g)
+    with torch.inference_mode():
+        assert_close(vae.decode(z).sample, model.vae.decode(z).sample, "VAE decoder, registry attention")
+        assert_close(vae.encode(img).latent_dist.mean, model.vae.encode(img).latent_dist.mean,
+                     "VAE encoder, registry attention")
+    assert set(registry.choices().values()) == set(backends), registry.choices()
 
 
 def test_fused_tiny_vae_matches_diffusers():

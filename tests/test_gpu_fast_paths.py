@@ -325,27 +325,50 @@ def test_fp8_backbone_stays_close_to_bf16():
     assert diff.mean() < 8, diff.mean()
 
 
-def test_fused_tiny_vae_within_policy_and_capturable():
-    """The tiny VAE's fused blocks (cuDNN conv+bias+add+ReLU) and upsampling kernel in bf16,
-    channels-last, at an awkward size: their error against the fp32 modules may be at most twice
-    the unpatched bf16 modules' error plus one bf16 ulp at the output's scale (the tolerance
-    policy); and they replay inside a CUDA graph to the same bits as eagerly."""
-    import copy
-
+def _kl_vae():
     import diffusers
 
-    from rtdiff_cluster.ops.fused import install_fused
+    from rtdiff_cluster.models.synthetic import PRESETS
+
+    return diffusers.AutoencoderKL(**PRESETS["synthetic:sdxl"].vae)
+
+
+def _tiny_vae():
+    import diffusers
+
+    return diffusers.AutoencoderTiny(latent_channels=4)
+
+
+@pytest.mark.parametrize("make, patched", [
+    (_tiny_vae, {"tiny vae block conv+bias+relu": 20, "upsample nearest": 3}),
+    # SDXL's KL VAE: 24 resnets (10 encoder, 14 decoder), 3 upsamplings, the mid-blocks'
+    # attention norms and both output heads' GroupNorms.
+    (_kl_vae, {"resnet group_norm+silu": 24, "upsample2d nearest": 3, "group_norm": 4}),
+], ids=["tiny", "kl"])
+def test_fused_vae_within_policy_and_capturable(make, patched):
+    """A VAE as a replica serves it (fastpaths.prepare_vae: the tiny VAE's cuDNN
+    conv+bias+add+ReLU blocks, the KL VAE's GroupNorm+SiLU resnets and its attention through the
+    registry; both with our upsampling kernel) in bf16, channels-last, at an awkward size: its
+    error against the fp32 modules may be at most twice the unpatched bf16 modules' error plus one
+    bf16 ulp at the output's scale (the tolerance policy); and it replays inside a CUDA graph to
+    the same bits as eagerly."""
+    import copy
+
+    from rtdiff_cluster.ops.attention import AttentionRegistry
 
     torch.manual_seed(0)
-    ref = diffusers.AutoencoderTiny(latent_channels=4).cuda().eval().requires_grad_(False)
+    ref = make().cuda().eval().requires_grad_(False)
     plain = copy.deepcopy(ref).to(torch.bfloat16).to(memory_format=torch.channels_last)
     ours = copy.deepcopy(plain)
-    done = install_fused(ours)
-    assert done.get("tiny vae block conv+bias+relu") == 20 and done.get("upsample nearest") == 3, done
+    registry = AttentionRegistry()
+    done = fastpaths.prepare_vae(ours, registry, kernels=True)
+    assert done["kernels"] == fastpaths._counts(patched), done
     g = torch.Generator(device="cuda").manual_seed(3)
     z = torch.randn(1, 4, 40, 24, device="cuda", generator=g)
     img = torch.rand(1, 3, 320, 192, device="cuda", generator=g) * 2 - 1
-    cases = {"decode": (lambda m, t: m.decode(t).sample, z), "encode": (lambda m, t: m.encode(t).latents, img)}
+    encoded = (lambda m, t: m.encode(t).latents) if hasattr(ref, "latent_magnitude") else (
+        lambda m, t: m.encode(t).latent_dist.mean)
+    cases = {"decode": (lambda m, t: m.decode(t).sample, z), "encode": (encoded, img)}
     with torch.inference_mode():
         for what, (run, x) in cases.items():
             low = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -367,6 +390,8 @@ def test_fused_tiny_vae_within_policy_and_capturable():
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, got), f"{what}: the graph replay differs from the eager call"
+    if make is _kl_vae:  # its 512-wide head went to the GEMM backend
+        assert set(registry.choices().values()) == {"blocked matmul"}, registry.choices()
 
 
 def test_chunk_cached_frames_computed_smaller_come_back_at_the_asked_size():

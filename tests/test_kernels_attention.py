@@ -112,6 +112,35 @@ def test_registry_picks_triton_and_matches(monkeypatch):
     assert "triton" in reg.choices().values() and "math" in reg.choices().values()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("b,h,lq,lk,d", [(1, 1, 300, 300, 512), (2, 3, 37, 77, 264)])
+def test_blocked_matmul_attention_in_blocks_of_queries(monkeypatch, dtype, b, h, lq, lk, d):
+    """The registry's backend for head dims over 256 (the KL VAE's): exact attention computed
+    block of queries by block, within the tolerance policy. Its score budget is shrunk so the
+    queries take several blocks, the last one short."""
+    import rtdiff_cluster.ops.attention as registry_mod
+
+    monkeypatch.setattr(registry_mod, "BLOCKED_SCORE_BYTES", 4 * b * h * lk * 64)  # 64 queries a block
+    q, k, v = _qkv(b, h, lq, lk, d, dtype, seed=6, device=DEV)
+    assert_close_to_reference(registry_mod._blocked_matmul(q, k, v, None), q, k, v)
+    assert_close_to_reference(registry_mod._blocked_matmul(q, k, v, 0.3), q, k, v, scale=0.3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 16384, 16384, 512), (2, 3, 1000, 333, 320)], ids=["vae-1024", "awkward"])
+def test_gpu_registry_sends_wide_heads_to_blocked_matmul(shape, dtype):
+    """Head dims over 256 (the SDXL VAE's single 512-wide head over 16,384 tokens at 1024) go
+    to two GEMMs per block of queries, with the scores in fp32, within the tolerance policy."""
+    from rtdiff_cluster.ops.attention import AttentionRegistry
+
+    reg = AttentionRegistry()
+    q, k, v = _blhd(*shape, dtype, seed=7)
+    assert reg.pick(q, k, v).name == "blocked matmul"
+    assert_close_to_reference(reg(q, k, v), q, k, v)
+
+
 def test_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = _qkv(1, 1, 4, 4, 16, torch.float32, device="cpu")

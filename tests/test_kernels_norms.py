@@ -142,12 +142,23 @@ def test_group_norm_3d(dtype):
     ({"_TILE_ELEMS": 128}, (2, 48, 3, 5), 6),
     # ... and 2 groups of 16 cut into aligned 8-channel slices.
     ({"_TILE_ELEMS": 32, "_MAX_BLOCK_C_NCHW": 8, "_MAX_BLOCK_C_CL": 8}, (2, 32, 3, 5), 2),
+    # Large problems' path: the partials merged once per group by _gn_merge_kernel, with chunks ...
+    ({"_LARGE_ELEMS": 1, "_LARGE_TILE_ELEMS": 32, "_MAX_PARTIALS": 4}, (2, 12, 5, 7), 3),
+    # ... and with slices of a group as well.
+    ({"_LARGE_ELEMS": 1, "_LARGE_TILE_ELEMS": 16, "_MAX_BLOCK_C_NCHW": 5, "_MAX_BLOCK_C_CL": 5, "_MAX_PARTIALS": 2},
+     (2, 13, 5, 7), 1),
 ])
 def test_group_norm_split_paths(monkeypatch, knobs, shape, groups, channels_last):
-    """The partial-statistics merges (across tiles, chunks and slices of a group) at sizes the
-    interpreter can run: the knobs shrink the blocks that SDXL-sized tensors would use."""
+    """The partial-statistics merges (across tiles, chunks and slices of a group, in the apply
+    programs or in the large problems' merge kernel) at sizes the interpreter can run: the knobs
+    shrink the blocks that SDXL-sized tensors would use."""
     for name, value in knobs.items():
         monkeypatch.setattr(gn_mod, name, value)
+    gn_mod._plan.cache_clear()
+    n, c = shape[:2]
+    hw = shape[2] * (shape[3] if len(shape) > 3 else 1)
+    plan = gn_mod._plan(n, c, hw, groups, channels_last, 4, gn_mod._knobs())
+    assert plan[5] == ("_LARGE_ELEMS" in knobs), "the case meant for one merge path took the other"
     for dtype in (torch.float32, torch.bfloat16):
         _check_group_norm(shape, groups, dtype, channels_last, True, True)
 
@@ -217,6 +228,21 @@ GN_SDXL = [(2, 320, 128, 128, 32), (2, 640, 128, 128, 32), (2, 960, 128, 128, 32
 def test_group_norm_sdxl_shapes(n, c, h, w, groups, channels_last):
     _check_group_norm((n, c, h, w), groups, torch.bfloat16, channels_last, True, True)
     _check_group_norm((n, c, h, w), groups, torch.bfloat16, channels_last, True, True, offset_rows=n)
+
+
+# The KL VAE decoder's at 1024x1024 (SDXL's: 512 channels at 128-512, 256 and 128 at 1024), on the
+# large problems' path (_LARGE_ELEMS and up) but the first, and a batch of two with an offset.
+GN_VAE = [(1, 512, 128, 128, 32), (1, 512, 256, 256, 32), (1, 512, 512, 512, 32), (1, 256, 512, 512, 32),
+          (1, 256, 1024, 1024, 32), (1, 128, 1024, 1024, 32), (2, 128, 515, 301, 32)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("n,c,h,w,groups", GN_VAE, ids=lambda v: str(v))
+def test_group_norm_vae_shapes(n, c, h, w, groups, channels_last):
+    _check_group_norm((n, c, h, w), groups, torch.bfloat16, channels_last, True, True)
+    if n > 1:
+        _check_group_norm((n, c, h, w), groups, torch.bfloat16, channels_last, True, True, offset_rows=n)
 
 
 @needs_cuda

@@ -77,6 +77,27 @@ def fp8_linears(backbone: torch.nn.Module, cfg: FastPathConfig, fused_inputs: bo
                             any_width=lambda name, linear: id(linear) in ff_outs)
 
 
+def fuse_vae(vae: torch.nn.Module) -> bool:
+    """Whether a VAE runs our fused modules in channels-last: the tiny VAE (its blocks as cuDNN's
+    fused calls; 1024 decode 1.78 ms against 3.77 as loaded) and the KL VAE (resnets' GroupNorm +
+    SiLU, upsampling; 1024 decode 25.9 ms against 84.4 as loaded and 35.8 compiled, encode 15.0
+    against 46.3; H200, benchmarks/results/roofline-2026-11-25-*-vae*.md). Others stay as loaded."""
+    return type(vae).__name__ in ("AutoencoderTiny", "AutoencoderKL")
+
+
+def prepare_vae(vae: torch.nn.Module, registry: AttentionRegistry, kernels: bool) -> dict[str, str]:
+    """A CUDA replica's VAE, in place: its attention (the KL VAE's mid-blocks) through the
+    registry, and where fuse_vae says so and the kernels run, our fused modules in channels-last.
+    Returns what was done, for the report: {"attention": ..., "kernels": ...}."""
+    from rtdiff_cluster.ops import fused, processors
+
+    done = {"attention": f"{processors.install(vae, registry, fused=False)} attention modules"}
+    if kernels and fuse_vae(vae):
+        done["kernels"] = _counts(fused.install_fused(vae))
+        vae.to(memory_format=torch.channels_last)
+    return done
+
+
 def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
     """Modifies model in place. world: ranks of the replica (graphs capture single-rank replicas)."""
     fp = FastPaths()
@@ -114,25 +135,20 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
     fp.compile_attention_for_new_shapes = cfg.compile_attention_for_new_shapes
     usable = [name for name, why in fp.registry.installed().items() if why is None]
     n = processors.install(backbone, fp.registry, fused=why_not_kernels is None)
+    vae_done = prepare_vae(vae, fp.registry, kernels=why_not_kernels is None)
     r["attention"] = (f"registry on {n} attention modules ({fused_qkv} with fused q/k/v projections, "
-                      f"{batched_kv} cross-attentions' keys and values as one matmul); usable here: {', '.join(usable)}")
+                      f"{batched_kv} cross-attentions' keys and values as one matmul) and {vae_done['attention']} "
+                      f"of the VAE; usable here: {', '.join(usable)}")
 
     if why_not_kernels is None:
         done = fused.install_fused(backbone)
         # cuDNN's convolutions run NHWC natively (NCHW costs transposes around each one); the
-        # fused GroupNorm reads either layout. Flux's backbone has no convolutions. The KL VAE
-        # keeps diffusers' modules: with them fused and NHWC its 1024 decode measured 127 ms
-        # against 85 ms as loaded (H200, benchmarks/results/roofline-*-vae-flux.md); the tiny
-        # VAE (plain convolutions) gains from NHWC, and its blocks and upsamplings are fused.
-        layouts = {} if model.kind == "flux" else {"backbone": backbone}
-        vae_done = ""
-        if type(vae).__name__ == "AutoencoderTiny":
-            layouts["tiny vae"] = vae
-            vae_done = f"; tiny vae: {_counts(fused.install_fused(vae))}"
-        for module in layouts.values():
-            module.to(memory_format=torch.channels_last)
-        r["kernels"] = (f"on: {_counts(done)}{vae_done}; channels-last convolutions in "
-                        f"{' and '.join(layouts) or 'nothing'}")
+        # fused GroupNorm reads either layout. Flux's backbone has no convolutions.
+        if model.kind != "flux":
+            backbone.to(memory_format=torch.channels_last)
+        layouts = ([] if model.kind == "flux" else ["backbone"]) + (["vae"] if "kernels" in vae_done else [])
+        r["kernels"] = (f"on: {_counts(done)}{'; vae: ' + vae_done['kernels'] if 'kernels' in vae_done else ''}; "
+                        f"channels-last convolutions in {' and '.join(layouts) or 'nothing'}")
     else:
         r["kernels"] = why_not_kernels
 

@@ -6,8 +6,9 @@ runs): FlashAttention 4 (`flash_attn.cute`) and 3 (`flash_attn_interface`) when 
 Triton kernel for small calls (SMALL_ATTENTION_SCORES: SDXL's 1024-token and cross-attention at
 batch 1, where cuDNN's kernels leave SMs idle), then PyTorch's cuDNN backend (480-670 TFLOP/s on
 H100 at head dims 64 and 128, against 290-360 for PyTorch's own flash backend), FlashAttention 2,
-PyTorch's flash backend, our Triton kernel (kernels/attention.py), then PyTorch's own choice
-(`sdpa`), which runs anything; the math reference is there for tests. flash-attn is an optional
+PyTorch's flash backend, our Triton kernel (kernels/attention.py), two GEMMs per block of queries
+for head dims over 256 (the KL VAE's 512-wide head), then PyTorch's own choice (`sdpa`), which runs
+anything; the math reference is there for tests. flash-attn is an optional
 extra (`pip install rtdiff-cluster[flash]`); nothing needs it.
 
 diffusers has a dispatcher of its own (attention_dispatch), but it picks one backend per model at
@@ -152,6 +153,47 @@ def _math(q, k, v, scale):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+# Scores held at once by the blocked-matmul backend (fp32): 256 MiB, a 4096-query block of the
+# SDXL VAE's 16,384-token attention at 1024x1024.
+BLOCKED_SCORE_BYTES = 1 << 28
+
+
+def _wide_heads(q, k, v) -> str | None:
+    d = q.shape[-1]
+    return None if d > 256 else f"head dim {d}: the flash-type backends above run it (this one is for d > 256)"
+
+
+def _scores(q_block: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
+    """q_block @ k_t in fp32 ([BH, r, D] x [BH, D, Lk]). On CUDA the half-precision GEMM writes
+    fp32 directly (out_dtype): logits rounded to bf16 would move each softmax weight by up to
+    ~1% of exp(|logit|) ulp; elsewhere (CPU tests) in fp32."""
+    if q_block.is_cuda:
+        return torch.bmm(q_block, k_t, out_dtype=torch.float32)
+    return torch.bmm(q_block.float(), k_t.float())
+
+
+def _blocked_matmul(q, k, v, scale):
+    """Exact attention as two GEMMs per block of queries, the scores in fp32 and the softmax
+    weights rounded to the input dtype before the second GEMM (as flash kernels do). For head dims
+    no flash-type kernel here takes: the KL VAE's single 512-wide head over 16,384 tokens at 1024
+    ran 3.7 ms in PyTorch's memory-efficient kernel (145 TFLOP/s, H200); as cuBLAS GEMMs and a
+    softmax pass it is bound by the GEMMs and the scores' bytes. Blocks keep the scores within
+    BLOCKED_SCORE_BYTES, so memory does not grow with Lq. The scale goes into q (one pass over
+    q, not over the scores; baddbmm's alpha with an fp32 out_dtype cost a copy of the scores)."""
+    b, h, lq, d = q.shape
+    lk, dv = k.shape[2], v.shape[3]
+    scale = d ** -0.5 if scale is None else scale
+    qf = (q * scale).reshape(b * h, lq, d)
+    k_t = k.reshape(b * h, lk, d).transpose(1, 2)
+    vf = v.reshape(b * h, lk, dv)
+    out = torch.empty(b * h, lq, dv, device=q.device, dtype=q.dtype)
+    rows = max(1, BLOCKED_SCORE_BYTES // (4 * b * h * max(lk, 1)))
+    for i in range(0, lq, rows):
+        weights = torch.softmax(_scores(qf[:, i:i + rows], k_t), dim=-1).to(v.dtype)
+        torch.bmm(weights, vf, out=out[:, i:i + rows])  # in place where the slice is contiguous (b * h == 1)
+    return out.view(b, h, lq, dv)
+
+
 # Score-matrix size (B * H * Lq * Lk) up to which our Triton kernel beats cuDNN. Timed inside CUDA
 # graphs on an H200 (benchmarks/results/kernels/bench_attention-2026-11-24-nvidia-h200-graphed.md),
 # Triton against cuDNN: SDXL's 1024-token self-attention at batch 1 (2^24.3 scores) 19 against
@@ -182,7 +224,8 @@ def _registry() -> list[Backend]:
         Backend("flash-attn 2", fa2[0], _all(_cuda_half, _head_dim(256)), fa2[1]),
         Backend("torch flash", _sdpa_enabled("flash_sdp_enabled"), _all(_cuda_half, _head_dim(256)), _sdpa("FLASH_ATTENTION")),
         Backend("triton", _triton_installed, _triton_supports, _triton_run),
-        # PyTorch's own pick runs what no guard above admits (the VAE's head dim 512, fp32);
+        Backend("blocked matmul", lambda: None, _all(_cuda_half, _wide_heads), _blocked_matmul),
+        # PyTorch's own pick runs what no guard above admits (fp32 on the GPU, anything on CPU);
         # the math reference is reached only when named alone (tests, debugging).
         Backend("sdpa", lambda: None, lambda q, k, v: None, _sdpa_default),
         Backend("math", lambda: None, lambda q, k, v: None, _math),

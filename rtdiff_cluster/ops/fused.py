@@ -2,7 +2,7 @@
 loaded backbone, sharded or not, by replacing those modules' `forward` with one that computes
 the same thing through the kernel:
 
-    ResnetBlock2D (UNet)      GroupNorm -> SiLU, twice per block, as one kernel each; conv1's
+    ResnetBlock2D (UNet, VAE) GroupNorm -> SiLU, twice per block, as one kernel each; conv1's
                               bias and the time-embedding add folded into the second; conv2's
                               and the shortcut's biases folded into the residual add
     GroupNorm elsewhere       (in front of UNet transformers, the output head) the same kernel
@@ -20,7 +20,7 @@ the same thing through the kernel:
     GELU tanh (Flux ff)       proj -> tanh-GELU with the GELU in the GEMM's epilogue
     AdaLayerNormZero[Single], AdaLayerNormContinuous (Flux)
                               LayerNorm -> * (1 + scale) + shift as one kernel
-    Upsample2D (UNet), nn.Upsample (tiny VAE decoder)
+    Upsample2D (UNet, KL VAE), nn.Upsample (tiny VAE decoder)
                               nearest x2 as our copy kernel (PyTorch's channels-last one is slow)
     AutoencoderTinyBlock      conv -> bias -> ReLU (twice), conv -> bias -> + skip -> ReLU, each
       (tiny VAE)              as one cuDNN fused call (torch.cudnn_convolution_[add_]relu)
@@ -42,8 +42,8 @@ from torch import nn
 
 
 def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
-    """diffusers' ResnetBlock2D.forward for time_embedding_norm="default" with SiLU, each
-    GroupNorm -> SiLU pair fused."""
+    """diffusers' ResnetBlock2D.forward for time_embedding_norm="default" (or any norm type but
+    scale_shift, without a time embedding) with SiLU, each GroupNorm -> SiLU pair fused."""
     from rtdiff_kernels.add_bias import add_bias, add_bias_reference
     from rtdiff_kernels.group_norm_silu import group_norm_silu
 
@@ -61,7 +61,7 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None,
     if self.time_emb_proj is not None:
         temb = self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))  # [N, C]
         offset = temb if offset is None else temb + offset
-    elif temb is not None:
+    elif temb is not None and self.time_embedding_norm == "default":
         hidden = hidden + temb
     hidden = self.dropout(group_norm_silu(hidden, n2.num_groups, n2.weight, n2.bias, n2.eps, channel_offset=offset))
     # conv2's and the 1x1 shortcut's biases go into the residual add's one pass.
@@ -86,7 +86,11 @@ def _conv_without_bias(conv, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _resnet_fusable(block) -> bool:
-    return (block.time_embedding_norm == "default" and isinstance(block.nonlinearity, nn.SiLU)
+    # Without a time embedding, diffusers' forward treats every norm type but scale_shift as
+    # "default" (the KL VAE decoder's up blocks are built with "group").
+    plain_norm = block.time_embedding_norm == "default" or (
+        block.time_emb_proj is None and block.time_embedding_norm != "scale_shift")
+    return (plain_norm and isinstance(block.nonlinearity, nn.SiLU)
             and isinstance(block.norm1, nn.GroupNorm) and isinstance(block.norm2, nn.GroupNorm))
 
 

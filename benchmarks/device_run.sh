@@ -3,8 +3,8 @@
 #   gpu-tests  tests/test_gpu.py (CUDA replica, NVML series; sharded serving where there are 2 GPUs)
 #   fast-path-tests  tests/test_gpu_fast_paths.py alone (fast paths, graphs, attention sealing, batch splits)
 #   norm-tests  tests/test_kernels_norms.py alone, at full sizes on the GPU
-#   vae-tests  the GPU tests of the VAEs as served (tiny and KL: tolerance policy, graph replay) and of the
-#              attention backend for head dims over 256
+#   vae-tests  the GPU tests of the VAEs as served (tiny and KL: tolerance policy, graph replay), of the
+#              attention backend for head dims over 256 and of the bias-add kernel
 #   hop        benchmarks/hop_floor.py           gateway  benchmarks/gateway_overhead.py --device cuda
 #   sharding   benchmarks/sharding.py (SDXL and Flux-dev at 1024, every layout the GPUs allow, flux-80b)
 #   kernel-tests  the kernel, fast-path and FP8 tests at full sizes on the GPU
@@ -85,7 +85,7 @@ for part in $parts; do
     fast-path-tests) timeout 400 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py 2>&1 \
       | tail -40 | tee "$OUT/fast_path_tests.log" ;;
     vae-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py \
-      tests/test_kernels_attention.py -k "vae or blocked_matmul" 2>&1 \
+      tests/test_kernels_attention.py tests/test_kernels_pointwise.py -k "vae or blocked_matmul or add_bias" 2>&1 \
       | tail -15 | tee "$OUT/vae_tests.log" ;;
     norm-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_norms.py 2>&1 \
       | tail -30 | tee "$OUT/norm_tests.log" ;;

@@ -111,7 +111,8 @@ def test_fused_kernels_match_diffusers_modules(model):
     ours = copy.deepcopy(model.backbone)
     done = install_fused(ours)
     expected = ({"resnet group_norm+silu", "geglu", "group_norm", "transformer block add+layer_norm",
-                 "transformer2d channels-last output", "transformer2d chained blocks", "upsample2d nearest"}
+                 "transformer2d channels-last output", "transformer2d chained blocks", "upsample2d nearest",
+                 "downsample2d conv bias"}
                 if model.kind == "sdxl"
                 else {"linear+gelu_tanh", "adaln_zero", "adaln_continuous"})
     assert expected <= set(done), done
@@ -215,8 +216,11 @@ def test_fused_vae_decoder_matches(model):
     # without a time embedding computes what "default" does).
     assert resnets and install_fused(vae).get("resnet group_norm+silu") == resnets
     z = torch.randn(1, model.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    img = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.inference_mode():
         assert_close(vae.decode(z).sample, model.vae.decode(z).sample, "VAE decoder with fused resnets")
+        assert_close(vae.encode(img).latent_dist.mean, model.vae.encode(img).latent_dist.mean,
+                     "VAE encoder with fused resnets and downsamplings")
 
 
 @pytest.mark.parametrize("backends", [["math"], ["sdpa"]])

@@ -341,9 +341,9 @@ def _tiny_vae():
 
 @pytest.mark.parametrize("make, patched", [
     (_tiny_vae, {"tiny vae block conv+bias+relu": 20, "upsample nearest": 3}),
-    # SDXL's KL VAE: 24 resnets (10 encoder, 14 decoder), 3 upsamplings, the mid-blocks'
-    # attention norms and both output heads' GroupNorms.
-    (_kl_vae, {"resnet group_norm+silu": 24, "upsample2d nearest": 3, "group_norm": 4}),
+    # SDXL's KL VAE: 24 resnets (10 encoder, 14 decoder), 3 upsamplings, 3 downsamplings, the
+    # mid-blocks' attention norms and both output heads' GroupNorms.
+    (_kl_vae, {"resnet group_norm+silu": 24, "upsample2d nearest": 3, "downsample2d conv bias": 3, "group_norm": 4}),
 ], ids=["tiny", "kl"])
 def test_fused_vae_within_policy_and_capturable(make, patched):
     """A VAE as a replica serves it (fastpaths.prepare_vae: the tiny VAE's cuDNN

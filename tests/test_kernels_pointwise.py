@@ -277,8 +277,9 @@ def _add_bias_inputs(shape, dtype, layout, biases, device="cpu"):
     return to(a), to(b), to(bias[0]), to(bias[1])
 
 
-def _check_add_bias(shape, dtype, layout, biases, device="cpu"):
+def _check_add_bias(shape, dtype, layout, biases, device="cpu", with_b=True):
     a, b, b1, b2 = _add_bias_inputs(shape, dtype, layout, biases, device)
+    b = b if with_b else None  # a convolution's output and its bias alone
     ours = add_bias(a, b, b1, b2)
     up = (lambda t: None if t is None else t.float())
     check(ours, add_bias_reference(a, b, b1, b2), add_bias_reference(up(a), up(b), up(b1), up(b2)), dtype,
@@ -292,6 +293,7 @@ def _check_add_bias(shape, dtype, layout, biases, device="cpu"):
 @pytest.mark.parametrize("shape,biases", [((2, 5, 3, 7), 2), ((1, 3, 4, 1), 1), ((2, 20, 3, 5), 0), ((1, 130, 2, 3), 2)])
 def test_add_bias_matches_reference(shape, biases, layout, dtype):
     _check_add_bias(shape, dtype, layout, biases)
+    _check_add_bias(shape, dtype, layout, biases, with_b=False)
 
 
 def test_add_bias_mixed_layouts_fall_back_and_3d_runs():
@@ -484,3 +486,14 @@ def test_gpu_add_bias(dtype, shape):
     """SDXL's resnet outputs at 1024 (conv2's bias and the shortcut's), in both layouts."""
     for layout in ("channels_last", "nchw"):
         _check_add_bias(shape, dtype, layout, 2, "cuda")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 512, 256, 256), (1, 256, 1024, 1024), (2, 1280, 64, 64), (1, 3, 17, 9)])
+def test_gpu_add_bias_alone(dtype, shape):
+    """A convolution's bias alone: the KL VAE decoder's upsampling convolutions at 1024 and the
+    UNet's, in both layouts."""
+    for layout in ("channels_last", "nchw"):
+        _check_add_bias(shape, dtype, layout, 1, "cuda", with_b=False)

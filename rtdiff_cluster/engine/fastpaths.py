@@ -80,8 +80,9 @@ def fp8_linears(backbone: torch.nn.Module, cfg: FastPathConfig, fused_inputs: bo
 def fuse_vae(vae: torch.nn.Module) -> bool:
     """Whether a VAE runs our fused modules in channels-last: the tiny VAE (its blocks as cuDNN's
     fused calls; 1024 decode 1.78 ms against 3.77 as loaded) and the KL VAE (resnets' GroupNorm +
-    SiLU, upsampling; 1024 decode 25.9 ms against 84.4 as loaded and 35.8 compiled, encode 15.0
-    against 46.3; H200, benchmarks/results/roofline-2026-11-25-*-vae*.md). Others stay as loaded."""
+    SiLU, upsampling, convolution biases; 1024 decode 22.4 ms against 84.0 as loaded and 35.7
+    compiled, encode 12.5 against 46.1; H200, benchmarks/results/roofline-2026-11-25-*-vae.md).
+    Others stay as loaded."""
     return type(vae).__name__ in ("AutoencoderTiny", "AutoencoderKL")
 
 

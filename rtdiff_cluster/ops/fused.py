@@ -21,7 +21,10 @@ the same thing through the kernel:
     AdaLayerNormZero[Single], AdaLayerNormContinuous (Flux)
                               LayerNorm -> * (1 + scale) + shift as one kernel
     Upsample2D (UNet, KL VAE), nn.Upsample (tiny VAE decoder)
-                              nearest x2 as our copy kernel (PyTorch's channels-last one is slow)
+                              nearest x2 as our copy kernel (PyTorch's channels-last one is slow);
+                              Upsample2D's convolution bias as our vectorised pass
+    Downsample2D (UNet, KL VAE encoder)
+                              its strided convolution's bias as the same pass
     AutoencoderTinyBlock      conv -> bias -> ReLU (twice), conv -> bias -> + skip -> ReLU, each
       (tiny VAE)              as one cuDNN fused call (torch.cudnn_convolution_[add_]relu)
 
@@ -280,7 +283,9 @@ def _upsample_fusable(m: nn.Upsample) -> bool:
 
 
 def _upsample2d_forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
-    """diffusers' Upsample2D (nearest x2, then its convolution) with the upsampling as our kernel."""
+    """diffusers' Upsample2D (nearest x2, then its convolution) with the upsampling as our kernel
+    and the convolution's bias added by our vectorised pass (add_bias with no second tensor)."""
+    from rtdiff_kernels.add_bias import add_bias
     from rtdiff_kernels.upsample_nearest import upsample_nearest
 
     h, w = hidden_states.shape[-2:]
@@ -288,7 +293,23 @@ def _upsample2d_forward(self, hidden_states: torch.Tensor, output_size=None, *ar
         hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
     else:
         hidden_states = upsample_nearest(hidden_states, 2)
-    return self.conv(hidden_states)
+    out, bias = _conv_without_bias(self.conv, hidden_states)
+    return add_bias(out, None, bias) if bias is not None else out
+
+
+def _downsample2d_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """diffusers' Downsample2D with a strided convolution (the VAE encoder's and the UNet's), its
+    bias added by our vectorised pass."""
+    from rtdiff_kernels.add_bias import add_bias
+
+    if self.padding == 0:  # diffusers pads right and bottom only
+        hidden_states = F.pad(hidden_states, (0, 1, 0, 1), mode="constant", value=0)
+    out, bias = _conv_without_bias(self.conv, hidden_states)
+    return add_bias(out, None, bias) if bias is not None else out
+
+
+def _downsample2d_fusable(m) -> bool:
+    return m.norm is None and m.use_conv and isinstance(m.conv, nn.Conv2d)
 
 
 def _upsample2d_fusable(m) -> bool:
@@ -339,6 +360,7 @@ def install_fused(backbone: nn.Module) -> dict[str, int]:
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
     from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
+    from diffusers.models.downsampling import Downsample2D
     from diffusers.models.upsampling import Upsample2D
 
     done: Counter[str] = Counter()
@@ -380,4 +402,6 @@ def install_fused(backbone: nn.Module) -> dict[str, int]:
             patch(module, _upsample_forward, "upsample nearest")
         elif type(module) is Upsample2D and _upsample2d_fusable(module):
             patch(module, _upsample2d_forward, "upsample2d nearest")
+        elif type(module) is Downsample2D and _downsample2d_fusable(module):
+            patch(module, _downsample2d_forward, "downsample2d conv bias")
     return dict(done)

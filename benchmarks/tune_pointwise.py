@@ -109,16 +109,17 @@ def vae_decode(vae, size: int, device) -> None:
 
 
 def kl_vae(device):
-    """SDXL's KL VAE in bf16 as engine/fastpaths.py serves it: fused modules, channels-last."""
+    """SDXL's KL VAE in bf16 as engine/fastpaths.py serves it (prepare_vae)."""
     import diffusers
 
+    from rtdiff_cluster.engine.fastpaths import prepare_vae
     from rtdiff_cluster.models.synthetic import PRESETS
-    from rtdiff_cluster.ops.fused import install_fused
+    from rtdiff_cluster.ops.attention import AttentionRegistry
 
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(**PRESETS["synthetic:sdxl"].vae).to(device, torch.bfloat16).eval()
-    install_fused(vae)
-    return vae.to(memory_format=torch.channels_last).requires_grad_(False)
+    prepare_vae(vae, AttentionRegistry(), kernels=True)
+    return vae.requires_grad_(False)
 
 
 def record_calls(run: Callable, target: Target, size: int, device) -> list[tuple[list, dict]]:

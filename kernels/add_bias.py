@@ -106,8 +106,8 @@ def add_bias_reference(a: torch.Tensor, b: torch.Tensor | None, bias1: torch.Ten
     (b None: the biases alone)."""
     shape = (1, -1) + (1,) * (a.dim() - 2)
     if b is None:
-        bias = sum(x.float() for x in (bias1, bias2) if x is not None)
-        return a if isinstance(bias, int) else a + bias.to(a.dtype).view(shape)
+        biases = [x.float() for x in (bias1, bias2) if x is not None]
+        return a + sum(biases).to(a.dtype).view(shape) if biases else a
     if bias1 is not None:
         b = b + bias1.to(b.dtype).view(shape)
     if bias2 is not None:

@@ -88,6 +88,15 @@ def _conv_without_bias(conv, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return conv(x), None
 
 
+def _conv_with_bias_pass(conv, x: torch.Tensor) -> torch.Tensor:
+    """conv(x), its bias added by add_bias's vectorised pass (a channels-last convolution's own
+    bias add is PyTorch's strided broadcast kernel)."""
+    from rtdiff_kernels.add_bias import add_bias
+
+    out, bias = _conv_without_bias(conv, x)
+    return add_bias(out, None, bias) if bias is not None else out
+
+
 def _resnet_fusable(block) -> bool:
     # Without a time embedding, diffusers' forward treats every norm type but scale_shift as
     # "default" (the KL VAE decoder's up blocks are built with "group").
@@ -285,7 +294,6 @@ def _upsample_fusable(m: nn.Upsample) -> bool:
 def _upsample2d_forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
     """diffusers' Upsample2D (nearest x2, then its convolution) with the upsampling as our kernel
     and the convolution's bias added by our vectorised pass (add_bias with no second tensor)."""
-    from rtdiff_kernels.add_bias import add_bias
     from rtdiff_kernels.upsample_nearest import upsample_nearest
 
     h, w = hidden_states.shape[-2:]
@@ -293,19 +301,15 @@ def _upsample2d_forward(self, hidden_states: torch.Tensor, output_size=None, *ar
         hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
     else:
         hidden_states = upsample_nearest(hidden_states, 2)
-    out, bias = _conv_without_bias(self.conv, hidden_states)
-    return add_bias(out, None, bias) if bias is not None else out
+    return _conv_with_bias_pass(self.conv, hidden_states)
 
 
 def _downsample2d_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """diffusers' Downsample2D with a strided convolution (the VAE encoder's and the UNet's), its
     bias added by our vectorised pass."""
-    from rtdiff_kernels.add_bias import add_bias
-
     if self.padding == 0:  # diffusers pads right and bottom only
         hidden_states = F.pad(hidden_states, (0, 1, 0, 1), mode="constant", value=0)
-    out, bias = _conv_without_bias(self.conv, hidden_states)
-    return add_bias(out, None, bias) if bias is not None else out
+    return _conv_with_bias_pass(self.conv, hidden_states)
 
 
 def _downsample2d_fusable(m) -> bool:

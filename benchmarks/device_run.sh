@@ -24,6 +24,10 @@
 #   serving-runs  stream_serving.py once per line of env SERVING_RUNS, each "TAG ARGS..." (a fresh
 #                 server each; e.g. "hold --cases '1-step, chunk cache, JPEG' --stream-cache hold_regions=true"),
 #                 after the GPU tests of held regions and region batches (env SKIP_TESTS: the runs alone)
+#   power         benchmarks/power_clocks.py (bf16, then FP8): power, SM clock and clock-event reasons under a sustained 1024 step
+#   attention-tune  kernels/tune_attention.py (our attention kernel's configs and inner-loop options at SDXL's batch-1
+#                 1024 shapes, against cuDNN)
+#   pdl-bench     kernels/bench_pdl.py (a kernel boundary in a CUDA graph with and without programmatic dependent launch)
 #   image-codec   benchmarks/image_codec.py (a frame's JPEG encode and decode: PIL on the host, nvJPEG on the GPU)
 #   unet-profile  benchmarks/unet_profile.py (an SDXL step's kernels one by one at 1024, 512 and 384)
 #   frame-profile  benchmarks/unet_profile.py --frame 1 (a whole 1-step frame's kernels against its wall time)
@@ -49,6 +53,8 @@
 #                 geglu and add_layer_norm at full size
 #   cudnn-once    the step profile at 1024 and 512 with cuDNN's heuristic convolution engines, then in benchmark mode
 #   capture-race  a capture beside a thread that syncs, copies and allocates, thread-local (shipped) then global mode
+#   fold-ab       the step profile A/B at 1024 and 512, twice each: attention's scale folded into exp2's argument
+#                 (shipped) or multiplied first (before)
 #   gn-ab         the step profile A/B at 1024 and 512, twice each: GroupNorm's shipped launch knobs, or 4096,8,4 (before)
 #   new-bucket-ab new_bucket.py alternating twice: a bucket captured at its first call (the default), or eager at its
 #                 first and captured at its second (--eager-first)
@@ -105,6 +111,11 @@ for part in $parts; do
         echo "--- $tag: $*"
         timeout 300 python3 benchmarks/stream_serving.py --device cuda --frames 240 --skip-engine-alone --tag "$tag" \
           --out-dir "$OUT" "$@" 2>&1 | grep -E "^\| 1-step|Error|error|Traceback" ; done ;;
+    power) for f in "" --fp8; do timeout 150 python3 benchmarks/power_clocks.py --size 1024 $f --out-dir "$OUT" 2>&1 \
+        | grep -v Warning | tail -12; done ;;
+    attention-tune) timeout 560 python3 kernels/tune_attention.py --out "$OUT/tune_attention.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/tune_attention.log" ;;
+    pdl-bench) timeout 120 python3 kernels/bench_pdl.py --out "$OUT/bench_pdl.json" 2>&1 | tee "$OUT/bench_pdl.log" ;;
     image-codec) timeout 200 python3 benchmarks/image_codec.py --out-dir "$OUT" 2>&1 | tee "$OUT/image_codec.log" ;;
     hop) timeout 90 python3 benchmarks/hop_floor.py --n 900 --out "$OUT/hop_floor.json" 2>&1 | grep -v WARNING | tee "$OUT/hop_floor.log" ;;
     gateway) timeout 420 python3 benchmarks/gateway_overhead.py --device cuda --out-dir "$OUT" --samples 300 --stream-frames 200 \
@@ -181,6 +192,7 @@ for mode in ("thread_local", "global"):
         print(f"{mode}: the capturing thread raised {type(e).__name__}: {str(e)[:160]}", flush=True)
 PY
       ;;
+    fold-ab) unet_profile_ab fold "--knob attention.FOLD_SCALE=0" --sizes 1024,512 ;;
     gn-ab) unet_profile_ab gn "--knob group_norm_silu._TILE_ELEMS=4096 --knob group_norm_silu._NUM_WARPS=8
       --knob group_norm_silu._PROGRAMS_PER_SM=4" --sizes 1024,512 ;;
     new-bucket-ab) n=0; for ab in "" --eager-first "" --eager-first; do d="$OUT/nb${ab:+-eager}-$((++n))"

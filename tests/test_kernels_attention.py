@@ -88,6 +88,19 @@ def test_peaked_softmax_and_custom_scale(dtype):
     assert_close_to_reference(flash_attention(q, k, v, scale=0.37), q, k, v, scale=0.37)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fold", [True, False], ids=["scale-folded", "scale-multiplied"])
+def test_both_softmax_orders_and_a_negative_scale(monkeypatch, dtype, fold):
+    # FOLD_SCALE takes the row max on the raw scores, valid for a positive scale only: a negative
+    # one must take the multiply-first order whatever the setting, and both orders match.
+    import rtdiff_kernels.attention as attention_mod
+
+    monkeypatch.setattr(attention_mod, "FOLD_SCALE", fold)
+    q, k, v = _qkv(1, 2, 40, 130, 64, dtype, q_gain=4.0, seed=5)
+    assert_close_to_reference(flash_attention(q, k, v), q, k, v)
+    assert_close_to_reference(flash_attention(q, k, v, scale=-0.2), q, k, v, scale=-0.2)
+
+
 def test_single_query_single_key_and_empty_queries():
     q, k, v = _qkv(1, 1, 1, 1, 8, torch.float32, seed=3)
     out = flash_attention(q, k, v)

@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 import traceback
+from typing import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,6 +55,7 @@ class Ctx:
     peaks: dict
     rows: list
     notes: list
+    on_row: Callable[[], None] | None = None  # called after every row: the results so far are written
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -146,6 +148,11 @@ def add_row(ctx: Ctx, work: str, variant: str, fn, flops: float, ref32: torch.Te
     if ref32 is not None and out is not None:
         row["rel_error_vs_fp32"] = rel_error(out, ref32)
     ctx.rows.append(row)
+    print(f"    {row['ms']:.2f} ms, {row['tflops']:.0f} TFLOP/s"
+          + (f", {row['watts']:.0f} W, {row['joules_per_call']:.3f} J" if "joules_per_call" in row else ""),
+          file=sys.stderr, flush=True)
+    if ctx.on_row is not None:
+        ctx.on_row()
     return row
 
 
@@ -508,6 +515,24 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ctx = Ctx(device, dtype, not args.no_compile, args.tiny, matmul_peaks(device), [], [])
     print(f"peaks: {ctx.peaks}", file=sys.stderr, flush=True)
+    st = stamp(args.device)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = (st["gpu_name"] or "cpu").lower().replace(" ", "-")
+    stem = out / f"roofline-{st['date_utc'][:10]}-{args.device}-{name}{'-' + args.tag if args.tag else ''}"
+
+    def write(partial: bool) -> dict:
+        # After every row as well as at the end: a run cut short by its time limit keeps what it measured.
+        finish(ctx.rows)
+        notes = ctx.notes + (["partial: the run stopped before its last row (these are the rows measured)"]
+                             if partial else [])
+        result = {"benchmark": "roofline", "device": st, "date": st["date_utc"][:10], "peaks": ctx.peaks,
+                  "rows": ctx.rows, "notes": notes}
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+        stem.with_suffix(".md").write_text(markdown(result))
+        return result
+
+    ctx.on_row = lambda: write(partial=True)
     parts = {"sdxl": part_sdxl, "vae": part_vae, "flux": part_flux}
     with torch.inference_mode():
         for name in [p.strip() for p in args.parts.split(",") if p.strip()]:
@@ -521,17 +546,7 @@ def main() -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    finish(ctx.rows)
-    st = stamp(args.device)
-    result = {"benchmark": "roofline", "device": st, "date": st["date_utc"][:10], "peaks": ctx.peaks, "rows": ctx.rows,
-              "notes": ctx.notes}
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name = (st["gpu_name"] or "cpu").lower().replace(" ", "-")
-    stem = out / f"roofline-{result['date']}-{args.device}-{name}{'-' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    print(markdown(write(partial=False)))
     return 0
 
 

@@ -36,16 +36,9 @@ for p in (REPO, REPO / "benchmarks"):
 import torch  # noqa: E402
 
 from engine_bench import load_engine, write_results  # noqa: E402
+from rtdiff_cluster.metrics.gpu_sampler import nvml_handle  # noqa: E402
 from sharding import _inputs  # noqa: E402
 from unet_profile import _step  # noqa: E402
-
-
-def _nvml_handle(device):
-    import pynvml
-
-    pynvml.nvmlInit()
-    uuid = str(torch.cuda.get_device_properties(device).uuid)
-    return pynvml, pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
 
 
 _REASONS = {  # the clock-event reason bits this probe reports (nvml.h)
@@ -61,7 +54,7 @@ class Sampler:
     """NVML power (W), SM clock (MHz) and clock-event reasons every period_s, in a thread."""
 
     def __init__(self, device, period_s: float = 0.005):
-        self.nvml, self.h = _nvml_handle(device)
+        self.nvml, self.h = nvml_handle(device)
         self.period_s = period_s
         self.samples: list[tuple[float, int, int]] = []
         self._stop = threading.Event()

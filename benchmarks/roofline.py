@@ -518,8 +518,8 @@ def main() -> int:
     st = stamp(args.device)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = (st["gpu_name"] or "cpu").lower().replace(" ", "-")
-    stem = out / f"roofline-{st['date_utc'][:10]}-{args.device}-{name}{'-' + args.tag if args.tag else ''}"
+    gpu = (st["gpu_name"] or "cpu").lower().replace(" ", "-")
+    stem = out / f"roofline-{st['date_utc'][:10]}-{args.device}-{gpu}{'-' + args.tag if args.tag else ''}"
 
     def write(partial: bool) -> dict:
         # After every row as well as at the end: a run cut short by its time limit keeps what it measured.

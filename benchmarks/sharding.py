@@ -103,11 +103,9 @@ def _energy(device) -> float | None:
     if device.type != "cuda":
         return None
     try:
-        import pynvml
+        from rtdiff_cluster.metrics.gpu_sampler import nvml_handle
 
-        pynvml.nvmlInit()
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        h = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        pynvml, h = nvml_handle(device)
         return pynvml.nvmlDeviceGetTotalEnergyConsumption(h) / 1000.0
     except Exception:
         return None

@@ -61,6 +61,11 @@ _INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=
 _SMEM_BUDGET = 160 * 1024  # below Hopper's 227 KiB: Triton needs scratch for layout changes too
 
 
+def fits_smem(block_m: int, block_n: int, stages: int, block_d: int, elsize: int) -> bool:
+    """Whether a q tile plus `stages` pipelined k and v tiles fit in _SMEM_BUDGET."""
+    return (block_m + max(stages, 1) * 2 * block_n) * block_d * elsize <= _SMEM_BUDGET
+
+
 def _prune(configs, named_args, **kwargs):
     """Drops configs whose q tile plus pipelined k and v tiles cannot fit in shared memory
     (head dim 256, or fp32 inputs); falls back to small tiles if none fits (fp32 at head dim 256
@@ -68,8 +73,7 @@ def _prune(configs, named_args, **kwargs):
     if len(configs) <= 1:
         return configs
     block_d, elsize = kwargs["BLOCK_D"], named_args["Q"].element_size()
-    kept = [c for c in configs
-            if (c.kwargs["BLOCK_M"] + max(c.num_stages, 1) * 2 * c.kwargs["BLOCK_N"]) * block_d * elsize <= _SMEM_BUDGET]
+    kept = [c for c in configs if fits_smem(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, block_d, elsize)]
     if kept:
         return kept
     return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32 if elsize <= 2 else 16}, num_warps=4,

@@ -67,7 +67,7 @@ def main() -> None:
         # The cross-attentions (one or two key blocks) sweep the block shapes that fit 77 keys.
         blocks = BLOCKS if self_attn else [(64, 64), (128, 64), (64, 128), (128, 128)]
         for (bm, bn), warps, stages, fold in itertools.product(blocks, WARPS, STAGES, OPTIONS):
-            if (bm + stages * 2 * bn) * 64 * 2 > A._SMEM_BUDGET or (bm == 64 and warps == 8):
+            if not A.fits_smem(bm, bn, stages, d, q.element_size()) or (bm == 64 and warps == 8):
                 continue
             o = torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
             run = lambda: A._launch(A._attn_fwd.fn, q, k, v, o, scale, BLOCK_M=bm, BLOCK_N=bn,  # noqa: E731

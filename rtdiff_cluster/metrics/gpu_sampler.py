@@ -20,6 +20,18 @@ import torch
 from rtdiff_cluster.thread_names import set_native_name
 
 
+def nvml_handle(device: torch.device):
+    """(pynvml, the NVML handle of device's GPU), NVML initialised. NVML numbers all of the node's
+    GPUs and CUDA only the visible ones, so the two are matched by UUID. Raises where NVML is
+    missing or refuses."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = str(torch.cuda.get_device_properties(index).uuid)
+    return pynvml, pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+
+
 @dataclass
 class GpuSample:
     gpu: str  # the GPU's index on its node (NVML's numbering)
@@ -46,13 +58,7 @@ class GpuSampler:
             self.disabled_reason = f"the replica runs on {device.type}, so there is no GPU to sample"
             return
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            uuid = str(torch.cuda.get_device_properties(index).uuid)
-            # NVML numbers all of the node's GPUs; CUDA only the visible ones: match by UUID.
-            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            pynvml, handle = nvml_handle(device)
             # The node's own index: every rank of a replica sees its GPU as cuda:0, NVML does not.
             self._handles.append((str(pynvml.nvmlDeviceGetIndex(handle)), handle))
             self._nvml = pynvml

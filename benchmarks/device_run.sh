@@ -27,6 +27,8 @@
 #   power         benchmarks/power_clocks.py (bf16, then FP8): power, SM clock and clock-event reasons under a sustained 1024 step
 #   attention-tune  kernels/tune_attention.py (our attention kernel's configs and inner-loop options at SDXL's batch-1
 #                 1024 shapes, against cuDNN)
+#   gemm-calls    benchmarks/gemm_calls.py (each cuBLAS GEMM of the graphed 1024 step with its shape and the kernel
+#                 before it, against the same shape alone: hot, cold weights, cold weights and inputs)
 #   pdl-bench     kernels/bench_pdl.py (a kernel boundary in a CUDA graph with and without programmatic dependent launch)
 #   image-codec   benchmarks/image_codec.py (a frame's JPEG encode and decode: PIL on the host, nvJPEG on the GPU)
 #   unet-profile  benchmarks/unet_profile.py (an SDXL step's kernels one by one at 1024, 512 and 384)
@@ -55,6 +57,8 @@
 #   capture-race  a capture beside a thread that syncs, copies and allocates, thread-local (shipped) then global mode
 #   fold-ab       the step profile A/B at 1024 and 512, twice each: attention's scale folded into exp2's argument
 #                 (shipped) or multiplied first (before)
+#   temb-ab       the GPU fast-path tests, then the step profile A/B at 1024 and 512, twice each: the resnets'
+#                 time-embedding projections as one matmul (shipped) or each its own (--per-resnet-temb, before)
 #   gn-ab         the step profile A/B at 1024 and 512, twice each: GroupNorm's shipped launch knobs, or 4096,8,4 (before)
 #   new-bucket-ab new_bucket.py alternating twice: a bucket captured at its first call (the default), or eager at its
 #                 first and captured at its second (--eager-first)
@@ -115,6 +119,7 @@ for part in $parts; do
         | grep -v Warning | tail -12; done ;;
     attention-tune) timeout 560 python3 kernels/tune_attention.py --out "$OUT/tune_attention.json" 2>&1 \
         | grep -v Warning | tee "$OUT/tune_attention.log" ;;
+    gemm-calls) timeout 300 python3 benchmarks/gemm_calls.py --out-dir "$OUT" 2>&1 | tee "$OUT/gemm_calls.log" ;;
     pdl-bench) timeout 120 python3 kernels/bench_pdl.py --out "$OUT/bench_pdl.json" 2>&1 | tee "$OUT/bench_pdl.log" ;;
     image-codec) timeout 200 python3 benchmarks/image_codec.py --out-dir "$OUT" 2>&1 | tee "$OUT/image_codec.log" ;;
     hop) timeout 90 python3 benchmarks/hop_floor.py --n 900 --out "$OUT/hop_floor.json" 2>&1 | grep -v WARNING | tee "$OUT/hop_floor.log" ;;
@@ -192,6 +197,9 @@ for mode in ("thread_local", "global"):
         print(f"{mode}: the capturing thread raised {type(e).__name__}: {str(e)[:160]}", flush=True)
 PY
       ;;
+    temb-ab) timeout 200 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py 2>&1 | tail -15 \
+        | tee "$OUT/fast_path_tests.log"
+      unet_profile_ab temb "--per-resnet-temb" --sizes 1024,512 ;;
     fold-ab) unet_profile_ab fold "--knob attention.FOLD_SCALE=0" --sizes 1024,512 ;;
     gn-ab) unet_profile_ab gn "--knob group_norm_silu._TILE_ELEMS=4096 --knob group_norm_silu._NUM_WARPS=8
       --knob group_norm_silu._PROGRAMS_PER_SM=4" --sizes 1024,512 ;;

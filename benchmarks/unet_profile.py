@@ -143,7 +143,8 @@ def markdown(res: dict, top: int = 30) -> str:
     lines = [f"# SDXL UNet step, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
              f"torch {res['torch']}, diffusers {res['diffusers']}; {res['source']}, batch 1, fast paths on, "
              f"quantization {res.get('quantization', 'none')}, cross-attention K/V: {res.get('cross_kv', 'per module')}, "
-             f"attention: {res.get('attention', 'cuDNN first')}"
+             f"attention: {res.get('attention', 'cuDNN first')}; resnets' time-embedding projections: "
+             f"{res.get('time_embeddings', 'per resnet')}"
              + ("; cuDNN benchmark mode (convolution engines timed per shape)" if res.get("cudnn_benchmark") else "")
              + (f"; GroupNorm tile, warps, programs per SM: {res['gn_knobs']}" if "gn_knobs" in res else "")
              + _knobs_note(res), ""]
@@ -242,6 +243,8 @@ def main() -> None:
                     help="fast_paths.fp8_min_features (default: the config's)")
     ap.add_argument("--per-module-kv", action="store_true",
                     help="each cross-attention's own K/V matmul, as before ops/processors.batch_cross_kv (an A/B)")
+    ap.add_argument("--per-resnet-temb", action="store_true",
+                    help="each resnet's own time-embedding matmul, as before ops/fused.batch_time_embeddings (an A/B)")
     ap.add_argument("--scheduler-from-config", action="store_true",
                     help="with --frame: build each batch's scheduler from its config, as before Pipeline._scheduler (an A/B)")
     ap.add_argument("--no-small-triton", action="store_true",
@@ -281,6 +284,10 @@ def main() -> None:
         from rtdiff_cluster.engine import pipeline
 
         pipeline.held_across_forwards = lambda backbone: contextlib.nullcontext()
+    if args.per_resnet_temb:
+        from rtdiff_cluster.ops import fused
+
+        fused.batch_time_embeddings = lambda backbone: 0
     if args.per_module_kv:
         from rtdiff_cluster.ops import processors
 
@@ -303,6 +310,7 @@ def main() -> None:
     quant = (f"fp8 (linears with >= {args.fp8_min_features or FastPathConfig().fp8_min_features} output features)"
              if args.fp8 else "none")
     tag = "-".join(t for t, on in (("fp8", args.fp8), ("per-module-kv", args.per_module_kv),
+                                   ("per-resnet-temb", args.per_resnet_temb),
                                    (f"frame-{args.frame}-step", args.frame),
                                    ("scheduler-from-config", args.scheduler_from_config),
                                    ("no-small-triton", args.no_small_triton),
@@ -317,6 +325,7 @@ def main() -> None:
                                                 + (", every step" if args.kv_per_step or not args.frame
                                                    else ", once per captured loop"),
                                                 "attention": attention,
+                                                "time_embeddings": "per resnet" if args.per_resnet_temb else "one matmul",
                                                 "cudnn_benchmark": args.cudnn_benchmark,
                                                 "gn_knobs": gn_knobs, "knobs": knobs},
                   args.out_dir, markdown, tag=tag)

@@ -13,6 +13,13 @@ rest of the softmax, so each scalar op per score counts.
 Tried and dropped (2026-11-25, H200): a lazy rescale, the running max moved only when some row's
 max grew by more than 8 (log2 units), to skip the accumulator's rescaling. The block-wide branch
 cost more than it saved: 20.3 against 19.0 us at 1024 tokens, 133 against 114 at 4096.
+Also tried and dropped (same day): the full key blocks' loop software-pipelined, block j + 1's
+scores issued before block j's softmax (FlashAttention-3's intra-warpgroup overlap, left to
+Triton's asynchronous wgmma). It lost at every shape, best configuration against best: 20.0
+against 19.1 us at 1024 tokens, 115.8 against 114.2 at 4096, 6.1 against 5.6 and 9.8 against 8.5
+for the cross-attentions (results/kernels/tune_attention-2026-11-25-*-overlap.*). Two or three
+programs share each SM at these tiles, so one program's exponentials already overlap another's
+matmuls; the pipelined loop only held a second score tile in registers.
 """
 
 from __future__ import annotations

@@ -143,6 +143,10 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
 
     if why_not_kernels is None:
         done = fused.install_fused(backbone)
+        if world == 1:  # a sharded replica's projections are split by its plan; they keep their own
+            batched_temb = fused.batch_time_embeddings(backbone)
+            if batched_temb:
+                done["resnet time-embedding projections as one matmul"] = batched_temb
         # cuDNN's convolutions run NHWC natively (NCHW costs transposes around each one); the
         # fused GroupNorm reads either layout. Flux's backbone has no convolutions.
         if model.kind != "flux":

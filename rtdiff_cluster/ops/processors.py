@@ -11,14 +11,13 @@ to it); only the attention call and, for Flux, the QK-norm + rotary step change.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import threading
 
 import torch
 import torch.nn.functional as F
 
 from rtdiff_cluster.cache import token_kv
 from rtdiff_cluster.ops.attention import AttentionRegistry
+from rtdiff_cluster.ops.shared_projection import SharedProjection, Slot, stacked
 
 
 class UNetAttnProcessor:
@@ -156,72 +155,11 @@ def fuse_projections(backbone: torch.nn.Module) -> int:
     return count
 
 
-class CrossKV(torch.nn.Module):
-    """Every cross-attention's key and value projections of one UNet as one linear. They all
-    project the same text states, so one [tokens, 2048] x [2048, all widths] matmul replaces 70
-    small ones (SDXL at batch 1: 7.1 us each in bf16 at 113 TFLOP/s, 0.5 ms a step, whatever the
-    image size; under FP8 also 60 quantisations of the same states). Run once per backbone
-    forward, by the first cross-attention that asks, then sliced per module."""
-
-    def __init__(self, proj: torch.nn.Linear):
-        super().__init__()
-        self.proj = proj
-        # Per thread: a graph cache capturing aside (engine/graphs.py) runs the backbone on its own
-        # thread while the compute thread may run it eagerly; each holds its own result.
-        self._states: dict[int, _HeldKV] = {}
-
-    def _state(self) -> "_HeldKV":
-        st = self._states.get(threading.get_ident())
-        if st is None:
-            st = self._states[threading.get_ident()] = _HeldKV()
-        return st
-
-    @property
-    def held(self) -> bool:
-        return self._state().held
-
-    @held.setter
-    def held(self, value: bool) -> None:
-        self._state().held = value
-
-    @property
-    def _out(self) -> torch.Tensor | None:  # this thread's last result (tests check it is not kept)
-        return self._state().out
-
-    def clear(self, *_args) -> None:
-        """Forgets the last result (a hook at each backbone forward's start and end: a captured
-        graph must compute it inside the capture, and eager runs should not hold it), unless
-        held_across_forwards holds it."""
-        if not self.held:
-            self.forget()
-
-    def forget(self) -> None:
-        st = self._state()
-        st.key = st.out = None
-
-    def of(self, context: torch.Tensor) -> torch.Tensor:
-        # The same states object all through one forward (the UNet hands it to every block); a
-        # different one, or the same storage grown, computes again.
-        st = self._state()
-        key = (id(context), context.data_ptr(), tuple(context.shape))
-        if st.key != key:
-            st.out = self.proj(context)  # [B, tokens, sum of 2 x each module's width]
-            st.key = key
-        return st.out
-
-
-@dataclasses.dataclass
-class _HeldKV:
-    held: bool = False
-    key: tuple | None = None
-    out: torch.Tensor | None = None
-
-
 @contextlib.contextmanager
 def held_across_forwards(backbone: torch.nn.Module):
-    """Within: the backbone's CrossKV (when it has one) keeps its keys and values from one forward
-    to the next while the text states are the same tensor, as they are through one batch's
-    denoising loop. A captured loop of N steps then projects them once instead of N times (SDXL:
+    """Within: the backbone's shared K/V projection (when it has one) keeps its keys and values
+    from one forward to the next while the text states are the same tensor, as they are through
+    one batch's denoising loop. A captured loop of N steps then projects them once instead of N times (SDXL:
     one 181 us matmul per step at batch 1, H200). Forgotten on exit. The loop must run as one
     unit (one graph, or eagerly): a result held by one captured graph and read by another would
     be frozen into the second."""
@@ -239,20 +177,26 @@ def held_across_forwards(backbone: torch.nn.Module):
 
 
 class KVSlot:
-    """One cross-attention's columns of its UNet's CrossKV: (key, value), each [B, tokens, width]."""
+    """One cross-attention's columns of its UNet's shared K/V projection: (key, value), each
+    [B, tokens, width]."""
 
-    def __init__(self, shared: CrossKV, offset: int, width: int):
-        self.shared, self.offset, self.width = shared, offset, width
+    def __init__(self, shared: SharedProjection, offset: int, width: int):
+        self.slot = Slot(shared, offset, 2 * width)
+        self.width = width
 
     def of(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self.shared.of(context)[..., self.offset:self.offset + 2 * self.width]
+        kv = self.slot.of(context)
         return kv[..., :self.width], kv[..., self.width:]
 
 
 def batch_cross_kv(backbone: torch.nn.Module) -> int:
     """After fuse_projections: the fused key/value linears of every cross-attention that reads
-    the text states as given (no norm_cross) become one CrossKV linear, their weights moved into
-    it (not held twice). Returns how many modules it serves; fewer than two: left as they are."""
+    the text states as given (no norm_cross) become one linear (a SharedProjection), their weights
+    moved into it (not held twice). They all project the same text states, so one
+    [tokens, 2048] x [2048, all widths] matmul replaces 70 small ones (SDXL at batch 1: 7.1 us each
+    in bf16 at 113 TFLOP/s, 0.5 ms a step, whatever the image size; under FP8 also 60
+    quantisations of the same states). Returns how many modules it serves; fewer than two: left
+    as they are."""
     from diffusers.models.attention_processor import Attention
 
     mods = [m for m in backbone.modules()
@@ -260,26 +204,15 @@ def batch_cross_kv(backbone: torch.nn.Module) -> int:
             and type(getattr(m, "to_kv", None)) is torch.nn.Linear]
     if len(mods) < 2 or len({m.to_kv.in_features for m in mods}) != 1:
         return 0
-    first = mods[0].to_kv.weight
-    has_bias = any(m.to_kv.bias is not None for m in mods)
-    proj = torch.nn.Linear(first.shape[1], sum(m.to_kv.out_features for m in mods), bias=has_bias,
-                           device=first.device, dtype=first.dtype)
-    shared = CrossKV(proj)
+    shared = SharedProjection(stacked([m.to_kv for m in mods]))
     offset = 0
-    with torch.no_grad():
-        if has_bias:
-            proj.bias.zero_()
-        for m in mods:  # each module's rows copied in, then its own linear dropped
-            rows = m.to_kv.out_features
-            proj.weight[offset:offset + rows].copy_(m.to_kv.weight)
-            if m.to_kv.bias is not None:
-                proj.bias[offset:offset + rows].copy_(m.to_kv.bias)
-            m.kv_slot = KVSlot(shared, offset, rows // 2)
-            m.to_kv = None
-            offset += rows
+    for m in mods:  # each module reads its rows; its own linear is dropped
+        rows = m.to_kv.out_features
+        m.kv_slot = KVSlot(shared, offset, rows // 2)
+        m.to_kv = None
+        offset += rows
     backbone.rtdiff_cross_kv = shared
-    backbone.register_forward_pre_hook(shared.clear)
-    backbone.register_forward_hook(shared.clear)
+    shared.install(backbone)
     return len(mods)
 
 

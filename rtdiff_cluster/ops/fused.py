@@ -62,8 +62,8 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None,
     hidden, bias1 = _conv_without_bias(self.conv1, hidden)
     offset = bias1[None] if bias1 is not None else None
     slot = getattr(self, "temb_slot", None)
-    if slot is not None:  # batch_time_embeddings: this block's columns of one matmul, conv1's bias in them
-        offset = slot.of(temb) if bias1 is None or slot.has_conv1_bias else slot.of(temb) + offset
+    if slot is not None:  # batch_time_embeddings: this block's columns of one matmul, bias1 folded in
+        offset = slot.of(temb)  # [N, C], a strided view of [N, all widths]
     elif self.time_emb_proj is not None:
         temb = self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))  # [N, C]
         offset = temb if offset is None else temb + offset
@@ -83,20 +83,6 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None,
     return out / self.output_scale_factor if self.output_scale_factor != 1 else out
 
 
-class _TimeEmbeddingSlot:
-    """A resnet's time-embedding projection, as its columns of the backbone's one
-    SiLU -> linear over the time embedding (batch_time_embeddings)."""
-
-    def __init__(self, shared, offset: int, width: int, has_conv1_bias: bool):
-        from rtdiff_cluster.ops.shared_projection import Slot
-
-        self.slot = Slot(shared, offset, width)
-        self.has_conv1_bias = has_conv1_bias  # its bias rows include conv1's bias
-
-    def of(self, temb: torch.Tensor) -> torch.Tensor:
-        return self.slot.of(temb)  # [N, C], a strided view of [N, all widths]
-
-
 def batch_time_embeddings(backbone: nn.Module) -> int:
     """After install_fused, on an unsharded backbone: the time-embedding projections of every
     resnet that runs _resnet_forward become one SiLU -> linear over the time embedding they all
@@ -105,19 +91,20 @@ def batch_time_embeddings(backbone: nn.Module) -> int:
     goes into the stacked bias. SDXL at batch 1: 17 matmuls of one row (5 us each on an H200),
     17 SiLUs and 17 bias adds become one SiLU and one matmul over 35 MB of weights. Returns how
     many resnets it serves; fewer than two: left as they are."""
-    from rtdiff_cluster.ops.shared_projection import SharedProjection, plain_linear, stacked
+    from rtdiff_cluster.ops.shared_projection import SharedProjection, Slot, plain_linear, stacked
 
     mods = [m for m in backbone.modules()
             if getattr(m.forward, "__func__", None) is _resnet_forward and getattr(m, "temb_slot", None) is None
             and plain_linear(getattr(m, "time_emb_proj", None)) and not m.skip_time_act]
     if len(mods) < 2 or len({(m.time_emb_proj.in_features, m.time_emb_proj.weight.dtype) for m in mods}) != 1:
         return 0
-    conv1_bias = [m.conv1.bias if _conv_without_bias_applies(m.conv1) else None for m in mods]
+    # Exactly the biases _conv_without_bias hands back as bias1, which _resnet_forward then leaves out.
+    conv1_bias = [m.conv1.bias if _bias_handed_back(m.conv1) else None for m in mods]
     shared = SharedProjection(nn.Sequential(nn.SiLU(), stacked([m.time_emb_proj for m in mods], conv1_bias)))
     offset = 0
-    for m, bias in zip(mods, conv1_bias):
+    for m in mods:
         width = m.time_emb_proj.out_features
-        m.temb_slot = _TimeEmbeddingSlot(shared, offset, width, has_conv1_bias=bias is not None)
+        m.temb_slot = Slot(shared, offset, width)
         m.time_emb_proj = None
         offset += width
     backbone.rtdiff_time_embeddings = shared
@@ -125,15 +112,16 @@ def batch_time_embeddings(backbone: nn.Module) -> int:
     return len(mods)
 
 
-def _conv_without_bias_applies(conv) -> bool:
-    """Whether _conv_without_bias hands this convolution's bias back (rather than adding it)."""
-    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and conv.bias is not None
+def _bias_handed_back(conv) -> bool:
+    """Whether _conv_without_bias hands conv's bias back rather than adding it: a plain zero-padded
+    nn.Conv2d (the bias may be None)."""
+    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
 
 
 def _conv_without_bias(conv, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(conv(x) without its bias, the bias) for a plain zero-padded nn.Conv2d; (conv(x), None) for
     anything else (a row-parallel, LoRA-wrapped or quantised convolution adds its own)."""
-    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros":  # see _conv_without_bias_applies
+    if _bias_handed_back(conv):
         return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups), conv.bias
     return conv(x), None
 

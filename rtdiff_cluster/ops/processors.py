@@ -159,8 +159,8 @@ def fuse_projections(backbone: torch.nn.Module) -> int:
 def held_across_forwards(backbone: torch.nn.Module):
     """Within: the backbone's shared K/V projection (when it has one) keeps its keys and values
     from one forward to the next while the text states are the same tensor, as they are through
-    one batch's denoising loop. A captured loop of N steps then projects them once instead of N times (SDXL:
-    one 181 us matmul per step at batch 1, H200). Forgotten on exit. The loop must run as one
+    one batch's denoising loop. A captured loop of N steps then projects them once instead of N
+    times (SDXL: one 181 us matmul per step at batch 1, H200). Forgotten on exit. The loop must run as one
     unit (one graph, or eagerly): a result held by one captured graph and read by another would
     be frozen into the second."""
     shared = getattr(backbone, "rtdiff_cross_kv", None)

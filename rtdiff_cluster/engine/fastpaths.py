@@ -68,12 +68,18 @@ def fp8_linears(backbone: torch.nn.Module, cfg: FastPathConfig, fused_inputs: bo
     """The backbone's linears wide enough to gain from FP8 (cfg.fp8_min_features output features;
     any input width) in float8, in place; quantize_linears' report. fused_inputs (the fused kernels
     are on): also the out projection of every GEGLU feed-forward, whatever its width, since its
-    input comes quantised from the GEGLU kernel (ops/fused.py)."""
+    input comes quantised from the GEGLU kernel (ops/fused.py). The resnets' stacked time-embedding
+    projection (ops/fused.batch_time_embeddings) stays in the model's dtype whenever this runs: it
+    is one row of conditioning that offsets every resnet's norm2 input, where FP8 saves a few
+    microseconds and quantises the conditioning itself. (benchmarks/roofline.py converts a built
+    model, so there it was FP8 once: roofline-2026-11-25-*-sdxl-temb.md, FP8 step error against
+    fp32 1.92e-2, against 1.76e-2 in the run before the batching.)"""
     from rtdiff_cluster.ops.fused import geglu_feed_forward_outputs
     from rtdiff_cluster.quant.fp8 import quantize_linears
 
     ff_outs = geglu_feed_forward_outputs(backbone) if fused_inputs else set()
     return quantize_linears(backbone, min_features=16, min_out_features=cfg.fp8_min_features,
+                            skip=lambda name, linear: name.startswith("rtdiff_time_embeddings."),
                             any_width=lambda name, linear: id(linear) in ff_outs)
 
 

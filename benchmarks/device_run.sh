@@ -70,15 +70,36 @@
 #                 (80 GB in bf16) with true CFG at tp=1,2,4,8 and tp=4 x cfg-parallel 2 (those the GPUs allow),
 #                 at 1024 and at 16,384 image tokens, tp against tp; then a tp=<all GPUs> replica through the
 #                 gateway with 4-step sampling
+#   fa4-stage     keep .fa4a (the first half of the CUTLASS DSL's compiler library, carried alone) in .fa4keep for
+#                 the next call; the fa4-* parts below run in a call that carries .fa4b (see the install below)
+#   fa4-bench     kernels/bench_attention.py with FlashAttention 4 installed, then the attention registry's GPU tests
+#   fa4-tests     the attention registry's and the flash-attn backends' GPU tests alone
+#   fa4-ab        the step profile A/B at 1024 and 512, twice each: FlashAttention 4 in the registry or left out
+#   fa4-fast-path-tests  tests/test_gpu_fast_paths.py with FlashAttention 4 installed
 # Run from the repo root on the device machine with .whl carried (../shared/tools/device-wheels.sh
 # grpcio==1.85.1 protobuf==7.36.2). Results land in $OUT.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+# .whl: the packages the device lacks (../shared/tools/device-wheels.sh). A call that carries .fa4b instead (the
+# fa4-* parts) brings its own subset, since both together are over what one call may carry.
+mkdir -p /tmp/site && export PYTHONPATH=/tmp/site:$PWD
+for dir in .whl .fa4b; do ls $dir/*.whl >/dev/null 2>&1 || continue
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $dir/*.whl || exit 1
+done
+# FlashAttention 4 (flash-attn-4 and the CUTLASS DSL it compiles with) for the attention registry. The DSL's
+# compiler library is 92 MB as a wheel, over one call's 64 MiB, so it travels as an xz tar in two halves: part
+# fa4-stage keeps the first (.fa4a) in .fa4keep, which the device machine keeps while warm, and the next call
+# carries the second (.fa4b) with the other wheels. Unpacked after pip, whose --upgrade would replace the
+# nvidia_cutlass_dsl/ directory the tar fills. The DSL's packages sit where its .pth would put them.
+if ls .fa4keep/cutlass-*.part-* .fa4b/cutlass-*.part-* >/dev/null 2>&1; then
+  cat .fa4keep/cutlass-*.part-* .fa4b/cutlass-*.part-* | xz -dc | tar x -C /tmp/site || exit 1
+  export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+  export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1  # its kernels compiled once per machine, not per process
+  python3 -c "import flash_attn.cute as f; print('flash-attn 4 imports:', f.__file__)" 2>&1 | tail -3
+fi
 ln -sfn "$PWD/kernels" /tmp/site/rtdiff_kernels  # kernels/ is imported as rtdiff_kernels (setup.py maps it when installed)
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv | tee "$OUT/nvidia-smi.txt"
-python3 -c "import torch, ray, diffusers, transformers, grpc, google.protobuf as p; print('torch', torch.__version__, 'ray', ray.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__, 'protobuf', p.__version__, 'gpus', torch.cuda.device_count())"
+python3 -c "import torch, diffusers, transformers, grpc, google.protobuf as p; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__, 'protobuf', p.__version__, 'gpus', torch.cuda.device_count())"
 # unet_profile_ab PREFIX FLAG ARGS...: unet_profile.py ARGS four times, alternating without and with FLAG, each
 # into $OUT/PREFIX-N (with FLAG: PREFIX-old-N); prints its per-size lines. The markdown is made again from the JSON.
 unet_profile_ab() {
@@ -222,6 +243,16 @@ PY
     scaling-serving) timeout 590 python3 benchmarks/stream_serving.py --device cuda --source synthetic:flux-40b \
       --tp "$(python3 -c 'import torch; print(torch.cuda.device_count())')" --cases "4 steps, ungoverned" \
       --frames 60 --out-dir "$OUT" 2>&1 | grep -v WARNING | tee "$OUT/scaling_serving.log" ;;
+    fa4-stage) mkdir -p .fa4keep && cp .fa4a/* .fa4keep/ && ls -l .fa4keep ;;
+    fa4-bench) timeout 300 python3 kernels/bench_attention.py --out "$OUT/bench_attention.json" 2>&1 | grep -v Warning \
+        | tee "$OUT/bench_attention.log"
+      timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_attention.py -k "flash_attn or registry" 2>&1 | tail -15 \
+        | tee "$OUT/attention_tests.log" ;;
+    fa4-tests) timeout 200 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_attention.py \
+        -k "flash_attn or registry" 2>&1 | tail -8 | tee "$OUT/attention_tests.log" ;;
+    fa4-ab) unet_profile_ab fa4 "--no-backend flash-attn-4" --sizes 1024,512 ;;
+    fa4-fast-path-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py 2>&1 \
+        | tail -15 | tee "$OUT/fast_path_tests.log" ;;
     *) echo "unknown part $part" ;;
   esac
 done

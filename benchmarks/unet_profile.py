@@ -249,6 +249,9 @@ def main() -> None:
                     help="with --frame: build each batch's scheduler from its config, as before Pipeline._scheduler (an A/B)")
     ap.add_argument("--no-small-triton", action="store_true",
                     help="attention without the registry's Triton entry for small calls: cuDNN first, as before (an A/B)")
+    ap.add_argument("--no-backend", action="append", default=[], metavar="NAME",
+                    help="leave this attention backend out of the registry, e.g. flash-attn-4 (a hyphen may stand for "
+                         "a space; repeatable; an A/B)")
     ap.add_argument("--kv-per-step", action="store_true",
                     help="with --frame: the cross-attention K/V projected at every step of a captured loop, as "
                          "before ops/processors.held_across_forwards (an A/B)")
@@ -293,10 +296,11 @@ def main() -> None:
 
         processors.batch_cross_kv = lambda backbone: 0
     model, fp = load_engine(args)
-    if args.no_small_triton and fp.registry is not None:
-        fp.registry.backends = [b for b in fp.registry.backends if b.name != "triton (small)"]
-    attention = ("cuDNN first (no Triton for small calls)" if args.no_small_triton
-                 else f"Triton for calls up to {SMALL_ATTENTION_SCORES} scores, then cuDNN")
+    dropped = {n.replace("-", " ") for n in args.no_backend} | ({"triton (small)"} if args.no_small_triton else set())
+    if fp.registry is not None:
+        fp.registry.backends = [b for b in fp.registry.backends if b.name.replace("-", " ") not in dropped]
+    attention = ("the registry's order" + (f", without {', '.join(sorted(dropped))}" if dropped else "")
+                 + f" (Triton for calls up to {SMALL_ATTENTION_SCORES} scores that no installed flash-attn takes)")
     device = torch.device(args.device)
     name = args.source.removeprefix("synthetic:")
     sizes = profile_frames(args, model, fp, device) if args.frame else []
@@ -314,6 +318,7 @@ def main() -> None:
                                    (f"frame-{args.frame}-step", args.frame),
                                    ("scheduler-from-config", args.scheduler_from_config),
                                    ("no-small-triton", args.no_small_triton),
+                                   ("no-" + "-".join(sorted(n.replace(" ", "-") for n in args.no_backend)), args.no_backend),
                                    ("kv-per-step", args.kv_per_step),
                                    ("cudnn-benchmark", args.cudnn_benchmark),
                                    ("knobs", knobs)) if on)
@@ -325,6 +330,8 @@ def main() -> None:
                                                 + (", every step" if args.kv_per_step or not args.frame
                                                    else ", once per captured loop"),
                                                 "attention": attention,
+                                                "attention_backends": fp.registry.choices() if fp.registry is not None else {},
+                                                "attention_left_out": sorted(dropped),
                                                 "time_embeddings": "per resnet" if args.per_resnet_temb else "one matmul",
                                                 "cudnn_benchmark": args.cudnn_benchmark,
                                                 "gn_knobs": gn_knobs, "knobs": knobs},

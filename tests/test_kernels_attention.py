@@ -251,6 +251,9 @@ def test_small_calls_are_what_the_small_triton_entry_admits():
         return (torch.empty(b, h, lq, 64, device="meta"), torch.empty(b, h, lk, 64, device="meta"),
                 torch.empty(b, h, lk, 64, device="meta"))
 
+    from rtdiff_cluster.ops.attention import _fa4_shape
+
+    assert "keys" in _fa4_shape(*call(1, 10, 4096, 77))  # text cross-attention stays with Triton
     assert _small_scores(*call(1, 20, 1024, 1024)) is None  # SDXL 1024-token self-attention, batch 1
     assert _small_scores(*call(2, 10, 4096, 77)) is None  # its cross-attention, batch 2
     assert "more than" in _small_scores(*call(1, 10, 4096, 4096))  # 4096-token self-attention
@@ -260,13 +263,87 @@ def test_small_calls_are_what_the_small_triton_entry_admits():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("shape,small", [((1, 20, 1024, 1024, 64), True), ((1, 10, 4096, 77, 64), True),
-                                         ((1, 10, 4096, 4096, 64), False)], ids=["self-1024", "cross-77", "self-4096"])
+                                         ((1, 10, 4096, 4096, 64), False), ((1, 10, 1024, 1024, 64), True)],
+                         ids=["self-1024", "cross-77", "self-4096", "self-1024-of-a-512-frame"])
 def test_gpu_registry_sends_small_sdxl_calls_to_triton(shape, small):
-    from rtdiff_cluster.ops.attention import AttentionRegistry
+    """Small calls go to our Triton kernel, except where FlashAttention 4 is installed and fills the
+    GPU (at 1024: 160 and 320 tiles of 128 queries); a 512 frame's 80 tiles stay with Triton."""
+    from rtdiff_cluster.ops.attention import AttentionRegistry, _fa4_shape
 
     reg = AttentionRegistry()
     q, k, v = _blhd(*shape, torch.bfloat16, seed=3)
     chosen = reg.pick(q, k, v).name
-    if reg.installed()["triton (small)"] is None:
+    if reg.installed()["flash-attn 4"] is None and _fa4_shape(q, k, v) is None:
+        assert chosen == "flash-attn 4", chosen  # faster than both where its tiles fill the GPU
+    elif reg.installed()["triton (small)"] is None:
         assert (chosen == "triton (small)") is small, chosen
     assert_close_to_reference(reg(q, k, v), q, k, v)
+
+
+FLASH_ATTN = ["flash-attn 4", "flash-attn 3", "flash-attn 2"]
+FLASH_SHAPES = {
+    "sdxl-self-1024-b1": (1, 20, 1024, 1024, 64),
+    "sdxl-self-4096-b1": (1, 10, 4096, 4096, 64),
+    "sdxl-cross-256-b2": (2, 10, 4096, 256, 64),
+    "flux-joint-4608": (1, 24, 4608, 4608, 128),
+    "awkward-d40": (4, 6, 1000, 333, 40),
+    "awkward-d256": (6, 27, 67, 1031, 256),
+}
+
+
+def _flash_registry(name):
+    from rtdiff_cluster.ops.attention import AttentionRegistry
+
+    reg = AttentionRegistry(allowed=[name])
+    if reg.installed()[name] is not None:
+        pytest.skip(reg.installed()[name])
+    return reg
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", list(FLASH_SHAPES))
+@pytest.mark.parametrize("name", FLASH_ATTN)
+def test_gpu_flash_attn_backend_matches_reference(name, shape, dtype):
+    """Each flash-attn package that imports, called as the registry calls it (the [B, L, H, D]
+    layout the processors make), under the same tolerance policy as our kernel."""
+    reg = _flash_registry(name)
+    q, k, v = _blhd(*FLASH_SHAPES[shape], dtype, seed=7)
+    assert reg.pick(q, k, v).name == name
+    assert_close_to_reference(reg(q, k, v), q, k, v)
+    scale = 0.3  # a scale other than 1/sqrt(d), as attention processors may pass
+    assert_close_to_reference(reg(q, k, v, scale), q, k, v, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", FLASH_ATTN)
+def test_gpu_flash_attn_backend_replays_in_a_cuda_graph(name):
+    """The replica captures whole steps: a captured call, replayed on new inputs written into the
+    same buffers, gives what an eager call on those inputs gives."""
+    reg = _flash_registry(name)
+    q, k, v = _blhd(1, 20, 1024, 1024, 64, torch.bfloat16, seed=1)
+    reg(q, k, v)  # first call outside the capture: JIT compilation, kernel selection
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = reg(q, k, v)
+    q2, k2, v2 = _blhd(1, 20, 1024, 1024, 64, torch.bfloat16, seed=2)
+    q.copy_(q2), k.copy_(k2), v.copy_(v2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, reg(q, k, v))
+    assert_close_to_reference(out, q, k, v)
+
+
+def test_flash_attn_2_is_not_taken_for_flash_attn_4s_package(monkeypatch):
+    """flash-attn-4 installs a `flash_attn` package that holds only `cute`: FA2's entry must see
+    that its function is missing rather than fail at the first call."""
+    import sys
+    import types
+
+    from rtdiff_cluster.ops.attention import AttentionRegistry
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert AttentionRegistry().installed()["flash-attn 2"] == "flash_attn has no flash_attn_func"

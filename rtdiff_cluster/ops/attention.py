@@ -2,7 +2,8 @@
 guard checks (installed, device, dtype, head dim, mask), tried in order.
 
 Order, fastest first as measured at our shapes (DESIGN.md; benchmarks/results/ for this repo's
-runs): FlashAttention 4 (`flash_attn.cute`) and 3 (`flash_attn_interface`) when installed, our
+runs): FlashAttention 4 (`flash_attn.cute`, for calls that fill the GPU over more than 128 keys:
+0.80-0.94x the next fastest backend's time on an H200 at SDXL's and Flux's self-attention) and 3 (`flash_attn_interface`) when installed, our
 Triton kernel for small calls (SMALL_ATTENTION_SCORES: SDXL's 1024-token and cross-attention at
 batch 1, where cuDNN's kernels leave SMs idle), then PyTorch's cuDNN backend (480-670 TFLOP/s on
 H100 at head dims 64 and 128, against 290-360 for PyTorch's own flash backend), FlashAttention 2,
@@ -30,6 +31,7 @@ All functions take and return [B, H, L, D] tensors (SDPA's layout); no mask, not
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from dataclasses import dataclass
@@ -78,6 +80,17 @@ def _head_dim(limit: int, multiple: int = 8) -> Guard:
     return check
 
 
+def _aligned(q, k, v) -> str | None:
+    """flash-attn's Hopper kernels load through TMA: 16-byte aligned addresses and strides, the head
+    dim contiguous (the fused q/k/v projection's views qualify)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            return f"{name}'s head dim is not contiguous"
+        if t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
+            return f"{name} is not 16-byte aligned (strides {t.stride()})"
+    return None
+
+
 def _all(*guards: Guard) -> Guard:
     def check(q, k, v):
         for g in guards:
@@ -112,7 +125,11 @@ def _sdpa_enabled(flag: str) -> Callable[[], "str | None"]:
 def _flash_attn(module: str, func: str) -> tuple[Callable, Callable]:
     """flash-attn's packages take [B, L, H, D]; ours are [B, H, L, D] views of that same layout."""
     def installed():
-        return None if _module(module) is not None else f"{module} is not installed"
+        # flash-attn-4 installs a `flash_attn` package holding only `cute`: FA2's import succeeds
+        # there without its function.
+        if _module(module) is None:
+            return f"{module} is not installed"
+        return None if callable(getattr(_module(module), func, None)) else f"{module} has no {func}"
 
     def run(q, k, v, scale):
         fn = getattr(_module(module), func)
@@ -208,13 +225,39 @@ def _small_scores(q, k, v) -> str | None:
     return None if scores <= SMALL_ATTENTION_SCORES else f"{scores} scores, more than {SMALL_ATTENTION_SCORES}"
 
 
+# Where FlashAttention 4 is the fastest here, timed in CUDA graphs on an H200
+# (benchmarks/results/kernels/bench_attention-2026-11-25-nvidia-h200-fa4.md and the step A/B in
+# benchmarks/NOTES.md): its 128-query tiles must fill the GPU, and the keys must be more than one of
+# our Triton kernel's short-key passes.
+# - SDXL at 1024, self-attention: 160 tiles (20 heads x 8) over 1024 keys, 15.5 against our 19.2 and
+#   cuDNN's 23.7 us; 320 tiles over 4096 keys, 94 against cuDNN's 112 us.
+# - SDXL at 512, self-attention: 80 and 40 tiles (10 heads x 8, 20 x 2): our Triton kernel was faster
+#   (the step's 70 calls, 0.56 ms in FA4 against about 0.4 in ours).
+# - Text cross-attention, 77 keys: under one of FA4's 128-wide key tiles, against one or two of our
+#   64-wide blocks: 9.0 against 10.2 us at batch 1 (4096 queries), 13.9 against 18.4 at batch 2.
+FA4_MIN_KEYS = 129
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _fa4_shape(q, k, v) -> str | None:
+    b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if lk < FA4_MIN_KEYS:
+        return f"{lk} keys: our Triton kernel runs fewer than {FA4_MIN_KEYS} faster"
+    tiles, sms = b * h * -(-lq // 128), _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return None if tiles >= sms else f"{tiles} query tiles of 128 on {sms} SMs: the GPU is not filled"
+
+
 def _registry() -> list[Backend]:
     fa4 = _flash_attn("flash_attn.cute", "flash_attn_func")
     fa3 = _flash_attn("flash_attn_interface", "flash_attn_func")
     fa2 = _flash_attn("flash_attn", "flash_attn_func")
     return [
-        Backend("flash-attn 4", fa4[0], _all(_cuda_half, _head_dim(256)), fa4[1]),
-        Backend("flash-attn 3", fa3[0], _all(_cuda_half, _head_dim(256)), fa3[1]),
+        Backend("flash-attn 4", fa4[0], _all(_cuda_half, _head_dim(256), _aligned, _fa4_shape), fa4[1]),
+        Backend("flash-attn 3", fa3[0], _all(_cuda_half, _head_dim(256), _aligned), fa3[1]),
         # Triton autotunes at the first call of each size bucket: on the serving path that is a stall
         # like cuDNN's per-shape build, so after the warm-up it keeps the shapes it already ran.
         Backend("triton (small)", _triton_installed, _all(_cuda_half, _small_scores, _triton_supports), _triton_run,
@@ -297,7 +340,7 @@ class AttentionRegistry:
         backend = self.pick(q, k, v)
         try:
             return backend.run(q, k, v, scale)
-        except RuntimeError as e:
+        except Exception as e:  # noqa: BLE001 - library kernels raise assertions and value errors too
             # A guard cannot foresee every constraint of a library kernel (strides, alignment): the
             # backend is dropped for this kind of call, loudly, and the next one runs it.
             if backend is self.backends[-1]:

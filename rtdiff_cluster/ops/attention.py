@@ -2,15 +2,16 @@
 guard checks (installed, device, dtype, head dim, mask), tried in order.
 
 Order, fastest first as measured at our shapes (DESIGN.md; benchmarks/results/ for this repo's
-runs): FlashAttention 4 (`flash_attn.cute`, for calls that fill the GPU over more than 128 keys:
-0.80-0.94x the next fastest backend's time on an H200 at SDXL's and Flux's self-attention) and 3 (`flash_attn_interface`) when installed, our
-Triton kernel for small calls (SMALL_ATTENTION_SCORES: SDXL's 1024-token and cross-attention at
-batch 1, where cuDNN's kernels leave SMs idle), then PyTorch's cuDNN backend (480-670 TFLOP/s on
-H100 at head dims 64 and 128, against 290-360 for PyTorch's own flash backend), FlashAttention 2,
-PyTorch's flash backend, our Triton kernel (kernels/attention.py), two GEMMs per block of queries
-for head dims over 256 (the KL VAE's 512-wide head), then PyTorch's own choice (`sdpa`), which runs
-anything; the math reference is there for tests. flash-attn is an optional
-extra (`pip install rtdiff-cluster[flash]`); nothing needs it.
+runs): FlashAttention 4 (`flash_attn.cute`, on Hopper and newer, for calls that fill the GPU over
+more than 128 keys: 0.80-0.94x the next fastest backend's time on an H200 at SDXL's and Flux's
+self-attention) and 3 (`flash_attn_interface`) when installed, our Triton kernel for small calls
+(SMALL_ATTENTION_SCORES: SDXL's text cross-attention, and its 1024-token self-attention at batch 1
+where FA4 is absent, where cuDNN's kernels leave SMs idle), then PyTorch's cuDNN backend (480-670
+TFLOP/s on H100 at head dims 64 and 128, against 290-360 for PyTorch's own flash backend),
+FlashAttention 2, PyTorch's flash backend, our Triton kernel (kernels/attention.py), two GEMMs per
+block of queries for head dims over 256 (the KL VAE's 512-wide head), then PyTorch's own choice
+(`sdpa`), which runs anything; the math reference is there for tests. FlashAttention 4 and 2 are
+optional extras (`pip install rtdiff-cluster[flash4]` or `[flash]`); nothing needs them.
 
 diffusers has a dispatcher of its own (attention_dispatch), but it picks one backend per model at
 set-up and checks only that the package imports; this one decides per call, so a UNet's
@@ -239,15 +240,22 @@ FA4_MIN_KEYS = 129
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _gpu(device_index: int) -> tuple[tuple[int, int], int]:
+    """(compute capability, SM count) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device_index)
+    return (props.major, props.minor), props.multi_processor_count
 
 
 def _fa4_shape(q, k, v) -> str | None:
+    """Only measured on Hopper: on older GPUs FA4 runs a port of its Ampere kernel, and cuDNN or
+    FA2 take those calls."""
     b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     if lk < FA4_MIN_KEYS:
         return f"{lk} keys: our Triton kernel runs fewer than {FA4_MIN_KEYS} faster"
-    tiles, sms = b * h * -(-lq // 128), _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    capability, sms = _gpu(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if capability < (9, 0):
+        return f"compute capability {capability[0]}.{capability[1]}: measured on Hopper (9.0) and newer only"
+    tiles = b * h * -(-lq // 128)
     return None if tiles >= sms else f"{tiles} query tiles of 128 on {sms} SMs: the GPU is not filled"
 
 

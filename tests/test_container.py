@@ -101,7 +101,10 @@ def test_entrypoint_is_rtdiff_serve():
 
 def test_installs_the_project_with_the_torch_and_ray_the_rest_of_the_repo_uses():
     build = " ".join(args for ins, args in stages()[0] if ins == "RUN")
-    assert re.search(r"pip install \. ", build), "the project itself is installed"
+    assert re.search(r'pip install "\.\$\{EXTRAS:\+\[\$EXTRAS\]\}" ', build), "the project itself is installed"
+    assert arg_default("EXTRAS") == "", "optional extras are opt-in"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "flash4" in extras, "the extra deploy/README.md names exists"
     setup_default = re.search(r"TORCH_SPEC=\$\{TORCH_SPEC:-([^}]+)\}", (REPO / "scripts" / "setup.sh").read_text())
     assert arg_default("TORCH_SPEC") == setup_default.group(1)
     chart = yaml.safe_load((REPO / "helm" / "rtdiff-cluster" / "values.yaml").read_text())

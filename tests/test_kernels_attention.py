@@ -347,3 +347,29 @@ def test_flash_attn_2_is_not_taken_for_flash_attn_4s_package(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
     assert AttentionRegistry().installed()["flash-attn 2"] == "flash_attn has no flash_attn_func"
+
+
+def test_a_backend_that_raises_is_dropped_for_that_kind_and_the_next_runs_it(caplog):
+    """A library kernel may refuse inputs its guards admitted, with any exception (FA4 asserts):
+    the call still returns the next backend's result, a warning names the backend, and later
+    calls of that kind go straight to the next one."""
+    from rtdiff_cluster.ops.attention import AttentionRegistry, Backend, _math
+
+    calls = []
+
+    def refuses(q, k, v, scale):
+        calls.append(q.shape)
+        raise AssertionError("head dim not supported by this build")
+
+    flaky = Backend("flaky", lambda: None, lambda q, k, v: None, refuses)
+    reference = Backend("math", lambda: None, lambda q, k, v: None, _math)
+    reg = AttentionRegistry(backends=[flaky, reference])
+    q, k, v = _qkv(1, 2, 17, 23, 16, torch.float32, device="cpu")
+    with caplog.at_level("WARNING", logger="rtdiff.attention"):
+        out = reg(q, k, v)
+    assert_close_to_reference(out, q, k, v)
+    assert "attention backend flaky failed" in caplog.text and "head dim not supported" in caplog.text
+    q2, k2, v2 = _qkv(1, 2, 31, 23, 16, torch.float32, seed=1, device="cpu")
+    assert reg.pick(q2, k2, v2).name == "math"  # the same kind of call, another shape
+    assert_close_to_reference(reg(q2, k2, v2), q2, k2, v2)
+    assert len(calls) == 1

@@ -1,8 +1,9 @@
 """Micro-benchmark: our Triton FlashAttention forward (kernels/attention.py) against PyTorch's SDPA
-with each backend forced (flash, cuDNN, memory-efficient) and PyTorch's default choice, at the
-attention shapes of SDXL and Flux at 1024x1024, bf16 (and FlashAttention 2, 3 or 4, those installed): at batch 2 (classifier-free guidance) and,
-for SDXL, at batch 1 as a 1-step frame runs them (10 self-attentions over 4096 tokens, 60 over
-1024, and 70 cross-attentions over 77 text tokens).
+with each backend forced (flash, cuDNN, memory-efficient), PyTorch's default choice and the
+flash-attn packages installed (FA2, FA3 or FA4), at the attention shapes of SDXL and Flux at
+1024x1024, bf16: at batch 2 (classifier-free guidance) and, for SDXL, at batch 1 as a 1-step frame
+runs them (10 self-attentions over 4096 tokens, 60 over 1024, and 70 cross-attentions over 77 text
+tokens).
 
 Each call is timed inside a CUDA graph, as the replica runs it (kernels/_bench.py bench_us): timed
 one by one, a 10-20 us kernel measures its launch, not itself.

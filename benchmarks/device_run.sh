@@ -94,6 +94,8 @@ done
 # fa4-stage keeps the first (.fa4a) in .fa4keep, which the device machine keeps while warm, and the next call
 # carries the second (.fa4b) with the other wheels. Unpacked after pip, whose --upgrade would replace the
 # nvidia_cutlass_dsl/ directory the tar fills. The DSL's packages sit where its .pth would put them.
+# A warm machine also keeps /tmp/site, so a serving run with FA4 (which needs Ray too) can be three calls in a
+# row: any part with .whl carried (installs Ray and the rest), fa4-stage with .fa4a, then the run with .fa4b.
 if ls .fa4keep/cutlass-*.part-* .fa4b/cutlass-*.part-* >/dev/null 2>&1; then
   cat .fa4keep/cutlass-*.part-* .fa4b/cutlass-*.part-* | xz -dc | tar x -C /tmp/site || exit 1
   export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages

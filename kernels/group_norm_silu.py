@@ -24,7 +24,7 @@ Here:
 
 Tried and dropped (benchmarks/NOTES.md, 2026-11-25): small groups in one kernel, one program per
 (n, group) reading its group three times. At batch 1 that is 32 programs, each moving about
-10 GB/s: 68 us a call at 1024 and 33 at 512, against 8-18 and 11 us for the two kernels here.
+10 GB/s: 68 us a call at 1024 and 33 at 512, against 18 and 11 us on average for the two kernels here.
 
 Bytes moved: x read twice + y written once = 3 * numel * itemsize, the floor for a two-pass norm
 whose tensor does not fit on chip. SDXL's activations at 1024x1024 (128x128 latents) are 21-63 MB

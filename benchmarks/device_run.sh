@@ -89,7 +89,8 @@ mkdir -p /tmp/site && export PYTHONPATH=/tmp/site:$PWD
 for dir in .whl .fa4b; do ls $dir/*.whl >/dev/null 2>&1 || continue
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $dir/*.whl || exit 1
 done
-# FlashAttention 4 (flash-attn-4 and the CUTLASS DSL it compiles with) for the attention registry. The DSL's
+# FlashAttention 4 (flash-attn-4 and the CUTLASS DSL it compiles with; benchmarks/fa4_wheels.sh makes .fa4a and
+# .fa4b) for the attention registry. The DSL's
 # compiler library is 92 MB as a wheel, over one call's 64 MiB, so it travels as an xz tar in two halves: part
 # fa4-stage keeps the first (.fa4a) in .fa4keep, which the device machine keeps while warm, and the next call
 # carries the second (.fa4b) with the other wheels. Unpacked after pip, whose --upgrade would replace the

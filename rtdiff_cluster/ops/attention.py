@@ -5,10 +5,10 @@ Order, fastest first as measured at our shapes (DESIGN.md; benchmarks/results/ f
 runs): FlashAttention 4 (`flash_attn.cute`, on Hopper and newer, for calls that fill the GPU over
 more than 128 keys: 0.80-0.94x the next fastest backend's time on an H200 at SDXL's and Flux's
 self-attention) and 3 (`flash_attn_interface`) when installed, our Triton kernel for small calls
-(SMALL_ATTENTION_SCORES: SDXL's text cross-attention, and its 1024-token self-attention at batch 1
-where FA4 is absent, where cuDNN's kernels leave SMs idle), then PyTorch's cuDNN backend (480-670
-TFLOP/s on H100 at head dims 64 and 128, against 290-360 for PyTorch's own flash backend),
-FlashAttention 2, PyTorch's flash backend, our Triton kernel (kernels/attention.py), two GEMMs per
+(SMALL_ATTENTION_SCORES: calls too small for cuDNN's kernels to fill the SMs, such as SDXL's text
+cross-attention, and its 1024-token self-attention at batch 1 when FA4 is absent), then
+PyTorch's cuDNN backend (480-670 TFLOP/s on H100 at head dims 64 and 128, against 290-360 for
+PyTorch's own flash backend), FlashAttention 2, PyTorch's flash backend, our Triton kernel (kernels/attention.py), two GEMMs per
 block of queries for head dims over 256 (the KL VAE's 512-wide head), then PyTorch's own choice
 (`sdpa`), which runs anything; the math reference is there for tests. FlashAttention 4 and 2 are
 optional extras (`pip install rtdiff-cluster[flash4]` or `[flash]`); nothing needs them.

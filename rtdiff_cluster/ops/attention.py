@@ -32,7 +32,6 @@ All functions take and return [B, H, L, D] tensors (SDPA's layout); no mask, not
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 from dataclasses import dataclass
@@ -239,23 +238,18 @@ def _small_scores(q, k, v) -> str | None:
 FA4_MIN_KEYS = 129
 
 
-@functools.lru_cache(maxsize=None)
-def _gpu(device_index: int) -> tuple[tuple[int, int], int]:
-    """(compute capability, SM count) of a CUDA device."""
-    props = torch.cuda.get_device_properties(device_index)
-    return (props.major, props.minor), props.multi_processor_count
-
-
 def _fa4_shape(q, k, v) -> str | None:
     """Only measured on Hopper: on older GPUs FA4 runs a port of its Ampere kernel, and cuDNN or
-    FA2 take those calls."""
+    FA2 take those calls. Asked once per shape (the registry remembers its choice)."""
+    from rtdiff_kernels._launch import sm_count  # torch only: importable without Triton
+
     b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     if lk < FA4_MIN_KEYS:
         return f"{lk} keys: our Triton kernel runs fewer than {FA4_MIN_KEYS} faster"
-    capability, sms = _gpu(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    if capability < (9, 0):
-        return f"compute capability {capability[0]}.{capability[1]}: measured on Hopper (9.0) and newer only"
-    tiles = b * h * -(-lq // 128)
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major < 9:
+        return f"compute capability {major}.{minor}: measured on Hopper (9.0) and newer only"
+    tiles, sms = b * h * -(-lq // 128), sm_count(q)
     return None if tiles >= sms else f"{tiles} query tiles of 128 on {sms} SMs: the GPU is not filled"
 
 

@@ -77,6 +77,8 @@
 #   fa4-ab        the step profile A/B at 1024 and 512, twice each: FlashAttention 4 in the registry or left out
 #   fa4-fast-path-tests  tests/test_gpu_fast_paths.py with FlashAttention 4 installed
 #   grpc-idle     benchmarks/grpc_idle_wake.py (a bare gRPC call after an idle wait, by the server's and client's CPU placement)
+#   grpc-split    benchmarks/grpc_front_split.py (a bare call split at the handler, Python and native gRPC server and
+#                 client; carry .grpcnative, built by benchmarks/grpc_front/build.sh)
 #   library-gemm  kernels/bench_library_gemm.py (quack-kernels' CuTe-DSL GEMM, carried with FA4, against cuBLAS at the
 #                 1024 step's linears; GEGLU in its epilogue against cuBLAS + our geglu)
 # Run from the repo root on the device machine with .whl carried (../shared/tools/device-wheels.sh
@@ -259,6 +261,8 @@ PY
     fa4-ab) unet_profile_ab fa4 "--no-backend flash-attn-4" --sizes 1024,512 ;;
     grpc-idle) timeout 300 python3 benchmarks/grpc_idle_wake.py --n 300 --out "$OUT/grpc_idle_wake.json" 2>&1 \
         | tee "$OUT/grpc_idle_wake.log" ;;
+    grpc-split) timeout 500 python3 benchmarks/grpc_front_split.py --n 300 --out "$OUT/grpc_front_split.json" 2>&1 \
+        | tee "$OUT/grpc_front_split.log" ;;
     library-gemm) timeout 400 python3 kernels/bench_library_gemm.py --out "$OUT/bench_library_gemm.json" 2>&1 \
         | grep -v Warning | tee "$OUT/bench_library_gemm.log" ;;
     fa4-fast-path-tests) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py 2>&1 \

@@ -77,6 +77,8 @@
 #   fa4-ab        the step profile A/B at 1024 and 512, twice each: FlashAttention 4 in the registry or left out
 #   fa4-fast-path-tests  tests/test_gpu_fast_paths.py with FlashAttention 4 installed
 #   grpc-idle     benchmarks/grpc_idle_wake.py (a bare gRPC call after an idle wait, by the server's and client's CPU placement)
+#   fp8-fidelity  rtdiff serve with synthetic:sdxl in FP8 (and the tiny VAE), until its start-up log reports the FP8
+#                 fidelity the replica measured at warm-up; then SIGTERM
 #   grpc-split    benchmarks/grpc_front_split.py (a bare call split at the handler, Python and native gRPC server and
 #                 client; carry .grpcnative, built by benchmarks/grpc_front/build.sh)
 #   library-gemm  kernels/bench_library_gemm.py (quack-kernels' CuTe-DSL GEMM, carried with FA4, against cuBLAS at the
@@ -261,6 +263,14 @@ PY
     fa4-ab) unet_profile_ab fa4 "--no-backend flash-attn-4" --sizes 1024,512 ;;
     grpc-idle) timeout 300 python3 benchmarks/grpc_idle_wake.py --n 300 --out "$OUT/grpc_idle_wake.json" 2>&1 \
         | tee "$OUT/grpc_idle_wake.log" ;;
+    fp8-fidelity)
+      printf '[[models]]\nsource = "synthetic:sdxl"\ndevice = "cuda"\nvae = "tiny"\n[models.fast_paths]\nquantization = "fp8"\n' \
+        > /tmp/fp8.toml
+      python3 -m rtdiff_cluster.cli serve --config /tmp/fp8.toml --port 0 --metrics-port 0 > "$OUT/fp8_fidelity.log" 2>&1 &
+      pid=$!
+      for _ in $(seq 400); do grep -q -E "ready after|Traceback" "$OUT/fp8_fidelity.log" && break; sleep 1; done
+      kill -TERM $pid; wait $pid
+      grep -E "fast path fp8|FP8 fidelity|warmed up|ready after|Error" "$OUT/fp8_fidelity.log" ;;
     grpc-split) timeout 500 python3 benchmarks/grpc_front_split.py --n 300 --out "$OUT/grpc_front_split.json" 2>&1 \
         | tee "$OUT/grpc_front_split.log" ;;
     library-gemm) timeout 400 python3 kernels/bench_library_gemm.py --out "$OUT/bench_library_gemm.json" 2>&1 \

@@ -172,8 +172,8 @@ class StubReplica:
         return ReplicaInfo(self.limits, os.getpid(), "cpu", "float32", 0.0, 0, "stub replica", 0,
                            await self.link.start(node_host()))
 
-    async def warmup(self) -> tuple[float, str]:
-        return 0.0, "none (stub)"
+    async def warmup(self) -> tuple[float, str, str]:
+        return 0.0, "none (stub)", ""
 
     async def run_batch(self, batch):
         import asyncio

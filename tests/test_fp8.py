@@ -533,3 +533,26 @@ def test_gpu_add_layer_norm_fp8_matches_reference(m, d):
     assert torch.equal(h, h_ref)  # the same fp32 sum, rounded to nearest even once on both sides
     _, y32 = add_layer_norm_reference(h.float(), torch.zeros_like(h, dtype=torch.float32), w.float(), b.float(), 1e-5)
     _assert_fused_quantisation(q, scale, q_ref, scale_ref, y32)
+
+
+def test_fp8_fidelity_is_exported_for_fp8_replicas_only():
+    """The gateway exports what an FP8 replica measured at warm-up, labelled by replica; a replica
+    without FP8 has no such series (absent, not zero)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rtdiff_cluster.engine.replica import Fp8Fidelity, ReplicaStats
+    from rtdiff_cluster.metrics.gateway_metrics import GatewayMetrics
+
+    m = GatewayMetrics()
+    measured = Fp8Fidelity(psnr_db=41.25, ssim=0.987, width=1024, height=1024, steps=4)
+    m.set_replica_stats("sdxl", "sdxl-0", ReplicaStats(0, 0, 0, 0, 0, 0, fp8_fidelity=measured))
+    m.set_replica_stats("sdxl-bf16", "sdxl-bf16-0", ReplicaStats(0, 0, 0, 0, 0, 0))
+    samples = {(s.name, s.labels.get("replica")): s.value
+               for f in text_string_to_metric_families(generate_latest(m.registry).decode()) for s in f.samples}
+    assert samples[("rtdiff_fp8_fidelity_psnr_db", "sdxl-0")] == 41.25
+    assert samples[("rtdiff_fp8_fidelity_ssim", "sdxl-0")] == 0.987
+    assert ("rtdiff_fp8_fidelity_psnr_db", "sdxl-bf16-0") not in samples
+    assert ("rtdiff_fp8_fidelity_ssim", "sdxl-bf16-0") not in samples
+    assert measured.describe() == ("against 1024x1024, 4-step warm-up frame of the model as loaded: "
+                                   "PSNR 41.2 dB, SSIM 0.98700")

@@ -64,6 +64,12 @@ class FastPaths:
         return "; ".join(f"{k}: {v}" for k, v in self.registry.choices().items()) or "no call yet"
 
 
+def fp8_applies(model: LoadedModel, cfg: FastPathConfig) -> bool:
+    """Whether apply() converts the model's linears to FP8: asked for, on a GPU with FP8 tensor cores."""
+    return (cfg.quantization == "fp8" and model.device.type == "cuda"
+            and torch.cuda.get_device_capability(model.device) >= (8, 9))
+
+
 def fp8_linears(backbone: torch.nn.Module, cfg: FastPathConfig, fused_inputs: bool) -> dict:
     """The backbone's linears wide enough to gain from FP8 (cfg.fp8_min_features output features;
     any input width) in float8, in place; quantize_linears' report. fused_inputs (the fused kernels
@@ -126,14 +132,13 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
     # Before quantising: the fused q/k/v layers are the ones FP8 then converts.
     fused_qkv = processors.fuse_projections(backbone) if model.kind != "flux" else 0
     batched_kv = processors.batch_cross_kv(backbone) if model.kind != "flux" else 0
-    if cfg.quantization == "fp8":
+    if fp8_applies(model, cfg):
+        q = fp8_linears(backbone, cfg, fused_inputs=why_not_kernels is None)
+        r["fp8"] = (f"on: {q['replaced']} linears ({q['bytes_before'] / 2**30:.2f} -> "
+                    f"{q['bytes_after'] / 2**30:.2f} GiB), {q['skipped']} left in {str(model.dtype).removeprefix('torch.')}")
+    elif cfg.quantization == "fp8":
         major, minor = torch.cuda.get_device_capability(model.device)
-        if (major, minor) < (8, 9):
-            r["fp8"] = f"off: needs compute capability 8.9+, this GPU has {major}.{minor}"
-        else:
-            q = fp8_linears(backbone, cfg, fused_inputs=why_not_kernels is None)
-            r["fp8"] = (f"on: {q['replaced']} linears ({q['bytes_before'] / 2**30:.2f} -> "
-                        f"{q['bytes_after'] / 2**30:.2f} GiB), {q['skipped']} left in {str(model.dtype).removeprefix('torch.')}")
+        r["fp8"] = f"off: needs compute capability 8.9+, this GPU has {major}.{minor}"
     else:
         r["fp8"] = "off: fast_paths.quantization is none"
 

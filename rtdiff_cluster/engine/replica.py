@@ -48,6 +48,7 @@ from rtdiff_cluster.config import ModelConfig
 from rtdiff_cluster.engine.adaptive_steps import StepCalibrator
 from rtdiff_cluster.engine.link import LinkAddress, LinkServer, current_peer, new_key, node_host
 from rtdiff_cluster.engine.timed_pool import TimedPool
+from rtdiff_cluster.fidelity import psnr, ssim
 from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec, Pipeline, StageTimes, resize_images
 from rtdiff_cluster.engine.stream_frames import CachedFrame, RegionBatch, cache_settings, dit_token_px, run_cached
 from rtdiff_cluster.metrics.gpu_sampler import GpuSample, GpuSampler
@@ -156,6 +157,22 @@ class ReplicaStats:
     stream_caches: int = 0
     compute_busy_s: dict[str, float] = field(default_factory=dict)  # the compute thread's seconds in jobs, by job
     gc_pause_s: tuple[float, ...] = ()  # this process's seconds in garbage collections, by generation (gc_pauses.py)
+    fp8_fidelity: Fp8Fidelity | None = None  # the leader's, measured at warm-up when its linears are FP8
+
+
+@dataclass
+class Fp8Fidelity:
+    """The warm-up frame of an FP8 replica against the same frame from the model as loaded (its
+    dtype, diffusers' modules, eager): how far FP8 and the fast paths together move what users get."""
+    psnr_db: float
+    ssim: float
+    width: int
+    height: int
+    steps: int
+
+    def describe(self) -> str:
+        return (f"against {self.width}x{self.height}, {self.steps}-step warm-up frame of the model as loaded: "
+                f"PSNR {self.psnr_db:.1f} dB, SSIM {self.ssim:.5f}")
 
 
 @dataclass
@@ -239,6 +256,9 @@ class EngineRank:
         self._launch_started: torch.cuda.Event | None = None  # compute thread: recorded before its latest launch
         self._busy_until: queue.SimpleQueue[torch.cuda.Event] = queue.SimpleQueue()
         self._watching = False  # compute thread: an event is with the watcher, a flush will follow
+        # FP8 replicas: the warm-up frame computed before the fast paths, then how far the served one is from it.
+        self._fp8_reference: np.ndarray | None = None
+        self.fp8_fidelity: Fp8Fidelity | None = None
 
     # ---- start-up (every rank) -------------------------------------------------------------
 
@@ -282,6 +302,12 @@ class EngineRank:
         self.model = load_model(self.config, tp_rank=groups.tp_rank())
         if not self.config.torch_threads and self.model.device.type == "cuda":
             torch.set_num_threads(CUDA_REPLICA_THREADS)
+        if self.config.warmup and fastpaths.fp8_applies(self.model, self.config.fast_paths):
+            # FP8's cost in quality is reported, not assumed: the warm-up frame from the model as
+            # loaded, before apply() converts it, is the reference the served warm-up frame is held
+            # to. Every rank computes it (a sharded backbone's collectives run in lockstep).
+            images, _ = Pipeline(self.model, 1).run(self._warmup_batch(), ["warm-up"], [""], decode=groups.is_leader())
+            self._fp8_reference = images[0] if images is not None else None
         self.fast = fastpaths.apply(self.model, self.config.fast_paths, self.layout.world)
         self.pipeline = Pipeline(self.model, self.config.prompt_cache_size, self.fast.graphs,
                                  self.config.fast_paths.loop_graph_max_steps)
@@ -341,25 +367,34 @@ class EngineRank:
                            self.load_s, m.parameter_bytes(), self.gpu.disabled_reason, torch.get_num_threads(), link,
                            self.layout.tp, self.layout.cfg, m.backbone_bytes(), dict(self.fast.report))
 
-    async def warmup(self) -> tuple[float, str]:
-        """One frame at the default size through every rank, so the first user request pays no
-        one-time costs. Returns its seconds and the attention backends its calls took."""
-        self._need_started()
+    def _warmup_batch(self) -> BatchSpec:
         lim = self.model.limits
+        return BatchSpec(lim.default_width, lim.default_height, lim.default_steps, lim.default_guidance_scale, 0.0,
+                         [FrameSpec("warm-up")])
+
+    async def warmup(self) -> tuple[float, str, str]:
+        """One frame at the default size through every rank, so the first user request pays no
+        one-time costs. Returns its seconds, the attention backends its calls took, and for an FP8
+        replica its fidelity against the model as loaded (Fp8Fidelity.describe; else "")."""
+        self._need_started()
         t0 = time.perf_counter()
-        batch = BatchSpec(lim.default_width, lim.default_height, lim.default_steps, lim.default_guidance_scale, 0.0,
-                          [FrameSpec("warm-up")])
+        batch = self._warmup_batch()
         # Where a bucket's first call runs eagerly and its second captures (graph_capture_at_call = 2),
         # two runs leave the default bucket replaying for the first request.
         graphs = self.pipeline.graphs
+        loop = asyncio.get_running_loop()
         for _ in range(2 if graphs is not None and graphs.eager_first else 1):
-            await asyncio.get_running_loop().run_in_executor(self.compute, self._lead,
-                                                             _Work(batch, ["warm-up"], [""], warmup=True))
+            images, _ = await loop.run_in_executor(self.compute, self._lead, _Work(batch, ["warm-up"], [""], warmup=True))
         while graphs is not None and graphs.pending():  # the default bucket's loop, captured aside
             await asyncio.sleep(0.01)
         took = time.perf_counter() - t0
+        if self._fp8_reference is not None and self.fp8_fidelity is None:
+            ref, served = self._fp8_reference, np.asarray(images[0])
+            self.fp8_fidelity = Fp8Fidelity(psnr(ref, served), ssim(ref, served), batch.width, batch.height, batch.steps)
+            self._fp8_reference = None
+            self.fast.report["fp8"] += f"; {self.fp8_fidelity.describe()}"
         freeze_startup_objects("replica warm-up")  # and what the warm-up left (compiled kernels, graphs)
-        return took, self.fast.attention_choices()
+        return took, self.fast.attention_choices(), self.fp8_fidelity.describe() if self.fp8_fidelity else ""
 
     def _lead(self, work: _Work):
         try:
@@ -719,4 +754,4 @@ class EngineRank:
         c = self.stream_caches
         return ReplicaStats(self.frames_computed, self.batches, p.hits, p.misses, len(p), len(self.streams),
                             self.gpu.latest(), self.gpu.batch_energy_joules, graphs, c.snapshot(), c.nbytes, len(c),
-                            self.compute.busy_seconds(), tuple(self._gc.seconds))
+                            self.compute.busy_seconds(), tuple(self._gc.seconds), self.fp8_fidelity)

@@ -105,8 +105,10 @@ class ReplicaSet:
         for path, what in i.fast_paths.items():
             log.info("replica %s fast path %s: %s", h.name, path, what)
         if self.warmup:
-            warm_s, attention = await asyncio.wait_for(h.leader.warmup.remote(), timeout)
+            warm_s, attention, fp8_fidelity = await asyncio.wait_for(h.leader.warmup.remote(), timeout)
             log.info("replica %s warmed up in %.2f s; attention backends: %s", h.name, warm_s, attention)
+            if fp8_fidelity:
+                log.info("replica %s FP8 fidelity %s", h.name, fp8_fidelity)
         link = await ReplicaLink.connect(i.link, on_lost=lambda why: self._link_lost(h, link, why))
         if h.link is not None:
             h.link.close()

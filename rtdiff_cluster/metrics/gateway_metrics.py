@@ -195,8 +195,15 @@ class _PolledCollector:
         replica_gc = CounterMetricFamily("rtdiff_replica_gc_pause_seconds", "Seconds a replica's leader process spent "
                                          "in Python garbage collections (every thread stopped), by generation",
                                          labels=["model", "replica", "generation"])
+        fp8_psnr = GaugeMetricFamily("rtdiff_fp8_fidelity_psnr_db", "An FP8 replica's warm-up frame against the same "
+                                     "frame from the model as loaded (its dtype, eager): PSNR", labels=["model", "replica"])
+        fp8_ssim = GaugeMetricFamily("rtdiff_fp8_fidelity_ssim", "The same comparison's SSIM (1: equal)",
+                                     labels=["model", "replica"])
         for (model, replica), s in items:
             computed.add_metric([model, replica], s.frames_computed)
+            if s.fp8_fidelity is not None:
+                fp8_psnr.add_metric([model, replica], s.fp8_fidelity.psnr_db)
+                fp8_ssim.add_metric([model, replica], s.fp8_fidelity.ssim)
             chunks.add_metric([model, replica, "reused"], s.stream_cache.chunks_reused)
             chunks.add_metric([model, replica, "recomputed"], s.stream_cache.chunks_recomputed)
             from_cache.add_metric([model, replica], s.stream_cache.frames_from_cache)
@@ -229,4 +236,4 @@ class _PolledCollector:
         # CPU replicas): the series are absent, not zero, and dashboards can still be checked
         # against the names the server declares.
         yield from (computed, hits, misses, states, chunks, from_cache, launches, launched, busy, cache_bytes, cache_streams, replica_gc,
-                    power, power_limit, energy, util, mem, memt, graphs, graph_mem, captures, deferred)
+                    power, power_limit, energy, util, mem, memt, graphs, graph_mem, captures, deferred, fp8_psnr, fp8_ssim)

@@ -43,10 +43,13 @@ FRAME_BYTES = 64 * 64 * 3
 WARMUP = 50
 
 # The Python server: the same contract as echo_server.cc (marks at handler entry and exit, "dump"
-# answers them), on grpc.aio as the gateway runs.
+# answers them), on grpc.aio as the gateway runs. An optional first argument, "0,1", pins it to
+# those CPUs before gRPC starts its threads (benchmarks/grpc_idle_wake.py).
 PY_SERVER = textwrap.dedent('''
-    import asyncio, time
+    import asyncio, os, sys, time
     import grpc
+    if len(sys.argv) > 1 and sys.argv[1]:
+        os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
 
     def blob(data: bytes) -> bytes:  # rtdiff.bench.Blob(data=...) by hand: field 1, length-delimited
         n, head = len(data), bytearray(b"\\x0a")

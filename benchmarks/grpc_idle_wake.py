@@ -24,40 +24,15 @@ import os
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 
 import grpc
 
-FRAME = b"\x07" * (64 * 64 * 3)
-METHOD = "/rtdiff.bench.Echo/Call"
-
-SERVER = textwrap.dedent('''
-    import asyncio, os, sys
-    import grpc
-    cpus = sys.argv[2]
-    if cpus:
-        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})  # before gRPC starts its threads
-    FRAME = b"\\x07" * (64 * 64 * 3)
-
-    async def call(request, context):
-        return FRAME
-
-    async def main():
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "rtdiff.bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(call)}),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        print(port, flush=True)
-        await server.wait_for_termination()
-
-    asyncio.run(main())
-''')
+from grpc_front_split import FRAME_BYTES, METHOD, PY_SERVER, REQUEST, _unblob  # the same bare echo server
 
 
 def _server(cpus: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, "x", cpus], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", PY_SERVER, cpus], stdout=subprocess.PIPE, text=True)
     return proc, int(proc.stdout.readline())
 
 
@@ -74,7 +49,7 @@ def run_case(name: str, server_cpus: str, client_cpus: str, idle_ms: list[float]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_unary(METHOD)
             for _ in range(50):  # connection, first-call set-up, warm caches
-                call(b"x")
+                call(REQUEST)
             out = {}
             for idle in idle_ms:
                 ms = []
@@ -82,9 +57,9 @@ def run_case(name: str, server_cpus: str, client_cpus: str, idle_ms: list[float]
                     if idle:
                         time.sleep(idle / 1e3)
                     t0 = time.perf_counter()
-                    reply = call(b"x")
+                    reply = call(REQUEST)
                     ms.append((time.perf_counter() - t0) * 1e3)
-                    assert len(reply) == len(FRAME)
+                    assert len(_unblob(reply)) == FRAME_BYTES
                 out[f"idle {idle:g} ms"] = _percentiles(ms)
     finally:
         proc.kill()

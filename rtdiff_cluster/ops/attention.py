@@ -127,9 +127,10 @@ def _flash_attn(module: str, func: str) -> tuple[Callable, Callable]:
     def installed():
         # flash-attn-4 installs a `flash_attn` package holding only `cute`: FA2's import succeeds
         # there without its function.
-        if _module(module) is None:
+        mod = _module(module)
+        if mod is None:
             return f"{module} is not installed"
-        return None if callable(getattr(_module(module), func, None)) else f"{module} has no {func}"
+        return None if callable(getattr(mod, func, None)) else f"{module} has no {func}"
 
     def run(q, k, v, scale):
         fn = getattr(_module(module), func)

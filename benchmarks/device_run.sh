@@ -81,6 +81,13 @@
 #                 fidelity the replica measured at warm-up; then SIGTERM
 #   grpc-split    benchmarks/grpc_front_split.py (a bare call split at the handler, Python and native gRPC server and
 #                 client; carry .grpcnative, built by benchmarks/grpc_front/build.sh)
+#   geglu-gemm    kernels/bench_linear.py (pointer and persistent-TMA tiles against cuBLAS), tests/test_kernels_linear.py
+#                 on the GPU, then, if the fused GEGLU GEMM beat cuBLAS + geglu at the 1024 step's 1280-wide
+#                 feed-forward, the step profile at 1024 and 512 alternating twice: without it (cuBLAS + geglu), then
+#                 with it at that shape's fastest configuration (kernels/linear.py's knobs)
+#   geglu-ab      the step profile A/B at 1024 and 512, twice each: GEGLU feed-forwards through the fused TMA GEMM
+#                 where it is faster (shipped) or cuBLAS + geglu everywhere (before); then the GPU fast-path tests
+#                 and tests/test_kernels_linear.py
 #   library-gemm  kernels/bench_library_gemm.py (quack-kernels' CuTe-DSL GEMM, carried with FA4, against cuBLAS at the
 #                 1024 step's linears; GEGLU in its epilogue against cuBLAS + our geglu)
 # Run from the repo root on the device machine with .whl carried (../shared/tools/device-wheels.sh
@@ -260,6 +267,28 @@ PY
         | tee "$OUT/attention_tests.log" ;;
     fa4-tests) timeout 200 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_attention.py \
         -k "flash_attn or registry" 2>&1 | tail -8 | tee "$OUT/attention_tests.log" ;;
+    geglu-gemm) timeout 200 python3 kernels/bench_linear.py --out "$OUT/bench_linear.json" 2>"$OUT/bench_linear.err" \
+        | tee "$OUT/bench_linear.log"; tail -3 "$OUT/bench_linear.err"
+      timeout 150 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_linear.py 2>&1 | tail -5 \
+        | tee "$OUT/linear_tests.log"
+      knobs=$(python3 -c '
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+r = next(r for r in rows if r["size"] == 1024 and r["geglu"] and r["k"] == 1280)
+if r.get("ours_us", 1e9) < r["cublas_us"]:
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "WARPS", "STAGES", "GROUP_M", "TMA", "PERSISTENT")
+    print(" ".join(["--knob linear._FUSED_GEGLU=1"] + [f"--knob linear._GEGLU_{k}={int(v)}" for k, v in zip(names, r["best_config"])]))
+' "$OUT/bench_linear.json" 2>/dev/null)
+      echo "fused GEGLU knobs: ${knobs:-none (it did not beat cuBLAS + geglu)}"
+      if [ -n "$knobs" ]; then n=0; for arm in off on off on; do dir="$OUT/geglu-$arm-$((++n))"; mkdir -p "$dir"
+        timeout 120 python3 benchmarks/unet_profile.py --sizes 1024,512 \
+          $([ $arm = on ] && echo $knobs || echo --knob linear._FUSED_GEGLU=0) --out-dir "$dir" \
+          2>&1 | grep -E "^(1024|512): "; rm -f "$dir"/*.md; done; fi ;;
+    geglu-ab) unet_profile_ab geglu-gemm "--knob linear._FUSED_GEGLU=0" --sizes 1024,512
+      timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu_fast_paths.py 2>&1 | tail -30 \
+        | tee "$OUT/fast_path_tests.log"
+      timeout 120 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_linear.py 2>&1 | tail -5 \
+        | tee "$OUT/linear_tests.log" ;;
     fa4-ab) unet_profile_ab fa4 "--no-backend flash-attn-4" --sizes 1024,512 ;;
     grpc-idle) timeout 300 python3 benchmarks/grpc_idle_wake.py --n 300 --out "$OUT/grpc_idle_wake.json" 2>&1 \
         | tee "$OUT/grpc_idle_wake.log" ;;

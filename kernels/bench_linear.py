@@ -5,9 +5,10 @@ an SDXL UNet step, batch 1, bf16, at 1024 and 512.
 
 GPU only. Each shape is timed inside a CUDA graph of 20 back-to-back calls (kernels/_bench.py
 bench_us) for cuBLAS (F.linear; for the GEGLU projections F.linear then our geglu kernel, what the
-fast path runs today) and for every launch configuration in CANDIDATES; the fastest configuration
-that passes the error check is reported with its time ratio against cuBLAS and the time per step
-it would save (the shape's calls per step x the difference). Floor: 2*M*N*K FLOPs at the bf16 rate
+fast path runs today) and for every launch configuration in CANDIDATES, with pointer loads or
+persistent TMA tiles (Config.tma); the fastest configuration that passes the error check is
+reported with its time ratio against cuBLAS and the time per step it would save (the shape's
+calls per step x the difference), and the fastest of each kind beside it. Floor: 2*M*N*K FLOPs at the bf16 rate
 of an 8192^3 torch.mm measured in the same run. Errors are max abs against an fp32 reference
 from the same bf16 inputs; a configuration passes at up to twice cuBLAS's own error (+1 ulp).
 --no-compile is accepted for device_run.sh's uniform call (nothing here is compiled).
@@ -44,7 +45,7 @@ STEP_LINEARS = {
           ("qkv 640", 1024, 640, 1920, False, 10), ("square 640", 1024, 640, 640, False, 40),
           ("ff geglu 640", 1024, 640, 5120, True, 10), ("ff down 640", 1024, 2560, 640, False, 10)],
 }
-CANDIDATES = {
+_POINTER = {
     False: [Config(128, 128, 64, 8, 3), Config(128, 128, 64, 4, 4), Config(128, 256, 64, 8, 3), Config(64, 128, 64, 4, 4),
             Config(64, 64, 64, 4, 4), Config(128, 64, 64, 4, 4), Config(64, 256, 64, 8, 3), Config(256, 128, 64, 8, 3),
             Config(64, 128, 128, 4, 3), Config(128, 128, 128, 8, 2), Config(64, 64, 128, 4, 3)],
@@ -52,6 +53,24 @@ CANDIDATES = {
            Config(64, 64, 64, 4, 4), Config(256, 64, 64, 8, 3), Config(128, 64, 64, 8, 4), Config(64, 128, 64, 8, 3),
            Config(128, 64, 128, 8, 3)],
 }
+# Persistent TMA tiles (Config.tma). A GEGLU stage holds three tiles (x, hidden and gate rows of W):
+# 48 KB at 128 x 128 x 64 in bf16, so four stages plus the 32 KB output tile nearly fill an H200's
+# 227 KB of shared memory.
+_TMA = {
+    False: [Config(128, 128, 64, 8, 4, tma=True), Config(128, 128, 64, 4, 4, tma=True), Config(128, 256, 64, 8, 3, tma=True),
+            Config(128, 64, 64, 4, 4, tma=True), Config(64, 128, 64, 4, 4, tma=True), Config(64, 64, 64, 4, 4, tma=True),
+            Config(128, 128, 128, 8, 2, tma=True), Config(64, 128, 128, 4, 3, tma=True), Config(256, 128, 64, 8, 3, tma=True),
+            Config(128, 128, 64, 8, 4, group_m=16, tma=True), Config(128, 128, 64, 8, 4, tma=True, persistent=False),
+            Config(128, 256, 64, 8, 3, tma=True, persistent=False)],
+    True: [Config(128, 128, 64, 8, 3, tma=True), Config(128, 128, 64, 8, 4, tma=True), Config(128, 64, 64, 4, 4, tma=True),
+           Config(128, 64, 64, 8, 4, tma=True), Config(128, 64, 64, 4, 5, tma=True), Config(64, 128, 64, 4, 4, tma=True),
+           Config(64, 64, 64, 4, 4, tma=True), Config(128, 64, 128, 8, 3, tma=True), Config(256, 64, 64, 8, 3, tma=True),
+           Config(128, 128, 64, 8, 3, group_m=16, tma=True), Config(128, 128, 64, 8, 3, tma=True, persistent=False),
+           Config(128, 128, 64, 8, 4, tma=True, persistent=False), Config(256, 64, 64, 8, 3, tma=True, persistent=False),
+           Config(128, 64, 64, 8, 4, tma=True, persistent=False), Config(128, 128, 32, 8, 4, tma=True, persistent=False),
+           Config(128, 128, 32, 8, 5, tma=True)],
+}
+CANDIDATES = {gated: _POINTER[gated] + _TMA[gated] for gated in (False, True)}
 
 
 def measure(what, m, k, n, gated, calls, flops_peak) -> dict:
@@ -76,6 +95,7 @@ def measure(what, m, k, n, gated, calls, flops_peak) -> dict:
            "floor_us": flop / flops_peak * 1e6, "cublas_us": cublas_us, "cublas_tflops": flop / cublas_us / 1e6,
            "cublas_err": cublas_err, "configs": []}
     for cfg in CANDIDATES[gated]:
+        print(f"  {m}x{k}x{n} {cfg}", file=sys.stderr, flush=True)  # where a hang would stop
         try:
             err = max_err(ours(cfg), ref)
             us = bench_us(lambda: ours(cfg))
@@ -88,6 +108,10 @@ def measure(what, m, k, n, gated, calls, flops_peak) -> dict:
         row.update(best_config=best["config"], ours_us=best["us"], ours_err=best["err"],
                    ours_tflops=flop / best["us"] / 1e6, ours_over_cublas=best["us"] / cublas_us,
                    step_saving_us=calls * (cublas_us - best["us"]))
+    for kind, tma in (("pointer", False), ("tma", True)):
+        mine = [c for c in ok if c["config"][6] == tma]
+        if mine:
+            row[f"best_{kind}_us"] = min(c["us"] for c in mine)
     return row
 
 
@@ -121,15 +145,16 @@ def markdown(r: dict) -> str:
     lines = [f"# Triton linear (+ GEGLU epilogue) against cuBLAS at an SDXL step's linears: {r['device']}", "",
              f"torch {r['torch']}; bf16; bf16 mm peak in this run {r['bf16_peak_tflops']:.0f} TFLOP/s; per call in a CUDA "
              "graph of 20 calls (kernels/_bench.py bench_us). GEGLU rows: cuBLAS projection + our geglu kernel "
-             "against one fused kernel. Config: block M, N, K, warps, stages, group M.", "",
+             "against one fused kernel. Config: block M, N, K, warps, stages, group M, TMA, persistent (with TMA).", "",
              "| size | linear | M x K x N | calls/step | cuBLAS us (TFLOP/s) | ours us (TFLOP/s) | ours/cuBLAS | config | "
-             "per step | err (cuBLAS's) |", "|--:|---|---|--:|--:|--:|--:|---|--:|---|"]
+             "per step | err (cuBLAS's) | best pointer / TMA us |", "|--:|---|---|--:|--:|--:|--:|---|--:|---|---|"]
     for x in r["rows"]:
         ours = (f"{x['ours_us']:.1f} ({x['ours_tflops']:.0f})", f"{x['ours_over_cublas']:.2f}",
                 str(x["best_config"]), f"{x['step_saving_us']:+.0f} us", f"{x['ours_err']:.3g} ({x['cublas_err']:.3g})") \
             if "ours_us" in x else ("-", "-", "none passed", "-", "-")
         lines.append(f"| {x['size']} | {x['what']}{' (GEGLU)' if x['geglu'] else ''} | {x['m']}x{x['k']}x{x['n']} | "
-                     f"{x['calls_per_step']} | {x['cublas_us']:.1f} ({x['cublas_tflops']:.0f}) | " + " | ".join(ours) + " |")
+                     f"{x['calls_per_step']} | {x['cublas_us']:.1f} ({x['cublas_tflops']:.0f}) | " + " | ".join(ours) +
+                     f" | {x.get('best_pointer_us', float('nan')):.1f} / {x.get('best_tma_us', float('nan')):.1f} |")
     for size in sorted({x["size"] for x in r["rows"]}, reverse=True):
         gain = sum(max(0.0, x.get("step_saving_us", 0.0)) for x in r["rows"] if x["size"] == size)
         lines.append(f"\n{size}: taking ours only where it is faster would save {gain:.0f} us per step.")

@@ -145,6 +145,52 @@ def test_fused_kernels_match_diffusers_modules(model):
         assert type(ours.rtdiff_time_embeddings.proj[1]) is torch.nn.Linear
 
 
+def test_feed_forward_takes_the_fused_geglu_gemm_where_switched_on(monkeypatch):
+    """With kernels/linear.py's fused GEGLU switched on (its knobs, as benchmarks/unet_profile.py
+    --knob sets them), a bf16 transformer block's feed-forward computes its projection and gating in
+    one linear_geglu call. Tolerance policy: against the block in fp32, the fused block's error is
+    at most twice the error of the same block with the projection and the gating apart (one
+    bf16 rounding fewer, so it is if anything smaller), plus one ulp of the output's scale."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the fused kernels run CPU tensors only in Triton's interpreter (this machine has a GPU)")
+    from diffusers.models.attention import BasicTransformerBlock
+
+    import rtdiff_kernels.linear as linear_mod
+    from rtdiff_cluster.ops.fused import install_fused
+
+    torch.manual_seed(3)
+    reference = BasicTransformerBlock(64, 2, 32, cross_attention_dim=48).eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    block = copy.deepcopy(reference).to(torch.bfloat16)
+    assert install_fused(block)["feed-forward geglu"] == 1
+    x, context = torch.randn(2, 40, 64), torch.randn(2, 7, 48)
+    for name, value in {"_FUSED_GEGLU": 0, "_GEGLU_MIN_OUTPUTS": 64 * 64, "_GEGLU_BLOCK_M": 32, "_GEGLU_BLOCK_N": 32,
+                        "_GEGLU_BLOCK_K": 32, "_GEGLU_WARPS": 4, "_GEGLU_STAGES": 2, "_GEGLU_GROUP_M": 2,
+                        "_GEGLU_TMA": 1, "_GEGLU_PERSISTENT": 0}.items():
+        monkeypatch.setattr(linear_mod, name, value)
+    calls = []
+    fused_gemm = linear_mod.linear_geglu
+    monkeypatch.setattr(linear_mod, "linear_geglu", lambda *a, **k: calls.append(1) or fused_gemm(*a, **k))
+    with torch.inference_mode():
+        exact = reference(x, encoder_hidden_states=context)
+        apart = block(x.bfloat16(), encoder_hidden_states=context.bfloat16()).float()
+        assert calls == []
+        monkeypatch.setattr(linear_mod, "_FUSED_GEGLU", 1)
+        fused = block(x.bfloat16(), encoder_hidden_states=context.bfloat16()).float()
+        assert calls == [1]
+        monkeypatch.setattr(linear_mod, "_GEGLU_MIN_OUTPUTS", 80 * 256 + 1)  # 80 tokens x 256: under it
+        block(x.bfloat16(), encoder_hidden_states=context.bfloat16())
+        assert calls == [1]
+    apart_err, fused_err = (apart - exact).abs().max().item(), (fused - exact).abs().max().item()
+    assert fused_err <= 2 * apart_err + torch.finfo(torch.bfloat16).eps * exact.abs().max().item(), (fused_err, apart_err)
+    assert not torch.equal(fused, apart)  # the fused path did run: its rounding differs
+
+
 def test_fused_fp8_feed_forwards_hand_over_float8():
     """With FP8 linears, norm3 and the GEGLU hand their outputs to the feed-forward's linears
     already quantised (add_layer_norm_fp8, geglu_fp8), and fp8_linears converts the out

@@ -158,6 +158,9 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
             batched_temb = fused.batch_time_embeddings(backbone)
             if batched_temb:
                 done["resnet time-embedding projections as one matmul"] = batched_temb
+        gemm_geglu = fused.geglu_projections_fusable(backbone, model.device)
+        if gemm_geglu:
+            done["geglu projections in one Triton GEMM where the call is large"] = gemm_geglu
         # cuDNN's convolutions run NHWC natively (NCHW costs transposes around each one); the
         # fused GroupNorm reads either layout. Flux's backbone has no convolutions.
         if model.kind != "flux":

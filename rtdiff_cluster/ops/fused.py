@@ -234,7 +234,13 @@ def _feed_forward_forward(self, hidden_states: torch.Tensor, *args, **kwargs) ->
     dropouts are identities at inference. Training with dropout takes diffusers' forward."""
     if _dropout_active(self):
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    return _geglu_feed_forward(self, self.net[0].proj(hidden_states))
+    from rtdiff_kernels.linear import geglu_config, linear_geglu
+
+    proj = self.net[0].proj
+    if type(proj) is nn.Linear and (config := geglu_config(hidden_states, proj.weight)) is not None:
+        # The projection's [..., 2N] output never goes through memory (kernels/linear.py).
+        return self.net[2](linear_geglu(hidden_states, proj.weight, proj.bias, config))
+    return _geglu_feed_forward(self, proj(hidden_states))
 
 
 def _geglu_feed_forward(ff, h: torch.Tensor) -> torch.Tensor:
@@ -267,6 +273,19 @@ def _geglu_feed_forward_fusable(ff) -> bool:
     net = list(ff.net)
     return (len(net) in (3, 4) and type(net[0]) is GEGLU and all(type(m) is nn.Dropout for m in net[1::2])
             and hasattr(net[2], "out_features"))
+
+
+def geglu_projections_fusable(backbone: nn.Module, device: torch.device) -> int:
+    """How many patched GEGLU feed-forwards can compute their projection and gating in one
+    Triton GEMM (kernels/linear.py geglu_config; which calls do depends on their size): half-
+    precision nn.Linear projections on a Hopper or newer GPU, with the fused GEMM switched on."""
+    import rtdiff_kernels.linear as linear_mod
+
+    if not linear_mod._FUSED_GEGLU or device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return 0
+    return sum(1 for m in backbone.modules()
+               if getattr(getattr(m, "forward", None), "__func__", None) is _feed_forward_forward
+               and type(m.net[0].proj) is nn.Linear and m.net[0].proj.weight.dtype in (torch.float16, torch.bfloat16))
 
 
 def geglu_feed_forward_outputs(backbone: nn.Module) -> set[int]:

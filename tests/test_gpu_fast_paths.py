@@ -327,7 +327,8 @@ def test_sdxl_feed_forward_computes_its_geglu_in_one_gemm_within_policy():
     x = torch.randn(1, 1024, 1280, device="cuda")
     context = torch.randn(1, 77, 2048, device="cuda")
     calls = []
-    fused_gemm = linear_mod.linear_geglu
+    fused_gemm, switched_on = linear_mod.linear_geglu, linear_mod._FUSED_GEGLU
+    assert switched_on, "the fused GEGLU GEMM ships on"
     linear_mod.linear_geglu = lambda *a, **k: calls.append(1) or fused_gemm(*a, **k)
     try:
         with torch.inference_mode():
@@ -344,7 +345,7 @@ def test_sdxl_feed_forward_computes_its_geglu_in_one_gemm_within_policy():
             linear_mod._FUSED_GEGLU = 0
             apart = block(xb, encoder_hidden_states=cb).float()
     finally:
-        linear_mod.linear_geglu, linear_mod._FUSED_GEGLU = fused_gemm, 1
+        linear_mod.linear_geglu, linear_mod._FUSED_GEGLU = fused_gemm, switched_on
     apart_err, fused_err = (apart - exact).abs().max().item(), (fused - exact).abs().max().item()
     assert fused_err <= 2 * apart_err + torch.finfo(torch.bfloat16).eps * exact.abs().max().item(), (fused_err, apart_err)
 

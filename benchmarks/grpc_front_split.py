@@ -101,8 +101,10 @@ def _native_env() -> dict:
     return {**os.environ, "LD_LIBRARY_PATH": ":".join(filter(None, [lib, os.environ.get("LD_LIBRARY_PATH")]))}
 
 
-def _start_server(kind: str) -> tuple[subprocess.Popen, int]:
-    cmd = [os.path.join(NATIVE, "echo_server")] if kind == "native" else [sys.executable, "-c", PY_SERVER]
+def _start_server(kind: str, cpus: str = "") -> tuple[subprocess.Popen, int]:
+    """A native or Python echo server in its own process, and its port. cpus: the Python server's
+    CPU affinity ("0" or "0,1"; all where empty), set before gRPC starts its threads."""
+    cmd = [os.path.join(NATIVE, "echo_server")] if kind == "native" else [sys.executable, "-c", PY_SERVER, cpus]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=_native_env() if kind == "native" else None)
     line = proc.stdout.readline()
     if not line.strip():

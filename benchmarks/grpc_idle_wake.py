@@ -22,18 +22,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 import grpc
 
-from grpc_front_split import FRAME_BYTES, METHOD, PY_SERVER, REQUEST, _unblob  # the same bare echo server
-
-
-def _server(cpus: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-c", PY_SERVER, cpus], stdout=subprocess.PIPE, text=True)
-    return proc, int(proc.stdout.readline())
+from grpc_front_split import _python_client, _start_server  # the same bare echo server and timed calls
 
 
 def _percentiles(xs: list[float]) -> dict:
@@ -44,23 +37,12 @@ def _percentiles(xs: list[float]) -> dict:
 def run_case(name: str, server_cpus: str, client_cpus: str, idle_ms: list[float], n: int) -> dict:
     all_cpus = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {int(c) for c in client_cpus.split(",")} if client_cpus else all_cpus)
-    proc, port = _server(server_cpus)
+    proc, port = _start_server("python", server_cpus)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_unary(METHOD)
-            for _ in range(50):  # connection, first-call set-up, warm caches
-                call(REQUEST)
-            out = {}
-            for idle in idle_ms:
-                ms = []
-                for _ in range(n):
-                    if idle:
-                        time.sleep(idle / 1e3)
-                    t0 = time.perf_counter()
-                    reply = call(REQUEST)
-                    ms.append((time.perf_counter() - t0) * 1e3)
-                    assert len(_unblob(reply)) == FRAME_BYTES
-                out[f"idle {idle:g} ms"] = _percentiles(ms)
+        out = {}
+        for idle in idle_ms:
+            marks = _python_client(f"127.0.0.1:{port}", n, idle)
+            out[f"idle {idle:g} ms"] = _percentiles([(t1 - t0) / 1e6 for t0, t1 in marks])
     finally:
         proc.kill()
         proc.wait()
@@ -90,8 +72,8 @@ def main() -> int:
             rows.append({**run_case(name, s, c, idle, args.n), "round": rnd + 1})
     doc = {"cpus": len(cpus), "grpcio": grpc.__version__, "python": sys.version.split()[0], "n": args.n, "rows": rows,
            "method": "p50/p90 of n sequential unary calls (12 KB reply) from grpc's sync stub to a grpc.aio "
-                     "server in another process, each call after sleeping the idle time; affinity set with "
-                     "sched_setaffinity before gRPC starts its threads"}
+                     "server in another process, each call after sleeping the idle time, on a channel warmed "
+                     "by 50 calls per idle setting; affinity set with sched_setaffinity before gRPC starts its threads"}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=2)

@@ -1,5 +1,6 @@
-"""Micro-benchmark: group_norm_silu, layer_norm_modulate and add_layer_norm against eager PyTorch
-and torch.compile of the same reference, at SDXL / Flux 1024x1024 shapes (bf16).
+"""Micro-benchmark: group_norm_silu, layer_norm_modulate, gated_residual (alone and with the
+LayerNorm-modulate) and add_layer_norm against eager PyTorch and torch.compile of the same
+reference, at SDXL / Flux 1024x1024 shapes (bf16).
 
     python kernels/bench_norms.py --out norms.json [--no-compile]
 
@@ -11,6 +12,8 @@ per byte copied):
                         normalise - and write y once; see the kernel's docstring); the same
                         with a per-channel offset added first (a resnet's time embedding)
   layer_norm_modulate   floor bytes = 2 * numel * itemsize + shift and scale (read x, write y)
+  gated_residual        floor bytes = 3 * numel * itemsize (read x and y, write the sum); with
+                        the LayerNorm-modulate 4 * numel * itemsize (and write its norm too)
   add_layer_norm        floor bytes = 4 * numel * itemsize (read x and the residual, write the
                         sum and its norm); also at a 384x384 chunk-cache region's shape, where
                         launch latency, not bytes, sets the time
@@ -28,11 +31,15 @@ import triton
 from rtdiff_kernels._bench import bench_args, compile_per_shape, copy_bandwidth, max_err, time_peers
 
 try:
-    from rtdiff_kernels.ada_layer_norm import layer_norm_modulate, layer_norm_modulate_reference
+    from rtdiff_kernels.ada_layer_norm import (gated_residual, gated_residual_layer_norm_modulate,
+                                               gated_residual_layer_norm_modulate_reference, gated_residual_reference,
+                                               layer_norm_modulate, layer_norm_modulate_reference)
     from rtdiff_kernels.add_layer_norm import add_layer_norm, add_layer_norm_reference
     from rtdiff_kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
 except ImportError:  # run as a script from a checkout without the editable install: kernels/ is on sys.path
-    from ada_layer_norm import layer_norm_modulate, layer_norm_modulate_reference
+    from ada_layer_norm import (gated_residual, gated_residual_layer_norm_modulate,
+                                gated_residual_layer_norm_modulate_reference, gated_residual_reference,
+                                layer_norm_modulate, layer_norm_modulate_reference)
     from add_layer_norm import add_layer_norm, add_layer_norm_reference
     from group_norm_silu import group_norm_silu, group_norm_silu_reference
 
@@ -41,6 +48,7 @@ GN_OFFSET_SHAPES = [(1, 320, 128, 128), (1, 1280, 32, 32)]
 GN_GROUPS, GN_EPS = 32, 1e-5
 LN_SHAPES = [(1, 4096, 3072), (1, 512, 3072)]
 LN_EPS = 1e-6
+GATED_SHAPES = [(1, 4096, 3072), (1, 4608, 3072), (1, 512, 3072)]  # Flux 1024: image, joint, text tokens
 ADD_LN_SHAPES = [(1, 4096, 640), (1, 1024, 1280), (1, 144, 1280)]  # SDXL at 1024 (two levels); a 384 region
 DTYPE = torch.bfloat16
 
@@ -69,11 +77,13 @@ def main() -> int:
     peak = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}  copy bandwidth {peak / 1e9:.0f} GB/s", flush=True)
 
-    compiled_gn = compiled_ln = compiled_add_ln = None
+    compiled_gn = compiled_ln = compiled_add_ln = compiled_gated = compiled_gated_ln = None
     if not args.no_compile:
         compiled_gn = compile_per_shape(group_norm_silu_reference)
         compiled_ln = compile_per_shape(layer_norm_modulate_reference)
         compiled_add_ln = compile_per_shape(add_layer_norm_reference)
+        compiled_gated = compile_per_shape(gated_residual_reference)
+        compiled_gated_ln = compile_per_shape(gated_residual_layer_norm_modulate_reference)
 
     rows = []
     for shape in GN_SHAPES:
@@ -121,6 +131,28 @@ def main() -> int:
         floor_bytes = 2 * x.numel() * x.element_size() + 2 * bsz * d * x.element_size()
         rows.append(row("layer_norm_modulate", shape, "contiguous", floor_bytes, peak, ours, eager, comp, err))
         print(f"  ln {shape}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+
+    for shape in GATED_SHAPES:
+        t0 = time.monotonic()
+        bsz, _, d = shape
+        x, y = torch.randn(shape, device="cuda", dtype=DTYPE) * 4, torch.randn(shape, device="cuda", dtype=DTYPE)
+        emb = torch.randn(bsz, 6 * d, device="cuda", dtype=DTYPE)  # AdaLayerNormZero's projection
+        gate, shift, scale = emb.chunk(6, dim=1)[2:5]
+        up = [t.float() for t in (x, y, gate, shift, scale)]
+        err = max_err(gated_residual(x, y, gate), gated_residual_reference(*up[:3]))
+        ours, eager, comp = time_peers(lambda: gated_residual(x, y, gate), lambda: gated_residual_reference(x, y, gate),
+                                       compiled_gated and (lambda: compiled_gated(x, y, gate)))
+        rows.append(row("gated_residual", shape, "contiguous", 3 * x.numel() * x.element_size(), peak,
+                        ours, eager, comp, err))
+        call = (x, y, gate, shift, scale, LN_EPS)
+        err = max_err(gated_residual_layer_norm_modulate(*call)[1],
+                      gated_residual_layer_norm_modulate_reference(*up, LN_EPS)[1])
+        ours, eager, comp = time_peers(lambda: gated_residual_layer_norm_modulate(*call),
+                                       lambda: gated_residual_layer_norm_modulate_reference(*call),
+                                       compiled_gated_ln and (lambda: compiled_gated_ln(*call)))
+        rows.append(row("gated_residual+ln_modulate", shape, "contiguous", 4 * x.numel() * x.element_size(), peak,
+                        ours, eager, comp, err))
+        print(f"  gated {shape}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
 
     for shape in ADD_LN_SHAPES:
         t0 = time.monotonic()

@@ -53,6 +53,7 @@ def _rms_norm_rope_kernel(
     x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
     L, H,
     stride_xb, stride_xl, stride_xh,
+    stride_ob, stride_ol,  # out's heads and head dim are packed (strides D and 1)
     stride_cos, stride_sin,
     eps,
     D: tl.constexpr,
@@ -100,8 +101,7 @@ def _rms_norm_rope_kernel(
 
     if OUT_BY_HAND:
         y = _round(y, tl.bfloat16, True)
-    # Output is contiguous [B, L, H, D].
-    out_offs = token.to(tl.int64) * H * D + heads.to(tl.int64)[:, None] * D + cols[None, :]
+    out_offs = b.to(tl.int64) * stride_ob + l.to(tl.int64) * stride_ol + heads.to(tl.int64)[:, None] * D + cols[None, :]
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -163,19 +163,31 @@ def _norm_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
 
 
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                  cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+                  cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm over the last dim, then (if cos/sin are given) interleaved-pair rotary.
 
     x: [B, L, H, D] fp32/fp16/bf16, last dim contiguous (any strides for B, L, H: typically the view
     `linear_out.unflatten(-1, (-1, D))`). weight: [D] or None. cos, sin: [L, D] (fp32), or both None.
-    Returns a contiguous [B, L, H, D] tensor of x.dtype. Off CUDA (and outside Triton's interpreter)
-    this runs the PyTorch reference.
+    Returns a contiguous [B, L, H, D] tensor of x.dtype, or writes out and returns it: a [B, L, H, D]
+    tensor of x.dtype whose heads and head dim are packed, any batch and token strides (e.g. the
+    image rows of a joint text + image sequence, so that no concatenation follows). Off CUDA (and
+    outside Triton's interpreter) this runs the PyTorch reference.
     """
     _check(x, weight, eps, cos, sin)
-    if not _triton_ok(x):
-        return rms_norm_rope_reference(x, weight, eps, cos, sin)
     bsz, seq, heads, d = x.shape
-    out = torch.empty((bsz, seq, heads, d), device=x.device, dtype=x.dtype)
+    if out is not None:
+        if (not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype
+                or out.device != x.device):
+            raise ValueError(f"out must be a {x.dtype} tensor of shape {list(x.shape)} on {x.device}, got "
+                             f"{getattr(out, 'shape', type(out))}, {getattr(out, 'dtype', '')}, {getattr(out, 'device', '')}")
+        if out.numel() and (out.stride(3) != 1 or (heads > 1 and out.stride(2) != d)):
+            raise ValueError(f"out must have packed heads (strides [.., .., {d}, 1]), got strides {out.stride()}")
+    if not _triton_ok(x):
+        y = rms_norm_rope_reference(x, weight, eps, cos, sin)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty((bsz, seq, heads, d), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
     has_rope = cos is not None
@@ -191,6 +203,7 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
         x, weight if weight is not None else x, cos if has_rope else x, sin if has_rope else x, out,
         seq, heads,
         x.stride(0), x.stride(1), x.stride(2),
+        out.stride(0), out.stride(1),
         cos.stride(0) if has_rope else 0, sin.stride(0) if has_rope else 0,
         float(eps),
         D=d, BLOCK_H=block_h, BLOCK_D=block_d,

@@ -132,7 +132,8 @@ def test_fused_kernels_match_diffusers_modules(model):
                  "transformer2d channels-last output", "transformer2d chained blocks", "upsample2d nearest",
                  "downsample2d conv bias"}
                 if model.kind == "sdxl"
-                else {"linear+gelu_tanh", "adaln_zero", "adaln_continuous"})
+                else {"linear+gelu_tanh", "adaln_zero", "adaln_continuous", "flux double block gated residual+norm",
+                      "flux single block without concatenations"})
     assert expected <= set(done), done
     assert_close(backbone_output(model, ours), backbone_output(model, reference), "fused modules")
     if batched:
@@ -189,6 +190,67 @@ def test_feed_forward_takes_the_fused_geglu_gemm_where_switched_on(monkeypatch):
     apart_err, fused_err = (apart - exact).abs().max().item(), (fused - exact).abs().max().item()
     assert fused_err <= 2 * apart_err + torch.finfo(torch.bfloat16).eps * exact.abs().max().item(), (fused_err, apart_err)
     assert not torch.equal(fused, apart)  # the fused path did run: its rounding differs
+
+
+def _bf16_policy(ours, diffusers_bf16, exact, what):
+    """The tolerance policy for a bf16 fast path: against fp32, at most twice the error of
+    diffusers' own modules in bf16, plus one bf16 ulp of the output's scale."""
+    ours_err, theirs_err = (ours - exact).abs().max().item(), (diffusers_bf16 - exact).abs().max().item()
+    bound = 2 * theirs_err + torch.finfo(torch.bfloat16).eps * exact.abs().max().item()
+    assert ours_err <= bound, f"{what}: error {ours_err:.3g} against fp32, diffusers' bf16 {theirs_err:.3g}"
+
+
+def test_flux_blocks_fused_within_policy_and_without_the_joint_copy(monkeypatch):
+    """A Flux double block and two chained single blocks in bf16, through ops/flux_blocks.py's
+    forwards: within the bf16 policy of the same blocks in fp32; the second single block takes
+    its joint sequence as a view of the first one's output (no concatenation), the first
+    concatenates; proj_out runs as two matmuls over its weight's halves, not as the module on
+    a concatenation."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the fused kernels run CPU tensors only in Triton's interpreter (this machine has a GPU)")
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    from rtdiff_cluster.ops import flux_blocks
+    from rtdiff_cluster.ops.fused import install_fused
+
+    torch.manual_seed(4)
+    double = FluxTransformerBlock(64, 2, 32).eval()
+    singles = torch.nn.ModuleList([FluxSingleTransformerBlock(64, 2, 32) for _ in range(2)]).eval()
+    with torch.no_grad():
+        for p in list(double.parameters()) + list(singles.parameters()):
+            p.normal_(0, 0.2)  # biases and adaLN projections non-zero: gates, shifts and scales all matter
+    h, c, temb = torch.randn(2, 40, 64), torch.randn(2, 7, 64), torch.randn(2, 64)
+
+    def run(d, ss, dtype):
+        with torch.inference_mode():
+            c2, h2 = d(h.to(dtype), c.to(dtype), temb.to(dtype))
+            for s in ss:
+                c2, h2 = s(h2, c2, temb.to(dtype))
+        return c2.float(), h2.float()
+
+    exact = run(double, singles, torch.float32)
+    theirs = run(copy.deepcopy(double).bfloat16(), copy.deepcopy(singles).bfloat16(), torch.bfloat16)
+    d16, s16 = copy.deepcopy(double).bfloat16(), copy.deepcopy(singles).bfloat16()
+    done = install_fused(d16) | install_fused(s16)
+    assert done["flux double block gated residual+norm"] == 1 and done["flux single block without concatenations"] == 2
+    joins, proj_out_calls = [], []
+    joined = flux_blocks._joined
+
+    def spy_join(a, b):
+        out = joined(a, b)
+        joins.append(out.untyped_storage().data_ptr() == a.untyped_storage().data_ptr())
+        return out
+
+    monkeypatch.setattr(flux_blocks, "_joined", spy_join)
+    for s in s16:
+        s.proj_out.register_forward_hook(lambda *_: proj_out_calls.append(1))
+    ours = run(d16, s16, torch.bfloat16)
+    assert joins == [False, True] and proj_out_calls == []
+    for o, t, e, what in zip(ours, theirs, exact, ("text stream", "image stream")):
+        _bf16_policy(o, t, e, what)
+    assert not torch.equal(ours[1], theirs[1])  # the fused forwards did run: their rounding differs
 
 
 def test_fused_fp8_feed_forwards_hand_over_float8():

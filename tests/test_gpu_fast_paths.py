@@ -350,6 +350,54 @@ def test_sdxl_feed_forward_computes_its_geglu_in_one_gemm_within_policy():
     assert fused_err <= 2 * apart_err + torch.finfo(torch.bfloat16).eps * exact.abs().max().item(), (fused_err, apart_err)
 
 
+def test_flux_sized_blocks_fused_within_policy_and_capturable():
+    """Flux-dev-sized blocks (3,072 features, 24 heads; 1,000 image + 77 text tokens: lengths no
+    tile divides) in bf16 through ops/flux_blocks.py's forwards and our attention processors: a
+    double block, then two single blocks, the second taking its joint sequence as a view of the
+    first's output. Tolerance policy: against the same blocks in fp32, at most twice the error of
+    diffusers' own forwards in bf16, plus one ulp of the output's scale. A captured graph of the
+    three replays to the eager result bit for bit."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    from rtdiff_cluster.ops import processors
+    from rtdiff_cluster.ops.attention import AttentionRegistry
+    from rtdiff_cluster.ops.fused import install_fused
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([FluxTransformerBlock(3072, 24, 128)] +
+                                 [FluxSingleTransformerBlock(3072, 24, 128) for _ in range(2)]).cuda().eval()
+    with torch.no_grad():
+        for name, p in blocks.named_parameters():
+            if name.endswith("bias") or "norm.linear" in name or "norm1" in name:
+                p.normal_(0, 0.05)  # gates, shifts, scales and biases all non-zero
+    h, c, temb = (torch.randn(1, 1000, 3072, device="cuda"), torch.randn(1, 77, 3072, device="cuda"),
+                  torch.randn(1, 3072, device="cuda"))
+
+    def run(bs, dtype):
+        c2, h2 = bs[0](h.to(dtype), c.to(dtype), temb.to(dtype))
+        for b in bs[1:]:
+            c2, h2 = b(h2, c2, temb.to(dtype))
+        return torch.cat([c2, h2], dim=1)
+
+    with torch.inference_mode():
+        exact = run(blocks, torch.float32).float()
+        theirs = run(copy.deepcopy(blocks).bfloat16(), torch.bfloat16).float()
+        ours_blocks = copy.deepcopy(blocks).bfloat16()
+        processors.install(ours_blocks, AttentionRegistry(), fused=True)
+        done = install_fused(ours_blocks)
+        assert done["flux double block gated residual+norm"] == 1 and done["flux single block without concatenations"] == 2
+        ours = run(ours_blocks, torch.bfloat16)
+        run(ours_blocks, torch.bfloat16)  # warm-up on the capture's stream's allocator
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = run(ours_blocks, torch.bfloat16)
+        graph.replay()
+        torch.testing.assert_close(captured, ours, rtol=0, atol=0)
+    ours = ours.float()
+    ours_err, theirs_err = (ours - exact).abs().max().item(), (theirs - exact).abs().max().item()
+    assert ours_err <= 2 * theirs_err + torch.finfo(torch.bfloat16).eps * exact.abs().max().item(), (ours_err, theirs_err)
+
+
 def test_graph_cache_drops_least_recently_used_within_its_budget():
     _, fast, fp = pipelines("synthetic:tiny-sdxl", max_graphs=2)
     for size in (256, 320, 384):

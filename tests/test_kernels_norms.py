@@ -1,4 +1,5 @@
-"""GroupNorm(+SiLU), adaLN LayerNorm-modulate and add+LayerNorm kernels against their PyTorch references.
+"""GroupNorm(+SiLU), adaLN LayerNorm-modulate, gated residual (+ LayerNorm-modulate) and add+LayerNorm
+kernels against their PyTorch references.
 
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
 at small, awkward sizes; with CUDA the same small cases run on the GPU and the full SDXL / Flux
@@ -24,7 +25,9 @@ import pytest
 import torch
 
 import rtdiff_kernels.group_norm_silu as gn_mod
-from rtdiff_kernels.ada_layer_norm import layer_norm_modulate, layer_norm_modulate_reference
+from rtdiff_kernels.ada_layer_norm import (gated_residual, gated_residual_layer_norm_modulate,
+                                           gated_residual_layer_norm_modulate_reference, gated_residual_reference,
+                                           layer_norm_modulate, layer_norm_modulate_reference)
 from rtdiff_kernels.add_layer_norm import add_layer_norm, add_layer_norm_reference
 from rtdiff_kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
 
@@ -323,6 +326,91 @@ def test_layer_norm_modulate_bad_input(kwargs, name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_layer_norm_modulate_flux_shapes(b, l, d, affine, dtype):
     _check_ln(b, l, d, dtype, affine)
+
+
+# ---------------------------------------------------------------------------- gated residual (+ adaLN modulate)
+
+def _gated_inputs(b, l, d, dtype, affine, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # The residual stream x is large next to the branch output y, as in a Flux block; x is a view
+    # with a padded token stride, y the second half of a joint [B, 2L, D] tensor (the split of a
+    # single block's output); gate, shift and scale are chunks of one [B, 6D] adaLN projection.
+    x = (torch.randn(b, l + 3, d, generator=g) * 4 + 1).to(dtype).to(DEVICE)[:, 2:-1]
+    y = (torch.randn(b, 2 * l, d, generator=g) * 0.7).to(dtype).to(DEVICE)[:, l:]
+    emb = (torch.randn(b, 6 * d, generator=g) * 0.5).to(dtype).to(DEVICE)
+    gate, shift, scale = emb.chunk(6, dim=1)[2], emb.chunk(6, dim=1)[3], emb.chunk(6, dim=1)[4]
+    w = torch.randn(d, generator=g).to(dtype).to(DEVICE) if affine else None
+    bias = torch.randn(d, generator=g).to(dtype).to(DEVICE) if affine else None
+    return x, y, gate, shift, scale, w, bias
+
+
+def _check_gated(b, l, d, dtype, affine, eps=1e-6, inputs=None):
+    x, y, gate, shift, scale, w, bias = inputs if inputs is not None else _gated_inputs(b, l, d, dtype, affine)
+    up = (lambda t: None if t is None else t.float())
+    s = gated_residual(x, y, gate)
+    s2, n = gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps, w, bias)
+    assert s.is_contiguous() and s2.is_contiguous() and n.is_contiguous() and s.shape == n.shape == x.shape
+    s32, n32 = gated_residual_layer_norm_modulate_reference(up(x), up(y), up(gate), up(shift), up(scale), eps, up(w), up(bias))
+    native = (None, None) if dtype == torch.float32 else gated_residual_layer_norm_modulate_reference(
+        x, y, gate, shift, scale, eps, w, bias)
+    assert_close_to_reference(s, s32, native[0], dtype)
+    assert_close_to_reference(s2, s32, native[0], dtype)
+    assert_close_to_reference(n, n32, native[1], dtype)
+    torch.testing.assert_close(gated_residual_reference(up(x), up(y), up(gate)), s32, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,l,d,affine", [(2, 5, 72, False), (1, 7, 200, True), (3, 4, 17, False), (1, 1, 1, False)])
+def test_gated_residual_small(b, l, d, affine, dtype):
+    _check_gated(b, l, d, dtype, affine)
+
+
+def test_gated_residual_transposed_inputs():
+    """Last dims that are not unit-stride are copied first; the results are still the gated sum and its norm."""
+    x, y, gate, shift, scale, _, _ = _gated_inputs(2, 6, 40, torch.float32, False)
+    xt, yt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (x, y))
+    assert xt.stride(2) != 1 and yt.stride(2) != 1
+    _check_gated(2, 6, 40, torch.float32, False, inputs=(xt, yt, gate, shift, scale, None, None))
+
+
+def test_gated_residual_empty():
+    x = torch.empty(2, 0, 8, device=DEVICE)
+    g = torch.zeros(2, 8, device=DEVICE)
+    assert gated_residual(x, x, g).shape == (2, 0, 8)
+    s, n = gated_residual_layer_norm_modulate(x, x, g, g, g, 1e-6)
+    assert s.shape == n.shape == (2, 0, 8)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"x": torch.randn(4, 8)}, "x"),
+    ({"y": torch.randn(2, 4, 7)}, "y"),
+    ({"y": torch.randn(2, 4, 8, dtype=torch.float64)}, "y"),
+    ({"gate": torch.randn(2, 7)}, "gate"),
+    ({"gate": torch.ones(2, 8, dtype=torch.int64)}, "gate"),
+    ({"shift": torch.randn(1, 8)}, "shift"),
+    ({"weight": torch.ones(9)}, "weight"),
+    ({"eps": float("nan")}, "eps"),
+])
+def test_gated_residual_bad_input(kwargs, name):
+    args = {"x": torch.randn(2, 4, 8), "y": torch.randn(2, 4, 8), "gate": torch.randn(2, 8), "shift": torch.randn(2, 8),
+            "scale": torch.randn(2, 8), "eps": 1e-6} | kwargs
+    with pytest.raises(ValueError, match=name):
+        gated_residual_layer_norm_modulate(**args)
+    if name in ("x", "y", "gate"):
+        with pytest.raises(ValueError, match=name):
+            gated_residual(args["x"], args["y"], args["gate"])
+
+
+@needs_cuda
+@pytest.mark.parametrize("b,l,d", [
+    (1, 4096, 3072),  # Flux image tokens at 1024x1024 (double blocks)
+    (1, 512, 3072),  # Flux text tokens
+    (2, 4608, 3072),  # the single blocks' joint sequence, batch 2
+    (2, 1000, 1536),  # SD3-sized width, ragged length
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gated_residual_flux_shapes(b, l, d, dtype):
+    _check_gated(b, l, d, dtype, affine=False)
 
 
 # ---------------------------------------------------------------------------- residual add + LayerNorm

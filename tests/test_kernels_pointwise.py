@@ -142,6 +142,39 @@ def test_rms_norm_rope_odd_layouts():
     check_rms_norm_rope(x, make_weight(24, "same", torch.bfloat16, gen), 1e-6, cos, sin, "contiguous")
 
 
+def _joint_rows(dtype, device, gen, text=5, image=9, b=2, h=3, d=24):
+    """(text q, image q, their rotary rows, the joint [B, text + image, H, D] result written by
+    rms_norm_rope(out=) into each stream's rows, the same concatenated after separate calls)."""
+    xt, xi = make_qk(b, text, h, d, dtype, gen).to(device), make_qk(b, image, h, d, dtype, gen).to(device)
+    cos, sin = (t.to(device) for t in make_rope(text + image, d, gen))
+    w = make_weight(d, "same", dtype, gen).to(device)
+    joint = torch.full((b, text + image, h, d), 7.0, dtype=dtype, device=device)
+    got = [rms_norm_rope(xt, w, 1e-6, cos[:text], sin[:text], out=joint[:, :text]),
+           rms_norm_rope(xi, w, 1e-6, cos[text:], sin[text:], out=joint[:, text:])]
+    apart = torch.cat([rms_norm_rope(xt, w, 1e-6, cos[:text], sin[:text]),
+                       rms_norm_rope(xi, w, 1e-6, cos[text:], sin[text:])], dim=1)
+    return got, joint, apart
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_rope_writes_each_streams_rows_of_a_joint_tensor(dtype):
+    """out= the text or image rows of a joint query: the same values as separate calls and a
+    concatenation, bit for bit, each call returning its rows."""
+    got, joint, apart = _joint_rows(dtype, "cpu", torch.Generator().manual_seed(12))
+    assert got[0].data_ptr() == joint.data_ptr() and got[1].data_ptr() == joint[:, 5:].data_ptr()
+    torch.testing.assert_close(joint, apart, rtol=0, atol=0)
+
+
+def test_rms_norm_rope_bad_out():
+    x, w = torch.randn(1, 4, 2, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="^out must be a"):
+        rms_norm_rope(x, w, 1e-6, out=torch.empty(1, 4, 2, 7))
+    with pytest.raises(ValueError, match="^out must be a"):
+        rms_norm_rope(x, w, 1e-6, out=torch.empty(1, 4, 2, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="^out must have packed heads"):
+        rms_norm_rope(x, w, 1e-6, out=torch.empty(1, 4, 8, 2).transpose(2, 3))
+
+
 def test_rms_norm_rope_tolerance_rejects_wrong_rotary():
     """The bound is tight enough to catch a plausible bug: the half-split rotary (unbind_dim=-2)."""
     gen = torch.Generator().manual_seed(2)
@@ -369,6 +402,14 @@ def flux_rope(text: int, side: int, device):
     img = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
     cos, sin = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(torch.cat([txt, img]).to(device))
     return cos.float(), sin.float()
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_rms_norm_rope_writes_a_joint_tensors_rows(dtype):
+    got, joint, apart = _joint_rows(dtype, "cuda", torch.Generator().manual_seed(13), text=77, image=1000, b=2, h=24, d=128)
+    torch.testing.assert_close(joint, apart, rtol=0, atol=0)
 
 
 @cuda

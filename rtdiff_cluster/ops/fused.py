@@ -20,6 +20,10 @@ the same thing through the kernel:
     GELU tanh (Flux ff)       proj -> tanh-GELU with the GELU in the GEMM's epilogue
     AdaLayerNormZero[Single], AdaLayerNormContinuous (Flux)
                               LayerNorm -> * (1 + scale) + shift as one kernel
+    FluxTransformerBlock, FluxSingleTransformerBlock
+                              the gated residual adds (with norm2's modulation in a double
+                              block) as one kernel each, and a single block's concatenations
+                              gone (ops/flux_blocks.py)
     Upsample2D (UNet, KL VAE), nn.Upsample (tiny VAE decoder)
                               nearest x2 as our copy kernel (PyTorch's channels-last one is slow);
                               Upsample2D's convolution bias as our vectorised pass
@@ -42,6 +46,8 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rtdiff_cluster.ops import flux_blocks
 
 
 def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
@@ -465,4 +471,5 @@ def install_fused(backbone: nn.Module) -> dict[str, int]:
             patch(module, _upsample2d_forward, "upsample2d nearest")
         elif type(module) is Downsample2D and _downsample2d_fusable(module):
             patch(module, _downsample2d_forward, "downsample2d conv bias")
+    done.update(flux_blocks.install(backbone))
     return dict(done)

@@ -74,16 +74,37 @@ class UNetAttnProcessor:
         return hidden_states / attn.rescale_output_factor if attn.rescale_output_factor != 1 else hidden_states
 
 
-def _qk_norm_rope(norm, x: torch.Tensor, rope, fused: bool) -> torch.Tensor:
-    """RMSNorm over head_dim then rotary: x [B, L, H, D]; rope (cos, sin) [L, D] or None."""
-    if fused and rope is not None and x.is_cuda:
+def _qk_fused(fused: bool, rope, x: torch.Tensor) -> bool:
+    return fused and rope is not None and x.is_cuda
+
+
+def _qk_norm_rope(norm, x: torch.Tensor, rope, fused: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm over head_dim then rotary: x [B, L, H, D]; rope (cos, sin) [L, D] or None. out: where
+    the fused kernel writes (packed heads, any token stride); only where _qk_fused."""
+    if _qk_fused(fused, rope, x):
         from rtdiff_kernels.rms_norm_rope import rms_norm_rope
 
-        return rms_norm_rope(x, norm.weight, norm.eps, rope[0], rope[1])
+        return rms_norm_rope(x, norm.weight, norm.eps, rope[0], rope[1], out=out)
     from diffusers.models.embeddings import apply_rotary_emb
 
     x = norm(x)
     return apply_rotary_emb(x, rope, sequence_dim=1) if rope is not None else x
+
+
+def _joint_qk_norm_rope(norms, parts, ropes, fused: bool) -> torch.Tensor:
+    """torch.cat([_qk_norm_rope(norm, x, rope) for each stream], dim=1): the text and image rows
+    of a joint query or key. The fused kernel writes each stream's rows of one tensor in place,
+    so no concatenation (a pass over [B, L, H, D], 28 MB for Flux at 1024) follows it."""
+    if not all(_qk_fused(fused, rope, x) for x, rope in zip(parts, ropes)):
+        return torch.cat([_qk_norm_rope(n, x, r, fused) for n, x, r in zip(norms, parts, ropes)], dim=1)
+    first = parts[0]
+    joint = torch.empty((first.shape[0], sum(x.shape[1] for x in parts), *first.shape[2:]),
+                        device=first.device, dtype=first.dtype)
+    start = 0
+    for norm, x, rope in zip(norms, parts, ropes):
+        _qk_norm_rope(norm, x, rope, fused, out=joint[:, start:start + x.shape[1]])
+        start += x.shape[1]
+    return joint
 
 
 class FluxAttnProcessor:
@@ -111,10 +132,8 @@ class FluxAttnProcessor:
             if image_rotary_emb is not None:
                 cos, sin = image_rotary_emb
                 rope_t, rope_i = (cos[:text], sin[:text]), (cos[text:], sin[text:])
-            query = torch.cat([_qk_norm_rope(attn.norm_added_q, eq, rope_t, self.fused),
-                               _qk_norm_rope(attn.norm_q, query, rope_i, self.fused)], dim=1)
-            key = torch.cat([_qk_norm_rope(attn.norm_added_k, ek, rope_t, self.fused),
-                             _qk_norm_rope(attn.norm_k, key, rope_i, self.fused)], dim=1)
+            query = _joint_qk_norm_rope((attn.norm_added_q, attn.norm_q), (eq, query), (rope_t, rope_i), self.fused)
+            key = _joint_qk_norm_rope((attn.norm_added_k, attn.norm_k), (ek, key), (rope_t, rope_i), self.fused)
             value = torch.cat([ev, value], dim=1)
         else:
             query = _qk_norm_rope(attn.norm_q, query, image_rotary_emb, self.fused)

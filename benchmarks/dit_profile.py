@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Where one Flux transformer step's GPU time goes on our fast paths, kernel by kernel: the count
+before a DiT fusion is chosen (METHOD.md), as unet_profile.py is for SDXL's UNet.
+
+Per size (batch 1, random weights, synthetic preset, the transformer alone as the replica's
+single-rank fast paths patch it: the attention registry, QK-norm + rotary, adaLN and GELU kernels,
+fused block forwards): the step's wall time in one CUDA graph (median of CUDA-event timings after
+warm-up), the kernels one eager step launches, the sum of their GPU times (torch.profiler), and the
+kernels grouped by name, largest first.
+
+    python benchmarks/dit_profile.py --sizes 1024 [--out-dir DIR]
+    python benchmarks/dit_profile.py --device cpu --source synthetic:tiny-flux --sizes 128   # a dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+for p in (REPO, REPO / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+
+from engine_bench import write_results  # noqa: E402
+from sharding import _build, _inputs  # noqa: E402
+from unet_profile import _kernel_table, _knobs_note, kernel_table, set_knobs  # noqa: E402
+
+
+def graphed_ms(graphs, key, fn, tensors, calls: int = 20) -> float | None:
+    import statistics
+
+    if graphs is None:
+        return None
+    run = lambda: graphs.call(key, fn, *tensors)  # noqa: E731
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        times.append((a, b))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in times)
+
+
+def markdown(res: dict, top: int = 30) -> str:
+    lines = [f"# {res['source']} transformer step, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
+             f"torch {res['torch']}, diffusers {res['diffusers']}; batch 1, fast paths on "
+             f"({res['fused']}); block forwards: {res['blocks']}; attention: {res['attention']}"
+             + _knobs_note(res), ""]
+    for s in res["sizes"]:
+        lines += [f"## {s['size']}x{s['size']}", "",
+                  f"graphed step {s['graph_ms']:.2f} ms; eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms of kernel time"
+                  if s["graph_ms"] is not None else f"eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms", "",
+                  *_kernel_table(s["table"], top), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--source", default="synthetic:flux-dev")
+    ap.add_argument("--sizes", default="1024")
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--unfused-blocks", action="store_true",
+                    help="diffusers' own Flux block forwards (their gates, residual adds, norms and concatenations as "
+                         "PyTorch ops), as before ops/flux_blocks.py (an A/B)")
+    ap.add_argument("--no-backend", action="append", default=[], metavar="NAME",
+                    help="leave this attention backend out of the registry, e.g. flash-attn-4 (repeatable; an A/B)")
+    ap.add_argument("--knob", action="append", default=[], metavar="MODULE.NAME=INT",
+                    help="a kernel's launch knob instead of the shipped value (rtdiff_kernels.MODULE; repeatable)")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    knobs = set_knobs(ap, args.knob)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = args.source.removeprefix("synthetic:")
+
+    from rtdiff_cluster.ops import fused, processors
+    from rtdiff_cluster.ops.attention import AttentionRegistry
+
+    if args.unfused_blocks:
+        from rtdiff_cluster.ops import flux_blocks
+
+        flux_blocks.install = lambda backbone: {}
+    model = _build(name, 1, 0, device, dtype)
+    registry = AttentionRegistry()
+    dropped = {n.replace("-", " ") for n in args.no_backend}
+    registry.backends = [b for b in registry.backends if b.name.replace("-", " ") not in dropped]
+    kernels = device.type == "cuda"
+    processors.install(model, registry, fused=kernels)
+    done = fused.install_fused(model) if kernels else {}
+    graphs = None
+    if device.type == "cuda":
+        from rtdiff_cluster.engine.graphs import GraphCache
+
+        graphs = GraphCache(device, 4, 1 << 40)
+    sizes = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        x = _inputs(name, 1, size, device, dtype)
+        keys = sorted(x)
+        tensors = [x[k] for k in keys]
+        call = lambda *t: model(**dict(zip(keys, t))).sample  # noqa: E731
+        with torch.inference_mode():
+            ms = graphed_ms(graphs, ("profile", size), call, tensors)
+            n, kms, table = kernel_table(lambda: call(*tensors), device)
+        sizes.append({"size": size, "graph_ms": ms, "kernels": n, "kernel_ms": kms, "table": table})
+        print(f"{size}: graph {ms} ms, {n} kernels, {kms:.2f} ms", file=sys.stderr, flush=True)
+        if graphs is not None:
+            graphs.clear()
+    tag = "-".join(t for t, on in ((name, True), ("unfused-blocks", args.unfused_blocks),
+                                   ("no-" + "-".join(sorted(n.replace(" ", "-") for n in args.no_backend)), args.no_backend),
+                                   ("knobs", knobs), (args.tag, args.tag)) if on)
+    write_results("dit_profile", args.device, {
+        "source": args.source, "sizes": sizes, "knobs": knobs,
+        "fused": ", ".join(f"{k} x{v}" for k, v in done.items()) or "none (CPU)",
+        "blocks": "diffusers' own" if args.unfused_blocks else "ours where fusable",
+        "attention": f"{registry.choices()}" + (f", without {', '.join(sorted(dropped))}" if dropped else "")},
+        args.out_dir, markdown, tag=tag)
+
+
+if __name__ == "__main__":
+    main()

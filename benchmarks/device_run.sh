@@ -92,8 +92,8 @@
 #                 1024 step's linears; GEGLU in its epilogue against cuBLAS + our geglu)
 #   flux-blocks   the GPU tests of the gated-residual kernels, QK-norm + rotary into a joint tensor's rows and Flux's
 #                 fused blocks and fast paths; then benchmarks/dit_profile.py at 1024 alternating twice: Flux blocks
-#                 through ops/flux_blocks.py (shipped) or diffusers' own forwards (--unfused-blocks, before); with
-#                 env FLUX_BENCH set, then kernels/bench_norms.py
+#                 through ops/flux_blocks.py (shipped) or diffusers' own forwards (--unfused-blocks, before; env
+#                 FLUX_AB_ARGS: more options for both arms, e.g. --fp8); with env FLUX_BENCH set, then kernels/bench_norms.py
 # Run from the repo root on the device machine with .whl carried (../shared/tools/device-wheels.sh
 # grpcio==1.85.1 protobuf==7.36.2). Results land in $OUT.
 set -uo pipefail
@@ -172,11 +172,12 @@ for part in $parts; do
     kernel-tests) timeout 540 python3 -m pytest -p no:cacheprovider -q -ra --durations=15 tests/test_gpu_fast_paths.py \
       tests/test_fast_paths.py tests/test_kernels_*.py tests/test_fp8.py 2>&1 | tail -80 | tee "$OUT/kernel_tests.log" ;;
     flux-blocks) timeout 240 python3 -m pytest -p no:cacheprovider -q -ra tests/test_kernels_norms.py \
-        tests/test_kernels_pointwise.py tests/test_gpu_fast_paths.py -k "gated or gelu_tanh or rms_norm_rope or flux" 2>&1 \
+        tests/test_kernels_pointwise.py tests/test_gpu_fast_paths.py tests/test_fp8.py \
+        -k "gated or gelu_tanh or rms_norm_rope or flux" 2>&1 \
         | tail -15 | tee "$OUT/flux_block_tests.log"
       n=0; for ab in "" --unfused-blocks "" --unfused-blocks; do n=$((n + 1))
-        timeout 200 python3 benchmarks/dit_profile.py --sizes 1024 $ab --tag "ab$n" --out-dir "$OUT" 2>&1 \
-          | grep -E "^1024: |Error|error"; done
+        timeout 200 python3 benchmarks/dit_profile.py --sizes 1024 $ab ${FLUX_AB_ARGS:-} --tag "ab$n" --out-dir "$OUT" \
+          2>&1 | grep -E "^1024: |Error|error"; done
       [ -z "${FLUX_BENCH:-}" ] || timeout 200 python3 kernels/bench_norms.py --out "$OUT/bench_norms.json" 2>&1 \
         | grep -vi warning | tail -30 | tee "$OUT/bench_norms.log" ;;
     kernel-bench) for b in kernels/bench_*.py; do n=$(basename "$b" .py)

@@ -27,40 +27,16 @@ import torch  # noqa: E402
 
 from engine_bench import write_results  # noqa: E402
 from sharding import _build, _inputs  # noqa: E402
-from unet_profile import _kernel_table, _knobs_note, kernel_table, set_knobs  # noqa: E402
-
-
-def graphed_ms(graphs, key, fn, tensors, calls: int = 20) -> float | None:
-    import statistics
-
-    if graphs is None:
-        return None
-    run = lambda: graphs.call(key, fn, *tensors)  # noqa: E731
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(calls):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        times.append((a, b))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in times)
+from unet_profile import _knobs_note, kernel_table, replay_ms, set_knobs, step_sections  # noqa: E402
 
 
 def markdown(res: dict, top: int = 30) -> str:
     lines = [f"# {res['source']} transformer step, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
-             f"torch {res['torch']}, diffusers {res['diffusers']}; batch 1, fast paths on "
+             f"torch {res['torch']}, diffusers {res['diffusers']}; batch 1, quantization {res.get('quantization', 'none')}, "
+             f"fast paths on "
              f"({res['fused']}); block forwards: {res['blocks']}; attention: {res['attention']}"
              + _knobs_note(res), ""]
-    for s in res["sizes"]:
-        lines += [f"## {s['size']}x{s['size']}", "",
-                  f"graphed step {s['graph_ms']:.2f} ms; eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms of kernel time"
-                  if s["graph_ms"] is not None else f"eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms", "",
-                  *_kernel_table(s["table"], top), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + step_sections(res["sizes"], top))
 
 
 def main() -> None:
@@ -72,6 +48,7 @@ def main() -> None:
     ap.add_argument("--unfused-blocks", action="store_true",
                     help="diffusers' own Flux block forwards (their gates, residual adds, norms and concatenations as "
                          "PyTorch ops), as before ops/flux_blocks.py (an A/B)")
+    ap.add_argument("--fp8", action="store_true", help="FP8 linears (fast_paths.quantization=fp8, its default widths)")
     ap.add_argument("--no-backend", action="append", default=[], metavar="NAME",
                     help="leave this attention backend out of the registry, e.g. flash-attn-4 (repeatable; an A/B)")
     ap.add_argument("--knob", action="append", default=[], metavar="MODULE.NAME=INT",
@@ -91,6 +68,13 @@ def main() -> None:
 
         flux_blocks.install = lambda backbone: {}
     model = _build(name, 1, 0, device, dtype)
+    quant = "none"
+    if args.fp8:  # before the fast paths, in the engine's order (engine/fastpaths.py apply)
+        from rtdiff_cluster.config import FastPathConfig
+        from rtdiff_cluster.engine.fastpaths import fp8_linears
+
+        q = fp8_linears(model, FastPathConfig(), fused_inputs=device.type == "cuda")
+        quant = f"fp8 ({q['replaced']} linears)"
     registry = AttentionRegistry()
     dropped = {n.replace("-", " ") for n in args.no_backend}
     registry.backends = [b for b in registry.backends if b.name.replace("-", " ") not in dropped]
@@ -109,17 +93,17 @@ def main() -> None:
         tensors = [x[k] for k in keys]
         call = lambda *t: model(**dict(zip(keys, t))).sample  # noqa: E731
         with torch.inference_mode():
-            ms = graphed_ms(graphs, ("profile", size), call, tensors)
+            ms = None if graphs is None else replay_ms(lambda: graphs.call(("profile", size), call, *tensors), 20)
             n, kms, table = kernel_table(lambda: call(*tensors), device)
         sizes.append({"size": size, "graph_ms": ms, "kernels": n, "kernel_ms": kms, "table": table})
         print(f"{size}: graph {ms} ms, {n} kernels, {kms:.2f} ms", file=sys.stderr, flush=True)
         if graphs is not None:
             graphs.clear()
-    tag = "-".join(t for t, on in ((name, True), ("unfused-blocks", args.unfused_blocks),
+    tag = "-".join(t for t, on in ((name, True), ("fp8", args.fp8), ("unfused-blocks", args.unfused_blocks),
                                    ("no-" + "-".join(sorted(n.replace(" ", "-") for n in args.no_backend)), args.no_backend),
                                    ("knobs", knobs), (args.tag, args.tag)) if on)
     write_results("dit_profile", args.device, {
-        "source": args.source, "sizes": sizes, "knobs": knobs,
+        "source": args.source, "sizes": sizes, "knobs": knobs, "quantization": quant,
         "fused": ", ".join(f"{k} x{v}" for k, v in done.items()) or "none (CPU)",
         "blocks": "diffusers' own" if args.unfused_blocks else "ours where fusable",
         "attention": f"{registry.choices()}" + (f", without {', '.join(sorted(dropped))}" if dropped else "")},

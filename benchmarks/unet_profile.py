@@ -47,13 +47,11 @@ def _step(unet, x: dict):
                         added_cond_kwargs=x["added_cond_kwargs"]).sample
 
 
-def graphed_ms(fp, key, fn, device, calls: int = 50) -> float | None:
-    if device.type != "cuda" or fp.graphs is None:
-        return None
-    run = lambda: fp.graphs.call(key, lambda *_: fn())  # noqa: E731
+def replay_ms(run, calls: int = 50) -> float:
+    """Median ms of run() on the current CUDA device, by CUDA events, after three warm-up calls."""
     for _ in range(3):
         run()
-    torch.cuda.synchronize(device)
+    torch.cuda.synchronize()
     times = []
     for _ in range(calls):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -61,8 +59,14 @@ def graphed_ms(fp, key, fn, device, calls: int = 50) -> float | None:
         run()
         b.record()
         times.append((a, b))
-    torch.cuda.synchronize(device)
+    torch.cuda.synchronize()
     return statistics.median(a.elapsed_time(b) for a, b in times)
+
+
+def graphed_ms(fp, key, fn, device, calls: int = 50) -> float | None:
+    if device.type != "cuda" or fp.graphs is None:
+        return None
+    return replay_ms(lambda: fp.graphs.call(key, lambda *_: fn()), calls)
 
 
 def kernel_table(fn, device) -> tuple[int, float, list[dict]]:
@@ -148,12 +152,18 @@ def markdown(res: dict, top: int = 30) -> str:
              + ("; cuDNN benchmark mode (convolution engines timed per shape)" if res.get("cudnn_benchmark") else "")
              + (f"; GroupNorm tile, warps, programs per SM: {res['gn_knobs']}" if "gn_knobs" in res else "")
              + _knobs_note(res), ""]
-    for s in res["sizes"]:
+    return "\n".join(lines + step_sections(res["sizes"], top))
+
+
+def step_sections(sizes: list[dict], top: int) -> list[str]:
+    """Per size: the graphed step's time, the eager step's kernels and their table."""
+    lines = []
+    for s in sizes:
         lines += [f"## {s['size']}x{s['size']}", "",
                   f"graphed step {s['graph_ms']:.2f} ms; eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms of kernel time"
                   if s["graph_ms"] is not None else f"eager: {s['kernels']} kernels, {s['kernel_ms']:.2f} ms", "",
                   *_kernel_table(s["table"], top), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _frame_markdown(res: dict, top: int) -> str:

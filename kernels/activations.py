@@ -13,6 +13,14 @@ bytes + 4). Here a program holds a row in registers and writes N bytes of e4m3 a
 scale: the floor is 2N * 2 bytes read + N + 4 written. The fp32 product is quantised directly, without the bf16 rounding in
 between.
 
+gelu_tanh_fp8: Flux's tanh-GELU after an FP8 up-projection, quantised per row for the FP8 linear
+that reads it (a double block's feed-forward out-projection; a single block's proj_out, whose rows
+are the attention output followed by the MLP's GELU: the kernel takes the attention output as a
+prefix and writes the concatenated row). Unfused that is a GELU pass (read and write [M, N] in
+bf16), the concatenation (read and write [M, P + N]) and quantize_per_token (read it, write e4m3).
+Here a program walks one row twice, the amax and then the quantised store (the second read of a
+30 KB row mostly hits L2): 2 x 2(P + N) bytes read, P + N + 4 written.
+
 linear_gelu_tanh: F.gelu(F.linear(x, W, b), approximate="tanh"), Flux's FF up-projection and the
 single blocks' proj_mlp. On CUDA in fp16/bf16 it calls torch._addmm_activation(..., use_gelu=True):
 PyTorch asks cuBLASLt for the GELU_BIAS epilogue, which applies bias and GELU to the fp32
@@ -175,6 +183,83 @@ def geglu_reference(h: torch.Tensor) -> torch.Tensor:
     hidden * gelu(gate), returned in h.dtype."""
     hidden, gate = h.float().chunk(2, dim=-1)
     return (hidden * F.gelu(gate)).to(h.dtype)
+
+
+@triton.jit
+def _gelu_tanh(x):
+    """F.gelu(x, approximate="tanh") in fp32, its tanh(u) as 1 - 2 / (exp(2u) + 1). 2u is capped at
+    80 (tanh is 1 in fp32 long before), so exp stays finite; at the other end exp reaches 0."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))
+
+
+@triton.jit
+def _gelu_tanh_fp8_kernel(p_ptr, h_ptr, q_ptr, scale_ptr, P, N, stride_p, stride_h, BLOCK: tl.constexpr):
+    # One row per program: cat([prefix row (P), gelu_tanh(h row) (N)]) in BLOCK-wide pieces, walked
+    # twice (the row amax, then the quantised store); masked lanes load 0, and gelu(0) = 0.
+    row = tl.program_id(0).to(tl.int64)
+    p_row, h_row, q_row = p_ptr + row * stride_p, h_ptr + row * stride_h, q_ptr + row * (P + N)
+    cols = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, P, BLOCK):
+        acc = tl.maximum(acc, tl.abs(tl.load(p_row + start + cols, mask=start + cols < P, other=0.0).to(tl.float32)))
+    for start in range(0, N, BLOCK):
+        v = _gelu_tanh(tl.load(h_row + start + cols, mask=start + cols < N, other=0.0).to(tl.float32))
+        acc = tl.maximum(acc, tl.abs(v))
+    scale, inv = _row_scales(tl.max(acc, axis=0))
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, P, BLOCK):
+        c = start + cols
+        v = tl.load(p_row + c, mask=c < P, other=0.0).to(tl.float32)
+        tl.store(q_row + c, _round_to_e4m3(tl.clamp(v * inv, -448.0, 448.0)), mask=c < P)
+    for start in range(0, N, BLOCK):
+        c = start + cols
+        v = _gelu_tanh(tl.load(h_row + c, mask=c < N, other=0.0).to(tl.float32))
+        tl.store(q_row + P + c, _round_to_e4m3(tl.clamp(v * inv, -448.0, 448.0)), mask=c < N)
+
+
+_GELU_FP8_BLOCK = 1024  # lanes per piece of a row (4 warps)
+
+
+def _rows_2d(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.shape[-1] <= 1 or t2.stride(-1) == 1 else t2.contiguous()
+
+
+def gelu_tanh_fp8(h: torch.Tensor, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [..., N] -> (q [M, P + N] float8_e4m3fn, scale [M, 1] float32), M = h.numel() // N: each row
+    of cat([prefix, gelu_tanh(h)], -1), the GELU in fp32, quantised with its own scale amax / 448
+    as quantize_per_token does. prefix: [..., P] with h's leading shape, dtype and device, or None
+    (P = 0). Off CUDA (and outside Triton's interpreter) this runs the reference."""
+    if not isinstance(h, torch.Tensor) or h.dim() < 1 or h.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"h must be a float32, float16 or bfloat16 tensor [..., N], got "
+                         f"{getattr(h, 'dtype', type(h))} {tuple(getattr(h, 'shape', ()))}")
+    if prefix is not None and (not isinstance(prefix, torch.Tensor) or prefix.shape[:-1] != h.shape[:-1]
+                               or prefix.dtype != h.dtype or prefix.device != h.device):
+        raise ValueError(f"prefix must be None or [..., P] with h's leading shape {tuple(h.shape[:-1])}, dtype "
+                         f"{h.dtype} and device {h.device}, got {getattr(prefix, 'dtype', type(prefix))} "
+                         f"{tuple(getattr(prefix, 'shape', ()))}")
+    if not triton_runs(h):
+        return gelu_tanh_fp8_reference(h, prefix)
+    h2d = _rows_2d(h)
+    p2d = _rows_2d(prefix) if prefix is not None else h2d[:, :0]
+    m, n, p = h2d.shape[0], h2d.shape[1], p2d.shape[1]
+    q = torch.empty((m, p + n), device=h.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((m, 1), device=h.device, dtype=torch.float32)
+    if m == 0:
+        return q, scale
+    _gelu_tanh_fp8_kernel[(m,)](p2d, h2d, q, scale, p, n, max(p2d.stride(0), 1), h2d.stride(0),
+                                BLOCK=_GELU_FP8_BLOCK, num_warps=4)
+    return q, scale
+
+
+def gelu_tanh_fp8_reference(h: torch.Tensor, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cat([prefix, F.gelu(h, approximate="tanh")], -1) in fp32 (not rounded to h's dtype) through
+    quantize_per_token_reference."""
+    rows = F.gelu(h.float().reshape(-1, h.shape[-1]), approximate="tanh")
+    if prefix is not None:
+        rows = torch.cat([prefix.float().reshape(-1, prefix.shape[-1]), rows], dim=-1)
+    return quantize_per_token_reference(rows.contiguous())
 
 
 def _fused_gemm_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

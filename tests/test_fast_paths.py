@@ -253,6 +253,54 @@ def test_flux_blocks_fused_within_policy_and_without_the_joint_copy(monkeypatch)
     assert not torch.equal(ours[1], theirs[1])  # the fused forwards did run: their rounding differs
 
 
+def test_fp8_flux_blocks_hand_their_gelu_over_quantised(monkeypatch):
+    """With FP8 linears, a Flux double block's feed-forwards and a single block's proj_out take
+    their input from gelu_tanh_fp8 (the single block's with the attention output in front).
+    Tolerance policy: against the blocks before quantisation, at most twice the error of
+    diffusers' forwards on the same FP8 weights (FP8's own error dominates both; a lost or
+    misplaced scale costs order 1). On CPU the FP8 products are dequantised fp32 matmuls."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the fused kernels run CPU tensors only in Triton's interpreter (this machine has a GPU)")
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    import rtdiff_kernels.activations as activations
+    from rtdiff_cluster.engine.fastpaths import fp8_linears
+    from rtdiff_cluster.ops.fused import install_fused
+    from rtdiff_cluster.quant.fp8 import Fp8Linear, fidelity
+
+    torch.manual_seed(6)
+    blocks = torch.nn.ModuleList([FluxTransformerBlock(64, 2, 32)] + [FluxSingleTransformerBlock(64, 2, 32)
+                                                                      for _ in range(2)]).eval()
+    with torch.no_grad():
+        for p in blocks.parameters():
+            p.normal_(0, 0.2)
+    exact_blocks = copy.deepcopy(blocks)
+    fp8_linears(blocks, FastPathConfig(fp8_min_features=16), fused_inputs=True)
+    assert all(isinstance(m, Fp8Linear) for m in (blocks[0].ff.net[2], blocks[1].proj_mlp, blocks[1].proj_out))
+    reference, ours = copy.deepcopy(blocks), copy.deepcopy(blocks)
+    install_fused(ours)
+    prefixes = []
+    quantised = activations.gelu_tanh_fp8
+    monkeypatch.setattr(activations, "gelu_tanh_fp8",
+                        lambda h, prefix=None: prefixes.append(None if prefix is None else prefix.shape[-1])
+                        or quantised(h, prefix))
+    h, c, temb = torch.randn(2, 40, 64), torch.randn(2, 7, 64), torch.randn(2, 64)
+
+    def run(bs):
+        with torch.inference_mode():
+            c2, h2 = bs[0](h, c, temb)
+            for b in bs[1:]:
+                c2, h2 = b(h2, c2, temb)
+        return torch.cat([c2, h2], dim=1)
+
+    exact = run(exact_blocks)
+    theirs, mine = fidelity(exact, run(reference)), fidelity(exact, run(ours))
+    assert mine["rel_l2"] <= 2 * theirs["rel_l2"], (mine, theirs)
+    assert sorted(prefixes, key=str) == [64, 64, None, None]  # two single blocks, two feed-forwards
+
+
 def test_fused_fp8_feed_forwards_hand_over_float8():
     """With FP8 linears, norm3 and the GEGLU hand their outputs to the feed-forward's linears
     already quantised (add_layer_norm_fp8, geglu_fp8), and fp8_linears converts the out

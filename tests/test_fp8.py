@@ -25,7 +25,7 @@ bits, so each bound is derived here):
   Where the bias is added after a rounded product (row-parallel: the all-reduce comes first; or
   an output dtype that _scaled_mm cannot fuse a bias into) that product's rounding counts too,
   so |ref| becomes |ref| + |bias| (which bounds the product's magnitude).
-- Fused producers (geglu_fp8, add_layer_norm_fp8) vs their references, which quantise the same
+- Fused producers (geglu_fp8, gelu_tanh_fp8, add_layer_norm_fp8) vs their references, which quantise the same
   values computed by PyTorch in fp32: the kernels' fp32 arithmetic (Triton's erf, the norm's
   reduction order) can differ from PyTorch's in the last bits, which can move the row amax (and
   so the scale) by a few fp32 ulps and an element across an e4m3 rounding boundary. So: scales
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from rtdiff_cluster.quant.fp8 import Fp8Linear, fidelity, quantize_linears
-from rtdiff_kernels.activations import geglu_fp8, geglu_fp8_reference
+from rtdiff_kernels.activations import geglu_fp8, geglu_fp8_reference, gelu_tanh_fp8, gelu_tanh_fp8_reference
 from rtdiff_kernels.add_layer_norm import add_layer_norm_fp8, add_layer_norm_fp8_reference, add_layer_norm_reference
 from rtdiff_kernels.fp8_quant import quantize_per_token, quantize_per_token_reference
 
@@ -159,6 +159,40 @@ def test_geglu_fp8_edges():
         geglu_fp8(torch.randn(4, 33))
     with pytest.raises(ValueError, match="h must be float32"):
         geglu_fp8(torch.ones(4, 32, dtype=torch.int32))
+
+
+def _gelu_rows(h, prefix):
+    g = torch.nn.functional.gelu(h.float().reshape(-1, h.shape[-1]), approximate="tanh")
+    return g if prefix is None else torch.cat([prefix.float().reshape(-1, prefix.shape[-1]), g], dim=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,p,n", [((37,), 0, 96), ((2, 19), 40, 160), ((1,), 1000, 3000), ((3,), 16, 16),
+                                      ((4,), 5, 2049)], ids=["m37", "3d-prefix", "long-rows", "n16", "odd"])
+def test_gelu_tanh_fp8_matches_reference(dtype, lead, p, n):
+    """A Flux single block's proj_out input (attention rows, then the MLP's tanh-GELU) quantised in
+    one kernel; without a prefix, a double block's feed-forward out-projection input."""
+    g = torch.Generator().manual_seed(3)
+    mags = torch.logspace(-3, 2, lead[-1])[:, None]
+    h = (torch.randn(*lead, n, generator=g) * mags).to(dtype)
+    prefix = (torch.randn(*lead, p, generator=g) * mags).to(dtype) if p else None
+    q, scale = gelu_tanh_fp8(h, prefix)
+    q_ref, scale_ref = gelu_tanh_fp8_reference(h, prefix)
+    assert q.shape == (h.numel() // n, p + n)
+    _assert_fused_quantisation(q, scale, q_ref, scale_ref, _gelu_rows(h, prefix))
+
+
+def test_gelu_tanh_fp8_edges():
+    q, scale = gelu_tanh_fp8(torch.zeros(3, 64), torch.zeros(3, 8))  # all-zero rows: the floor scale
+    assert torch.all(scale == 1e-12) and not q.float().any() and q.shape == (3, 72)
+    q0, s0 = gelu_tanh_fp8(torch.randn(0, 4, 64))
+    assert q0.shape == (0, 64) and s0.shape == (0, 1)
+    with pytest.raises(ValueError, match="^h must be"):
+        gelu_tanh_fp8(torch.ones(4, 32, dtype=torch.int32))
+    with pytest.raises(ValueError, match="^prefix must be"):
+        gelu_tanh_fp8(torch.randn(4, 32), torch.randn(5, 8))
+    with pytest.raises(ValueError, match="^prefix must be"):
+        gelu_tanh_fp8(torch.randn(4, 32), torch.randn(4, 8, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -517,6 +551,28 @@ def test_gpu_geglu_fp8_matches_reference_and_feeds_scaled_mm(m, n, exact_fp32_ma
         # whole the two paths must agree to a bf16 rounding, and a wrong or misplaced scale
         # would cost order 1.
         assert fidelity(ref, fast)["rel_l2"] <= 2.0**-8
+        assert fidelity(exact, fast)["rel_l2"] <= LINEAR_BOUND
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("m,p,n", [(4608, 3072, 12288), (512, 0, 12288), (1077, 3072, 12288), (37, 40, 1000)])
+def test_gpu_gelu_tanh_fp8_matches_reference_and_feeds_scaled_mm(m, p, n, exact_fp32_matmul):
+    # Flux-dev at 1024: a single block's proj_out input (4,608 joint tokens), a double block's text
+    # stream feed-forward; ragged lengths and an awkward width.
+    torch.manual_seed(1)
+    mags = torch.logspace(-2, 1, m, device="cuda")[:, None]
+    h = (torch.randn(m, n, device="cuda") * mags).bfloat16()
+    prefix = (torch.randn(m, p, device="cuda") * mags).bfloat16() if p else None
+    q, scale = gelu_tanh_fp8(h, prefix)
+    q_ref, scale_ref = gelu_tanh_fp8_reference(h, prefix)
+    rows = _gelu_rows(h, prefix)
+    _assert_fused_quantisation(q, scale, q_ref, scale_ref, rows)
+    if (p + n) % 16 == 0:
+        lin = nn.Linear(p + n, 3072, device="cuda", dtype=torch.bfloat16)
+        f = Fp8Linear.from_linear(lin)
+        with torch.no_grad():
+            fast = f.forward_fp8(q, scale, torch.bfloat16)
+            exact = nn.functional.linear(rows, lin.weight.float(), lin.bias.float())
         assert fidelity(exact, fast)["rel_l2"] <= LINEAR_BOUND
 
 

@@ -398,6 +398,46 @@ def test_flux_sized_blocks_fused_within_policy_and_capturable():
     assert ours_err <= 2 * theirs_err + torch.finfo(torch.bfloat16).eps * exact.abs().max().item(), (ours_err, theirs_err)
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm89+")
+def test_fp8_flux_sized_blocks_hand_their_gelu_over_quantised():
+    """Flux-dev-sized blocks with FP8 linears (the replica's default widths): our forwards, whose
+    feed-forwards and single-block proj_out take gelu_tanh_fp8's output. Tolerance policy: against
+    the blocks before quantisation run in fp32, at most twice the error of diffusers' forwards on
+    the same FP8 weights (FP8's own error, about 1% here, dominates both; ours quantises the GELU
+    from fp32 instead of bf16, which flips a few e4m3 roundings, 0.55% apart from diffusers' in
+    the first run, and a wrong or lost scale costs order 1)."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    from rtdiff_cluster.engine.fastpaths import fp8_linears
+    from rtdiff_cluster.ops import processors
+    from rtdiff_cluster.ops.attention import AttentionRegistry
+    from rtdiff_cluster.ops.fused import install_fused
+    from rtdiff_cluster.quant.fp8 import Fp8Linear, fidelity
+
+    torch.manual_seed(1)
+    blocks = torch.nn.ModuleList([FluxTransformerBlock(3072, 24, 128)] +
+                                 [FluxSingleTransformerBlock(3072, 24, 128) for _ in range(2)]).cuda().bfloat16().eval()
+    exact_blocks = copy.deepcopy(blocks).float()
+    fp8_linears(blocks, FastPathConfig(), fused_inputs=True)
+    assert all(isinstance(m, Fp8Linear) for m in (blocks[0].ff.net[2], blocks[1].proj_mlp, blocks[1].proj_out))
+    ours = copy.deepcopy(blocks)
+    processors.install(ours, AttentionRegistry(), fused=True)
+    install_fused(ours)
+    h, c, temb = (torch.randn(1, 1000, 3072, device="cuda").bfloat16(), torch.randn(1, 77, 3072, device="cuda").bfloat16(),
+                  torch.randn(1, 3072, device="cuda").bfloat16())
+
+    def run(bs, dtype):
+        with torch.inference_mode():
+            c2, h2 = bs[0](h.to(dtype), c.to(dtype), temb.to(dtype))
+            for b in bs[1:]:
+                c2, h2 = b(h2, c2, temb.to(dtype))
+        return torch.cat([c2, h2], dim=1).float()
+
+    exact = run(exact_blocks, torch.float32)
+    theirs, mine = fidelity(exact, run(blocks, torch.bfloat16)), fidelity(exact, run(ours, torch.bfloat16))
+    assert mine["rel_l2"] <= 2 * theirs["rel_l2"], (mine, theirs)
+
+
 def test_graph_cache_drops_least_recently_used_within_its_budget():
     _, fast, fp = pipelines("synthetic:tiny-sdxl", max_graphs=2)
     for size in (256, 320, 384):

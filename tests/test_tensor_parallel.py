@@ -57,7 +57,10 @@ def _inputs(family: str, batch: int, h: int, w: int, text: int, dtype: torch.dty
 
 
 def _forward(family: str, shard_resnets: bool, dtype_name: str, batch: int, h: int, w: int, text: int):
-    """Builds the backbone for this process's rank (tp from parallel.groups) and runs it once."""
+    """Builds the backbone for this process's rank (tp from parallel.groups) and runs it once.
+    "flux+fast" is flux with the replica's fast-path modules installed on the shards: our attention
+    processors (PyTorch's math backend) and fused kernels (Triton's interpreter on CPU), the Flux
+    block forwards among them."""
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     from rtdiff_cluster.models.weights import SyntheticWeights, build
@@ -65,12 +68,22 @@ def _forward(family: str, shard_resnets: bool, dtype_name: str, batch: int, h: i
     from rtdiff_cluster.parallel.plans import plan_for
 
     dtype = getattr(torch, dtype_name)
+    fast = family == "flux+fast" and dtype != torch.float64  # the float64 reference is diffusers' own
+    family = family.removesuffix("+fast")
     cls, config = {"flux": (FluxTransformer2DModel, flux_config()), "sd": (UNet2DConditionModel, sd_unet_config()),
                    "sdxl": (UNet2DConditionModel, sdxl_unet_config())}[family]
     with torch.device("meta"):
         plan = plan_for(cls.from_config(config), shard_resnets=shard_resnets)
     model, _ = build(cls, config, plan=plan, tp=groups.tp_size(), rank=groups.tp_rank(), device=torch.device("cpu"),
                      dtype=dtype, source=SyntheticWeights(SEED))
+    if fast:
+        from rtdiff_cluster.ops import processors
+        from rtdiff_cluster.ops.attention import AttentionRegistry
+        from rtdiff_cluster.ops.fused import install_fused
+
+        processors.install(model, AttentionRegistry(allowed=["math"]), fused=True)
+        done = install_fused(model)
+        assert done["flux double block gated residual+norm"] == 2 and done["flux single block without concatenations"] == 2
     with torch.inference_mode():
         out = model(**_inputs(family, batch, h, w, text, dtype)).sample
     return out.to(torch.float64)
@@ -79,6 +92,7 @@ def _forward(family: str, shard_resnets: bool, dtype_name: str, batch: int, h: i
 CASES = [
     # family, shard_resnets, batch, latent h, w, text tokens: odd sizes on purpose
     ("flux", False, 2, 3, 5, 7),
+    ("flux+fast", False, 2, 3, 5, 7),  # the fused blocks' shards (single blocks: proj_out on the concatenation)
     ("sd", True, 1, 16, 16, 5),
     ("sd", False, 3, 8, 24, 9),
     ("sdxl", True, 2, 16, 8, 11),

@@ -13,9 +13,13 @@ diffusers' blocks join every branch to the residual stream with PyTorch ops, eac
   is reused without a copy when the two streams are adjacent in one tensor's memory, as the
   previous single block leaves them; the GELU runs in the MLP GEMM's epilogue; proj_out is two
   GEMMs over its weight's column blocks, the MLP's adding into the attention's output (cuBLAS's
-  beta = 1: a read of [B, L, D] instead of the concatenation); then `gated_residual`. (Writing
-  the GELU GEMM straight into a column slice of proj_out's input was tried: PyTorch then leaves
-  cuBLASLt's epilogue for a plain GEMM, a strided GELU pass and two copies, 3x slower.)
+  beta = 1: a read of [B, L, D] instead of the concatenation); then `gated_residual`. With FP8
+  linears, one kernel (`gelu_tanh_fp8`) writes proj_out's quantised input, the attention output
+  and the MLP's GELU side by side, in place of the GELU pass, the concatenation and the
+  quantisation; a double block's feed-forward hands its out-projection the GELU quantised the
+  same way. (Writing the GELU GEMM straight into a column slice of proj_out's input was tried:
+  PyTorch then leaves cuBLASLt's epilogue for a plain GEMM, a strided GELU pass and two copies,
+  3x slower.)
 
 Counted on an H200 before the change (benchmarks/NOTES.md): "elementwise/other" kernels took
 14.9 ms of a 131 ms Flux-dev step at 1024; the passes above are most of them.
@@ -53,6 +57,29 @@ def _is_tanh_gelu(act) -> bool:
     return type(act) is nn.GELU and act.approximate == "tanh"
 
 
+def _fp8(*modules) -> bool:
+    from rtdiff_cluster.quant.fp8 import Fp8Linear
+
+    return all(isinstance(m, Fp8Linear) for m in modules)
+
+
+def _feed_forward(ff, h: torch.Tensor) -> torch.Tensor:
+    """ff(h) for diffusers' FeedForward with a tanh-GELU. Where both its linears are FP8, the GELU
+    hands the out-projection its input already quantised (gelu_tanh_fp8): no bf16 activation
+    written and read back."""
+    from diffusers.models.activations import GELU
+
+    from rtdiff_kernels._launch import triton_runs
+    from rtdiff_kernels.activations import gelu_tanh_fp8
+
+    act, out = ff.net[0], ff.net[-1]
+    if (len(ff.net) == 3 and type(act) is GELU and act.approximate == "tanh" and _fp8(act.proj, out)
+            and not (ff.training and ff.net[1].p > 0) and triton_runs(h)):
+        q, scale = gelu_tanh_fp8(act.proj(h))
+        return out.forward_fp8(q, scale, h.dtype).view(*h.shape[:-1], out.out_features)
+    return ff(h)
+
+
 def _through_feed_forward(x, attn_out, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm: nn.LayerNorm, ff):
     """One stream of a double block after its attention: the gated residual, norm2 + modulation,
     the feed-forward and its gated residual."""
@@ -60,7 +87,7 @@ def _through_feed_forward(x, attn_out, gate_msa, shift_mlp, scale_mlp, gate_mlp,
 
     x, h = gated_residual_layer_norm_modulate(x, attn_out, gate_msa, shift_mlp, scale_mlp, norm.eps,
                                               norm.weight, norm.bias)
-    return gated_residual(x, ff(h), gate_mlp)
+    return gated_residual(x, _feed_forward(ff, h), gate_mlp)
 
 
 def _double_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
@@ -83,7 +110,8 @@ def _double_block_forward(self, hidden_states, encoder_hidden_states, temb, imag
 
 def _single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                           joint_attention_kwargs=None):
-    from rtdiff_kernels.activations import linear_gelu_tanh
+    from rtdiff_kernels._launch import triton_runs
+    from rtdiff_kernels.activations import gelu_tanh_fp8, linear_gelu_tanh
     from rtdiff_kernels.ada_layer_norm import gated_residual
 
     if joint_attention_kwargs:
@@ -94,6 +122,11 @@ def _single_block_forward(self, hidden_states, encoder_hidden_states, temb, imag
     norm_x, gate = self.norm(x, emb=temb)
     attn = self.attn(hidden_states=norm_x, image_rotary_emb=image_rotary_emb)  # [B, L, D] (a shard's width under tp)
     proj_mlp, proj_out = self.proj_mlp, self.proj_out
+    if _fp8(proj_mlp, proj_out) and _is_tanh_gelu(self.act_mlp) and triton_runs(norm_x):
+        # FP8: proj_out's quantised input, [attention | GELU(MLP)] per row, written by one kernel.
+        q, scale = gelu_tanh_fp8(proj_mlp(norm_x), prefix=attn)
+        y = proj_out.forward_fp8(q, scale, attn.dtype).view(*attn.shape[:-1], proj_out.out_features)
+        return _single_block_output(gated_residual(x, y, gate), text)
     if type(proj_mlp) is nn.Linear and _is_tanh_gelu(self.act_mlp):
         mlp = linear_gelu_tanh(norm_x, proj_mlp.weight, proj_mlp.bias)  # [B, L, 4D], the GELU in the GEMM
     else:  # a quantised or sharded MLP projection computes its own matmul
@@ -108,8 +141,11 @@ def _single_block_forward(self, hidden_states, encoder_hidden_states, temb, imag
         y = y.addmm_(mlp.reshape(-1, dm), w[:, da:].t()).view(*attn.shape[:-1], w.shape[0])
     else:
         y = proj_out(torch.cat([attn, mlp], dim=2))
-    out = gated_residual(x, y, gate)
-    if out.dtype == torch.float16:
+    return _single_block_output(gated_residual(x, y, gate), text)
+
+
+def _single_block_output(out: torch.Tensor, text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if out.dtype == torch.float16:  # as diffusers
         out = out.clip(-65504, 65504)
     return out[:, :text], out[:, text:]
 

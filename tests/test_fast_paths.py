@@ -200,6 +200,30 @@ def _bf16_policy(ours, diffusers_bf16, exact, what):
     assert ours_err <= bound, f"{what}: error {ours_err:.3g} against fp32, diffusers' bf16 {theirs_err:.3g}"
 
 
+def flux_chain(seed: int) -> torch.nn.ModuleList:
+    """A Flux double block and two single blocks in miniature (64 features, 2 heads), every
+    parameter random: biases and adaLN projections non-zero, so gates, shifts and scales all matter."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    torch.manual_seed(seed)
+    blocks = torch.nn.ModuleList([FluxTransformerBlock(64, 2, 32)] +
+                                 [FluxSingleTransformerBlock(64, 2, 32) for _ in range(2)]).eval()
+    with torch.no_grad():
+        for p in blocks.parameters():
+            p.normal_(0, 0.2)
+    return blocks
+
+
+def run_flux_chain(blocks, h, c, temb, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text, image) streams after the chain, in fp32; inputs cast to dtype when given."""
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
+    with torch.inference_mode():
+        c2, h2 = blocks[0](cast(h), cast(c), cast(temb))
+        for b in blocks[1:]:
+            c2, h2 = b(h2, c2, cast(temb))
+    return c2.float(), h2.float()
+
+
 def test_flux_blocks_fused_within_policy_and_without_the_joint_copy(monkeypatch):
     """A Flux double block and two chained single blocks in bf16, through ops/flux_blocks.py's
     forwards: within the bf16 policy of the same blocks in fp32; the second single block takes
@@ -210,30 +234,15 @@ def test_flux_blocks_fused_within_policy_and_without_the_joint_copy(monkeypatch)
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the fused kernels run CPU tensors only in Triton's interpreter (this machine has a GPU)")
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
-
     from rtdiff_cluster.ops import flux_blocks
     from rtdiff_cluster.ops.fused import install_fused
 
-    torch.manual_seed(4)
-    double = FluxTransformerBlock(64, 2, 32).eval()
-    singles = torch.nn.ModuleList([FluxSingleTransformerBlock(64, 2, 32) for _ in range(2)]).eval()
-    with torch.no_grad():
-        for p in list(double.parameters()) + list(singles.parameters()):
-            p.normal_(0, 0.2)  # biases and adaLN projections non-zero: gates, shifts and scales all matter
+    blocks = flux_chain(4)
     h, c, temb = torch.randn(2, 40, 64), torch.randn(2, 7, 64), torch.randn(2, 64)
-
-    def run(d, ss, dtype):
-        with torch.inference_mode():
-            c2, h2 = d(h.to(dtype), c.to(dtype), temb.to(dtype))
-            for s in ss:
-                c2, h2 = s(h2, c2, temb.to(dtype))
-        return c2.float(), h2.float()
-
-    exact = run(double, singles, torch.float32)
-    theirs = run(copy.deepcopy(double).bfloat16(), copy.deepcopy(singles).bfloat16(), torch.bfloat16)
-    d16, s16 = copy.deepcopy(double).bfloat16(), copy.deepcopy(singles).bfloat16()
-    done = install_fused(d16) | install_fused(s16)
+    exact = run_flux_chain(blocks, h, c, temb, torch.float32)
+    theirs = run_flux_chain(copy.deepcopy(blocks).bfloat16(), h, c, temb, torch.bfloat16)
+    ours_blocks = copy.deepcopy(blocks).bfloat16()
+    done = install_fused(ours_blocks)
     assert done["flux double block gated residual+norm"] == 1 and done["flux single block without concatenations"] == 2
     joins, proj_out_calls = [], []
     joined = flux_blocks._joined
@@ -244,9 +253,9 @@ def test_flux_blocks_fused_within_policy_and_without_the_joint_copy(monkeypatch)
         return out
 
     monkeypatch.setattr(flux_blocks, "_joined", spy_join)
-    for s in s16:
-        s.proj_out.register_forward_hook(lambda *_: proj_out_calls.append(1))
-    ours = run(d16, s16, torch.bfloat16)
+    for single in ours_blocks[1:]:
+        single.proj_out.register_forward_hook(lambda *_: proj_out_calls.append(1))
+    ours = run_flux_chain(ours_blocks, h, c, temb, torch.bfloat16)
     assert joins == [False, True] and proj_out_calls == []
     for o, t, e, what in zip(ours, theirs, exact, ("text stream", "image stream")):
         _bf16_policy(o, t, e, what)
@@ -263,19 +272,12 @@ def test_fp8_flux_blocks_hand_their_gelu_over_quantised(monkeypatch):
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the fused kernels run CPU tensors only in Triton's interpreter (this machine has a GPU)")
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
-
     import rtdiff_kernels.activations as activations
     from rtdiff_cluster.engine.fastpaths import fp8_linears
     from rtdiff_cluster.ops.fused import install_fused
     from rtdiff_cluster.quant.fp8 import Fp8Linear, fidelity
 
-    torch.manual_seed(6)
-    blocks = torch.nn.ModuleList([FluxTransformerBlock(64, 2, 32)] + [FluxSingleTransformerBlock(64, 2, 32)
-                                                                      for _ in range(2)]).eval()
-    with torch.no_grad():
-        for p in blocks.parameters():
-            p.normal_(0, 0.2)
+    blocks = flux_chain(6)
     exact_blocks = copy.deepcopy(blocks)
     fp8_linears(blocks, FastPathConfig(fp8_min_features=16), fused_inputs=True)
     assert all(isinstance(m, Fp8Linear) for m in (blocks[0].ff.net[2], blocks[1].proj_mlp, blocks[1].proj_out))
@@ -287,14 +289,7 @@ def test_fp8_flux_blocks_hand_their_gelu_over_quantised(monkeypatch):
                         lambda h, prefix=None: prefixes.append(None if prefix is None else prefix.shape[-1])
                         or quantised(h, prefix))
     h, c, temb = torch.randn(2, 40, 64), torch.randn(2, 7, 64), torch.randn(2, 64)
-
-    def run(bs):
-        with torch.inference_mode():
-            c2, h2 = bs[0](h, c, temb)
-            for b in bs[1:]:
-                c2, h2 = b(h2, c2, temb)
-        return torch.cat([c2, h2], dim=1)
-
+    run = lambda bs: torch.cat(run_flux_chain(bs, h, c, temb), dim=1)  # noqa: E731
     exact = run(exact_blocks)
     theirs, mine = fidelity(exact, run(reference)), fidelity(exact, run(ours))
     assert mine["rel_l2"] <= 2 * theirs["rel_l2"], (mine, theirs)

@@ -350,6 +350,14 @@ def test_sdxl_feed_forward_computes_its_geglu_in_one_gemm_within_policy():
     assert fused_err <= 2 * apart_err + torch.finfo(torch.bfloat16).eps * exact.abs().max().item(), (fused_err, apart_err)
 
 
+def _flux_chain_out(blocks, h, c, temb, dtype) -> torch.Tensor:
+    """A Flux double block then single blocks on inputs cast to dtype: [text | image] tokens."""
+    c2, h2 = blocks[0](h.to(dtype), c.to(dtype), temb.to(dtype))
+    for b in blocks[1:]:
+        c2, h2 = b(h2, c2, temb.to(dtype))
+    return torch.cat([c2, h2], dim=1)
+
+
 def test_flux_sized_blocks_fused_within_policy_and_capturable():
     """Flux-dev-sized blocks (3,072 features, 24 heads; 1,000 image + 77 text tokens: lengths no
     tile divides) in bf16 through ops/flux_blocks.py's forwards and our attention processors: a
@@ -373,12 +381,7 @@ def test_flux_sized_blocks_fused_within_policy_and_capturable():
     h, c, temb = (torch.randn(1, 1000, 3072, device="cuda"), torch.randn(1, 77, 3072, device="cuda"),
                   torch.randn(1, 3072, device="cuda"))
 
-    def run(bs, dtype):
-        c2, h2 = bs[0](h.to(dtype), c.to(dtype), temb.to(dtype))
-        for b in bs[1:]:
-            c2, h2 = b(h2, c2, temb.to(dtype))
-        return torch.cat([c2, h2], dim=1)
-
+    run = lambda bs, dtype: _flux_chain_out(bs, h, c, temb, dtype)  # noqa: E731
     with torch.inference_mode():
         exact = run(blocks, torch.float32).float()
         theirs = run(copy.deepcopy(blocks).bfloat16(), torch.bfloat16).float()
@@ -428,10 +431,7 @@ def test_fp8_flux_sized_blocks_hand_their_gelu_over_quantised():
 
     def run(bs, dtype):
         with torch.inference_mode():
-            c2, h2 = bs[0](h.to(dtype), c.to(dtype), temb.to(dtype))
-            for b in bs[1:]:
-                c2, h2 = b(h2, c2, temb.to(dtype))
-        return torch.cat([c2, h2], dim=1).float()
+            return _flux_chain_out(bs, h, c, temb, dtype).float()
 
     exact = run(exact_blocks, torch.float32)
     theirs, mine = fidelity(exact, run(blocks, torch.bfloat16)), fidelity(exact, run(ours, torch.bfloat16))

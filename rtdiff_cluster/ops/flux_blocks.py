@@ -69,12 +69,13 @@ def _feed_forward(ff, h: torch.Tensor) -> torch.Tensor:
     written and read back."""
     from diffusers.models.activations import GELU
 
+    from rtdiff_cluster.ops.fused import _dropout_active
     from rtdiff_kernels._launch import triton_runs
     from rtdiff_kernels.activations import gelu_tanh_fp8
 
     act, out = ff.net[0], ff.net[-1]
     if (len(ff.net) == 3 and type(act) is GELU and act.approximate == "tanh" and _fp8(act.proj, out)
-            and not (ff.training and ff.net[1].p > 0) and triton_runs(h)):
+            and not _dropout_active(ff) and triton_runs(h)):
         q, scale = gelu_tanh_fp8(act.proj(h))
         return out.forward_fp8(q, scale, h.dtype).view(*h.shape[:-1], out.out_features)
     return ff(h)

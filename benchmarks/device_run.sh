@@ -94,6 +94,13 @@
 #                 fused blocks and fast paths; then benchmarks/dit_profile.py at 1024 alternating twice: Flux blocks
 #                 through ops/flux_blocks.py (shipped) or diffusers' own forwards (--unfused-blocks, before; env
 #                 FLUX_AB_ARGS: more options for both arms, e.g. --fp8); with env FLUX_BENCH set, then kernels/bench_norms.py
+#   gelu-fp8-ab   the GPU tests of gelu_tanh_fp8; then dit_profile.py --fp8 at 1024 alternating twice: its row held in
+#                 registers (shipped) or walked twice (--knob activations._GELU_FP8_ONE_PASS_LANES=0, before); then
+#                 kernels/bench_fp8.py
+#   e4m3-ab       the FP8 GPU tests; then dit_profile.py --fp8 (Flux-dev) and unet_profile.py --fp8 (SDXL) at 1024
+#                 alternating twice: e4m3 rounding by the hardware cast (shipped) or in integer arithmetic
+#                 (RTDIFF_E4M3_SOFTWARE_ROUNDING=1, before); then kernels/bench_fp8.py both ways. The profiles
+#                 travel as one tar (e4m3-ab.tar.gz), since a call brings back only a few files
 # Run from the repo root on the device machine with .whl carried (../shared/tools/device-wheels.sh
 # grpcio==1.85.1 protobuf==7.36.2). Results land in $OUT.
 set -uo pipefail
@@ -180,6 +187,26 @@ for part in $parts; do
           2>&1 | grep -E "^1024: |Error|error"; done
       [ -z "${FLUX_BENCH:-}" ] || timeout 200 python3 kernels/bench_norms.py --out "$OUT/bench_norms.json" 2>&1 \
         | grep -vi warning | tail -30 | tee "$OUT/bench_norms.log" ;;
+    gelu-fp8-ab) timeout 200 python3 -m pytest -p no:cacheprovider -q -ra tests/test_fp8.py -k gelu_tanh 2>&1 \
+        | tail -15 | tee "$OUT/gelu_fp8_tests.log"
+      n=0; for ab in "" "--knob activations._GELU_FP8_ONE_PASS_LANES=0" "" "--knob activations._GELU_FP8_ONE_PASS_LANES=0"
+      do n=$((n + 1))
+        timeout 200 python3 benchmarks/dit_profile.py --sizes 1024 --fp8 $ab --tag "gelu-ab$n" --out-dir "$OUT" \
+          2>&1 | grep -E "^1024: |Error|error"; done
+      timeout 200 python3 kernels/bench_fp8.py --out "$OUT/bench_fp8.json" 2>&1 | grep -vi warning | tail -40 \
+        | tee "$OUT/bench_fp8.log" ;;
+    e4m3-ab) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_fp8.py tests/test_gpu_fast_paths.py \
+        -k "fp8 or flux" 2>&1 | tail -15 | tee "$OUT/e4m3_tests.log"
+      n=0; for sw in "" 1 "" 1; do n=$((n + 1)); d="$OUT/e4m3-ab/${sw:+software-}$n"; mkdir -p "$d"
+        RTDIFF_E4M3_SOFTWARE_ROUNDING=$sw timeout 200 python3 benchmarks/dit_profile.py --sizes 1024 --fp8 \
+          --out-dir "$d" 2>&1 | grep -E "^1024: |Error|error" | sed "s/^/flux ${sw:+software }/"
+        RTDIFF_E4M3_SOFTWARE_ROUNDING=$sw timeout 150 python3 benchmarks/unet_profile.py --sizes 1024 --fp8 \
+          --out-dir "$d" 2>&1 | grep -E "^1024: |Error|error" | sed "s/^/sdxl ${sw:+software }/"; done \
+        | tee "$OUT/e4m3_ab.log"
+      tar czf "$OUT/e4m3-ab.tar.gz" -C "$OUT" e4m3-ab && rm -rf "$OUT/e4m3-ab"
+      for sw in "" 1; do RTDIFF_E4M3_SOFTWARE_ROUNDING=$sw timeout 200 python3 kernels/bench_fp8.py \
+          --out "$OUT/bench_fp8${sw:+-software}.json" 2>&1 | grep -A9 "fused producer" \
+          | tee "$OUT/bench_fp8${sw:+-software}.log"; done ;;
     kernel-bench) for b in kernels/bench_*.py; do n=$(basename "$b" .py)
       timeout 90 python3 "$b" --out "$OUT/$n.json" 2>&1 | tee "$OUT/$n.log"; done ;;
     attention-bench) timeout 240 python3 kernels/bench_attention.py --out "$OUT/bench_attention.json" 2>&1 \

@@ -18,8 +18,10 @@ that reads it (a double block's feed-forward out-projection; a single block's pr
 are the attention output followed by the MLP's GELU: the kernel takes the attention output as a
 prefix and writes the concatenated row). Unfused that is a GELU pass (read and write [M, N] in
 bf16), the concatenation (read and write [M, P + N]) and quantize_per_token (read it, write e4m3).
-Here a program walks one row twice, the amax and then the quantised store (the second read of a
-30 KB row mostly hits L2): 2 x 2(P + N) bytes read, P + N + 4 written.
+Here a program holds its row in registers (up to _GELU_FP8_ONE_PASS_LANES lanes: Flux's
+3072 + 12288) and computes each GELU once: 2(P + N) bytes read, P + N + 4 written. Wider rows walk
+the row twice, the amax and then the quantised store, recomputing the GELU (the second read of a
+row mostly hits L2).
 
 linear_gelu_tanh: F.gelu(F.linear(x, W, b), approximate="tanh"), Flux's FF up-projection and the
 single blocks' proj_mlp. On CUDA in fp16/bf16 it calls torch._addmm_activation(..., use_gelu=True):
@@ -165,8 +167,7 @@ def geglu_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, scale
     if n == 0:
         return q, scale.fill_(1e-12)
-    block_a = 1 << (n.bit_length() - 1)  # the largest power of two <= n
-    block_b = triton.next_power_of_2(n - block_a) if n > block_a else 0
+    block_a, block_b = _pow2_pieces(n)
     _geglu_fp8_kernel[(m,)](h2d, q, scale, n, h2d.stride(0), BLOCK_A=block_a, BLOCK_B=block_b,
                             num_warps=8 if block_a + block_b >= 4096 else 4)
     return q, scale
@@ -194,6 +195,51 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _gelu_tanh_piece(h_row, cols, N):
+    """tanh-GELU in fp32 of the lanes cols of a row of h (0 where masked: gelu(0) = 0)."""
+    return _gelu_tanh(tl.load(h_row + cols, mask=cols < N, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _store_e4m3(q_row, cols, n, y, inv):
+    tl.store(q_row + cols, _round_to_e4m3(tl.clamp(y * inv, -448.0, 448.0)), mask=cols < n)
+
+
+@triton.jit
+def _gelu_tanh_fp8_row_kernel(p_ptr, h_ptr, q_ptr, scale_ptr, P, N, stride_p, stride_h,
+                              P_A: tl.constexpr, P_B: tl.constexpr, H_A: tl.constexpr, H_B: tl.constexpr):
+    # One row per program, in registers: the prefix as pieces [0, P_A) and [P_A, P_A + P_B), the
+    # GELU as [0, H_A) and [H_A, H_A + H_B), each a power of two (Flux: 2048 + 1024 and 8192 + 4096,
+    # no idle lane). Each GELU is computed once, where the two-pass kernel below computes it twice.
+    row = tl.program_id(0).to(tl.int64)
+    p_row, h_row, q_row = p_ptr + row * stride_p, h_ptr + row * stride_h, q_ptr + row * (P + N)
+    cols_ha = tl.arange(0, H_A)
+    g_a = _gelu_tanh_piece(h_row, cols_ha, N)
+    amax = tl.max(tl.abs(g_a), axis=0)
+    if H_B > 0:
+        cols_hb = H_A + tl.arange(0, H_B)
+        g_b = _gelu_tanh_piece(h_row, cols_hb, N)
+        amax = tl.maximum(amax, tl.max(tl.abs(g_b), axis=0))
+    if P_A > 0:
+        cols_pa = tl.arange(0, P_A)
+        x_a = tl.load(p_row + cols_pa, mask=cols_pa < P, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x_a), axis=0))
+    if P_B > 0:
+        cols_pb = P_A + tl.arange(0, P_B)
+        x_b = tl.load(p_row + cols_pb, mask=cols_pb < P, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x_b), axis=0))
+    scale, inv = _row_scales(amax)
+    tl.store(scale_ptr + row, scale)
+    if P_A > 0:
+        _store_e4m3(q_row, cols_pa, P, x_a, inv)
+    if P_B > 0:
+        _store_e4m3(q_row, cols_pb, P, x_b, inv)
+    _store_e4m3(q_row + P, cols_ha, N, g_a, inv)
+    if H_B > 0:
+        _store_e4m3(q_row + P, cols_hb, N, g_b, inv)
+
+
+@triton.jit
 def _gelu_tanh_fp8_kernel(p_ptr, h_ptr, q_ptr, scale_ptr, P, N, stride_p, stride_h, BLOCK: tl.constexpr):
     # One row per program: cat([prefix row (P), gelu_tanh(h row) (N)]) in BLOCK-wide pieces, walked
     # twice (the row amax, then the quantised store); masked lanes load 0, and gelu(0) = 0.
@@ -218,7 +264,19 @@ def _gelu_tanh_fp8_kernel(p_ptr, h_ptr, q_ptr, scale_ptr, P, N, stride_p, stride
         tl.store(q_row + P + c, _round_to_e4m3(tl.clamp(v * inv, -448.0, 448.0)), mask=c < N)
 
 
-_GELU_FP8_BLOCK = 1024  # lanes per piece of a row (4 warps)
+_GELU_FP8_BLOCK = 1024  # two-pass kernel: lanes per piece of a row (4 warps)
+# One-pass kernel: the most register lanes a row may take (its four pieces together; Flux's single
+# blocks take 15,360), and warps per program by lanes: 16 warps hold 15,360 fp32 values at 30 a thread.
+_GELU_FP8_ONE_PASS_LANES = 16384
+_GELU_FP8_LANES_PER_WARP = 1024
+
+
+def _pow2_pieces(n: int) -> tuple[int, int]:
+    """n split as the largest power of two <= n and the next power of two >= the rest (0: none)."""
+    if n <= 0:
+        return 0, 0
+    a = 1 << (n.bit_length() - 1)
+    return a, (triton.next_power_of_2(n - a) if n > a else 0)
 
 
 def _rows_2d(t: torch.Tensor) -> torch.Tensor:
@@ -231,8 +289,8 @@ def gelu_tanh_fp8(h: torch.Tensor, prefix: torch.Tensor | None = None) -> tuple[
     of cat([prefix, gelu_tanh(h)], -1), the GELU in fp32, quantised with its own scale amax / 448
     as quantize_per_token does. prefix: [..., P] with h's leading shape, dtype and device, or None
     (P = 0). Off CUDA (and outside Triton's interpreter) this runs the reference."""
-    if not isinstance(h, torch.Tensor) or h.dim() < 1 or h.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"h must be a float32, float16 or bfloat16 tensor [..., N], got "
+    if not isinstance(h, torch.Tensor) or h.dim() < 1 or h.dtype not in _FLOAT_DTYPES or h.shape[-1] == 0:
+        raise ValueError(f"h must be a float32, float16 or bfloat16 tensor [..., N], N > 0, got "
                          f"{getattr(h, 'dtype', type(h))} {tuple(getattr(h, 'shape', ()))}")
     if prefix is not None and (not isinstance(prefix, torch.Tensor) or prefix.shape[:-1] != h.shape[:-1]
                                or prefix.dtype != h.dtype or prefix.device != h.device):
@@ -248,8 +306,15 @@ def gelu_tanh_fp8(h: torch.Tensor, prefix: torch.Tensor | None = None) -> tuple[
     scale = torch.empty((m, 1), device=h.device, dtype=torch.float32)
     if m == 0:
         return q, scale
-    _gelu_tanh_fp8_kernel[(m,)](p2d, h2d, q, scale, p, n, max(p2d.stride(0), 1), h2d.stride(0),
-                                BLOCK=_GELU_FP8_BLOCK, num_warps=4)
+    (p_a, p_b), (h_a, h_b) = _pow2_pieces(p), _pow2_pieces(n)
+    lanes = p_a + p_b + h_a + h_b
+    if lanes <= _GELU_FP8_ONE_PASS_LANES:
+        warps = min(16, max(4, triton.next_power_of_2(lanes // _GELU_FP8_LANES_PER_WARP)))
+        _gelu_tanh_fp8_row_kernel[(m,)](p2d, h2d, q, scale, p, n, max(p2d.stride(0), 1), h2d.stride(0),
+                                        P_A=p_a, P_B=p_b, H_A=h_a, H_B=h_b, num_warps=warps)
+    else:
+        _gelu_tanh_fp8_kernel[(m,)](p2d, h2d, q, scale, p, n, max(p2d.stride(0), 1), h2d.stride(0),
+                                    BLOCK=_GELU_FP8_BLOCK, num_warps=4)
     return q, scale
 
 

@@ -7,9 +7,11 @@ F.linear (cuBLAS), Fp8Linear end to end (quantise + torch._scaled_mm), torch._sc
 quantisation + _scaled_mm). Plus the fidelity of the fp8 and bf16 outputs against an fp32 linear.
 
 Then the producers that write an FP8 linear's input already quantised (geglu_fp8,
-add_layer_norm_fp8) at SDXL's 1024 batch-1 shapes, timed inside CUDA graphs (kernels/_bench.py
-bench_us) against the unfused pair they replace (our bf16 kernel + quantize_per_token), eager
-PyTorch and torch.compile of the reference; floor: bytes read and written / copy bandwidth.
+add_layer_norm_fp8 at SDXL's 1024 batch-1 shapes; gelu_tanh_fp8 at Flux-dev's), timed inside CUDA
+graphs (kernels/_bench.py bench_us) against the unfused passes they replace (the bf16 kernel or
+PyTorch op, the concatenation, quantize_per_token), eager PyTorch and torch.compile of the
+reference; floor: bytes read and written / copy bandwidth. gelu_tanh_fp8 also times its two-pass
+kernel, which rows too wide for the registers take.
 
     python kernels/bench_fp8.py --out fp8.json
 """
@@ -104,12 +106,16 @@ PRODUCER_SHAPES = [  # name, M tokens, row width (GEGLU: N of [M, 2N]; LayerNorm
     ("geglu_fp8", "sdxl 640-ch ff", 4096, 2560),
     ("add_layer_norm_fp8", "sdxl 1280-ch norm3", 1024, 1280),
     ("add_layer_norm_fp8", "sdxl 640-ch norm3", 4096, 640),
+    ("gelu_tanh_fp8", "flux single block proj_out input", 4608, 12288),
+    ("gelu_tanh_fp8", "flux image ff down input", 4096, 12288),
 ]
+FLUX_ATTENTION_WIDTH = 3072  # a Flux single block's prefix: its attention output, ahead of the MLP's GELU
 
 
 def _measure_producer(kernel, name, m, n, copy_gbps) -> dict:
     from rtdiff_kernels._bench import bench_us, compile_per_shape
-    from rtdiff_kernels.activations import geglu, geglu_fp8, geglu_fp8_reference
+    from rtdiff_kernels import activations
+    from rtdiff_kernels.activations import geglu, geglu_fp8, geglu_fp8_reference, gelu_tanh_fp8, gelu_tanh_fp8_reference
     from rtdiff_kernels.add_layer_norm import add_layer_norm, add_layer_norm_fp8, add_layer_norm_fp8_reference
     from rtdiff_kernels.fp8_quant import quantize_per_token
 
@@ -119,6 +125,27 @@ def _measure_producer(kernel, name, m, n, copy_gbps) -> dict:
         ref = geglu_fp8_reference
         eager, compiled_fn, args = (lambda: ref(h)), compile_per_shape(ref), (h,)
         floor_bytes = m * 2 * n * 2 + m * n + 4 * m
+    elif kernel == "gelu_tanh_fp8":
+        p = FLUX_ATTENTION_WIDTH if "single" in name else 0
+        h = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        prefix = torch.randn(m, p, device="cuda", dtype=torch.bfloat16) if p else None
+        ours = lambda: gelu_tanh_fp8(h, prefix)  # noqa: E731
+
+        def unfused():
+            g = F.gelu(h, approximate="tanh")
+            return quantize_per_token(torch.cat([prefix, g], dim=-1) if prefix is not None else g)
+
+        def two_pass():
+            saved = activations._GELU_FP8_ONE_PASS_LANES
+            activations._GELU_FP8_ONE_PASS_LANES = 0
+            try:
+                return gelu_tanh_fp8(h, prefix)
+            finally:
+                activations._GELU_FP8_ONE_PASS_LANES = saved
+        ref = gelu_tanh_fp8_reference
+        eager, compiled_fn, args = (lambda: ref(h, prefix)), compile_per_shape(ref), (h, prefix)
+        floor_bytes = m * (p + n) * 2 + m * (p + n) + 4 * m
+        n += p
     else:
         x, r = torch.randn(m, n, device="cuda", dtype=torch.bfloat16), torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
         w, b = torch.ones(n, device="cuda", dtype=torch.bfloat16), torch.zeros(n, device="cuda", dtype=torch.bfloat16)
@@ -133,6 +160,8 @@ def _measure_producer(kernel, name, m, n, copy_gbps) -> dict:
     compiled_fn(*args)
     t = {"ours": bench_us(ours), "unfused": bench_us(unfused), "eager": bench_us(eager),
          "compiled": bench_us(lambda: compiled_fn(*args))}
+    if kernel == "gelu_tanh_fp8":
+        t["two_pass"] = bench_us(two_pass)
     floor_us = floor_bytes / (copy_gbps * 1e3)
     return {"kernel": kernel, "name": name, "M": m, "width": n, "floor_bytes": floor_bytes, "floor_us": floor_us,
             **{f"{k}_us": v for k, v in t.items()}, "ours_frac_of_floor": floor_us / t["ours"],
@@ -200,13 +229,14 @@ def main() -> None:
               f"{fd['fp8_vs_fp32']['cosine']:.5f} | {fd['fp8_fast_accum_vs_fp32']['rel_l2']:.4f} | "
               f"{fd['bf16_vs_fp32']['rel_l2']:.4f} | {fd['fp8_vs_bf16']['rel_l2']:.4f} |")
 
-    print("\n| fused producer (graph-timed) | M x width | ours us | unfused us | eager us | compiled us | floor us | "
-          "of floor | unfused / ours | compiled / ours |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| fused producer (graph-timed) | M x width | ours us | two-pass us | unfused us | eager us | compiled us | "
+          "floor us | of floor | unfused / ours | compiled / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for p in producers:
-        print(f"| {p['kernel']} ({p['name']}) | {p['M']}x{p['width']} | {p['ours_us']:.1f} | {p['unfused_us']:.1f} | "
-              f"{p['eager_us']:.1f} | {p['compiled_us']:.1f} | {p['floor_us']:.1f} | {p['ours_frac_of_floor']:.2f} | "
-              f"{p['unfused_over_ours']:.2f}x | {p['compiled_over_ours']:.2f}x |")
+        two_pass = f"{p['two_pass_us']:.1f}" if "two_pass_us" in p else "-"
+        print(f"| {p['kernel']} ({p['name']}) | {p['M']}x{p['width']} | {p['ours_us']:.1f} | {two_pass} | "
+              f"{p['unfused_us']:.1f} | {p['eager_us']:.1f} | {p['compiled_us']:.1f} | {p['floor_us']:.1f} | "
+              f"{p['ours_frac_of_floor']:.2f} | {p['unfused_over_ours']:.2f}x | {p['compiled_over_ours']:.2f}x |")
 
     result = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
               "copy_gbps": copy_gbps, "nominal_peak_tflops": peak, "shapes": rows, "producers": producers}

@@ -8,14 +8,18 @@ bf16/fp16 (5 for fp32) plus 4 bytes per row for the scale. The kernel keeps a ro
 rows) in registers between the amax and the cast, so it reads x once; rows longer than
 `max_block_k` are read twice (the second read mostly hits L2).
 
-Rounding: the kernel rounds to the e4m3 grid itself (round to nearest, ties to even, in fp32
-integer arithmetic) and only then casts, so the cast is exact. On the GPU that makes no
-difference (the hardware cast also rounds to nearest even), but Triton's interpreter casts
-float32 -> float8e4nv wrongly (ties away from zero, subnormals truncated, and a mantissa carry
-into an odd exponent lost: 1.96 becomes 1.0), and this way the CPU tests check the very kernel
-that runs on the GPU, byte for byte against torch's own cast. The extra integer ops are free in a
-memory-bound kernel. The two per-row divisions use div_rn because Triton's `/` on fp32 is the
-approximate one on CUDA, and the scale must match the reference bit for bit.
+Rounding: under Triton's interpreter (the CPU tests) the kernels round to the e4m3 grid themselves
+(round to nearest, ties to even, in fp32 integer arithmetic) and only then cast, so the cast is
+exact: the interpreter casts float32 -> float8e4nv wrongly (ties away from zero, subnormals
+truncated, and a mantissa carry into an odd exponent lost: 1.96 becomes 1.0), and this way the CPU
+tests check the kernels' arithmetic byte for byte against torch's own cast. On the GPU the hardware
+cast (cvt.rn.satfinite, sm_89+) rounds to nearest even in one instruction per pair, where the
+integer rounding costs about a dozen per element: free in this memory-bound kernel, but a third of
+the instructions of the producers bound by their arithmetic (activations.gelu_tanh_fp8,
+geglu_fp8). The GPU tests hold the hardware cast to the same reference. Setting
+RTDIFF_E4M3_SOFTWARE_ROUNDING=1 before import rounds in software on the GPU too (the A/B of
+benchmarks/device_run.sh e4m3-ab). The two per-row divisions use div_rn because Triton's `/` on
+fp32 is the approximate one on CUDA, and the scale must match the reference bit for bit.
 """
 
 from __future__ import annotations
@@ -32,23 +36,29 @@ SCALE_FLOOR = 1e-12  # an all-zero row gets this scale instead of a division by 
 _IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# Rounding in software (see the module docstring): in the interpreter always, on the GPU on request.
+_SOFTWARE_E4M3 = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1"
+                              or os.environ.get("RTDIFF_E4M3_SOFTWARE_ROUNDING") == "1")
+
+
 @triton.jit
 def _round_to_e4m3(v):
     # v: fp32 already clamped to [-448, 448]. Returns v on the e4m3 grid as float8e4nv.
-    bits = v.to(tl.int32, bitcast=True)
-    a = tl.abs(v)
-    a_bits = a.to(tl.int32, bitcast=True)
-    # Normal e4m3 numbers (|v| >= 2^-6) keep 3 of fp32's 23 mantissa bits: adding just under half
-    # of the dropped part, plus the kept LSB, rounds ties to even, and a carry out of the mantissa
-    # correctly bumps the exponent.
-    normal = ((a_bits + 0x7FFFF + ((a_bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
-    # Subnormals (|v| < 2^-6) are multiples of 2^-9; fp32's spacing at 2^14 is 2^-9, so the
-    # addition itself rounds to nearest even (abs() sits between this and the scaling multiply,
-    # so the compiler cannot fuse them into an FMA that would round only once).
-    sub = (a + 16384.0) - 16384.0
-    r = tl.where(a < 0.015625, sub, normal)
-    r = tl.where(bits < 0, -r, r)  # the sign bit, so -0.0 stays -0.0 as in torch's cast
-    return r.to(tl.float8e4nv)
+    if _SOFTWARE_E4M3:
+        bits = v.to(tl.int32, bitcast=True)
+        a = tl.abs(v)
+        a_bits = a.to(tl.int32, bitcast=True)
+        # Normal e4m3 numbers (|v| >= 2^-6) keep 3 of fp32's 23 mantissa bits: adding just under
+        # half of the dropped part, plus the kept LSB, rounds ties to even, and a carry out of the
+        # mantissa correctly bumps the exponent.
+        normal = ((a_bits + 0x7FFFF + ((a_bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+        # Subnormals (|v| < 2^-6) are multiples of 2^-9; fp32's spacing at 2^14 is 2^-9, so the
+        # addition itself rounds to nearest even (abs() sits between this and the scaling multiply,
+        # so the compiler cannot fuse them into an FMA that would round only once).
+        sub = (a + 16384.0) - 16384.0
+        r = tl.where(a < 0.015625, sub, normal)
+        v = tl.where(bits < 0, -r, r)  # the sign bit, so -0.0 stays -0.0 as in torch's cast
+    return v.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
 @triton.jit

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from rtdiff_cluster.quant.fp8 import Fp8Linear, fidelity, quantize_linears
+from rtdiff_kernels import activations
 from rtdiff_kernels.activations import geglu_fp8, geglu_fp8_reference, gelu_tanh_fp8, gelu_tanh_fp8_reference
 from rtdiff_kernels.add_layer_norm import add_layer_norm_fp8, add_layer_norm_fp8_reference, add_layer_norm_reference
 from rtdiff_kernels.fp8_quant import quantize_per_token, quantize_per_token_reference
@@ -169,9 +170,12 @@ def _gelu_rows(h, prefix):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,p,n", [((37,), 0, 96), ((2, 19), 40, 160), ((1,), 1000, 3000), ((3,), 16, 16),
                                       ((4,), 5, 2049)], ids=["m37", "3d-prefix", "long-rows", "n16", "odd"])
-def test_gelu_tanh_fp8_matches_reference(dtype, lead, p, n):
+@pytest.mark.parametrize("one_pass_lanes", [activations._GELU_FP8_ONE_PASS_LANES, 0], ids=["one-pass", "two-pass"])
+def test_gelu_tanh_fp8_matches_reference(dtype, lead, p, n, one_pass_lanes, monkeypatch):
     """A Flux single block's proj_out input (attention rows, then the MLP's tanh-GELU) quantised in
-    one kernel; without a prefix, a double block's feed-forward out-projection input."""
+    one kernel; without a prefix, a double block's feed-forward out-projection input. Both kernels:
+    the row held in registers, and (rows wider than _GELU_FP8_ONE_PASS_LANES) walked twice."""
+    monkeypatch.setattr(activations, "_GELU_FP8_ONE_PASS_LANES", one_pass_lanes)
     g = torch.Generator().manual_seed(3)
     mags = torch.logspace(-3, 2, lead[-1])[:, None]
     h = (torch.randn(*lead, n, generator=g) * mags).to(dtype)
@@ -187,6 +191,8 @@ def test_gelu_tanh_fp8_edges():
     assert torch.all(scale == 1e-12) and not q.float().any() and q.shape == (3, 72)
     q0, s0 = gelu_tanh_fp8(torch.randn(0, 4, 64))
     assert q0.shape == (0, 64) and s0.shape == (0, 1)
+    with pytest.raises(ValueError, match="^h must be"):  # no GELU columns
+        gelu_tanh_fp8(torch.randn(3, 0), torch.randn(3, 8))
     with pytest.raises(ValueError, match="^h must be"):
         gelu_tanh_fp8(torch.ones(4, 32, dtype=torch.int32))
     with pytest.raises(ValueError, match="^prefix must be"):
@@ -555,10 +561,12 @@ def test_gpu_geglu_fp8_matches_reference_and_feeds_scaled_mm(m, n, exact_fp32_ma
 
 
 @needs_fp8_gpu
-@pytest.mark.parametrize("m,p,n", [(4608, 3072, 12288), (512, 0, 12288), (1077, 3072, 12288), (37, 40, 1000)])
+@pytest.mark.parametrize("m,p,n", [(4608, 3072, 12288), (512, 0, 12288), (1077, 3072, 12288), (37, 40, 1000),
+                                   (300, 1000, 20000)])
 def test_gpu_gelu_tanh_fp8_matches_reference_and_feeds_scaled_mm(m, p, n, exact_fp32_matmul):
     # Flux-dev at 1024: a single block's proj_out input (4,608 joint tokens), a double block's text
-    # stream feed-forward; ragged lengths and an awkward width.
+    # stream feed-forward; ragged lengths and an awkward width; a row too wide for the registers
+    # (the two-pass kernel).
     torch.manual_seed(1)
     mags = torch.logspace(-2, 1, m, device="cuda")[:, None]
     h = (torch.randn(m, n, device="cuda") * mags).bfloat16()

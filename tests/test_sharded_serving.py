@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -61,6 +62,35 @@ def test_sharded_replica_matches_single_process(ray_cluster, source, guidance, l
             for a, b in zip(ref, got):
                 assert a.std() > 1
                 assert np.abs(a - b).max() <= SHARDING_TOLERANCE, f"{layout} differs from one process (strength {strength})"
+    finally:
+        for gw in gws:
+            gw.stop()
+        for g in single + sharded:
+            g.kill()
+
+
+def test_sharded_replica_with_batches_in_flight_answers_each_as_one_process(ray_cluster):
+    """The leader and the followers queue a batch and go on to the next before it finishes (their
+    waiter threads collect it): concurrent requests, each its own batch, still get their own
+    images, as a replica of one process computes them."""
+    source = "synthetic:tiny"
+    single, sharded = spawn(1, source=source), spawn(1, source=source, tp=2)
+    gws = [serve(single, source), serve(sharded, source, tp=2)]
+
+    def one(gw: GatewayThread, seed: int) -> np.ndarray:
+        with RtdiffClient(gw.target, timeout_s=300) as c:
+            resp = c.generate(f"request {seed}", model=source, width=64, height=64, steps=2, seed=seed,
+                              output_format="raw")
+        return image_pixels(resp.images[0]).astype(int)
+    try:
+        seeds = list(range(6))
+        with ThreadPoolExecutor(len(seeds)) as pool:
+            got = list(pool.map(lambda seed: one(gws[1], seed), seeds))
+        for seed, image in zip(seeds, got):
+            ref = one(gws[0], seed)
+            assert ref.std() > 1
+            assert np.abs(ref - image).max() <= SHARDING_TOLERANCE, f"seed {seed} differs from one process"
+        assert len({img.tobytes() for img in got}) == len(seeds)  # each request got its own image
     finally:
         for gw in gws:
             gw.stop()

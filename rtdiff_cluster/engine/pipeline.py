@@ -6,8 +6,8 @@ not depend on what it was batched with), per-stage timing, a backbone sharded ac
 classifier-free guidance split over two more, and, later, CUDA graphs per shape. What differs
 between model kinds lives in engine/families.py.
 
-Every rank of a replica runs `run` on the same batch in lockstep (the backbone's all-reduces and
-the CFG all-gather meet inside it); only the leader decodes.
+Every rank of a replica launches the same batches in the same order (the backbone's all-reduces
+and the CFG all-gather meet inside them); only the leader decodes.
 """
 
 from __future__ import annotations

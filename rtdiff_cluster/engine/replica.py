@@ -3,21 +3,23 @@ together. Rank 0 leads: it holds the replica link (engine/link.py), the per-stre
 image encoder; the other ranks follow.
 
 For every batch the leader's compute thread broadcasts the batch (with its prompts resolved) to the
-followers over the gloo control group, then all ranks run the pipeline in lockstep: the sharded
-backbone's all-reduces and the CFG all-gather meet inside it. So a batch's frames cross Ray's object
+followers over the gloo control group, then all ranks run the pipeline on it, batch for batch in
+the same order: the sharded backbone's all-reduces and the CFG all-gather meet inside it. So a batch's frames cross Ray's object
 store never and the network once, from the leader to each follower. Only the leader decodes and
 encodes. Every rank counts its GPU's energy during batches (metrics/gpu_sampler.py); the gateway
 divides the replica's sum by the frames computed for joules per frame.
 
 The actor is asyncio-based: torch work runs on one compute thread (so batches execute in arrival
-order, which keeps each stream's frames in order), image encoding on a small CPU pool. On a
-single-GPU replica the compute thread only queues a plain batch's GPU work (Pipeline.launch) and
-moves on: the next batch's host work (its upload, noise, graph launches) overlaps this batch's
-GPU work, a waiter thread collects the images, and the encoder pool encodes them while later
-batches compute: JPEG frames through nvJPEG from a device copy of the images (engine/gpu_jpeg.py),
-the others with PIL. That thread computes on a CUDA stream of its own. Chunk-cache regions of
-several frames share a launch (stream_frames.RegionBatch); while the GPU has not started the
-latest launch they wait, so that the next batches' regions join them (stream_cache.hold_regions).
+order, which keeps each stream's frames in order), image encoding on a small CPU pool. On every
+rank the compute thread only queues a plain batch's GPU work (Pipeline.launch) and moves on: the
+next batch's host work (its broadcast, upload, noise, launches) overlaps this batch's GPU work, a
+waiter thread collects it, and on the leader the encoder pool encodes the images while later
+batches compute: JPEG frames through nvJPEG from a device copy of the images (engine/gpu_jpeg.py,
+single-GPU replicas), the others with PIL. That thread computes on a CUDA stream of its own. On a
+single-GPU replica chunk-cache frames are launched the same way, and regions of several frames
+share a launch (stream_frames.RegionBatch); while the GPU has not started the latest launch they
+wait, so that the next batches' regions join them (stream_cache.hold_regions). On a sharded
+replica a chunk-cache frame's regions run to the end before the next frame is planned.
 
 Ray carries the control calls (start, info, warmup, stats, lifeline); batches and stream closes
 come over the link. run_batch and close_stream stay callable through Ray too, for scripts that
@@ -27,6 +29,7 @@ hold only the actor handle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -89,6 +92,18 @@ def _is_collective_failure(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, getattr(dist, "DistBackendError", ())) or any(
         s in text for s in ("connection closed", "connection reset", "broken pipe", "timed out", "gloo", "nccl"))
+
+
+@contextlib.contextmanager
+def _collectives():
+    """Around a sharded replica's collectives (the broadcast of a batch, its all-reduces, which on a
+    GPU fail when the batch is waited for): a dead or unreachable peer becomes ReplicaBroken."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo/NCCL report a dead or unreachable peer as RuntimeError (DistBackendError)
+        if groups.layout().world > 1 and _is_collective_failure(e):
+            raise ReplicaBroken(f"a rank of this replica is gone ({type(e).__name__}: {e})") from None
+        raise
 
 
 @dataclass
@@ -328,23 +343,47 @@ class EngineRank:
     # ---- followers -------------------------------------------------------------------------
 
     def _follow(self) -> None:
-        """A follower's compute thread, for the process's life: the leader's batches, in order.
+        """A follower's compute thread, for the process's life: the leader's batches, in order,
+        each queued on the GPU without waiting for it (a waiter thread does), so that the host
+        prepares the next batch while the GPU computes this one, as the leader does.
         When the group breaks (the leader or a peer died) the process exits: it cannot rejoin a
         torch.distributed group, and its restart is what the supervisor waits for."""
         try:
             while True:
                 work: _Work = groups.broadcast_object()
-                self._compute(work)
+                launched = self._launch(work)
+                if work.warmup:
+                    self._settle(launched, work)
+                else:
+                    self.waiter.submit(self._settle_following, launched, work)
         except BaseException as e:
-            log.error("rank %d of %s leaves: its group broke (%s: %s)", self.rank, self.config.served_name,
-                      type(e).__name__, e)
-            os._exit(1)
+            self._leave(e)
 
-    def _compute(self, work: _Work):
-        """Both roles: one batch through the pipeline; the leader decodes. Returns (images, times)."""
+    def _leave(self, e: BaseException) -> None:
+        log.error("rank %d of %s leaves: its group broke (%s: %s)", self.rank, self.config.served_name,
+                  type(e).__name__, e)
+        os._exit(1)
+
+    def _settle_following(self, launched, work: _Work) -> None:
+        try:
+            self._settle(launched, work)
+        except BaseException as e:  # a collective of the batch failed on the device
+            self._leave(e)
+
+    def _launch(self, work: _Work, **options):
+        """Both roles: one batch's work queued through the pipeline (the leader decodes), not
+        waited for; the GPU counts as busy until _settle. options: Pipeline.launch's."""
         self.gpu.mark_batch(True)
         try:
-            return self.pipeline.run(work.batch, work.prompts, work.negatives, decode=groups.is_leader())
+            return self.pipeline.launch(work.batch, work.prompts, work.negatives, decode=groups.is_leader(), **options)
+        except BaseException:
+            self.gpu.mark_batch(False)
+            raise
+
+    def _settle(self, launched, work: _Work):
+        """Both roles: waits for a launched batch. Returns (images, times); images None off the leader."""
+        try:
+            return launched.result()
         finally:
             self.gpu.mark_batch(False)
             if work.warmup:
@@ -396,14 +435,17 @@ class EngineRank:
         freeze_startup_objects("replica warm-up")  # and what the warm-up left (compiled kernels, graphs)
         return took, self.fast.attention_choices(), self.fp8_fidelity.describe() if self.fp8_fidelity else ""
 
-    def _lead(self, work: _Work):
-        try:
+    def _lead_launch(self, work: _Work, **options):
+        """The leader: sends the batch to the followers and queues it here too (_launch)."""
+        with _collectives():
             groups.broadcast_object(work)
-            return self._compute(work)
-        except RuntimeError as e:  # gloo/NCCL report a dead or unreachable peer as RuntimeError (DistBackendError)
-            if groups.layout().world > 1 and _is_collective_failure(e):
-                raise ReplicaBroken(f"a rank of this replica is gone ({type(e).__name__}: {e})") from None
-            raise
+            return self._launch(work, **options)
+
+    def _lead(self, work: _Work):
+        """The leader: one batch on every rank, waited for. Returns (images, times)."""
+        launched = self._lead_launch(work)
+        with _collectives():
+            return self._settle(launched, work)
 
     def _resolve_prompts(self, batch: BatchSpec) -> tuple[list[int], list[str], list[str], dict[int, str]]:
         """Applies stream prompt changes in frame order; returns the frames to compute and failures."""
@@ -439,23 +481,13 @@ class EngineRank:
         their PSNR against 8 steps or 0). collect() returns (images, times); on a single-GPU
         replica it waits for GPU work that is still running, so call it off the compute thread."""
         batch, psnr_db, measuring_s = self._adapt(batch, prompts[0], negatives[0])
-        if groups.layout().world > 1:  # the ranks run each batch in lockstep, to the end
-            done = self._lead(_Work(batch, prompts, negatives))
-            return (lambda: done), measuring_s, batch.steps, psnr_db
-        self.gpu.mark_batch(True)
-        try:
-            self._note_launch()
-            launched = self.pipeline.launch(batch, prompts, negatives, resize_output=True,
-                                            keep_on_device=self._jpeg_on_gpu(batch))
-        except BaseException:
-            self.gpu.mark_batch(False)
-            raise
+        work = _Work(batch, prompts, negatives)
+        self._note_launch()
+        launched = self._lead_launch(work, resize_output=True, keep_on_device=self._jpeg_on_gpu(batch))
 
         def collect():
-            try:
-                return launched.result()
-            finally:
-                self.gpu.mark_batch(False)
+            with _collectives():
+                return self._settle(launched, work)
         return collect, measuring_s, batch.steps, psnr_db
 
     def _queue_batch(self, batch: BatchSpec, keep: list[int], prompts: list[str], negatives: list[str]) -> _Queued:

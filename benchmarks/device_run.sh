@@ -101,6 +101,8 @@
 #                 alternating twice: e4m3 rounding by the hardware cast (shipped) or in integer arithmetic
 #                 (RTDIFF_E4M3_SOFTWARE_ROUNDING=1, before); then kernels/bench_fp8.py both ways. The profiles
 #                 travel as one tar (e4m3-ab.tar.gz), since a call brings back only a few files
+#   qkv-ab        dit_profile.py at 1024, bf16 then --fp8, each alternating twice: Flux's attention with q/k/v fused per
+#                 stream (shipped) or three linears (--unfused-qkv, before); the profiles travel as one tar (qkv-ab.tar.gz)
 # Run from the repo root on the device machine with .whl carried (../shared/tools/device-wheels.sh
 # grpcio==1.85.1 protobuf==7.36.2). Results land in $OUT.
 set -uo pipefail
@@ -207,6 +209,10 @@ for part in $parts; do
       for sw in "" 1; do RTDIFF_E4M3_SOFTWARE_ROUNDING=$sw timeout 200 python3 kernels/bench_fp8.py \
           --out "$OUT/bench_fp8${sw:+-software}.json" 2>&1 | grep -A9 "fused producer" \
           | tee "$OUT/bench_fp8${sw:+-software}.log"; done ;;
+    qkv-ab) for fp8 in "" --fp8; do n=0; for ab in "" --unfused-qkv "" --unfused-qkv; do n=$((n + 1))
+        timeout 200 python3 benchmarks/dit_profile.py --sizes 1024 $fp8 $ab --tag "qkv-ab$n" --out-dir "$OUT/qkv-ab" \
+          2>&1 | grep -E "^1024: |Error|error" | sed "s/^/${fp8:+fp8 }${ab:-fused} /"; done; done | tee "$OUT/qkv_ab.log"
+      tar czf "$OUT/qkv-ab.tar.gz" -C "$OUT" qkv-ab && rm -rf "$OUT/qkv-ab" ;;
     kernel-bench) for b in kernels/bench_*.py; do n=$(basename "$b" .py)
       timeout 90 python3 "$b" --out "$OUT/$n.json" 2>&1 | tee "$OUT/$n.log"; done ;;
     attention-bench) timeout 240 python3 kernels/bench_attention.py --out "$OUT/bench_attention.json" 2>&1 \

@@ -34,7 +34,8 @@ def markdown(res: dict, top: int = 30) -> str:
     lines = [f"# {res['source']} transformer step, kernel by kernel: {res['gpu_name'] or res['cpu']} ({res['date']})", "",
              f"torch {res['torch']}, diffusers {res['diffusers']}; batch 1, quantization {res.get('quantization', 'none')}, "
              f"fast paths on "
-             f"({res['fused']}); block forwards: {res['blocks']}; attention: {res['attention']}"
+             f"({res['fused']}); attention modules with fused q/k/v: {res.get('fused_qkv_modules', 0)}; "
+             f"block forwards: {res['blocks']}; attention: {res['attention']}"
              + _knobs_note(res), ""]
     return "\n".join(lines + step_sections(res["sizes"], top))
 
@@ -48,6 +49,9 @@ def main() -> None:
     ap.add_argument("--unfused-blocks", action="store_true",
                     help="diffusers' own Flux block forwards (their gates, residual adds, norms and concatenations as "
                          "PyTorch ops), as before ops/flux_blocks.py (an A/B)")
+    ap.add_argument("--unfused-qkv", action="store_true",
+                    help="attention's q, k and v as three linears per stream, as before processors.fuse_projections "
+                         "covered Flux (an A/B)")
     ap.add_argument("--fp8", action="store_true", help="FP8 linears (fast_paths.quantization=fp8, its default widths)")
     ap.add_argument("--no-backend", action="append", default=[], metavar="NAME",
                     help="leave this attention backend out of the registry, e.g. flash-attn-4 (repeatable; an A/B)")
@@ -69,7 +73,9 @@ def main() -> None:
         flux_blocks.install = lambda backbone: {}
     model = _build(name, 1, 0, device, dtype)
     quant = "none"
-    if args.fp8:  # before the fast paths, in the engine's order (engine/fastpaths.py apply)
+    # In the engine's order (engine/fastpaths.py apply): the fused projections, FP8, the fast paths.
+    fused_qkv = 0 if args.unfused_qkv else processors.fuse_projections(model)
+    if args.fp8:
         from rtdiff_cluster.config import FastPathConfig
         from rtdiff_cluster.engine.fastpaths import fp8_linears
 
@@ -100,10 +106,11 @@ def main() -> None:
         if graphs is not None:
             graphs.clear()
     tag = "-".join(t for t, on in ((name, True), ("fp8", args.fp8), ("unfused-blocks", args.unfused_blocks),
+                                   ("unfused-qkv", args.unfused_qkv),
                                    ("no-" + "-".join(sorted(n.replace(" ", "-") for n in args.no_backend)), args.no_backend),
                                    ("knobs", knobs), (args.tag, args.tag)) if on)
     write_results("dit_profile", args.device, {
-        "source": args.source, "sizes": sizes, "knobs": knobs, "quantization": quant,
+        "source": args.source, "sizes": sizes, "knobs": knobs, "quantization": quant, "fused_qkv_modules": fused_qkv,
         "fused": ", ".join(f"{k} x{v}" for k, v in done.items()) or "none (CPU)",
         "blocks": "diffusers' own" if args.unfused_blocks else "ours where fusable",
         "attention": f"{registry.choices()}" + (f", without {', '.join(sorted(dropped))}" if dropped else "")},

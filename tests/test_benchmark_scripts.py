@@ -92,9 +92,10 @@ def test_unet_profile_lists_the_step_kernels_by_size(tmp_path):
 @pytest.mark.parametrize("unfused", [False, True])
 def test_dit_profile_lists_a_flux_steps_kernels(tmp_path, unfused):
     r = run("dit_profile.py", tmp_path, "--device", "cpu", "--source", "synthetic:tiny-flux", "--sizes", "64,128",
-            *(["--unfused-blocks"] if unfused else []))
+            *(["--unfused-blocks", "--unfused-qkv"] if unfused else []))
     assert [s["size"] for s in r["sizes"]] == [64, 128] and r["source"] == "synthetic:tiny-flux"
     assert r["blocks"] == ("diffusers' own" if unfused else "ours where fusable")
+    assert (r["fused_qkv_modules"] == 0) == unfused  # tiny-flux: every block's attention, fused unless asked
     for s in r["sizes"]:
         assert s["graph_ms"] is None and s["kernels"] == sum(row["count"] for row in s["table"]) > 0
         assert [row["ms"] for row in s["table"]] == sorted((row["ms"] for row in s["table"]), reverse=True)

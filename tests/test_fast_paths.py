@@ -72,9 +72,13 @@ def test_attention_processors_match_diffusers(model, backends, fuse):
 
     ours = copy.deepcopy(model.backbone)
     kv_matmuls = []
-    if fuse:  # q/k/v as one matmul (UNet attention only; Flux's modules are left as they are)
+    if fuse:  # q/k/v as one matmul (per stream in Flux's joint attention)
         fused = processors.fuse_projections(ours)
-        assert (fused > 0) == (model.kind == "sdxl"), fused
+        assert fused > 0
+        if model.kind == "flux":  # the single blocks' q/k/v and the double blocks' both streams
+            assert fused == sum(type(m).__name__ == "FluxAttention" for m in ours.modules())
+            assert all(getattr(m, name, None) is None for m in ours.modules() if type(m).__name__ == "FluxAttention"
+                       for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"))
         assert all(getattr(m, "to_k", "absent") is None for m in ours.modules() if getattr(m, "fused_projections", False))
         # ... and every cross-attention's keys and values as one matmul per forward.
         batched = processors.batch_cross_kv(ours)

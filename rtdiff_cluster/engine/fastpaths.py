@@ -130,7 +130,7 @@ def apply(model: LoadedModel, cfg: FastPathConfig, world: int) -> FastPaths:
     why_not_kernels = "off: fast_paths.kernels is false" if not cfg.kernels else missing and f"off: {missing}"
 
     # Before quantising: the fused q/k/v layers are the ones FP8 then converts.
-    fused_qkv = processors.fuse_projections(backbone) if model.kind != "flux" else 0
+    fused_qkv = processors.fuse_projections(backbone)
     batched_kv = processors.batch_cross_kv(backbone) if model.kind != "flux" else 0
     if fp8_applies(model, cfg):
         q = fp8_linears(backbone, cfg, fused_inputs=why_not_kernels is None)

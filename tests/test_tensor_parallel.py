@@ -58,9 +58,9 @@ def _inputs(family: str, batch: int, h: int, w: int, text: int, dtype: torch.dty
 
 def _forward(family: str, shard_resnets: bool, dtype_name: str, batch: int, h: int, w: int, text: int):
     """Builds the backbone for this process's rank (tp from parallel.groups) and runs it once.
-    "flux+fast" is flux with the replica's fast-path modules installed on the shards: our attention
-    processors (PyTorch's math backend) and fused kernels (Triton's interpreter on CPU), the Flux
-    block forwards among them."""
+    "flux+fast" is flux with the replica's fast-path modules installed on the shards: fused q/k/v
+    projections, our attention processors (PyTorch's math backend) and fused kernels (Triton's
+    interpreter on CPU), the Flux block forwards among them."""
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     from rtdiff_cluster.models.weights import SyntheticWeights, build
@@ -81,6 +81,8 @@ def _forward(family: str, shard_resnets: bool, dtype_name: str, batch: int, h: i
         from rtdiff_cluster.ops.attention import AttentionRegistry
         from rtdiff_cluster.ops.fused import install_fused
 
+        # In the engine's order (engine/fastpaths.py apply): each rank fuses its own heads' q/k/v first.
+        assert processors.fuse_projections(model) == 4  # 2 double blocks and 2 single blocks in flux_config
         processors.install(model, AttentionRegistry(allowed=["math"]), fused=True)
         done = install_fused(model)
         assert done["flux double block gated residual+norm"] == 2 and done["flux single block without concatenations"] == 2

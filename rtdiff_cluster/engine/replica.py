@@ -478,8 +478,9 @@ class EngineRank:
 
     def _run_plain(self, batch: BatchSpec, prompts: list[str], negatives: list[str]):
         """On the compute thread: (collect, seconds spent choosing the steps, steps of the schedule,
-        their PSNR against 8 steps or 0). collect() returns (images, times); on a single-GPU
-        replica it waits for GPU work that is still running, so call it off the compute thread."""
+        their PSNR against 8 steps or 0). collect() returns (images, times); on a GPU it waits for
+        work that is still running (on every rank of a sharded replica), so call it off the
+        compute thread."""
         batch, psnr_db, measuring_s = self._adapt(batch, prompts[0], negatives[0])
         work = _Work(batch, prompts, negatives)
         self._note_launch()

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from engine_bench import write_results  # noqa: E402
 from sharding import _build, _inputs  # noqa: E402
-from unet_profile import _knobs_note, kernel_table, replay_ms, set_knobs, step_sections  # noqa: E402
+from unet_profile import (_knobs_note, common_arguments, drop_backends, kernel_table, replay_ms,  # noqa: E402
+                          set_knobs, step_sections)
 
 
 def markdown(res: dict, top: int = 30) -> str:
@@ -42,10 +43,7 @@ def markdown(res: dict, top: int = 30) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--source", default="synthetic:flux-dev")
-    ap.add_argument("--sizes", default="1024")
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    common_arguments(ap, "synthetic:flux-dev", "1024")
     ap.add_argument("--unfused-blocks", action="store_true",
                     help="diffusers' own Flux block forwards (their gates, residual adds, norms and concatenations as "
                          "PyTorch ops), as before ops/flux_blocks.py (an A/B)")
@@ -53,10 +51,6 @@ def main() -> None:
                     help="attention's q, k and v as three linears per stream, as before processors.fuse_projections "
                          "covered Flux (an A/B)")
     ap.add_argument("--fp8", action="store_true", help="FP8 linears (fast_paths.quantization=fp8, its default widths)")
-    ap.add_argument("--no-backend", action="append", default=[], metavar="NAME",
-                    help="leave this attention backend out of the registry, e.g. flash-attn-4 (repeatable; an A/B)")
-    ap.add_argument("--knob", action="append", default=[], metavar="MODULE.NAME=INT",
-                    help="a kernel's launch knob instead of the shipped value (rtdiff_kernels.MODULE; repeatable)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     knobs = set_knobs(ap, args.knob)
@@ -82,8 +76,7 @@ def main() -> None:
         q = fp8_linears(model, FastPathConfig(), fused_inputs=device.type == "cuda")
         quant = f"fp8 ({q['replaced']} linears)"
     registry = AttentionRegistry()
-    dropped = {n.replace("-", " ") for n in args.no_backend}
-    registry.backends = [b for b in registry.backends if b.name.replace("-", " ") not in dropped]
+    dropped = drop_backends(registry, args.no_backend)
     kernels = device.type == "cuda"
     processors.install(model, registry, fused=kernels)
     done = fused.install_fused(model) if kernels else {}

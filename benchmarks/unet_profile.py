@@ -119,6 +119,30 @@ def _kernel_table(table: list[dict], top: int) -> list[str]:
     return rows
 
 
+def common_arguments(ap, source: str, sizes: str) -> None:
+    """The options a step profile shares with benchmarks/dit_profile.py."""
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--source", default=source)
+    ap.add_argument("--sizes", default=sizes)
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--no-backend", action="append", default=[], metavar="NAME",
+                    help="leave this attention backend out of the registry, e.g. flash-attn-4 (a hyphen may stand for "
+                         "a space; repeatable; an A/B)")
+    ap.add_argument("--knob", action="append", default=[], metavar="MODULE.NAME=INT",
+                    help="a kernel's launch knob instead of the shipped value, e.g. activations._TILE_ELEMS=1024 "
+                         "(rtdiff_kernels.MODULE; repeatable; an A/B: group_norm_silu's _TILE_ELEMS=4096, "
+                         "_NUM_WARPS=8, _PROGRAMS_PER_SM=4 were its knobs before benchmarks/tune_pointwise.py)")
+
+
+def drop_backends(registry, names) -> set[str]:
+    """Leaves the named attention backends (a hyphen standing for a space) out of registry (when
+    there is one); returns the names as the registry spells them."""
+    dropped = {n.replace("-", " ") for n in names}
+    if registry is not None:
+        registry.backends = [b for b in registry.backends if b.name.replace("-", " ") not in dropped]
+    return dropped
+
+
 def set_knobs(ap, settings: list[str]) -> dict:
     """--knob MODULE.NAME=INT: sets rtdiff_kernels.MODULE.NAME (which must exist) and returns what was set."""
     import importlib
@@ -244,10 +268,7 @@ def profile_frames(args, model, fp, device) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--source", default="synthetic:sdxl")
-    ap.add_argument("--sizes", default="1024,512")
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    common_arguments(ap, "synthetic:sdxl", "1024,512")
     ap.add_argument("--fp8", action="store_true", help="FP8 linears (fast_paths.quantization=fp8)")
     ap.add_argument("--fp8-min-features", type=int, default=None,
                     help="fast_paths.fp8_min_features (default: the config's)")
@@ -259,19 +280,12 @@ def main() -> None:
                     help="with --frame: build each batch's scheduler from its config, as before Pipeline._scheduler (an A/B)")
     ap.add_argument("--no-small-triton", action="store_true",
                     help="attention without the registry's Triton entry for small calls: cuDNN first, as before (an A/B)")
-    ap.add_argument("--no-backend", action="append", default=[], metavar="NAME",
-                    help="leave this attention backend out of the registry, e.g. flash-attn-4 (a hyphen may stand for "
-                         "a space; repeatable; an A/B)")
     ap.add_argument("--kv-per-step", action="store_true",
                     help="with --frame: the cross-attention K/V projected at every step of a captured loop, as "
                          "before ops/processors.held_across_forwards (an A/B)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark on: cuDNN times its convolution engines per shape and keeps "
                          "the fastest, instead of taking its heuristic's first choice (an A/B)")
-    ap.add_argument("--knob", action="append", default=[], metavar="MODULE.NAME=INT",
-                    help="a kernel's launch knob instead of the shipped value, e.g. activations._TILE_ELEMS=1024 "
-                         "(rtdiff_kernels.MODULE; repeatable; an A/B: group_norm_silu's _TILE_ELEMS=4096, "
-                         "_NUM_WARPS=8, _PROGRAMS_PER_SM=4 were its knobs before benchmarks/tune_pointwise.py)")
     ap.add_argument("--frame", type=int, default=0, metavar="STEPS",
                     help="profile a whole text-to-image frame of this many steps (tiny VAE) instead of a step")
     args = ap.parse_args()
@@ -306,9 +320,7 @@ def main() -> None:
 
         processors.batch_cross_kv = lambda backbone: 0
     model, fp = load_engine(args)
-    dropped = {n.replace("-", " ") for n in args.no_backend} | ({"triton (small)"} if args.no_small_triton else set())
-    if fp.registry is not None:
-        fp.registry.backends = [b for b in fp.registry.backends if b.name.replace("-", " ") not in dropped]
+    dropped = drop_backends(fp.registry, args.no_backend + (["triton (small)"] if args.no_small_triton else []))
     attention = ("the registry's order" + (f", without {', '.join(sorted(dropped))}" if dropped else "")
                  + f" (Triton for calls up to {SMALL_ATTENTION_SCORES} scores that no installed flash-attn takes)")
     device = torch.device(args.device)

@@ -503,9 +503,10 @@ def markdown(result: dict) -> str:
                   "| case | direct frames/s | gateway frames/s | gateway/direct | gateway mean batch |",
                   "|---|--:|--:|--:|--:|"]
         for t in result["throughput"]:
-            mb = t["gateway_mean_batch_size"]
+            mb, ratio = t["gateway_mean_batch_size"], t["gateway_vs_direct_fps_ratio"]
+            # None: no direct frame (or no gateway batch) finished within the window, as in a short dry run.
             lines.append(f"| {t['case']} | {t['direct']['fps']:.1f} | {t['gateway']['fps']:.1f} "
-                         f"| {t['gateway_vs_direct_fps_ratio']:.2f} | {'-' if mb is None else f'{mb:.2f}'} |")
+                         f"| {'-' if ratio is None else f'{ratio:.2f}'} | {'-' if mb is None else f'{mb:.2f}'} |")
         lines.append("")
     v = result["verdict"]
     judged = "; ".join(f"{x['engine']} {x['kind']} {x['overhead_net_p50_ms']:+.2f} ms ({x['status']})" for x in v["rows"])

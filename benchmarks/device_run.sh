@@ -103,11 +103,11 @@
 #                 travel as one tar (e4m3-ab.tar.gz), since a call brings back only a few files
 #   qkv-ab        dit_profile.py at 1024, bf16 then --fp8, each alternating twice: Flux's attention with q/k/v fused per
 #                 stream (shipped) or three linears (--unfused-qkv, before); the profiles travel as one tar (qkv-ab.tar.gz)
-# Run from the repo root on the device machine with .whl carried (../shared/tools/device-wheels.sh
-# grpcio==1.85.1 protobuf==7.36.2). Results land in $OUT.
+# Run from the repo root on the device machine with .whl carried (benchmarks/device_wheels.sh fills it, under
+# what one call may carry). Results land in $OUT.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-# .whl: the packages the device lacks (../shared/tools/device-wheels.sh). A call that carries .fa4b instead (the
+# .whl: the packages the device lacks (benchmarks/device_wheels.sh). A call that carries .fa4b instead (the
 # fa4-* parts) brings its own subset, since both together are over what one call may carry.
 mkdir -p /tmp/site && export PYTHONPATH=/tmp/site:$PWD
 for dir in .whl .fa4b; do ls $dir/*.whl >/dev/null 2>&1 || continue

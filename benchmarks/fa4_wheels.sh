@@ -8,13 +8,13 @@
 #        limit; the tar is about 61 MiB). Carried alone by `device_run.sh fa4-stage`, which keeps it on the
 #        warm device machine.
 # .fa4b: the rest of that tar, flash-attn-4 and its other needs, and the wheels the fa4-* parts need besides
-#        FA4 (diffusers, grpcio, protobuf: taken from .whl, which ../shared/tools/device-wheels.sh fills).
+#        FA4 (diffusers, grpcio, protobuf: taken from .whl, which benchmarks/device_wheels.sh fills).
 #        Carried by the call that runs the parts, right after fa4-stage.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 FA4=${FA4:-flash-attn-4==4.0.0b36}
 DSL=${DSL:-4.8.1}
-ls .whl/diffusers-*.whl .whl/grpcio-1*.whl .whl/protobuf-*.whl >/dev/null  # device-wheels.sh first
+ls .whl/diffusers-*.whl .whl/grpcio-1*.whl .whl/protobuf-*.whl >/dev/null  # device_wheels.sh first
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 download() {

@@ -67,10 +67,15 @@ def test_stream_cache_runs_the_chosen_clip_and_settings_against_the_uncached_fra
     assert bad.returncode == 2 and "--clips: unknown ['jumping']" in bad.stderr, bad.stderr[-500:]
 
 
-def test_stream_serving_runs_every_case_through_the_cli(tmp_path):
+def test_stream_serving_runs_each_kind_of_case_through_the_cli(tmp_path):
+    """Each kind of case (cache off at every window the overlap needs, with raw and JPEG input;
+    the chunk cache with JPEG input; both governed ones), not every window of each: the cases
+    share their code, and all fourteen took 70-110 s of CI's 20 minutes."""
     r = run("stream_serving.py", tmp_path, "--device", "cpu", "--frames", "6", "--size", "128", "--cpu-threads",
-            timeout=600)
-    assert [row["case"] for row in r["rows"]][:3] == ["1-step, cache off"] * 3
+            "--cases", "1-step, cache off;1-step, chunk cache, JPEG;4 steps, governed to", "--windows", "2", timeout=600)
+    assert [row["case"] for row in r["rows"]][:6] == (["1-step, cache off"] * 3 + ["1-step, cache off, JPEG input"] * 2
+                                                      + ["1-step, chunk cache, JPEG input"])
+    assert r["overlap"] is not None and set(r["overlap"]["by_window"]) == {"1", "2", "3"}  # JSON keys
     # The replica's compute thread did every batch's work (scraped from /metrics); on CPU it computes.
     assert all(row["compute_busy"].get("queue_batch", 0) > 0 for row in r["rows"])
     assert all("window_s" in row["cpu_threads"] for row in r["rows"])

@@ -98,6 +98,46 @@ def test_sharded_replica_with_batches_in_flight_answers_each_as_one_process(ray_
             g.kill()
 
 
+def test_sharded_replica_streams_chunk_cached_frames_as_one_process(ray_cluster):
+    """A stream through the chunk cache on a tp=2 replica: the leader launches each frame and
+    plans the next while the ranks compute (every frame of the stream is sent at once, so they
+    are in flight together). Each frame is reused, recomputed in part or whole as on one process,
+    with its pixels."""
+    from rtdiff_cluster import clips
+    from rtdiff_cluster.proto.rtdiff.v1 import diffusion_pb2 as pb
+
+    from conftest import FINE_CHUNKS
+
+    source, size, raw = "synthetic:tiny", 256, pb.IMAGE_FORMAT_RAW_RGB8
+    moving = list(clips.moving(size, size, 4, area=0.1, step_px=8))
+    frames = [moving[0], moving[0], moving[1], moving[2], moving[2], moving[3]]
+    single, sharded = spawn(1, stream_cache=FINE_CHUNKS), spawn(1, stream_cache=FINE_CHUNKS, tp=2)
+    gws = [serve(single, source, stream_cache=FINE_CHUNKS), serve(sharded, source, stream_cache=FINE_CHUNKS, tp=2)]
+
+    def stream(gw: GatewayThread) -> list:
+        requests = [pb.FrameRequest(frame_id=i, prompt="a stream" if i == 0 else "", width=size, height=size, steps=2,
+                                    seed=5, output_format=raw, strength=0.5,
+                                    input_image=pb.Image(format=raw, data=f.tobytes(), width=size, height=size))
+                    for i, f in enumerate(frames)]
+        with RtdiffClient(gw.target, timeout_s=300) as c:
+            return list(c.stream(requests, timeout_s=300))
+    try:
+        ref, got = (stream(gw) for gw in gws)
+        assert [r.frame_id for r in got] == list(range(len(frames)))
+        assert [r.from_cache for r in got] == [r.from_cache for r in ref] == [False, True, False, False, True, False]
+        assert [r.recomputed_fraction for r in got] == [r.recomputed_fraction for r in ref]
+        assert all(0 < r.recomputed_fraction < 1 for r in got[2:4]), [r.recomputed_fraction for r in got]  # regions
+        for i, (a, b) in enumerate(zip(ref, got)):
+            a, b = image_pixels(a.image).astype(int), image_pixels(b.image).astype(int)
+            assert a.std() > 1
+            assert np.abs(a - b).max() <= SHARDING_TOLERANCE, f"frame {i} differs from one process"
+    finally:
+        for gw in gws:
+            gw.stop()
+        for g in single + sharded:
+            g.kill()
+
+
 def test_backbone_shard_is_half_on_each_rank(ray_cluster):
     single, sharded = spawn(1, source="synthetic:tiny-flux"), spawn(1, source="synthetic:tiny-flux", tp=2)
     try:

@@ -19,7 +19,8 @@ single-GPU replicas), the others with PIL. That thread computes on a CUDA stream
 single-GPU replica chunk-cache frames are launched the same way, and regions of several frames
 share a launch (stream_frames.RegionBatch); while the GPU has not started the latest launch they
 wait, so that the next batches' regions join them (stream_cache.hold_regions). On a sharded
-replica a chunk-cache frame's regions run to the end before the next frame is planned.
+replica chunk-cache frames are launched too, each on its own (no region batches there yet): the
+leader plans the next frame while the ranks compute this one.
 
 Ray carries the control calls (start, info, warmup, stats, lifeline); batches and stream closes
 come over the link. run_batch and close_stream stay callable through Ray too, for scripts that
@@ -574,13 +575,20 @@ class EngineRank:
         return dit_token_px(self.model)
 
     def _launch_frames(self, b: BatchSpec, tags: list[_RegionTag], defer_capture: bool = True):
-        """Compute thread, single-GPU replica: chunk-cache frames' work queued, not waited for (the
-        paste and the copy out follow in stream order, and the thread goes on to the next frame,
-        perhaps this stream's, while the GPU computes). BucketNotReady (a capture aside): nothing
-        marked; run_cached computes the frames another way."""
-        self._note_launch()
-        launched = self.pipeline.launch(b, [t.prompt for t in tags], [t.negative for t in tags],
-                                        copy_out=False, defer_capture=defer_capture)
+        """Compute thread, a GPU replica or a sharded one: chunk-cache frames' work queued, not
+        waited for (the paste and the copy out follow in stream order, and the thread goes on to
+        the next frame, perhaps this stream's, while the GPU computes). On a sharded replica the
+        frames go to the followers first, which queue them like any batch (_follow). BucketNotReady
+        (a capture aside, single-rank replicas only): nothing marked; run_cached computes the
+        frames another way."""
+        prompts, negatives = [t.prompt for t in tags], [t.negative for t in tags]
+        if self.layout.world > 1:  # no graphs, so never BucketNotReady once the followers have the batch
+            with _collectives():
+                groups.broadcast_object(_Work(b, prompts, negatives))
+                launched = self.pipeline.launch(b, prompts, negatives, copy_out=False)
+        else:
+            self._note_launch()
+            launched = self.pipeline.launch(b, prompts, negatives, copy_out=False, defer_capture=defer_capture)
         for t in tags:  # each frame's collect ends one
             self.gpu.mark_batch(True)
             t.call.marked += 1
@@ -591,13 +599,14 @@ class EngineRank:
                     ) -> list[tuple[CachedFrame, int, float, float, float]]:
         """On the compute thread, in arrival order: frames of one stream see each other's commits.
         frames: (index in the batch, prompt, negative prompt). Per frame, returns the frame (on a
-        single-GPU replica still computing, or waiting for its region batch: collect it with
+        GPU or sharded replica still computing, or waiting for its region batch: collect it with
         _collect_cached), the steps its schedule had, their PSNR against 8 steps (0: not
         adaptive), the chunk threshold applied and the seconds spent choosing the steps. On a
         single-GPU replica, regions of one shape and schedule share a launch (stream_frames.RegionBatch),
         up to stream_cache.region_batch; with hold_regions they wait while the GPU has not started the
         replica's latest launch, and later batches' regions join them."""
         single_gpu = groups.layout().world == 1 and self.model.device.type == "cuda"
+        launches = single_gpu or groups.layout().world > 1  # a CPU process computes each frame in turn
         call = _CachedCall()
         regions = self._regions
         out = []
@@ -617,7 +626,7 @@ class EngineRank:
                 def launch(b: BatchSpec, defer_capture: bool = False, tag=tag):
                     return self._launch_frames(b, [tag], defer_capture)
                 done = run_cached(lambda b, p=prompt, n=negative: self._lead(_Work(b, [p], [n])), cache, one, settings,
-                                  token_px, launch if single_gpu else None,
+                                  token_px, launch if launches else None,
                                   keep_on_device=single_gpu and self._jpeg_on_gpu(one),
                                   graphed_regions=self.pipeline.graphed_region_shapes, regions=regions, tag=tag)
                 out.append((done, one.steps, psnr_db, settings.threshold, measuring_s))
@@ -687,7 +696,8 @@ class EngineRank:
     def _collect_cached(self, done: CachedFrame, measuring_s: float) -> tuple[np.ndarray | torch.Tensor, StageTimes]:
         """Off the compute thread: a chunk-cache frame's pixels and times, once its GPU work is done."""
         try:
-            pixels, times = done.result()
+            with _collectives():  # a sharded frame's all-reduces fail here on a GPU
+                pixels, times = done.result()
         finally:
             if done.launched:
                 self.gpu.mark_batch(False)

@@ -115,8 +115,8 @@ def run_cached(compute: Compute | None, cache: StreamFrameCache, batch: BatchSpe
     """batch: one frame of a stream, with its init_image (strength > 0). The output has the
     frame's output_size where it has one and the cache is on a GPU (else the caller resizes).
 
-    compute runs a batch to the end; launch (a single-GPU replica, in place of compute) queues it
-    and leaves its images on the device, where the cache pastes them: the frame comes back still
+    compute runs a batch to the end; launch (a GPU or sharded replica, in place of compute) queues
+    it and leaves its images on the device, where the cache pastes them: the frame comes back still
     computing, its pixels on their way to the host (keep_on_device: to a device tensor of their
     own, for nvJPEG), so the caller can plan and launch the stream's next frame meanwhile
     (CachedFrame.result() collects it).

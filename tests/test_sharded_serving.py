@@ -138,6 +138,45 @@ def test_sharded_replica_streams_chunk_cached_frames_as_one_process(ray_cluster)
             g.kill()
 
 
+def test_sharded_replica_launches_two_streams_regions_together_as_one_process_computes_them(ray_cluster):
+    """Two streams' frames in one batch, straight to the replica's leader: their first frames
+    whole, then a region of each. A tp=2 replica launches the two regions as one region batch
+    (its stats count one launch of two frames) and each frame equals a single-process replica's,
+    which computes them one by one. Tolerance: SHARDING_TOLERANCE (batch 2 also sums in another
+    order)."""
+    from rtdiff_cluster import clips, imaging
+    from rtdiff_cluster.engine.pipeline import BatchSpec, FrameSpec
+
+    from conftest import FINE_CHUNKS
+
+    size = 256
+    moving = list(clips.moving(size, size, 2, area=0.1, step_px=8))
+    streams = {"a": moving, "b": [np.ascontiguousarray(f[:, ::-1]) for f in moving]}  # its region elsewhere
+    single, sharded = spawn(1, stream_cache=FINE_CHUNKS), spawn(1, stream_cache=FINE_CHUNKS, tp=2)
+
+    def frames(group) -> tuple[list[np.ndarray], object]:
+        leader, out = group.leader, []
+        for i in range(2):
+            batch = BatchSpec(size, size, 2, 0.0, 0.5, [
+                FrameSpec("a stream" if i == 0 else None, seed=5, init_image=streams[sid][i], output_format=imaging.RAW,
+                          stream_id=sid) for sid in streams])
+            result = ray_cluster.get(leader.run_batch.remote(batch), timeout=300)
+            assert all(not r.error for r in result.frames), [r.error for r in result.frames]
+            assert [r.recomputed_fraction < 1 for r in result.frames] == [i == 1] * 2  # regions the second time
+            out += [np.frombuffer(r.data, np.uint8).reshape(size, size, 3).astype(int) for r in result.frames]
+        return out, ray_cluster.get(leader.stats.remote()).stream_cache
+    try:
+        (ref, _), (got, counters) = frames(single[0]), frames(sharded[0])
+        for i, (a, b) in enumerate(zip(ref, got)):
+            assert a.std() > 1
+            assert np.abs(a - b).max() <= SHARDING_TOLERANCE, f"frame {i} differs from one process"
+        # Two whole frames launched one by one, then both regions in one launch.
+        assert (counters.launches, counters.launched_frames) == (3, 4), counters
+    finally:
+        for g in single + sharded:
+            g.kill()
+
+
 def test_backbone_shard_is_half_on_each_rank(ray_cluster):
     single, sharded = spawn(1, source="synthetic:tiny-flux"), spawn(1, source="synthetic:tiny-flux", tp=2)
     try:

@@ -19,8 +19,9 @@ single-GPU replicas), the others with PIL. That thread computes on a CUDA stream
 single-GPU replica chunk-cache frames are launched the same way, and regions of several frames
 share a launch (stream_frames.RegionBatch); while the GPU has not started the latest launch they
 wait, so that the next batches' regions join them (stream_cache.hold_regions). On a sharded
-replica chunk-cache frames are launched too, each on its own (no region batches there yet): the
-leader plans the next frame while the ranks compute this one.
+replica chunk-cache frames and region batches are launched too (the regions of one batch from
+the gateway share a launch; none are held): the leader plans the next frame while the ranks
+compute this one.
 
 Ray carries the control calls (start, info, warmup, stats, lifeline); batches and stream closes
 come over the link. run_batch and close_stream stay callable through Ray too, for scripts that
@@ -272,6 +273,7 @@ class EngineRank:
         self._launch_started: torch.cuda.Event | None = None  # compute thread: recorded before its latest launch
         self._busy_until: queue.SimpleQueue[torch.cuda.Event] = queue.SimpleQueue()
         self._watching = False  # compute thread: an event is with the watcher, a flush will follow
+        self._holding = False  # stream_cache.hold_regions in effect (single-GPU replicas)
         # FP8 replicas: the warm-up frame computed before the fast paths, then how far the served one is from it.
         self._fp8_reference: np.ndarray | None = None
         self.fp8_fidelity: Fp8Fidelity | None = None
@@ -329,10 +331,14 @@ class EngineRank:
                                  self.config.fast_paths.loop_graph_max_steps)
         self.gpu = GpuSampler(self.model.device, self.stats_interval_s)
         self.stream_caches.device = self.model.device
-        if self.layout.world == 1 and device.type == "cuda" and self.config.stream_cache.region_batch > 1:
+        # Region batches where frames are launched (a GPU, or a sharded replica, whose followers
+        # compute each region batch the leader broadcasts); held only on one GPU, where a CUDA
+        # event says when the latest launch started.
+        if (self.layout.world > 1 or device.type == "cuda") and self.config.stream_cache.region_batch > 1:
             self._regions = RegionBatch(self._launch_frames, self.config.stream_cache.region_batch,
                                         fixed_origin=self.pipeline.family.origin_in_inputs)
-            if self.config.stream_cache.hold_regions:
+            if self.layout.world == 1 and self.config.stream_cache.hold_regions:
+                self._holding = True
                 threading.Thread(target=self._watch_held_regions, name="rtdiff-regions", daemon=True).start()
         self.load_s = time.perf_counter() - t0
         freeze_startup_objects(f"replica rank {self.rank}")  # what loading left: a full collection walked it ~200 ms
@@ -602,9 +608,10 @@ class EngineRank:
         GPU or sharded replica still computing, or waiting for its region batch: collect it with
         _collect_cached), the steps its schedule had, their PSNR against 8 steps (0: not
         adaptive), the chunk threshold applied and the seconds spent choosing the steps. On a
-        single-GPU replica, regions of one shape and schedule share a launch (stream_frames.RegionBatch),
-        up to stream_cache.region_batch; with hold_regions they wait while the GPU has not started the
-        replica's latest launch, and later batches' regions join them."""
+        GPU or sharded replica, regions of one shape and schedule share a launch
+        (stream_frames.RegionBatch), up to stream_cache.region_batch; on one GPU with hold_regions
+        they wait while the GPU has not started the replica's latest launch, and later batches'
+        regions join them."""
         single_gpu = groups.layout().world == 1 and self.model.device.type == "cuda"
         launches = single_gpu or groups.layout().world > 1  # a CPU process computes each frame in turn
         call = _CachedCall()
@@ -649,7 +656,7 @@ class EngineRank:
     def _note_launch(self) -> None:
         """Compute thread, single-GPU replica, just before a launch is queued: an event the GPU
         reaches when that launch starts (held regions wait for it)."""
-        if self._regions is not None and self.config.stream_cache.hold_regions:
+        if self._holding:
             self._launch_started = torch.cuda.Event()
             self._launch_started.record()
 
@@ -668,7 +675,7 @@ class EngineRank:
         if not len(regions):
             return
         started = self._launch_started
-        if not self.config.stream_cache.hold_regions or started is None or started.query():
+        if not self._holding or started is None or started.query():
             regions.flush()
         elif not self._watching:
             self._watching = True

@@ -101,6 +101,9 @@
 #                 alternating twice: e4m3 rounding by the hardware cast (shipped) or in integer arithmetic
 #                 (RTDIFF_E4M3_SOFTWARE_ROUNDING=1, before); then kernels/bench_fp8.py both ways. The profiles
 #                 travel as one tar (e4m3-ab.tar.gz), since a call brings back only a few files
+#   qkv-norm-ab   the FP8 GPU tests; then unet_profile.py --fp8 at 1024 alternating twice: norm1 hands the chained
+#                 blocks' fused q/k/v its output quantised (shipped) or the projection quantises it
+#                 (--knob rtdiff_cluster.ops.fused.FP8_QKV_FROM_NORM=0, before); the JSONs as one tar
 #   qkv-ab        dit_profile.py at 1024, bf16 then --fp8, each alternating twice: Flux's attention with q/k/v fused per
 #                 stream (shipped) or three linears (--unfused-qkv, before); the profiles travel as one tar (qkv-ab.tar.gz)
 # Run from the repo root on the device machine with .whl carried (benchmarks/device_wheels.sh fills it, under
@@ -213,6 +216,11 @@ for part in $parts; do
         timeout 200 python3 benchmarks/dit_profile.py --sizes 1024 $fp8 $ab --tag "qkv-ab$n" --out-dir "$OUT/qkv-ab" \
           2>&1 | grep -E "^1024: |Error|error" | sed "s/^/${fp8:+fp8 }${ab:-fused} /"; done; done | tee "$OUT/qkv_ab.log"
       tar czf "$OUT/qkv-ab.tar.gz" -C "$OUT" qkv-ab && rm -rf "$OUT/qkv-ab" ;;
+    qkv-norm-ab) timeout 300 python3 -m pytest -p no:cacheprovider -q -ra tests/test_fp8.py tests/test_gpu_fast_paths.py \
+        -k "fp8 or sdxl" 2>&1 | tail -15 | tee "$OUT/qkv_norm_tests.log"
+      unet_profile_ab qkv-norm-ab/step "--knob rtdiff_cluster.ops.fused.FP8_QKV_FROM_NORM=0" --sizes 1024 --fp8 \
+        | tee "$OUT/qkv_norm_ab.log"
+      tar czf "$OUT/qkv-norm-ab.tar.gz" -C "$OUT" qkv-norm-ab && rm -rf "$OUT/qkv-norm-ab" ;;
     kernel-bench) for b in kernels/bench_*.py; do n=$(basename "$b" .py)
       timeout 90 python3 "$b" --out "$OUT/$n.json" 2>&1 | tee "$OUT/$n.log"; done ;;
     attention-bench) timeout 240 python3 kernels/bench_attention.py --out "$OUT/bench_attention.json" 2>&1 \

@@ -130,7 +130,8 @@ def common_arguments(ap, source: str, sizes: str) -> None:
                          "a space; repeatable; an A/B)")
     ap.add_argument("--knob", action="append", default=[], metavar="MODULE.NAME=INT",
                     help="a kernel's launch knob instead of the shipped value, e.g. activations._TILE_ELEMS=1024 "
-                         "(rtdiff_kernels.MODULE; repeatable; an A/B: group_norm_silu's _TILE_ELEMS=4096, "
+                         "(rtdiff_kernels.MODULE, or a module named in full under rtdiff_cluster., e.g. "
+                         "rtdiff_cluster.ops.fused.FP8_QKV_FROM_NORM=0; repeatable; an A/B: group_norm_silu's _TILE_ELEMS=4096, "
                          "_NUM_WARPS=8, _PROGRAMS_PER_SM=4 were its knobs before benchmarks/tune_pointwise.py)")
 
 
@@ -144,7 +145,8 @@ def drop_backends(registry, names) -> set[str]:
 
 
 def set_knobs(ap, settings: list[str]) -> dict:
-    """--knob MODULE.NAME=INT: sets rtdiff_kernels.MODULE.NAME (which must exist) and returns what was set."""
+    """--knob MODULE.NAME=INT: sets rtdiff_kernels.MODULE.NAME (or, for a MODULE under
+    rtdiff_cluster., that module's NAME; it must exist) and returns what was set."""
     import importlib
 
     done = {}
@@ -152,7 +154,7 @@ def set_knobs(ap, settings: list[str]) -> dict:
         path, _, value = item.partition("=")
         module, _, name = path.rpartition(".")
         try:
-            mod = importlib.import_module(f"rtdiff_kernels.{module}")
+            mod = importlib.import_module(module if module.startswith("rtdiff_cluster.") else f"rtdiff_kernels.{module}")
             getattr(mod, name)
             setattr(mod, name, int(value))
         except (ImportError, AttributeError, ValueError) as e:

@@ -365,6 +365,78 @@ def test_fused_fp8_feed_forwards_hand_over_float8():
     assert fidelity(backbone_output(model, model.backbone), out)["rel_l2"] <= 0.05
 
 
+def test_chained_blocks_hand_their_fp8_qkv_projection_a_quantised_norm1():
+    """With q/k/v fused into one FP8 linear behind our processor, a chained block's norm1
+    (the previous block's feed-forward added in) writes its output quantised for that linear
+    (add_layer_norm_fp8, then Fp8Linear.forward_fp8): one more fused call per chained block, and
+    the projection never quantises a bf16 tensor itself there.
+
+    Tolerances as test_fused_fp8_feed_forwards_hand_over_float8's: a transformer of two blocks
+    against the same modules quantising norm1's output themselves differs only in where the
+    rounding happens (5e-3); the whole UNet is held to FP8's bound against fp32 (0.05)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the fused kernels run CPU tensors only in Triton's interpreter (this machine has a GPU)")
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    import rtdiff_kernels.add_layer_norm as add_layer_norm
+    from rtdiff_cluster.engine.fastpaths import fp8_linears
+    from rtdiff_cluster.ops import fused, processors
+    from rtdiff_cluster.ops.fused import install_fused
+    from rtdiff_cluster.quant.fp8 import Fp8Linear, fidelity
+
+    model = load_model(ModelConfig(source="synthetic:tiny-sdxl", device="cpu"))
+    ours = copy.deepcopy(model.backbone)
+    assert processors.fuse_projections(ours) > 0
+    fp8_linears(ours, FastPathConfig(fp8_min_features=16), fused_inputs=True)
+    processors.install(ours, AttentionRegistry(allowed=["sdpa"]), fused=False)
+    install_fused(ours)
+    transformers = [m for m in ours.modules() if isinstance(m, Transformer2DModel)]
+    chained = sum(len(t.transformer_blocks) - 1 for t in transformers)
+    assert chained > 0 and all(isinstance(b.attn1.to_qkv, Fp8Linear) for t in transformers for b in t.transformer_blocks)
+    ffs = sum(len(t.transformer_blocks) for t in transformers)
+
+    calls = {"add_layer_norm_fp8": 0, "qkv from a quantised input": 0, "qkv quantising itself": 0}
+    saved_norm, saved_forward, saved_fp8 = add_layer_norm.add_layer_norm_fp8, Fp8Linear.forward, Fp8Linear.forward_fp8
+    qkvs = {id(b.attn1.to_qkv) for t in transformers for b in t.transformer_blocks}
+
+    def counted_norm(*args, **kwargs):
+        calls["add_layer_norm_fp8"] += 1
+        return saved_norm(*args, **kwargs)
+
+    def counted_forward(self, x):
+        calls["qkv quantising itself"] += id(self) in qkvs
+        return saved_forward(self, x)
+
+    def counted_fp8(self, *args):
+        calls["qkv from a quantised input"] += id(self) in qkvs
+        return saved_fp8(self, *args)
+    add_layer_norm.add_layer_norm_fp8, Fp8Linear.forward, Fp8Linear.forward_fp8 = counted_norm, counted_forward, counted_fp8
+    try:
+        out = backbone_output(model, ours)
+    finally:
+        add_layer_norm.add_layer_norm_fp8, Fp8Linear.forward, Fp8Linear.forward_fp8 = saved_norm, saved_forward, saved_fp8
+    # One forward: each transformer's first block (no feed-forward before it) quantises its own
+    # input; every other block takes norm1's.
+    assert calls == {"add_layer_norm_fp8": ffs + chained, "qkv from a quantised input": chained,
+                     "qkv quantising itself": len(transformers)}, calls
+    assert fidelity(backbone_output(model, model.backbone), out)["rel_l2"] <= 0.05
+
+    two = next(t for t in transformers if len(t.transformer_blocks) == 2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, two.in_channels, 8, 8, generator=g)
+    context = torch.randn(2, 7, two.transformer_blocks[0].attn2.cross_attention_dim, generator=g)
+    with torch.inference_mode():
+        handed = two(x, encoder_hidden_states=context).sample
+        fused.FP8_QKV_FROM_NORM = False
+        try:
+            itself = two(x, encoder_hidden_states=context).sample
+        finally:
+            fused.FP8_QKV_FROM_NORM = True
+    assert fidelity(itself, handed)["rel_l2"] <= 5e-3, fidelity(itself, handed)
+
+
 def test_fused_unet_keeps_channels_last_through_its_transformers():
     """On the fast paths the UNet runs channels-last: each transformer's output must come back in
     that layout (diffusers' own forward returns NCHW, which cost a copy, a strided add and a

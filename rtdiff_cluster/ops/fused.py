@@ -16,7 +16,8 @@ the same thing through the kernel:
     FeedForward with a GEGLU  where its linears are FP8 (quant/fp8.py), their inputs come from
                               the kernel before them already quantised: norm3's add+LayerNorm
                               and the GEGLU write float8 and per-token scales, in place of a
-                              bf16 tensor that quantize_per_token would read back
+                              bf16 tensor that quantize_per_token would read back; so does
+                              norm1's add+LayerNorm for the self-attention's fused FP8 q/k/v
     GELU tanh (Flux ff)       proj -> tanh-GELU with the GELU in the GEMM's epilogue
     AdaLayerNormZero[Single], AdaLayerNormContinuous (Flux)
                               LayerNorm -> * (1 + scale) + shift as one kernel
@@ -157,11 +158,17 @@ def _block_chain(block, h, pending, encoder_hidden_states, attention_mask=None, 
     norm1 (or to the caller). pending: the previous block's ff, or None."""
     from rtdiff_kernels.add_layer_norm import add_layer_norm, add_layer_norm_fp8
 
+    n1, a1 = block.norm1, block.attn1
     if pending is None:
-        normed = block.norm1(h)
+        attn = a1(n1(h), attention_mask=attention_mask)  # [B, L, C]
+    elif attention_mask is None and FP8_QKV_FROM_NORM and _attention_takes_fp8_input(a1, h):
+        # norm1's add+LayerNorm hands the fused q/k/v projection its output quantised, as norm3 does the ff's.
+        h, q, scale = add_layer_norm_fp8(pending, h, n1.weight, n1.bias, n1.eps)
+        qkv = a1.to_qkv.forward_fp8(q, scale, h.dtype).view(*h.shape[:-1], a1.to_qkv.out_features)
+        attn = a1.processor.attend(a1, *qkv.chunk(3, dim=-1))
     else:
-        h, normed = add_layer_norm(pending, h, block.norm1.weight, block.norm1.bias, block.norm1.eps)
-    attn = block.attn1(normed, attention_mask=attention_mask)  # [B, L, C]
+        h, normed = add_layer_norm(pending, h, n1.weight, n1.bias, n1.eps)
+        attn = a1(normed, attention_mask=attention_mask)
     h, normed = add_layer_norm(attn, h, block.norm2.weight, block.norm2.bias, block.norm2.eps)
     attn = block.attn2(normed, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
     ff, n3 = block.ff, block.norm3
@@ -261,6 +268,24 @@ def _geglu_feed_forward(ff, h: torch.Tensor) -> torch.Tensor:
         q, scale = geglu_fp8(h)
         return out.forward_fp8(q, scale, h.dtype).view(*h.shape[:-1], out.out_features)
     return out(geglu(h))
+
+
+# The fused q/k/v projection takes norm1's quantised output (_block_chain); False: it quantises
+# norm1's bf16 output itself, as before (an A/B knob for benchmarks/unet_profile.py --knob).
+FP8_QKV_FROM_NORM = True
+
+
+def _attention_takes_fp8_input(attn, h: torch.Tensor) -> bool:
+    """Whether a self-attention runs our processor with q/k/v fused into one FP8 linear and
+    nothing between the norm and that linear (no spatial or group norm), so norm1 can hand its
+    output over quantised."""
+    from rtdiff_cluster.ops.processors import UNetAttnProcessor
+    from rtdiff_cluster.quant.fp8 import Fp8Linear
+    from rtdiff_kernels._launch import triton_runs
+
+    return (isinstance(attn.processor, UNetAttnProcessor) and isinstance(getattr(attn, "to_qkv", None), Fp8Linear)
+            and attn.spatial_norm is None and attn.group_norm is None and not attn.residual_connection
+            and attn.rescale_output_factor == 1 and triton_runs(h))
 
 
 def _takes_fp8_input(ff, h: torch.Tensor) -> bool:

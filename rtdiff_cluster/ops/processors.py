@@ -53,6 +53,20 @@ class UNetAttnProcessor:
                 key, value = attn.kv_slot.of(context)  # this module's columns of every module's K/V matmul
             else:
                 key, value = attn.to_k(context), attn.to_v(context)
+        hidden_states = self.attend(attn, query, key, value, attention_mask)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        # Dividing by 1 (SDXL's factor) would still be a pass over the tensor and a launch.
+        return hidden_states / attn.rescale_output_factor if attn.rescale_output_factor != 1 else hidden_states
+
+    def attend(self, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """From the projections on: q [B, L, heads_local * D], k and v [B, S, heads_local * D]
+        through the registry and the out projection -> [B, L, C]. ops/fused._block_chain calls it
+        with q/k/v it projected from a norm's quantised output."""
+        batch = query.shape[0]
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
         if attn.norm_q is not None:
@@ -65,13 +79,7 @@ class UNetAttnProcessor:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.view(batch, attn.heads, -1, mask.shape[-1]))
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        # Dividing by 1 (SDXL's factor) would still be a pass over the tensor and a launch.
-        return hidden_states / attn.rescale_output_factor if attn.rescale_output_factor != 1 else hidden_states
+        return attn.to_out[1](attn.to_out[0](hidden_states))
 
 
 def _qk_fused(fused: bool, rope, x: torch.Tensor) -> bool:

@@ -31,6 +31,21 @@ def serve(groups, source: str, **model_kw) -> GatewayThread:
     return GatewayThread(gateway_config(model=model, batching=BatchingConfig(max_queue_delay_ms=0)), {source: groups})
 
 
+def assert_as_one_process(ref: list[np.ndarray], got: list[np.ndarray], what: str) -> None:
+    """Each image a sharded replica made (got) within SHARDING_TOLERANCE of one process's (ref)."""
+    assert len(ref) == len(got), (len(ref), len(got))
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert a.std() > 1
+        assert np.abs(a - b).max() <= SHARDING_TOLERANCE, f"{what}: image {i} differs from one process"
+
+
+def stop(gws: list[GatewayThread], groups: list) -> None:
+    for gw in gws:
+        gw.stop()
+    for g in groups:
+        g.kill()
+
+
 def images(gw: GatewayThread, source: str, guidance: float, strength: float = 0.0) -> list[np.ndarray]:
     init = None
     if strength:
@@ -59,14 +74,9 @@ def test_sharded_replica_matches_single_process(ray_cluster, source, guidance, l
         strengths = (0.0, 0.5) if source == "synthetic:tiny" else (0.0,)
         for strength in strengths:
             ref, got = (images(gw, source, guidance, strength) for gw in gws)
-            for a, b in zip(ref, got):
-                assert a.std() > 1
-                assert np.abs(a - b).max() <= SHARDING_TOLERANCE, f"{layout} differs from one process (strength {strength})"
+            assert_as_one_process(ref, got, f"{layout}, strength {strength}")
     finally:
-        for gw in gws:
-            gw.stop()
-        for g in single + sharded:
-            g.kill()
+        stop(gws, single + sharded)
 
 
 def test_sharded_replica_with_batches_in_flight_answers_each_as_one_process(ray_cluster):
@@ -86,16 +96,10 @@ def test_sharded_replica_with_batches_in_flight_answers_each_as_one_process(ray_
         seeds = list(range(6))
         with ThreadPoolExecutor(len(seeds)) as pool:
             got = list(pool.map(lambda seed: one(gws[1], seed), seeds))
-        for seed, image in zip(seeds, got):
-            ref = one(gws[0], seed)
-            assert ref.std() > 1
-            assert np.abs(ref - image).max() <= SHARDING_TOLERANCE, f"seed {seed} differs from one process"
+        assert_as_one_process([one(gws[0], seed) for seed in seeds], got, "concurrent requests")
         assert len({img.tobytes() for img in got}) == len(seeds)  # each request got its own image
     finally:
-        for gw in gws:
-            gw.stop()
-        for g in single + sharded:
-            g.kill()
+        stop(gws, single + sharded)
 
 
 def test_sharded_replica_streams_chunk_cached_frames_as_one_process(ray_cluster):
@@ -127,15 +131,10 @@ def test_sharded_replica_streams_chunk_cached_frames_as_one_process(ray_cluster)
         assert [r.from_cache for r in got] == [r.from_cache for r in ref] == [False, True, False, False, True, False]
         assert [r.recomputed_fraction for r in got] == [r.recomputed_fraction for r in ref]
         assert all(0 < r.recomputed_fraction < 1 for r in got[2:4]), [r.recomputed_fraction for r in got]  # regions
-        for i, (a, b) in enumerate(zip(ref, got)):
-            a, b = image_pixels(a.image).astype(int), image_pixels(b.image).astype(int)
-            assert a.std() > 1
-            assert np.abs(a - b).max() <= SHARDING_TOLERANCE, f"frame {i} differs from one process"
+        pixels = lambda rs: [image_pixels(r.image).astype(int) for r in rs]  # noqa: E731
+        assert_as_one_process(pixels(ref), pixels(got), "stream frames")
     finally:
-        for gw in gws:
-            gw.stop()
-        for g in single + sharded:
-            g.kill()
+        stop(gws, single + sharded)
 
 
 def test_sharded_replica_launches_two_streams_regions_together_as_one_process_computes_them(ray_cluster):
@@ -167,14 +166,11 @@ def test_sharded_replica_launches_two_streams_regions_together_as_one_process_co
         return out, ray_cluster.get(leader.stats.remote()).stream_cache
     try:
         (ref, _), (got, counters) = frames(single[0]), frames(sharded[0])
-        for i, (a, b) in enumerate(zip(ref, got)):
-            assert a.std() > 1
-            assert np.abs(a - b).max() <= SHARDING_TOLERANCE, f"frame {i} differs from one process"
+        assert_as_one_process(ref, got, "two streams' frames")
         # Two whole frames launched one by one, then both regions in one launch.
         assert (counters.launches, counters.launched_frames) == (3, 4), counters
     finally:
-        for g in single + sharded:
-            g.kill()
+        stop([], single + sharded)
 
 
 def test_backbone_shard_is_half_on_each_rank(ray_cluster):
@@ -185,8 +181,7 @@ def test_backbone_shard_is_half_on_each_rank(ray_cluster):
         # Everything planned is split in two; the AdaLN modulation, embedders and norms stay whole.
         assert 0.5 * one.backbone_bytes < two.backbone_bytes < 0.75 * one.backbone_bytes
     finally:
-        for g in single + sharded:
-            g.kill()
+        stop([], single + sharded)
 
 
 def test_dead_follower_takes_the_replica_down_and_it_comes_back(ray_cluster):
@@ -212,6 +207,4 @@ def test_dead_follower_takes_the_replica_down_and_it_comes_back(ray_cluster):
         assert new_pid != follower_pid
         assert gw.call(lambda: handle.info.pid) != 0
     finally:
-        gw.stop()
-        for g in groups:
-            g.kill()
+        stop([gw], groups)

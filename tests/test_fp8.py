@@ -620,3 +620,77 @@ def test_fp8_fidelity_is_exported_for_fp8_replicas_only():
     assert ("rtdiff_fp8_fidelity_ssim", "sdxl-bf16-0") not in samples
     assert measured.describe() == ("against 1024x1024, 4-step warm-up frame of the model as loaded: "
                                    "PSNR 41.2 dB, SSIM 0.98700")
+
+
+# ---- the float8 3x3 convolution (kernels/conv_fp8.py) ------------------------------------------
+
+def _conv_inputs(n, h, w, c, k, bias, device="cpu"):
+    from rtdiff_kernels.conv_fp8 import quantize_weight
+
+    g = torch.Generator(device=device).manual_seed(1)
+    # Pixels of very different magnitudes: each pixel's scale must stay with its own pixel.
+    x = torch.randn(n, h, w, c, generator=g, device=device) * torch.logspace(-2, 1, n * h * w, device=device).view(n, h, w, 1)
+    weight = torch.randn(k, c, 3, 3, generator=g, device=device) / (3 * c**0.5)
+    b = torch.randn(k, generator=g, device=device) if bias else None
+    q, scale = quantize_per_token(x.view(-1, c))
+    wq, ws = quantize_weight(weight)
+    return x, weight, b, q.view(n, h, w, c), scale.view(-1), wq, ws
+
+
+@pytest.mark.parametrize("n,h,w,c,k,bias", [(2, 5, 7, 24, 20, True), (1, 3, 3, 16, 16, False), (1, 9, 4, 40, 33, True)])
+def test_conv3x3_fp8_matches_reference(n, h, w, c, k, bias):
+    """Shapes no block divides (pixels, input and output channels), images narrower than a tile.
+    Tolerances: against the dequantised fp32 conv both sum the same exact products (e4m3 x e4m3
+    fits fp32) in another order: 1e-5 relative to the output's largest value. Against the
+    unquantised fp32 conv, FP8's own bound for a product of two quantised operands (0.05)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors run only in Triton's interpreter (this machine has a GPU: the GPU test covers it)")
+    from rtdiff_kernels.conv_fp8 import conv3x3_fp8, conv3x3_fp8_reference
+
+    x, weight, b, q, scale, wq, ws = _conv_inputs(n, h, w, c, k, bias)
+    y = conv3x3_fp8(q, scale, wq, ws, b, out_dtype=torch.float32,
+                    config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1))
+    ref = conv3x3_fp8_reference(q, scale, wq, ws, b)
+    assert y.shape == (n, h, w, k)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    exact = nn.functional.conv2d(x.permute(0, 3, 1, 2), weight, b, padding=1).permute(0, 2, 3, 1)
+    assert fidelity(exact, y)["rel_l2"] <= LINEAR_BOUND
+
+
+def test_conv3x3_fp8_bad_input():
+    from rtdiff_kernels.conv_fp8 import conv3x3_fp8, quantize_weight
+
+    _, _, _, q, scale, wq, ws = _conv_inputs(1, 4, 4, 16, 16, False)
+    with pytest.raises(ValueError, match="x must be"):
+        conv3x3_fp8(q.float(), scale, wq, ws)
+    with pytest.raises(ValueError, match="x_scale must be"):
+        conv3x3_fp8(q, scale[:-1], wq, ws)
+    with pytest.raises(ValueError, match="w must be"):
+        conv3x3_fp8(q, scale, wq[:-16], ws)
+    with pytest.raises(ValueError, match="w_scale must be"):
+        conv3x3_fp8(q, scale, wq, ws.double())
+    with pytest.raises(ValueError, match="bias must be"):
+        conv3x3_fp8(q, scale, wq, ws, torch.zeros(3))
+    with pytest.raises(ValueError, match="out_dtype"):
+        conv3x3_fp8(q, scale, wq, ws, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="weight must be"):
+        quantize_weight(torch.zeros(4, 4, 1, 1))
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("n,h,w,c,k,bias", [(1, 32, 32, 1280, 1280, True), (2, 17, 23, 96, 80, False),
+                                            (1, 64, 64, 1920, 640, True)])
+def test_gpu_conv3x3_fp8_matches_dequantised_reference(n, h, w, c, k, bias, exact_fp32_matmul):
+    """On the float8 tensor cores, against the dequantised fp32 conv: the bound of
+    test_gpu_scaled_mm_matches_dequantised_path (exact products, accumulation precision, the
+    bf16 output's rounding)."""
+    from rtdiff_kernels.conv_fp8 import conv3x3_fp8, conv3x3_fp8_reference
+
+    torch.backends.cudnn.allow_tf32 = False
+    x, weight, b, q, scale, wq, ws = _conv_inputs(n, h, w, c, k, bias, "cuda")
+    y = conv3x3_fp8(q, scale, wq, ws, b)
+    _gpu_close(y, conv3x3_fp8_reference(q, scale, wq, ws, b), b)
+    exact = nn.functional.conv2d(x.permute(0, 3, 1, 2), weight, b, padding=1).permute(0, 2, 3, 1)
+    assert fidelity(exact, y.float())["rel_l2"] <= LINEAR_BOUND

@@ -40,7 +40,7 @@ _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _conv3x3_fp8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, H, W, C, K,
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, PER_PIXEL: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pixels = N * H * W
@@ -58,7 +58,7 @@ def _conv3x3_fp8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, H, W, C, 
         ww = w + (tap % 3 - 1)
         ok = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
         src = (n * H + hh) * W + ww  # the input pixel this tap reads, per output pixel
-        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) if PER_PIXEL else acc
         for k0 in range(0, C, BLOCK_K):
             kk = k0 + ks
             a = tl.load(x_ptr + src[:, None] * C + kk[None, :], mask=ok[:, None] & (kk[None, :] < C), other=0.0)
@@ -68,9 +68,14 @@ def _conv3x3_fp8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, H, W, C, 
                 part += tl.dot(a.to(tl.float32), b.to(tl.float32))
             else:
                 part = tl.dot(a, b, part)
-        s = tl.load(xs_ptr + src, mask=ok, other=0.0)
-        acc += part * s[:, None]
+        if PER_PIXEL:
+            s = tl.load(xs_ptr + src, mask=ok, other=0.0)
+            acc += part * s[:, None]
+        else:
+            acc = part
     out = acc * tl.load(ws_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if not PER_PIXEL:  # one scale for the whole tensor
+        out *= tl.load(xs_ptr)
     if HAS_BIAS:
         out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + p[:, None] * K + cols[None, :], out.to(y_ptr.dtype.element_ty),
@@ -99,8 +104,8 @@ def conv3x3_fp8(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale
     if x.dim() != 4 or x.dtype != torch.float8_e4m3fn or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous float8_e4m3fn [N, H, W, C], got {x.dtype} {tuple(x.shape)}")
     n, h, wd, c = x.shape
-    if x_scale.dtype != torch.float32 or x_scale.numel() != n * h * wd:
-        raise ValueError(f"x_scale must be float32 with one value per pixel ({n * h * wd}), "
+    if x_scale.dtype != torch.float32 or x_scale.numel() not in (1, n * h * wd):
+        raise ValueError(f"x_scale must be float32 with one value per pixel ({n * h * wd}) or one in all, "
                          f"got {x_scale.dtype} {tuple(x_scale.shape)}")
     if w.dim() != 2 or w.dtype != torch.float8_e4m3fn or w.shape[0] != 9 * c or not w.is_contiguous():
         raise ValueError(f"w must be a contiguous float8_e4m3fn [9 * {c}, K], got {w.dtype} {tuple(w.shape)}")
@@ -119,7 +124,8 @@ def conv3x3_fp8(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale
         return y
     grid = (triton.cdiv(n * h * wd, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_N"]))
     _conv3x3_fp8_kernel[grid](x, x_scale.contiguous(), w, w_scale.contiguous(), bias if bias is not None else w_scale,
-                              y, n, h, wd, c, k, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
+                              y, n, h, wd, c, k, HAS_BIAS=bias is not None, PER_PIXEL=x_scale.numel() != 1,
+                              BLOCK_M=cfg["BLOCK_M"],
                               BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
                               num_stages=cfg["num_stages"])
     return y
@@ -130,7 +136,7 @@ def conv3x3_fp8_reference(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tenso
     """The same convolution in fp32 on the dequantised tensors (PyTorch's conv2d): [N, H, W, K]."""
     n, h, wd, c = x.shape
     k = w.shape[1]
-    xf = x.float() * x_scale.view(n, h, wd, 1)
+    xf = x.float() * (x_scale.view(n, h, wd, 1) if x_scale.numel() != 1 else x_scale.view(1, 1, 1, 1))
     wf = (w.float() * w_scale.view(1, k)).t().reshape(k, 3, 3, c).permute(0, 3, 1, 2)  # [K, C, 3, 3]
     y = torch.nn.functional.conv2d(xf.permute(0, 3, 1, 2), wf, None if bias is None else bias.float(), padding=1)
     return y.permute(0, 2, 3, 1)

@@ -101,7 +101,6 @@
 #                 alternating twice: e4m3 rounding by the hardware cast (shipped) or in integer arithmetic
 #                 (RTDIFF_E4M3_SOFTWARE_ROUNDING=1, before); then kernels/bench_fp8.py both ways. The profiles
 #                 travel as one tar (e4m3-ab.tar.gz), since a call brings back only a few files
-#   conv-fp8      the float8 3x3 convolution's GPU tests, then kernels/bench_conv_fp8.py (against cuDNN bf16)
 #   qkv-norm-ab   the FP8 GPU tests; then unet_profile.py --fp8 at 1024 alternating twice: norm1 hands the chained
 #                 blocks' fused q/k/v its output quantised (shipped) or the projection quantises it
 #                 (--knob rtdiff_cluster.ops.fused.FP8_QKV_FROM_NORM=0, before); the JSONs as one tar
@@ -222,10 +221,6 @@ for part in $parts; do
       unet_profile_ab qkv-norm-ab/step "--knob rtdiff_cluster.ops.fused.FP8_QKV_FROM_NORM=0" --sizes 1024 --fp8 \
         | tee "$OUT/qkv_norm_ab.log"
       tar czf "$OUT/qkv-norm-ab.tar.gz" -C "$OUT" qkv-norm-ab && rm -rf "$OUT/qkv-norm-ab" ;;
-    conv-fp8) timeout 240 python3 -m pytest -p no:cacheprovider -q -ra tests/test_fp8.py -k conv3x3 2>&1 | tail -8 \
-        | tee "$OUT/conv_fp8_tests.log"
-      timeout 300 python3 kernels/bench_conv_fp8.py --out "$OUT/bench_conv_fp8.json" 2>&1 | grep -vi warning \
-        | tee "$OUT/bench_conv_fp8.log" ;;
     kernel-bench) for b in kernels/bench_*.py; do n=$(basename "$b" .py)
       timeout 90 python3 "$b" --out "$OUT/$n.json" 2>&1 | tee "$OUT/$n.log"; done ;;
     attention-bench) timeout 240 python3 kernels/bench_attention.py --out "$OUT/bench_attention.json" 2>&1 \

@@ -588,11 +588,9 @@ class EngineRank:
         (a capture aside, single-rank replicas only): nothing marked; run_cached computes the
         frames another way."""
         prompts, negatives = [t.prompt for t in tags], [t.negative for t in tags]
-        if self.layout.world > 1:  # no graphs, so never BucketNotReady once the followers have the batch
-            with _collectives():
+        with _collectives():
+            if self.layout.world > 1:  # it has no graphs, so no BucketNotReady once the followers have the batch
                 groups.broadcast_object(_Work(b, prompts, negatives))
-                launched = self.pipeline.launch(b, prompts, negatives, copy_out=False)
-        else:
             self._note_launch()
             launched = self.pipeline.launch(b, prompts, negatives, copy_out=False, defer_capture=defer_capture)
         for t in tags:  # each frame's collect ends one
